@@ -1,0 +1,5 @@
+"""altgrad.dni"""
+
+from ._version import __version__
+
+__all__ = ["__version__"]

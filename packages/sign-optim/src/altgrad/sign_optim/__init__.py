@@ -1,0 +1,5 @@
+"""altgrad.sign_optim"""
+
+from ._version import __version__
+
+__all__ = ["__version__"]

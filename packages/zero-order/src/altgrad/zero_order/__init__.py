@@ -1,0 +1,5 @@
+"""altgrad.zero_order"""
+
+from ._version import __version__
+
+__all__ = ["__version__"]
