@@ -1,0 +1,304 @@
+"""altgrad's one entry point for tests, builds, docs, lint, benchmarks and the demo.
+
+Sessions (``nox -l`` lists them):
+
+* ``tests-<pkg>``   build ``<pkg>``'s wheel (via its sdist) and its sibling dependencies' wheels, install them with
+  the package's ``[test]`` extra into a fresh venv that holds nothing else of ours, run ``packages/<pkg>/tests``
+  from a directory where the source tree cannot be imported.
+* ``tests``         every ``tests-<pkg>`` plus ``integration`` (the default, and what CI runs).
+* ``integration``   all packages installed together; ``tests/integration`` (composition, layout and
+  dependency checks, short versions of the examples).
+* ``build``         sdist + wheel of every package into ``dist/``; checks archive contents and versions, then
+  installs each wheel alone into a clean venv and imports it.
+* ``docs``          ``mkdocs build --strict`` of the shared site into ``site/``.
+* ``lint``          ``ruff format --check``, ``ruff check``, ``mypy`` on each package's public API.
+* ``demo``          installs every package and runs ``examples/`` (the main job).
+* ``bench-<pkg>`` / ``bench``  the benchmarks; results land in ``docs/<pkg>/bench.{json,png}``.
+
+Torch is large, so session venvs see the already-installed torch through ``--system-site-packages``.
+Our own packages are only ever installed into session venvs, so siblings never leak in through that
+door; ``_check_isolation`` verifies it in every test session.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nox
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["tests"]
+nox.options.error_on_external_run = True
+
+ROOT = Path(__file__).parent.resolve()
+VENV_PARAMS = ["--system-site-packages"]  # reuse the torch that is already installed
+DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings-python>=2,<3"]
+LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
+
+
+@dataclass(frozen=True)
+class Package:
+    """One distribution under ``packages/``, as read from its ``pyproject.toml``."""
+
+    name: str  # directory name, e.g. "es-layers"
+    path: Path
+    dist: str  # distribution name, e.g. "altgrad-es-layers"
+    module: str  # import name, e.g. "altgrad.es_layers"
+    siblings: tuple[str, ...]  # names of the altgrad packages it depends on, directly or not
+    compiled: bool
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def _discover() -> dict[str, Package]:
+    raw = {}
+    for pyproject in sorted(ROOT.glob("packages/*/pyproject.toml")):
+        data = tomllib.loads(pyproject.read_text())
+        raw[pyproject.parent.name] = data
+    dists = {data["project"]["name"].lower(): name for name, data in raw.items()}
+    direct = {
+        name: [
+            dists[_requirement_name(r)]
+            for r in data["project"].get("dependencies", [])
+            if _requirement_name(r) in dists
+        ]
+        for name, data in raw.items()
+    }
+
+    def closure(name: str) -> tuple[str, ...]:
+        seen: list[str] = []
+        stack = list(direct[name])
+        while stack:
+            dep = stack.pop()
+            if dep not in seen:
+                seen.append(dep)
+                stack.extend(direct[dep])
+        return tuple(seen)
+
+    return {
+        name: Package(
+            name=name,
+            path=ROOT / "packages" / name,
+            dist=data["project"]["name"],
+            module="altgrad." + name.replace("-", "_"),
+            siblings=closure(name),
+            compiled=data["build-system"]["build-backend"].startswith("scikit_build_core"),
+        )
+        for name, data in raw.items()
+    }
+
+
+PACKAGES = _discover()
+
+
+def _build(session: nox.Session, pkg: Package, outdir: Path) -> Path:
+    """Build ``pkg``'s sdist, then its wheel from that sdist (what a user installing from source gets)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    session.run("python", "-m", "build", "--outdir", str(outdir), str(pkg.path), silent=True)
+    prefix = pkg.dist.replace("-", "_")
+    wheels = sorted(outdir.glob(f"{prefix}-*.whl"), key=lambda p: p.stat().st_mtime)
+    if not wheels:
+        session.error(f"no wheel for {pkg.dist} in {outdir}")
+    return wheels[-1]
+
+
+def _build_wheels(session: nox.Session, names: list[str]) -> dict[str, Path]:
+    session.install("build")
+    outdir = Path(session.create_tmp()) / "wheels"
+    shutil.rmtree(outdir, ignore_errors=True)
+    return {name: _build(session, PACKAGES[name], outdir) for name in names}
+
+
+def _installed_altgrad(session: nox.Session) -> dict[str, dict]:
+    out = session.run("python", "-m", "pip", "list", "--format=json", "-v", silent=True)
+    start = out.index("[")
+    return {d["name"].lower(): d for d in json.loads(out[start:]) if d["name"].lower().startswith("altgrad-")}
+
+
+def _check_isolation(session: nox.Session, allowed: set[str]) -> None:
+    """Fail unless exactly the ``allowed`` altgrad distributions are installed, none editable."""
+    installed = _installed_altgrad(session)
+    extra = set(installed) - allowed
+    missing = allowed - set(installed)
+    if extra or missing:
+        session.error(f"isolation broken: unexpected {sorted(extra)}, missing {sorted(missing)}")
+    for name, info in installed.items():
+        if info.get("editable_project_location"):
+            session.error(f"{name} is installed editable; tests must run against the built wheel")
+
+
+def _run_pytest(session: nox.Session, tests: Path, *extra: str) -> None:
+    tmp = Path(session.create_tmp()) / "run"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with session.chdir(tmp):  # the source tree is not importable from here
+        session.run(
+            "python", "-m", "pytest", str(tests), "-p", "no:cacheprovider", "--rootdir", str(tests.parent), *extra
+        )
+
+
+def _package_tests(session: nox.Session, pkg: Package) -> None:
+    wheels = _build_wheels(session, [pkg.name, *pkg.siblings])
+    session.install(f"{wheels[pkg.name]}[test]", *(str(wheels[s]) for s in pkg.siblings))
+    _check_isolation(session, {PACKAGES[n].dist for n in wheels})
+    _run_pytest(session, pkg.path / "tests", *session.posargs)
+
+
+def _install_everything(session: nox.Session, *extras: str) -> None:
+    wheels = _build_wheels(session, list(PACKAGES))
+    session.install(*(str(w) for w in wheels.values()), *extras)
+    _check_isolation(session, {p.dist for p in PACKAGES.values()})
+
+
+for _pkg in PACKAGES.values():
+
+    def _make(pkg: Package) -> None:
+        @nox.session(name=f"tests-{pkg.name}", venv_params=VENV_PARAMS)
+        def tests_pkg(session: nox.Session) -> None:
+            _package_tests(session, pkg)
+
+        tests_pkg.__doc__ = f"Build {pkg.dist} (+ sibling deps) and run its tests in an isolated venv."
+
+        @nox.session(name=f"bench-{pkg.name}", venv_params=VENV_PARAMS, default=False)
+        def bench_pkg(session: nox.Session) -> None:
+            _bench(session, pkg)
+
+        bench_pkg.__doc__ = f"Run {pkg.dist}'s benchmark against its peers; writes docs/{pkg.name}/bench.*."
+
+    _make(_pkg)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def integration(session: nox.Session) -> None:
+    """All packages installed together: composition tests, layout checks and short examples."""
+    _install_everything(session, "pytest>=8", "scikit-learn")
+    _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)
+
+
+@nox.session(python=False, requires=[*(f"tests-{name}" for name in PACKAGES), "integration"])
+def tests(session: nox.Session) -> None:
+    """Every package's isolated tests plus the integration tests (the default session; CI runs this)."""
+    session.log("all package sessions and integration passed")
+
+
+def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path) -> str:
+    """Check the sdist and wheel of ``pkg`` hold what they must, and return their common version."""
+    mod_dir = pkg.module.replace(".", "/")
+    version = wheel.name.split("-")[1]
+    if not sdist.name.endswith(f"-{version}.tar.gz"):
+        session.error(f"{pkg.dist}: sdist {sdist.name} and wheel {wheel.name} disagree on the version")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    required = [f"{mod_dir}/__init__.py", f"{mod_dir}/_version.py", f"{mod_dir}/py.typed"]
+    for need in required:
+        if need not in names:
+            session.error(f"{pkg.dist}: wheel lacks {need}")
+    if "altgrad/__init__.py" in names:
+        session.error(f"{pkg.dist}: wheel ships altgrad/__init__.py, which breaks the PEP 420 namespace")
+    stray = [n for n in names if not (n.startswith(mod_dir + "/") or ".dist-info/" in n)]
+    if stray:
+        session.error(f"{pkg.dist}: wheel holds files outside {mod_dir}: {stray[:5]}")
+    with tarfile.open(sdist) as tf:
+        members = [m.split("/", 1)[1] for m in tf.getnames() if "/" in m]
+    for need in ["PKG-INFO", "pyproject.toml", "README.md", f"src/{mod_dir}/__init__.py"]:
+        if need not in members:
+            session.error(f"{pkg.dist}: sdist lacks {need}")
+    if not any(m.startswith("tests/") for m in members):
+        session.error(f"{pkg.dist}: sdist lacks its tests")
+    if pkg.compiled and not any(m.endswith(".cpp") for m in members):
+        session.error(f"{pkg.dist}: sdist lacks its C++ sources")
+    if any(m.startswith("packages/") or m.startswith("../") for m in members):
+        session.error(f"{pkg.dist}: sdist holds files from outside the package directory")
+    session.log(f"{pkg.dist} {version}: {len(names)} files in the wheel, {len(members)} in the sdist")
+    return version
+
+
+@nox.session(venv_params=VENV_PARAMS, default=False)
+def build(session: nox.Session) -> None:
+    """sdist + wheel of every package into dist/, archive checks, then each wheel installed alone and imported."""
+    session.install("build")
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    dist.mkdir()
+    versions = {}
+    for pkg in PACKAGES.values():
+        wheel = _build(session, pkg, dist)
+        sdist = next(dist.glob(f"{pkg.dist.replace('-', '_')}-*.tar.gz"))
+        versions[pkg.name] = _check_archives(session, pkg, sdist, wheel)
+    tmp = Path(session.create_tmp())
+    for pkg in PACKAGES.values():
+        venv = tmp / f"alone-{pkg.name}"
+        shutil.rmtree(venv, ignore_errors=True)
+        session.run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), external=True)
+        py = str(venv / "bin" / "python")
+        # --no-index: siblings resolve from dist/ only, torch from the system site-packages.
+        session.run(py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), pkg.dist, external=True)
+        code = (
+            "import importlib.metadata as m, sys; import {mod} as p; v = m.version('{dist}'); "
+            "assert p.__version__ == v == '{ver}', (p.__version__, v); print('{dist}', v)"
+        ).format(mod=pkg.module, dist=pkg.dist, ver=versions[pkg.name])
+        with session.chdir(tmp):
+            session.run(py, "-c", code, external=True)
+    session.log("built and checked: " + ", ".join(f"{n} {v}" for n, v in versions.items()))
+
+
+@nox.session(venv_params=VENV_PARAMS, default=False)
+def docs(session: nox.Session) -> None:
+    """Build the shared mkdocs-material site with --strict into site/ (API pages read packages/*/src)."""
+    session.install(*DOCS_REQUIREMENTS)
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs)
+
+
+@nox.session(venv_params=VENV_PARAMS, default=False)
+def lint(session: nox.Session) -> None:
+    """ruff format --check, ruff check, and mypy on each package's public API."""
+    session.install(*LINT_REQUIREMENTS)
+    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".")
+    for pkg in PACKAGES.values():
+        paths = [str(PACKAGES[n].path / "src") for n in (pkg.name, *pkg.siblings)]
+        target = str(pkg.path / "src" / pkg.module.replace(".", "/"))
+        session.run("mypy", "--config-file", str(ROOT / "pyproject.toml"), target, env={"MYPYPATH": ":".join(paths)})
+
+
+def _bench(session: nox.Session, pkg: Package) -> None:
+    _install_everything(session, "matplotlib")
+    bench = pkg.path / "benchmarks"
+    req = bench / "requirements.txt"
+    if req.exists():
+        session.install("-r", str(req))
+    req_no_iso = bench / "requirements-no-build-isolation.txt"
+    if req_no_iso.exists():  # peers whose setup.py imports torch
+        session.install("setuptools", "wheel", "ninja")
+        session.install("--no-build-isolation", "-r", str(req_no_iso))
+    out = ROOT / "docs" / pkg.name
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["--out", str(out / "bench.json"), "--plot", str(out / "bench.png"), *session.posargs]
+    session.run("python", str(bench / "run.py"), *args)
+
+
+@nox.session(python=False, default=False, requires=[f"bench-{name}" for name in PACKAGES])
+def bench(session: nox.Session) -> None:
+    """Every package's benchmark (not part of the default run)."""
+    session.log("benchmarks written to docs/<pkg>/bench.json and bench.png")
+
+
+@nox.session(venv_params=VENV_PARAMS, default=False)
+def demo(session: nox.Session) -> None:
+    """The main job: install every package and run the examples, printing a summary table."""
+    _install_everything(session, "scikit-learn", "tqdm")
+    session.run("python", str(ROOT / "examples" / "run_all.py"), *session.posargs)
