@@ -147,7 +147,15 @@ def _run_pytest(session: nox.Session, tests: Path, *extra: str) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     with session.chdir(tmp):  # the source tree is not importable from here
         session.run(
-            "python", "-m", "pytest", str(tests), "-p", "no:cacheprovider", "--rootdir", str(tests.parent), *extra
+            "python",
+            "-m",
+            "pytest",
+            str(tests),
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tests.parent),
+            *extra,
         )
 
 
@@ -221,7 +229,7 @@ def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path
         session.error(f"{pkg.dist}: sdist lacks its tests")
     if pkg.compiled and not any(m.endswith(".cpp") for m in members):
         session.error(f"{pkg.dist}: sdist lacks its C++ sources")
-    if any(m.startswith("packages/") or m.startswith("../") for m in members):
+    if any(m.startswith(("packages/", "../")) for m in members):
         session.error(f"{pkg.dist}: sdist holds files from outside the package directory")
     session.log(f"{pkg.dist} {version}: {len(names)} files in the wheel, {len(members)} in the sdist")
     return version
@@ -246,11 +254,13 @@ def build(session: nox.Session) -> None:
         session.run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), external=True)
         py = str(venv / "bin" / "python")
         # --no-index: siblings resolve from dist/ only, torch from the system site-packages.
-        session.run(py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), pkg.dist, external=True)
+        session.run(
+            py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), pkg.dist, external=True
+        )
         code = (
-            "import importlib.metadata as m, sys; import {mod} as p; v = m.version('{dist}'); "
-            "assert p.__version__ == v == '{ver}', (p.__version__, v); print('{dist}', v)"
-        ).format(mod=pkg.module, dist=pkg.dist, ver=versions[pkg.name])
+            f"import importlib.metadata as m, sys; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
+            f"assert p.__version__ == v == '{versions[pkg.name]}', (p.__version__, v); print('{pkg.dist}', v)"
+        )
         with session.chdir(tmp):
             session.run(py, "-c", code, external=True)
     session.log("built and checked: " + ", ".join(f"{n} {v}" for n, v in versions.items()))
@@ -260,19 +270,29 @@ def build(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the shared mkdocs-material site with --strict into site/ (API pages read packages/*/src)."""
     session.install(*DOCS_REQUIREMENTS)
-    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs)
+    session.run(
+        "python", "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs
+    )
 
 
 @nox.session(venv_params=VENV_PARAMS, default=False)
 def lint(session: nox.Session) -> None:
     """ruff format --check, ruff check, and mypy on each package's public API."""
     session.install(*LINT_REQUIREMENTS)
-    session.run("ruff", "format", "--check", ".")
-    session.run("ruff", "check", ".")
+    session.run("python", "-m", "ruff", "format", "--check", ".")
+    session.run("python", "-m", "ruff", "check", ".")
     for pkg in PACKAGES.values():
         paths = [str(PACKAGES[n].path / "src") for n in (pkg.name, *pkg.siblings)]
         target = str(pkg.path / "src" / pkg.module.replace(".", "/"))
-        session.run("mypy", "--config-file", str(ROOT / "pyproject.toml"), target, env={"MYPYPATH": ":".join(paths)})
+        session.run(
+            "python",
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            target,
+            env={"MYPYPATH": ":".join(paths)},
+        )
 
 
 def _bench(session: nox.Session, pkg: Package) -> None:

@@ -95,5 +95,7 @@ def test_checker_flags_an_undeclared_import(tmp_path):
     (pkg / "tests").mkdir()
     (pkg / "pyproject.toml").write_text('[project]\nname = "altgrad-dni"\ndependencies = ["torch>=2.5"]\n')
     (pkg / "src" / "altgrad" / "dni" / "ok.py").write_text("import torch\nfrom altgrad.dni import x\n")
-    (pkg / "tests" / "test_bad.py").write_text("from altgrad import es_layers\nimport altgrad.sign_optim.foo\n")
+    (pkg / "tests" / "test_bad.py").write_text(
+        "from altgrad import es_layers\nimport altgrad.sign_optim.foo\n"
+    )
     assert undeclared_imports(pkg, root=tmp_path) == {"dni/tests/test_bad.py": {"es_layers", "sign_optim"}}
