@@ -322,3 +322,30 @@ def demo(session: nox.Session) -> None:
     """The main job: install every package and run the examples, printing a summary table."""
     _install_everything(session, "scikit-learn", "tqdm")
     session.run("python", str(ROOT / "examples" / "run_all.py"), *session.posargs)
+
+
+@nox.session(name="docs-browser", venv_params=VENV_PARAMS, default=False, requires=["docs"])
+def docs_browser(session: nox.Session) -> None:
+    """Load every page of site/ in headless Chromium: console errors, broken links, missing images, empty API.
+
+    Needs Debian's Chromium and its driver (``apt-get install -y chromium chromium-driver``); no browser is
+    downloaded. Screenshots of the home page and a package page go to ``build/docs-screenshots/``.
+    """
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).is_file()]
+    if missing:
+        session.error(
+            f"{', '.join(missing)} not found: this session drives Debian's Chromium; install it first with "
+            "`apt-get update && apt-get install -y chromium chromium-driver`"
+        )
+    session.install("selenium>=4.20,<5")
+    shots = ROOT / "build" / "docs-screenshots"
+    session.run(
+        "python",
+        str(ROOT / "tools" / "browser_check.py"),
+        "--site",
+        str(ROOT / "site"),
+        "--screenshots",
+        str(shots),
+        *session.posargs,
+        env={"SE_OFFLINE": "true", "SE_AVOID_STATS": "true"},
+    )

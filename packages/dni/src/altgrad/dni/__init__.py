@@ -1,5 +1,26 @@
-"""altgrad.dni"""
+"""altgrad.dni: decoupled neural interfaces (synthetic gradients) for PyTorch.
+
+* :class:`DNI` wraps a whole model (every parameterised leaf) or one module, pytorch-dni style.
+* :class:`BackwardInterface` is the primitive it is built on: a synthetic-gradient boundary on any activation,
+  with feed-forward (``iface(h)``) and truncated-BPTT (``trigger``/``inject``) use.
+* Synthesizers: :class:`DNINetwork` (base class), :class:`LinearDNI`, :class:`LinearSigmoidDNI`,
+  :class:`LinearBatchNormDNI`, :class:`RNNDNI`, :class:`Conv2dDNI`.
+"""
 
 from ._version import __version__
+from .interface import MODES, BackwardInterface
+from .synthesizers import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, RNNDNI
+from .wrapper import DNI
 
-__all__ = ["__version__"]
+__all__ = [
+    "DNI",
+    "MODES",
+    "RNNDNI",
+    "BackwardInterface",
+    "Conv2dDNI",
+    "DNINetwork",
+    "LinearBatchNormDNI",
+    "LinearDNI",
+    "LinearSigmoidDNI",
+    "__version__",
+]

@@ -1,5 +1,56 @@
-"""altgrad.es_layers"""
+"""altgrad.es_layers: batched perturbed layers for evolution strategies.
 
+A whole population of perturbed networks is evaluated in one batched forward: each population member
+("direction") ``k`` sees the weights ``W + E_k``; the update ``Σ_k w_k E_k`` is written into ``param.grad`` so that
+any ``torch.optim`` optimizer can take the step.
+"""
+
+from . import distributed, noise, shaping
 from ._version import __version__
+from .base import Perturbed
+from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
+from .convert import MODES, perturb
+from .distributed import all_gather_fitness, broadcast_seed, shard, shard_members
+from .linear import (
+    FlipoutLinear,
+    LowRankLinear,
+    PermutedLinear,
+    PerturbedLinear,
+    SparsePerturbedLinear,
+    SyntheticLinear,
+)
+from .model import PerturbedModel
+from .noise import sample_normal, sample_rademacher, sample_uniform
+from .shaping import antithetic_difference, centered_ranks, z_score
 
-__all__ = ["__version__"]
+__all__ = [
+    "MODES",
+    "FlipoutConv2d",
+    "FlipoutLinear",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "PermutedConv2d",
+    "PermutedLinear",
+    "Perturbed",
+    "PerturbedConv2d",
+    "PerturbedLinear",
+    "PerturbedModel",
+    "SparsePerturbedLinear",
+    "SyntheticConv2d",
+    "SyntheticLinear",
+    "__version__",
+    "all_gather_fitness",
+    "antithetic_difference",
+    "broadcast_seed",
+    "centered_ranks",
+    "distributed",
+    "noise",
+    "perturb",
+    "sample_normal",
+    "sample_rademacher",
+    "sample_uniform",
+    "shaping",
+    "shard",
+    "shard_members",
+    "z_score",
+]

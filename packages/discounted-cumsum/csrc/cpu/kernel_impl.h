@@ -1,0 +1,543 @@
+// CPU discounted-cumsum kernels. This file is compiled once per instruction set: kernel_<isa>.cpp defines
+//   ALTGRAD_ISA_NAME   a string naming the instruction set
+//   ALTGRAD_ISA_ENTRY  the name of the exported accessor (kernels_baseline, kernels_avx2, ...)
+//   ALTGRAD_VEC_BYTES  the SIMD register width in bytes
+// and then includes it. Everything except the accessor has internal linkage and no standard-library template is
+// instantiated here, so code compiled for AVX-512 can never be picked by the linker for a baseline caller.
+//
+// Two layouts (see problem.h):
+//  * inner == 1 (the scan dim is the last, contiguous one): each row is scanned with an in-register
+//    log-step scan of W consecutive elements (gamma, gamma^2, gamma^4, ...) followed by one FMA with the
+//    broadcast carry, so the dependency chain is one FMA + one permute per W elements instead of one FMA per
+//    element. Rows with per-element gates or resets use a sequential loop. Long rows are split into chunks
+//    by the dispatcher (segment + fixup).
+//  * inner > 1 (scan along a middle dim, e.g. time-major [T, B] with dim=0): independent columns sit in SIMD
+//    lanes and the loop over time carries a vector of states; the compiler vectorises the column loop.
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "cpu/problem.h"
+
+namespace altgrad_dc {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Scalar conversions for the 16-bit formats.
+// ------------------------------------------------------------------------------------------------------------
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                                        // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+#if defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__aarch64__))
+inline float half_to_float(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+inline uint16_t float_to_half(float f) {
+  _Float16 v = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+}
+#else
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
+  if (exp == 0) {
+    float f = static_cast<float>(mant) * (1.0f / 16777216.0f);
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
+  if (ax < 0x38800000u) {  // subnormal result: let the FPU round at ulp 2^-24
+    float a;
+    std::memcpy(&a, &ax, 4);
+    a += 0.5f;
+    uint32_t r;
+    std::memcpy(&r, &a, 4);
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+  }
+  ax += 0xc8000fffu + ((ax >> 13) & 1u);  // rebias exponent (-112 << 23) and round to nearest even
+  return static_cast<uint16_t>(sign | (ax >> 13));
+}
+#endif
+
+// IO<D>: storage type S, SIMD compute type C, sequential accumulator A, gate/init type G.
+template <int D> struct IO;
+template <> struct IO<kFloat32> {
+  using S = float; using C = float; using A = double; using G = float;
+  static inline float load(const S* p, int64_t i) { return p[i]; }
+  static inline void store(S* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
+};
+template <> struct IO<kFloat64> {
+  using S = double; using C = double; using A = double; using G = double;
+  static inline double load(const S* p, int64_t i) { return p[i]; }
+  static inline void store(S* p, int64_t i, double v) { p[i] = v; }
+};
+template <> struct IO<kFloat16> {
+  using S = uint16_t; using C = float; using A = float; using G = float;
+  static inline float load(const S* p, int64_t i) { return half_to_float(p[i]); }
+  static inline void store(S* p, int64_t i, float v) { p[i] = float_to_half(v); }
+};
+template <> struct IO<kBFloat16> {
+  using S = uint16_t; using C = float; using A = float; using G = float;
+  static inline float load(const S* p, int64_t i) { return bf16_to_float(p[i]); }
+  static inline void store(S* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+};
+
+template <typename C> inline C ipow(C g, int64_t k) {
+  C r = C(1);
+  while (k > 0) {
+    if (k & 1) r *= g;
+    g *= g;
+    k >>= 1;
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// In-register scan of W consecutive elements with a gate that is constant along the row.
+// ------------------------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define ALTGRAD_SIMD 1
+#endif
+#endif
+
+#ifdef ALTGRAD_SIMD
+template <typename C> struct Vec;
+template <> struct Vec<float> {
+  typedef float V __attribute__((vector_size(ALTGRAD_VEC_BYTES), aligned(4)));
+  static constexpr int W = ALTGRAD_VEC_BYTES / 4;
+};
+template <> struct Vec<double> {
+  typedef double V __attribute__((vector_size(ALTGRAD_VEC_BYTES), aligned(8)));
+  static constexpr int W = ALTGRAD_VEC_BYTES / 8;
+};
+
+// Lane i takes v[i-K] (Up == false) or v[i+K] (Up == true); lanes shifted in from outside are 0.
+template <int K, bool Up, typename V, std::size_t... I>
+inline V shift_lanes(V v, std::index_sequence<I...>) {
+  constexpr int W = static_cast<int>(sizeof...(I));
+  const V z = {};
+  if constexpr (Up) {
+    return __builtin_shufflevector(v, z, (static_cast<int>(I) + K < W ? static_cast<int>(I) + K : W + static_cast<int>(I))...);
+  } else {
+    return __builtin_shufflevector(v, z, (static_cast<int>(I) >= K ? static_cast<int>(I) - K : W + static_cast<int>(I))...);
+  }
+}
+template <int L, typename V, std::size_t... I>
+inline V broadcast_lane(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (static_cast<int>(I) * 0 + L)...);
+}
+
+template <typename C, bool Up>
+inline typename Vec<C>::V local_scan(typename Vec<C>::V v, const typename Vec<C>::V* gpow) {
+  constexpr int W = Vec<C>::W;
+  using Seq = std::make_index_sequence<W>;
+  if constexpr (W > 1) v += gpow[0] * shift_lanes<1, Up>(v, Seq{});
+  if constexpr (W > 2) v += gpow[1] * shift_lanes<2, Up>(v, Seq{});
+  if constexpr (W > 4) v += gpow[2] * shift_lanes<4, Up>(v, Seq{});
+  if constexpr (W > 8) v += gpow[3] * shift_lanes<8, Up>(v, Seq{});
+  return v;
+}
+#endif
+
+// Scans x[0, len) into y (may alias x) with constant gate g; forward scans upwards, reverse downwards.
+// Returns the last value in scan order. Without has_carry the first element in scan order is copied.
+template <typename C>
+C scan_const(const C* x, C* y, int64_t len, C g, C carry, bool has_carry, bool reverse) {
+  if (len <= 0) return carry;
+#ifdef ALTGRAD_SIMD
+  using VT = Vec<C>;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  using Seq = std::make_index_sequence<W>;
+  if (len >= 2 * W) {
+    V gpow[4];
+    C p = g;
+    for (int k = 0; k < 4; ++k) {
+      for (int i = 0; i < W; ++i) gpow[k][i] = p;
+      p *= p;
+    }
+    V P;  // P[i] = g^(i+1) (forward) or g^(W-i) (reverse)
+    C q = C(1);
+    for (int i = 0; i < W; ++i) {
+      q *= g;
+      P[reverse ? W - 1 - i : i] = q;
+    }
+    V cv;
+    for (int i = 0; i < W; ++i) cv[i] = carry;
+    const int64_t nb = len / W, rem = len - nb * W;
+    if (!reverse) {
+      for (int64_t b = 0; b < nb; ++b) {
+        V v;
+        std::memcpy(&v, x + b * W, sizeof(V));
+        v = local_scan<C, false>(v, gpow);
+        if (has_carry) v += P * cv;
+        has_carry = true;
+        std::memcpy(y + b * W, &v, sizeof(V));
+        cv = broadcast_lane<W - 1>(v, Seq{});
+      }
+      C c = cv[0];
+      for (int64_t t = nb * W; t < len; ++t) {
+        c = x[t] + g * c;
+        y[t] = c;
+      }
+      return c;
+    }
+    C c = carry;
+    for (int64_t t = len - 1; t >= nb * W; --t) {
+      c = has_carry ? x[t] + g * c : x[t];
+      has_carry = true;
+      y[t] = c;
+    }
+    for (int i = 0; i < W; ++i) cv[i] = c;
+    for (int64_t b = nb - 1; b >= 0; --b) {
+      V v;
+      std::memcpy(&v, x + b * W, sizeof(V));
+      v = local_scan<C, true>(v, gpow);
+      if (has_carry) v += P * cv;
+      has_carry = true;
+      std::memcpy(y + b * W, &v, sizeof(V));
+      cv = broadcast_lane<0>(v, Seq{});
+    }
+    (void)rem;
+    return cv[0];
+  }
+#endif
+  C c = carry;
+  for (int64_t s = 0; s < len; ++s) {
+    const int64_t t = reverse ? len - 1 - s : s;
+    c = has_carry ? x[t] + g * c : x[t];
+    has_carry = true;
+    y[t] = c;
+  }
+  return c;
+}
+
+// y[i] += base * g^(i+1) (forward) or base * g^(len-i) (reverse), for i in [0, len).
+template <typename C>
+void fixup_const(C* y, int64_t len, C g, C base, bool reverse) {
+  if (len <= 0) return;
+#ifdef ALTGRAD_SIMD
+  using VT = Vec<C>;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  if (len >= 2 * W) {
+    V pv;
+    C q = base;
+    for (int i = 0; i < W; ++i) {
+      q *= g;
+      pv[reverse ? W - 1 - i : i] = q;
+    }
+    V gw;
+    const C gW = ipow(g, W);
+    for (int i = 0; i < W; ++i) gw[i] = gW;
+    const int64_t nb = len / W;
+    if (!reverse) {
+      for (int64_t b = 0; b < nb; ++b) {
+        V v;
+        std::memcpy(&v, y + b * W, sizeof(V));
+        v += pv;
+        std::memcpy(y + b * W, &v, sizeof(V));
+        pv *= gw;
+      }
+      C cur = pv[0];
+      for (int64_t t = nb * W; t < len; ++t) {
+        y[t] += cur;
+        cur *= g;
+      }
+      return;
+    }
+    const int64_t rem = len - nb * W;
+    // Blocks are aligned to the end of the array: block k covers [len - (k+1) W, len - k W).
+    for (int64_t k = 0; k < nb; ++k) {
+      C* blk = y + len - (k + 1) * W;
+      V v;
+      std::memcpy(&v, blk, sizeof(V));
+      v += pv;
+      std::memcpy(blk, &v, sizeof(V));
+      pv *= gw;
+    }
+    C cur = pv[W - 1];
+    for (int64_t t = rem - 1; t >= 0; --t) {
+      y[t] += cur;
+      cur *= g;
+    }
+    return;
+  }
+#endif
+  C cur = base;
+  for (int64_t s = 0; s < len; ++s) {
+    const int64_t t = reverse ? len - 1 - s : s;
+    cur *= g;
+    y[t] += cur;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Row helpers (inner == 1). Array range [a, b) of row `row`; scan order is ascending (forward) or descending.
+// ------------------------------------------------------------------------------------------------------------
+constexpr int64_t kBuf = 1024;
+
+template <int D>
+double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry, bool has_carry) {
+  using T = IO<D>;
+  using C = typename T::C;
+  const int64_t n = p->n;
+  const auto* x = static_cast<const typename T::S*>(p->x) + row * n;
+  auto* y = static_cast<typename T::S*>(p->y) + row * n;
+  const C g = static_cast<C>(static_cast<const typename T::G*>(p->gate)[row]);
+  const bool rev = p->reverse != 0;
+  if constexpr (D == kFloat32 || D == kFloat64) {
+    return scan_const<C>(x + a, y + a, b - a, g, static_cast<C>(carry), has_carry, rev);
+  } else {
+    C buf[kBuf];
+    C c = static_cast<C>(carry);
+    const int64_t len = b - a;
+    for (int64_t done = 0; done < len; done += kBuf) {
+      const int64_t m = len - done < kBuf ? len - done : kBuf;
+      const int64_t start = rev ? b - done - m : a + done;
+      for (int64_t i = 0; i < m; ++i) buf[i] = T::load(x, start + i);
+      c = scan_const<C>(buf, buf, m, g, c, has_carry, rev);
+      has_carry = true;
+      for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
+    }
+    return static_cast<double>(c);
+  }
+}
+
+template <int D>
+void const_fixup_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry) {
+  using T = IO<D>;
+  using C = typename T::C;
+  const int64_t n = p->n;
+  auto* y = static_cast<typename T::S*>(p->y) + row * n;
+  const C g = static_cast<C>(static_cast<const typename T::G*>(p->gate)[row]);
+  const bool rev = p->reverse != 0;
+  if constexpr (D == kFloat32 || D == kFloat64) {
+    fixup_const<C>(y + a, b - a, g, static_cast<C>(carry), rev);
+  } else {
+    C buf[kBuf];
+    C base = static_cast<C>(carry);
+    const int64_t len = b - a;
+    for (int64_t done = 0; done < len; done += kBuf) {
+      const int64_t m = len - done < kBuf ? len - done : kBuf;
+      const int64_t start = rev ? b - done - m : a + done;
+      for (int64_t i = 0; i < m; ++i) buf[i] = T::load(y, start + i);
+      fixup_const<C>(buf, m, g, base, rev);
+      base *= ipow(g, m);
+      for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
+    }
+  }
+}
+
+// Sequential scan over scan-order positions [s0, s1) of a row with per-element gates and/or resets.
+template <int D>
+void seq_segment(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry_in, bool has_carry,
+                 double* last, double* prod) {
+  using T = IO<D>;
+  using A = typename T::A;
+  using G = typename T::G;
+  const int64_t n = p->n;
+  const auto* x = static_cast<const typename T::S*>(p->x) + row * n;
+  auto* y = static_cast<typename T::S*>(p->y) + row * n;
+  const G* gate = static_cast<const G*>(p->gate);
+  const G* ge = p->gate_per_elem ? gate + row * n : nullptr;
+  const G gc = p->gate_per_elem ? G(0) : gate[row];
+  const uint8_t* dn = p->done ? p->done + row * n : nullptr;
+  const bool rev = p->reverse != 0;
+  A c = static_cast<A>(carry_in);
+  double pr = 1.0;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t t = rev ? n - 1 - s : s;
+    A a = static_cast<A>(ge ? ge[t] : gc);
+    const bool reset = dn && dn[t];
+    A v = static_cast<A>(T::load(x, t));
+    if (reset) a = A(0);
+    if (has_carry && !reset) v += a * c;
+    has_carry = true;
+    pr *= static_cast<double>(a);
+    c = v;
+    T::store(y, t, v);
+  }
+  if (last) *last = static_cast<double>(c);
+  if (prod) *prod = pr;
+}
+
+template <int D>
+void seq_fixup(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
+  using T = IO<D>;
+  using A = typename T::A;
+  using G = typename T::G;
+  const int64_t n = p->n;
+  auto* y = static_cast<typename T::S*>(p->y) + row * n;
+  const G* gate = static_cast<const G*>(p->gate);
+  const G* ge = p->gate_per_elem ? gate + row * n : nullptr;
+  const G gc = p->gate_per_elem ? G(0) : gate[row];
+  const uint8_t* dn = p->done ? p->done + row * n : nullptr;
+  const bool rev = p->reverse != 0;
+  A f = static_cast<A>(carry);
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t t = rev ? n - 1 - s : s;
+    const A a = (dn && dn[t]) ? A(0) : static_cast<A>(ge ? ge[t] : gc);
+    f *= a;
+    if (f == A(0) && a == A(0)) break;  // a reset: nothing from the carry reaches later elements
+    T::store(y, t, static_cast<A>(T::load(y, t)) + f);
+  }
+}
+
+inline bool fast_rows(const ScanProblem* p) { return !p->gate_per_elem && p->done == nullptr; }
+
+template <int D>
+void rows_impl(const ScanProblem* p, int64_t r0, int64_t r1) {
+  using G = typename IO<D>::G;
+  const G* init = static_cast<const G*>(p->init);
+  for (int64_t r = r0; r < r1; ++r) {
+    const double carry = init ? static_cast<double>(init[r]) : 0.0;
+    if (fast_rows(p)) {
+      const_range<D>(p, r, 0, p->n, carry, init != nullptr);
+    } else {
+      seq_segment<D>(p, r, 0, p->n, carry, init != nullptr, nullptr, nullptr);
+    }
+  }
+}
+
+template <int D>
+void segment_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
+                  double* last, double* prod) {
+  if (fast_rows(p)) {
+    using G = typename IO<D>::G;
+    const int64_t n = p->n;
+    const int64_t a = p->reverse ? n - s1 : s0, b = p->reverse ? n - s0 : s1;
+    *last = const_range<D>(p, row, a, b, carry, has_carry != 0);
+    *prod = ipow(static_cast<double>(static_cast<const G*>(p->gate)[row]), s1 - s0);
+  } else {
+    seq_segment<D>(p, row, s0, s1, carry, has_carry != 0, last, prod);
+  }
+}
+
+template <int D>
+void fixup_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
+  if (fast_rows(p)) {
+    const int64_t n = p->n;
+    const int64_t a = p->reverse ? n - s1 : s0, b = p->reverse ? n - s0 : s1;
+    const_fixup_range<D>(p, row, a, b, carry);
+  } else {
+    seq_fixup<D>(p, row, s0, s1, carry);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Columns (inner > 1): the loop over columns is contiguous and vectorised by the compiler.
+// ------------------------------------------------------------------------------------------------------------
+template <int D>
+void columns_impl(const ScanProblem* p, int64_t i0, int64_t i1) {
+  using T = IO<D>;
+  using A = typename T::A;
+  using G = typename T::G;
+  using S = typename T::S;
+  const int64_t n = p->n, inner = p->inner;
+  const int64_t nblocks = (inner + kColumnBlock - 1) / kColumnBlock;
+  const S* x = static_cast<const S*>(p->x);
+  S* y = static_cast<S*>(p->y);
+  const G* gate = static_cast<const G*>(p->gate);
+  const G* init = static_cast<const G*>(p->init);
+  A carry[kColumnBlock];
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t o = item / nblocks, c0 = (item % nblocks) * kColumnBlock;
+    const int64_t m = inner - c0 < kColumnBlock ? inner - c0 : kColumnBlock;
+    bool has_carry = init != nullptr;
+    if (has_carry) {
+      for (int64_t j = 0; j < m; ++j) carry[j] = static_cast<A>(init[o * inner + c0 + j]);
+    }
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t t = p->reverse ? n - 1 - s : s;
+      const int64_t base = (o * n + t) * inner + c0;
+      const S* __restrict xr = x + base;
+      S* __restrict yr = y + base;
+      const G* __restrict gr = p->gate_per_elem ? gate + base : gate + o * inner + c0;
+      if (!has_carry) {
+        for (int64_t j = 0; j < m; ++j) {
+          const A v = static_cast<A>(T::load(xr, j));
+          carry[j] = v;
+          T::store(yr, j, v);
+        }
+        has_carry = true;
+      } else if (p->done) {
+        const uint8_t* __restrict dr = p->done + base;
+        for (int64_t j = 0; j < m; ++j) {
+          const A xv = static_cast<A>(T::load(xr, j));
+          const A v = dr[j] ? xv : xv + static_cast<A>(gr[j]) * carry[j];
+          carry[j] = v;
+          T::store(yr, j, v);
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          const A v = static_cast<A>(T::load(xr, j)) + static_cast<A>(gr[j]) * carry[j];
+          carry[j] = v;
+          T::store(yr, j, v);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// dtype dispatch
+// ------------------------------------------------------------------------------------------------------------
+#define ALTGRAD_DISPATCH(dtype, FN, ...)                      \
+  switch (dtype) {                                            \
+    case kFloat32: FN<kFloat32>(__VA_ARGS__); break;          \
+    case kFloat64: FN<kFloat64>(__VA_ARGS__); break;          \
+    case kFloat16: FN<kFloat16>(__VA_ARGS__); break;          \
+    case kBFloat16: FN<kBFloat16>(__VA_ARGS__); break;        \
+    default: break;                                           \
+  }
+
+void rows_entry(const ScanProblem* p, int64_t r0, int64_t r1) { ALTGRAD_DISPATCH(p->dtype, rows_impl, p, r0, r1) }
+void columns_entry(const ScanProblem* p, int64_t i0, int64_t i1) {
+  ALTGRAD_DISPATCH(p->dtype, columns_impl, p, i0, i1)
+}
+void segment_entry(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
+                   double* last, double* prod) {
+  ALTGRAD_DISPATCH(p->dtype, segment_impl, p, row, s0, s1, carry, has_carry, last, prod)
+}
+void fixup_entry(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
+  ALTGRAD_DISPATCH(p->dtype, fixup_impl, p, row, s0, s1, carry)
+}
+#undef ALTGRAD_DISPATCH
+
+const Kernels kTable = {ALTGRAD_ISA_NAME, rows_entry, columns_entry, segment_entry, fixup_entry};
+
+}  // namespace
+
+const Kernels* ALTGRAD_ISA_ENTRY() { return &kTable; }
+
+}  // namespace altgrad_dc

@@ -1,0 +1,135 @@
+"""Bridge to the compiled kernels: turns tensors into the raw pointers and sizes the C++/CUDA code takes."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+
+from ._args import compute_dtype
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(f"{__package__}.{name}"), None
+    except ImportError as exc:  # keep the reason: it is reported when the module is needed
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_cpu, _cpu_error = _load("_C")
+_cuda, _cuda_error = _load("_C_cuda")
+
+
+def cpu_available() -> bool:
+    """Whether the compiled CPU module could be imported."""
+    return _cpu is not None
+
+
+def cuda_available() -> bool:
+    """Whether the compiled CUDA module could be imported (a GPU is not required for this)."""
+    return _cuda is not None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels selected (``"avx512"``, ``"avx2"`` or ``"baseline"``)."""
+    return _cpu.isa() if _cpu is not None else None
+
+
+def _require(module: ModuleType | None, error: str | None, device: str) -> ModuleType:
+    if module is None:
+        hint = (
+            " It is built only when nvcc is found at install time; reinstall with ALTGRAD_CUDA=1 "
+            "(see the building docs), or move the tensors to the CPU."
+            if device == "cuda"
+            else " Reinstall altgrad-discounted-cumsum from a wheel or with a C++17 compiler available."
+        )
+        raise RuntimeError(
+            f"altgrad.discounted_cumsum: the native {device} module is not available ({error}).{hint}"
+        )
+    return module
+
+
+def _prepare(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    gamma_value: float,
+    dones: torch.Tensor | None,
+    initial: torch.Tensor | None,
+    dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None, torch.Tensor | None, int, int, int]:
+    """Makes every buffer contiguous in the [outer, n, inner] layout the kernels expect."""
+    shape = x.shape
+    outer = math.prod(shape[:dim])
+    n = shape[dim]
+    inner = math.prod(shape[dim + 1 :])
+    cd = compute_dtype(x.dtype)
+    xc = x.contiguous()
+    row_shape = shape[:dim] + (1,) + shape[dim + 1 :]
+    if gamma is None:
+        gate = torch.full((outer * inner,), gamma_value, dtype=cd, device=x.device)
+        per_elem = False
+    else:
+        g = gamma.to(cd)
+        g = g.reshape((1,) * (len(shape) - g.dim()) + tuple(g.shape))
+        per_elem = g.shape[dim] != 1
+        gate = g.expand(shape if per_elem else row_shape).contiguous()
+    done = None if dones is None else dones.expand(shape).contiguous()
+    init = None
+    if initial is not None:
+        init = initial.to(cd).expand(shape[:dim] + shape[dim + 1 :]).contiguous()
+    return xc, gate, per_elem, done, init, outer, n, inner
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def native_scan(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    gamma_value: float,
+    dones: torch.Tensor | None,
+    initial: torch.Tensor | None,
+    dim: int,
+    reverse: bool,
+) -> torch.Tensor:
+    """Runs the compiled kernel for ``x.device`` (CPU or CUDA) on normalised arguments.
+
+    Args:
+        x: Input, float16/bfloat16/float32/float64 on the CPU or a CUDA device.
+        gamma: Discount tensor broadcastable to ``x``, or ``None`` to use ``gamma_value``.
+        gamma_value: Discount used when ``gamma`` is ``None``.
+        dones: Bool resets broadcastable to ``x``, or ``None``.
+        initial: Value before the first element in scan order (shape of ``x`` without ``dim``), or ``None``.
+        dim: Non-negative scan dimension.
+        reverse: Scan from the end.
+
+    Returns:
+        A new contiguous tensor with the result.
+
+    Raises:
+        RuntimeError: If the native module for the device is missing or a CUDA launch fails.
+    """
+    xc, gate, per_elem, done, init, outer, n, inner = _prepare(x, gamma, gamma_value, dones, initial, dim)
+    y = torch.empty_like(xc)
+    if xc.numel() == 0:
+        return y
+    code = _DTYPE_CODES[x.dtype]
+    if x.device.type == "cpu":
+        mod = _require(_cpu, _cpu_error, "cpu")
+        mod.scan(
+            _ptr(xc), _ptr(y), code, outer, n, inner, _ptr(gate), per_elem, _ptr(done), _ptr(init), reverse,
+            torch.get_num_threads(),
+        )
+        return y
+    mod = _require(_cuda, _cuda_error, "cuda")
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        mod.scan(
+            _ptr(xc), _ptr(y), code, outer, n, inner, _ptr(gate), per_elem, _ptr(done), _ptr(init), reverse, stream
+        )
+    return y

@@ -1,0 +1,108 @@
+"""The ``altgrad_discounted_cumsum::scan`` custom op: device dispatch, fake kernel and autograd formula.
+
+Gradients (scan order s = 0..N-1, gates a_s = gamma_s (1 - d_s), y_{-1} = initial, incoming gradient g):
+
+* lambda_s = g_s + a_{s+1} lambda_{s+1}: the same scan in the opposite direction with the gates moved one step,
+* dL/dx_s = lambda_s,
+* dL/dgamma_s = lambda_s y_{s-1} (1 - d_s), summed over the broadcast dimensions of gamma,
+* dL/dinitial = a_0 lambda_0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._args import compute_dtype
+from ._native import native_scan
+from .reference import scan_reference
+
+_NATIVE_DEVICES = ("cpu", "cuda")
+
+
+@torch.library.custom_op("altgrad_discounted_cumsum::scan", mutates_args=())
+def scan(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    gamma_value: float,
+    dones: torch.Tensor | None,
+    initial: torch.Tensor | None,
+    dim: int,
+    reverse: bool,
+) -> torch.Tensor:
+    """Discounted cumulative sum on normalised arguments (see ``_args.normalize``); returns a new tensor."""
+    if x.device.type in _NATIVE_DEVICES:
+        return native_scan(x, gamma, gamma_value, dones, initial, dim, reverse)
+    return scan_reference(x, gamma, gamma_value, dones, initial, dim, reverse).contiguous()
+
+
+@scan.register_fake
+def _(x, gamma, gamma_value, dones, initial, dim, reverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _shift(t: torch.Tensor, dim: int, reverse: bool, first: torch.Tensor | None) -> torch.Tensor:
+    """Moves ``t`` one step along the scan order: out[s] = t[s-1], out[0] = ``first`` (zeros when None)."""
+    n = t.shape[dim]
+    if first is None:
+        first = torch.zeros_like(t.narrow(dim, 0, 1))
+    else:
+        first = first.to(t.dtype).expand(t.shape[:dim] + t.shape[dim + 1 :]).unsqueeze(dim)
+    if reverse:
+        return torch.cat([t.narrow(dim, 1, n - 1), first], dim)
+    return torch.cat([first, t.narrow(dim, 0, n - 1)], dim)
+
+
+def _gates(x: torch.Tensor, gamma, gamma_value: float, dones) -> torch.Tensor:
+    cd = compute_dtype(x.dtype)
+    a = gamma.to(cd) if gamma is not None else torch.full((), gamma_value, dtype=cd, device=x.device)
+    if dones is not None:
+        a = a * (~dones).to(cd)
+    return a.expand(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gamma, gamma_value, dones, initial, dim, reverse = inputs
+    ctx.gamma_value, ctx.dim, ctx.reverse = gamma_value, dim, reverse
+    ctx.gamma_shape = None if gamma is None else gamma.shape
+    ctx.initial_shape = None if initial is None else initial.shape
+    need_y = gamma is not None and ctx.needs_input_grad[1]
+    ctx.save_for_backward(gamma, dones, initial, output if need_y else None)
+
+
+def _backward(ctx, grad):
+    gamma, dones, initial, y = ctx.saved_tensors
+    dim, reverse, gv = ctx.dim, ctx.reverse, ctx.gamma_value
+    n = grad.shape[dim]
+    need_gamma = gamma is not None and ctx.needs_input_grad[1]
+    need_initial = initial is not None and ctx.needs_input_grad[4]
+    if n == 0:
+        zero_g = torch.zeros(ctx.gamma_shape, dtype=gamma.dtype, device=grad.device) if need_gamma else None
+        zero_i = torch.zeros(ctx.initial_shape, dtype=initial.dtype, device=grad.device) if need_initial else None
+        return grad.clone(), zero_g, None, None, zero_i, None, None
+    time_constant = gamma is None or gamma.dim() < grad.dim() - dim or gamma.shape[dim - grad.dim()] == 1
+    if dones is None and time_constant:
+        # The gate does not change along the scan, so moving it by one step changes nothing.
+        lam = scan(grad, gamma, gv, None, None, dim, not reverse)
+        gates = None
+    else:
+        gates = _gates(grad, gamma, gv, dones)
+        shifted = _shift(gates, dim, not reverse, None)
+        lam = scan(grad, shifted, 0.0, None, None, dim, not reverse)
+    grad_gamma = grad_initial = None
+    if need_gamma:
+        cd = compute_dtype(grad.dtype)
+        prev = _shift(y.to(cd), dim, reverse, initial)
+        g = lam.to(cd) * prev
+        if dones is not None:
+            g = g * (~dones).to(cd)
+        grad_gamma = g.sum_to_size(ctx.gamma_shape).to(gamma.dtype)
+    if need_initial:
+        first = n - 1 if reverse else 0
+        if gates is None:
+            gates = _gates(grad, gamma, gv, dones)
+        g0 = (gates.select(dim, first) * lam.select(dim, first).to(gates.dtype)).sum_to_size(ctx.initial_shape)
+        grad_initial = g0.to(initial.dtype)
+    return lam, grad_gamma, None, None, grad_initial, None, None
+
+
+scan.register_autograd(_backward, setup_context=_setup_context)

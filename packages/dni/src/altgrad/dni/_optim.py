@@ -1,0 +1,43 @@
+"""Resolve the ``grad_optim`` / ``optim`` specifications of :class:`~altgrad.dni.DNI` into optimizer factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adamax": torch.optim.Adamax,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+}
+
+Factory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:
+    """Turn ``spec`` into ``params -> Optimizer``.
+
+    ``spec`` may be ``None`` (no optimizer), a name from :data:`OPTIMIZERS`, an ``Optimizer`` subclass (built
+    with ``lr``), or an ``Optimizer`` instance (its class and ``defaults`` are copied, as pytorch-dni does).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.lower()
+        if key not in OPTIMIZERS:
+            raise ValueError(f"unknown {name} {spec!r}; expected one of {sorted(OPTIMIZERS)}, an Optimizer class or None")
+        cls = OPTIMIZERS[key]
+        return lambda params: cls(params, lr=lr)
+    if isinstance(spec, torch.optim.Optimizer):
+        cls2, defaults = type(spec), dict(spec.defaults)
+        return lambda params: cls2(params, **defaults)
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        cls3 = spec
+        return lambda params: cls3(params, lr=lr)
+    raise TypeError(f"{name} must be None, a string, an Optimizer class or instance, got {type(spec).__name__}")

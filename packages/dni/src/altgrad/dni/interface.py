@@ -1,0 +1,432 @@
+"""The low-level primitive: a backward interface on any activation.
+
+A :class:`BackwardInterface` cuts the autograd graph at an activation ``h``. The block below ``h`` is trained
+from the synthetic gradient ``ŝ = M(h, c)``; the synthesizer ``M`` is trained by regression onto the gradient
+that later arrives at ``h`` (true at the top, bootstrapped from the next interface below it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ._functional import broadcast_context, cosine_similarity, mix_gradient, sg_loss, sg_loss_grad
+
+__all__ = ["MODES", "BackwardInterface"]
+
+#: Interface modes: ``"dni"`` uses synthetic gradients, ``"observe"`` trains the synthesizer but sends the
+#: true gradient down (warm-up), ``"backprop"`` is a transparent pass-through.
+MODES = ("dni", "observe", "backprop")
+_INJECT = ("immediate", "deferred")
+
+S = TypeVar("S", Tensor, tuple[Tensor, ...], list[Tensor])
+
+
+class _Prediction:
+    """One synthesizer prediction waiting for its target gradient (lives on the autograd node)."""
+
+    __slots__ = ("batch_size", "connected", "consumed", "iface", "lam", "pred", "sizes")
+
+    def __init__(
+        self,
+        iface: BackwardInterface,
+        pred: Tensor,
+        sizes: list[int],
+        batch_size: int,
+        connected: bool,
+        lam: float,
+    ) -> None:
+        self.iface = iface
+        self.pred: Tensor | None = pred
+        self.sizes = sizes
+        self.batch_size = batch_size
+        self.connected = connected
+        self.lam = lam
+        self.consumed = False
+        iface._pending += 1
+
+    def backward(self, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        iface = self.iface
+        if self.consumed or self.pred is None:
+            raise RuntimeError(
+                "a DNI interface received gradients in two separate backward passes (for example a skip "
+                "connection around an interface whose synthetic gradient was applied at forward time); "
+                "use inject='deferred' so that every path reaches the interface in one backward pass"
+            )
+        self.consumed = True
+        pred, self.pred = self.pred, None
+        fd = iface.feature_dim
+        target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=fd)
+        if pred.requires_grad:
+            torch.autograd.backward(pred, sg_loss_grad(pred, target, self.batch_size))
+        iface._observe(pred, target, self.batch_size)
+        iface._target_arrived()
+        if not self.connected:
+            return (None,) * len(grads)
+        sg = pred.detach()
+        parts = sg.split(self.sizes, dim=fd) if len(grads) > 1 else (sg,)
+        return tuple(
+            mix_gradient(g, s, self.lam, iface.scale).to(g.dtype) for g, s in zip(grads, parts, strict=True)
+        )
+
+    def __del__(self) -> None:
+        # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
+        if not self.consumed:
+            self.iface._pending -= 1
+
+
+class _Boundary(torch.autograd.Function):
+    """Identity on ``tensors``; its backward hands the arriving gradient to the :class:`_Prediction`."""
+
+    @staticmethod
+    def forward(ctx: Any, record: _Prediction, anchor: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.record = record
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None, *ctx.record.backward(grads))
+
+
+class _Inject(torch.autograd.Function):
+    """A zero-valued scalar whose gradient with respect to ``tensors`` is the given synthetic gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: tuple[Tensor, ...], *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *(g * grad_out.to(g.dtype) for g in ctx.grads))
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (value >= lo and (hi is None or value <= hi)):
+        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+    return value
+
+
+class BackwardInterface(nn.Module):
+    """A decoupled neural interface (backward direction) on one activation.
+
+    Feed-forward use: ``h = iface(h)`` right after the block that produces ``h``. In ``"dni"`` mode with
+    ``lam=0`` and ``inject="immediate"`` (the default) this
+
+    1. predicts ``ŝ = synthesizer(h.detach(), context)``,
+    2. back-propagates ``scale·ŝ`` into the block below **at once** (its parameters receive their gradient,
+       and can be stepped, before anything above ``h`` has run: update unlocking),
+    3. returns ``h`` cut off from the block below; the gradient ``g`` that later arrives there is the
+       regression target of the synthesizer (loss ``‖ŝ − g‖² / B``) and is not propagated further (backward
+       unlocking). Stacked interfaces therefore bootstrap: an interface's target is the next interface's
+       synthetic gradient back-propagated through the block between them.
+
+    Recurrent use (truncated BPTT, paper §3.1): at the start of a window ``state = iface.trigger(state)``;
+    at its end ``loss = loss + iface.inject(final_state)``, which adds a zero-valued term whose gradient with
+    respect to ``final_state`` is ``scale·ŝ`` (the paper uses ``scale=0.1``). The synthesizer's target at the
+    window start then contains the bootstrapped synthetic gradient injected at the window end. Tuple states
+    such as an LSTM's ``(h, c)`` are concatenated along :attr:`feature_dim` for the synthesizer.
+
+    The synthesizer's optimizer, if given, is stepped as soon as all targets of its pending predictions have
+    arrived, so the synthesizer is updated without waiting for the end of the step.
+
+    Args:
+        synthesizer: Maps the activation (with the context concatenated along ``feature_dim``) to a tensor of
+            the activation's shape. Called as ``synthesizer(input, hidden)`` and may return ``(grad, hidden)``
+            (the :class:`~altgrad.dni.DNINetwork` interface) or just ``grad``.
+        context_size: Number of context features (for example classes of a one-hot label, cDNI); 0 for none.
+        lam: BP(λ) mixing in ``"dni"`` mode: the block below receives ``lam·g + (1 − lam)·scale·ŝ``. Only
+            ``lam=0`` is update-unlocked; ``lam=1`` equals backprop.
+        scale: Factor applied to the synthetic gradient before it is used.
+        inject: ``"immediate"`` back-propagates the synthetic gradient at forward time; ``"deferred"`` returns it
+            from the boundary during the ordinary backward pass (same maths, one backward; needed when a path
+            bypasses the interface, such as a residual connection).
+        mode: ``"dni"``, ``"observe"`` (train the synthesizer, send the true gradient down) or ``"backprop"``
+            (pass-through).
+        optimizer: Optimizer over the synthesizer's parameters, stepped by the interface; ``None`` leaves the
+            gradients in ``.grad`` for your own optimizer.
+        batch_dim: Dimension of the activation that indexes examples (the loss divides by its size).
+        feature_dim: Dimension holding features; defaults to ``synthesizer.feature_dim`` or ``-1``.
+        diagnostics: Keep the last prediction and target and their cosine similarity.
+
+    Attributes:
+        last_loss: The last synthesizer loss (a detached float32 scalar tensor), or ``None``.
+        last_cosine: Cosine between the last prediction and its target (``diagnostics=True``), or ``None``.
+        last_target: The last target gradient (``diagnostics=True``), or ``None``.
+        last_prediction: The last synthetic gradient whose target arrived (``diagnostics=True``), or ``None``.
+    """
+
+    def __init__(
+        self,
+        synthesizer: nn.Module,
+        *,
+        context_size: int = 0,
+        lam: float = 0.0,
+        scale: float = 1.0,
+        inject: str = "immediate",
+        mode: str = "dni",
+        optimizer: torch.optim.Optimizer | None = None,
+        batch_dim: int = 0,
+        feature_dim: int | None = None,
+        diagnostics: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(synthesizer, nn.Module):
+            raise TypeError(f"synthesizer must be an nn.Module, got {type(synthesizer).__name__}")
+        if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
+            raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
+        if inject not in _INJECT:
+            raise ValueError(f"inject must be one of {_INJECT}, got {inject!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.synthesizer = synthesizer
+        self.context_size = context_size
+        self.lam = _check_float("lam", lam, 0.0, 1.0)
+        self.scale = _check_float("scale", scale, 0.0)
+        self.inject_mode = inject
+        self.mode = mode
+        self.optimizer = optimizer
+        self.batch_dim = int(batch_dim)
+        self.feature_dim = int(feature_dim if feature_dim is not None else getattr(synthesizer, "feature_dim", -1))
+        self.diagnostics = bool(diagnostics)
+        self.last_loss: Tensor | None = None
+        self.last_cosine: Tensor | None = None
+        self.last_target: Tensor | None = None
+        self.last_prediction: Tensor | None = None
+        self._hidden: Any = None
+        self._pending = 0
+        self._due = False
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def mode(self) -> str:
+        """``"dni"``, ``"observe"`` or ``"backprop"`` (see the class docstring)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    @property
+    def unlocked(self) -> bool:
+        """Whether the synthetic gradient is applied at forward time (``"dni"``, ``lam=0``, immediate)."""
+        return self._mode == "dni" and self.lam == 0.0 and self.inject_mode == "immediate"
+
+    def reset_state(self) -> None:
+        """Forget the synthesizer's recurrent state (for :class:`~altgrad.dni.RNNDNI`)."""
+        self._hidden = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self._mode!r}, lam={self.lam}, scale={self.scale}, inject={self.inject_mode!r}, "
+            f"context_size={self.context_size}"
+        )
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, h: Tensor, context: Tensor | None = None) -> Tensor:
+        """Put the interface on activation ``h`` (feed-forward use).
+
+        Args:
+            h: The activation produced by the block below the interface.
+            context: Optional ``(B, context_size)`` context (or ``(B,)`` integer labels, one-hot encoded).
+
+        Returns:
+            A tensor equal to ``h``. In eval mode, in ``"backprop"`` mode, or when ``h`` does not require
+            grad, ``h`` itself.
+        """
+        if not isinstance(h, Tensor):
+            raise TypeError(f"h must be a Tensor, got {type(h).__name__}")
+        if not self.training or self._mode == "backprop" or not h.requires_grad:
+            return h
+        pred = self._predict((h,), context)
+        if self.unlocked:
+            torch.autograd.backward(h, mix_gradient(None, pred.detach(), 0.0, self.scale).to(h.dtype))
+            return self._boundary(pred, (h.detach(),), connected=False)[0]
+        return self._boundary(pred, (h,), connected=True)[0]
+
+    def trigger(self, state: S, context: Tensor | None = None) -> S:
+        """Mark the start of a truncated-BPTT window (recurrent use).
+
+        The synthesizer predicts the gradient of the future loss with respect to ``state``; the gradient that
+        arrives at the returned state during the window's backward pass (including whatever
+        :meth:`inject` added at the window end) is its regression target.
+
+        Args:
+            state: The carried state, usually detached from the previous window: a tensor or a tuple/list of
+                tensors (for example an LSTM's ``(h, c)``).
+            context: Optional context, as in :meth:`forward`.
+
+        Returns:
+            ``state`` with the same structure, connected to the interface.
+        """
+        tensors = self._as_tensors("state", state)
+        if not self.training or self._mode == "backprop":
+            return state
+        pred = self._predict(tensors, context)
+        lam = 1.0 if self._mode == "observe" else self.lam
+        out = self._boundary(pred, tensors, connected=any(t.requires_grad for t in tensors), lam=lam)
+        return self._restructure(state, out)
+
+    def inject(self, state: Tensor | Sequence[Tensor], scale: float | None = None, context: Tensor | None = None) -> Tensor:
+        """Inject the synthetic gradient at the end of a truncated-BPTT window (recurrent use).
+
+        Args:
+            state: The final state of the window (graph-connected), same structure as for :meth:`trigger`.
+            scale: Factor on the synthetic gradient; defaults to the interface's ``scale`` (the paper: 0.1).
+            context: Optional context, as in :meth:`forward`.
+
+        Returns:
+            A zero-valued scalar: add it to the window's loss before calling ``backward``. Its gradient with
+            respect to ``state`` is ``scale·ŝ`` in ``"dni"`` mode and zero otherwise.
+        """
+        tensors = self._as_tensors("state", state)
+        factor = self.scale if scale is None else _check_float("scale", scale, 0.0)
+        if not self.training or self._mode != "dni" or not any(t.requires_grad for t in tensors):
+            return tensors[0].new_zeros(())
+        with torch.no_grad():
+            sg = self._predict(tensors, context) * (factor * (1.0 - self.lam))
+        parts = sg.split([t.shape[self.feature_dim] for t in tensors], dim=self.feature_dim)
+        return _Inject.apply(tuple(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True)), *tensors)
+
+    def synthetic_gradient(self, h: Tensor | Sequence[Tensor], context: Tensor | None = None) -> Tensor:
+        """The synthesizer's prediction for ``h`` (no autograd graph, no side effects on training state).
+
+        Args:
+            h: An activation or a tuple of state tensors.
+            context: Optional context, as in :meth:`forward`.
+
+        Returns:
+            The predicted gradient (tuple states: concatenated along :attr:`feature_dim`), unscaled.
+        """
+        tensors = self._as_tensors("h", h)
+        hidden = self._hidden
+        with torch.no_grad():
+            out = self._call(self._synth_input(tensors, context), hidden, tensors)[0]
+        return out
+
+    def step(self) -> None:
+        """Step the synthesizer optimizer now if gradients are waiting (normally automatic)."""
+        if self.optimizer is not None and self._due:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._due = False
+
+    # ------------------------------------------------------------------ internals
+    def _as_tensors(self, name: str, state: Any) -> tuple[Tensor, ...]:
+        tensors = (state,) if isinstance(state, Tensor) else tuple(state) if isinstance(state, (tuple, list)) else ()
+        if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+            raise TypeError(f"{name} must be a Tensor or a non-empty tuple/list of Tensors, got {type(state).__name__}")
+        return tensors
+
+    @staticmethod
+    def _restructure(state: Any, out: tuple[Tensor, ...]) -> Any:
+        if isinstance(state, Tensor):
+            return out[0]
+        return type(state)(out)
+
+    def _context(self, context: Tensor | None, like: Tensor) -> Tensor | None:
+        if self.context_size == 0:
+            if context is not None:
+                raise ValueError("context was given but the interface was built with context_size=0")
+            return None
+        if context is None:
+            raise ValueError(f"this interface is conditional (context_size={self.context_size}); pass context=")
+        if not isinstance(context, Tensor):
+            raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
+        batch = like.shape[self.batch_dim]
+        if not context.is_floating_point():
+            if context.dim() != 1:
+                raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
+            if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
+                raise ValueError(f"integer context labels must be in [0, {self.context_size}), got out-of-range labels")
+            context = F.one_hot(context.long(), self.context_size)
+        if context.dim() != 2 or context.shape != (batch, self.context_size):
+            raise ValueError(
+                f"context must have shape (B, context_size) = ({batch}, {self.context_size}), got {tuple(context.shape)}"
+            )
+        return broadcast_context(context.detach(), like, self.batch_dim, self.feature_dim)
+
+    def _synth_input(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+        fd = self.feature_dim
+        parts = [t.detach() for t in tensors]
+        ctx = self._context(context, parts[0])
+        if ctx is not None:
+            parts.append(ctx)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
+
+    def _call(self, x: Tensor, hidden: Any, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        out = self.synthesizer(x, hidden)
+        pred, hidden = out if isinstance(out, tuple) else (out, None)
+        fd = self.feature_dim % tensors[0].dim()
+        expected = list(tensors[0].shape)
+        expected[fd] = sum(t.shape[fd] for t in tensors)
+        if not isinstance(pred, Tensor) or list(pred.shape) != expected:
+            got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+            raise ValueError(
+                f"synthesizer {type(self.synthesizer).__name__} must return a gradient of the activation's shape "
+                f"{tuple(expected)}, got {got}; the synthesizer cannot produce this activation's shape (for a "
+                f"(B, C, H, W) feature map use Conv2dDNI)"
+            )
+        return pred, hidden
+
+    def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+        if self._pending == 0:
+            self.step()
+        x = self._synth_input(tensors, context)
+        pred, hidden = self._call(x, self._hidden, tensors)
+        self._hidden = _detach(hidden)
+        return pred
+
+    def _boundary(
+        self, pred: Tensor, tensors: tuple[Tensor, ...], *, connected: bool, lam: float | None = None
+    ) -> tuple[Tensor, ...]:
+        if lam is None:
+            lam = 1.0 if self._mode == "observe" else self.lam
+        record = _Prediction(
+            self,
+            pred,
+            [t.shape[self.feature_dim] for t in tensors],
+            int(tensors[0].shape[self.batch_dim]),
+            connected,
+            lam,
+        )
+        # The anchor is a fresh leaf that makes the boundary's output require grad even when ``tensors`` are
+        # detached; the prediction's own graph is back-propagated by the record, never by the outer pass.
+        anchor = pred.detach().requires_grad_(pred.requires_grad or not any(t.requires_grad for t in tensors))
+        return _Boundary.apply(record, anchor, *tensors)
+
+    def _observe(self, pred: Tensor, target: Tensor, batch_size: int) -> None:
+        self.last_loss = sg_loss(pred, target, batch_size)
+        if self.diagnostics:
+            self.last_prediction = pred.detach()
+            self.last_target = target.detach()
+            self.last_cosine = cosine_similarity(pred, target)
+
+    def _target_arrived(self) -> None:
+        self._pending -= 1
+        self._due = True
+        if self._pending == 0:
+            self.step()
+
+
+def _detach(hidden: Any) -> Any:
+    if hidden is None:
+        return None
+    if isinstance(hidden, Tensor):
+        return hidden.detach()
+    if isinstance(hidden, (tuple, list)):
+        return type(hidden)(_detach(h) for h in hidden)
+    return hidden

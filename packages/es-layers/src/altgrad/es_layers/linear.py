@@ -1,0 +1,371 @@
+"""Perturbed ``nn.Linear`` layers: the whole population in one batched forward.
+
+Input layout (NESgpu): ``(repeat_size * n, *, in_features)`` where ``n`` is the number of members evaluated here
+(``directions`` unless sharded) and **the member index varies fastest**: row ``i`` belongs to member
+``members[i % n]`` and repeat ``i // n``. With ``antithetic=True`` and an even number of repeats, repeats in the
+second half use ``-E_k``. Every forward is ``x Wᵀ + b`` (one GEMM) plus a structured perturbation term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise, SparseNoise
+
+__all__ = [
+    "FlipoutLinear",
+    "LowRankLinear",
+    "PermutedLinear",
+    "PerturbedLinear",
+    "SparsePerturbedLinear",
+    "SyntheticLinear",
+]
+
+
+class _PerturbedLinearBase(nn.Linear):
+    """Shared forward plumbing for the perturbed Linear layers."""
+
+    def _setup(self, in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_perturbed(directions, antithetic, noise_scale, seed)  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._perturbed_repr()}"  # type: ignore[attr-defined]
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Unperturbed ``x Wᵀ + b``, or the population's outputs when ``perturbed_flag`` is set.
+
+        Args:
+            input: ``(repeat_size * n, *, in_features)``, member index fastest.
+
+        Returns:
+            ``(repeat_size * n, *, out_features)``.
+        """
+        out = F.linear(input, self.weight, self.bias)
+        if not self.perturbed_flag:  # type: ignore[attr-defined]
+            return out
+        if input.dim() < 2 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input of shape (repeat_size * n, *, {self.in_features}), "
+                f"got {tuple(input.shape)}"
+            )
+        noise = self._current_noise()  # type: ignore[attr-defined]
+        reps = self._repeats(input.shape[0])  # type: ignore[attr-defined]
+        n = self.members.numel()  # type: ignore[attr-defined]
+        x4 = input.reshape(reps, n, -1, self.in_features)
+        out4 = out.view(reps, n, -1, self.out_features)
+        signs = self._signs(reps, out.dtype, out.device)  # type: ignore[attr-defined]
+        self._add_perturbation(x4, out4, noise, signs)
+        return out
+
+    def _add_perturbation(self, x4: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def _finish(self, p: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None) -> None:
+        """``out4 += sign_r * (p + ε_k)`` with ``p`` of shape ``(R, n, T, m)`` (may be modified in place)."""
+        if self.bias is not None:
+            p += noise["bias"][None, :, None, :]
+        if signs is not None:
+            p *= signs.view(-1, 1, 1, 1)
+        out4 += p
+
+    def _bmm_members(self, x4: Tensor, mats: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        """Per-member product ``x_k @ mats_k`` plus bias noise: ``(R, n, T, m)``."""
+        reps, n, t, k = x4.shape
+        xm = x4.permute(1, 0, 2, 3).reshape(n, reps * t, k)
+        if self.bias is not None:
+            p = torch.baddbmm(noise["bias"].unsqueeze(1), xm, mats)
+        else:
+            p = torch.bmm(xm, mats)
+        return p.view(n, reps, t, -1).permute(1, 0, 2, 3)
+
+    def _finish_bmm(self, p: Tensor, out4: Tensor, signs: Tensor | None) -> None:
+        if signs is not None:
+            p = p * signs.view(-1, 1, 1, 1)
+        out4 += p
+
+    def _addmm_halves(self, xs: Tensor, mat_t: Tensor, out4: Tensor, signs: Tensor | None) -> None:
+        """``out += ±(xs @ mat_t)`` using the GEMM's accumulation (no extra pass over the output)."""
+        out2 = out4.view(-1, out4.shape[-1])
+        x2 = xs.reshape(-1, xs.shape[-1])
+        if signs is None:
+            out2.addmm_(x2, mat_t)
+        else:
+            half = out2.shape[0] // 2
+            out2[:half].addmm_(x2[:half], mat_t)
+            out2[half:].addmm_(x2[half:], mat_t, alpha=-1)
+
+
+class PerturbedLinear(IIDNoise, _PerturbedLinearBase):
+    """Linear layer with an independent Gaussian perturbation per member (NESgpu's ``PerturbedLinear``).
+
+    The perturbation term is a batched matmul over the stored ``N·out·in`` noise: exact IID ES, but memory bound.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        directions: Population size ``N``.
+        bias: If true, the layer has a (perturbed) bias.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        noise_scale: ``σ``, the standard deviation of the noise entries.
+        seed: Base seed (``None``: a fresh one from the operating system).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+
+    Example:
+        >>> layer = PerturbedLinear(4, 3, directions=8, seed=0)
+        >>> layer.set_noise()
+        >>> layer.perturbed_flag = True
+        >>> layer(torch.randn(16, 4)).shape  # 2 repeats x 8 members
+        torch.Size([16, 3])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        directions: int,
+        bias: bool = True,
+        antithetic: bool = True,
+        noise_scale: float = 0.01,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+
+    def _add_perturbation(self, x4, out4, noise, signs):
+        p = self._bmm_members(x4, noise["weight"].transpose(1, 2), noise)
+        self._finish_bmm(p, out4, signs)
+
+
+class SparsePerturbedLinear(SparseNoise, _PerturbedLinearBase):
+    """Linear layer whose member ``k`` perturbs only ``sparsity`` random input columns (NESgpu, with an update).
+
+    Entries are ``N(0, σ²·in/sparsity)`` so that ``E_k`` has the expected norm of an IID perturbation.
+    The forward gathers ``sparsity`` inputs per member and does a batched ``(R, s)·(s, out)`` product.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        directions: Population size ``N``.
+        bias: If true, the layer has a (perturbed) bias.
+        sparsity: Non-zero input columns per member (``k``); ``"auto"`` = ``max(1, in // directions)``.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        noise_scale: ``σ``.
+        seed: Base seed (``None``: a fresh one from the operating system).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        directions: int,
+        bias: bool = True,
+        sparsity: int | str = "auto",
+        antithetic: bool = True,
+        noise_scale: float = 0.01,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._init_sparse(sparsity)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={self.sparsity}"
+
+    def _add_perturbation(self, x4, out4, noise, signs):
+        reps, n, t, _ = x4.shape
+        cols = noise["cols"].view(1, n, 1, -1).expand(reps, n, t, self.sparsity)
+        xg = torch.gather(x4, 3, cols)
+        p = self._bmm_members(xg, noise["values"].transpose(1, 2), noise)
+        self._finish_bmm(p, out4, signs)
+
+
+class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
+    """Linear layer with one shared noise matrix, permuted per member (NESgpu's ``PermutedLinear``).
+
+    Forward: gather the inputs by ``π_k`` (per member offsets), one shared GEMM accumulated into the base output,
+    and (output side) an index gather by ``ρ_k⁻¹``. Sparsity keeps ``in_sparsity`` inputs / ``out_sparsity`` outputs.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        directions: Population size ``N``.
+        bias: If true, the layer has a (perturbed) bias.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        permutation: ``"in"``, ``"out"``, ``"both"`` or ``"auto"`` (NESgpu's rule: both if 1 < in, out < 32,
+            else the larger side).
+        in_sparsity: Inputs kept per member: ``0`` = all, a float = that fraction, an int = that many (forces
+            input permutation).
+        out_sparsity: Outputs kept per member, as ``in_sparsity`` (forces output permutation).
+        noise_scale: ``σ``.
+        seed: Base seed (``None``: a fresh one from the operating system).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        directions: int,
+        bias: bool = True,
+        antithetic: bool = True,
+        permutation: str = "auto",
+        in_sparsity: int | float = 0,
+        out_sparsity: int | float = 0,
+        noise_scale: float = 0.01,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._init_permuted(permutation, in_sparsity, out_sparsity)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, permutation={self.permutation!r}, in_sparsity={self.in_sparsity}, "
+            f"out_sparsity={self.out_sparsity}"
+        )
+
+    def _add_perturbation(self, x4, out4, noise, signs):
+        reps, n, t, k = x4.shape
+        e = noise["shared_weight"]
+        if self.permute_inputs:
+            if t == 1:
+                offsets = (noise["in_idx"] + torch.arange(n, device=x4.device)[:, None] * k).reshape(-1)
+                xg = x4.reshape(reps, n * k).index_select(1, offsets)
+            else:
+                idx = noise["in_idx"].view(1, n, 1, -1).expand(reps, n, t, self.in_sparsity)
+                xg = torch.gather(x4, 3, idx)
+            xg = xg.reshape(reps, n, t, self.in_sparsity)
+        else:
+            xg = x4
+        if not self.permute_outputs:
+            self._addmm_halves(xg, e.t(), out4, signs)
+            if self.bias is not None:
+                eps = noise["bias"][None, :, None, :]
+                if signs is None:
+                    out4 += eps
+                else:
+                    out4 += eps * signs.view(-1, 1, 1, 1)
+            return
+        v = xg.reshape(-1, self.in_sparsity) @ e.t()  # (R*n*t, m_sp)
+        v = F.pad(v, (0, 1)).view(reps, n, t, self.out_sparsity + 1)
+        inv = noise["out_inv"].view(1, n, 1, -1).expand(reps, n, t, self.out_features)
+        p = torch.gather(v, 3, inv)
+        self._finish(p, out4, noise, signs)
+
+
+class FlipoutLinear(FlipoutNoise, _PerturbedLinearBase):
+    """Linear layer with one shared noise matrix and per-member sign flips (Flipout; NESgpu's ``SyntheticLinear``).
+
+    Member ``k`` uses ``E_k = diag(r_k) E diag(s_k)``: the forward is ``((x ∘ s_k) Eᵀ) ∘ r_k``, one extra GEMM;
+    the update is ``E ∘ Σ_k w_k r_k s_kᵀ`` and costs ``O(N·(in + out) + in·out)`` per side.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        directions: Population size ``N``.
+        bias: If true, the layer has a (perturbed) bias.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        flip: ``"in"``, ``"out"``, ``"both"`` (Flipout) or ``"auto"`` (NESgpu's rule: both if 1 < in, out < 32,
+            else the larger side).
+        noise_scale: ``σ``.
+        seed: Base seed (``None``: a fresh one from the operating system).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        directions: int,
+        bias: bool = True,
+        antithetic: bool = True,
+        flip: str = "auto",
+        noise_scale: float = 0.01,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._init_flipout(flip)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, flip={self.flip!r}"
+
+    def _add_perturbation(self, x4, out4, noise, signs):
+        e = noise["shared_weight"]
+        xs = x4 * noise["in_sign"][None, :, None, :] if self.flip_inputs else x4
+        if not self.flip_outputs:
+            self._addmm_halves(xs, e.t(), out4, signs)
+            if self.bias is not None:
+                eps = noise["bias"][None, :, None, :]
+                out4 += eps if signs is None else eps * signs.view(-1, 1, 1, 1)
+            return
+        p = (xs.reshape(-1, self.in_features) @ e.t()).view(out4.shape)
+        p *= noise["out_sign"][None, :, None, :]
+        self._finish(p, out4, noise, signs)
+
+
+#: NESgpu's name for the sign-flip layer.
+SyntheticLinear = FlipoutLinear
+
+
+class LowRankLinear(LowRankNoise, _PerturbedLinearBase):
+    """Linear layer with rank-``r`` perturbations ``E_k = σ/√r · A_k B_kᵀ`` (EGGROLL).
+
+    Forward: ``x Wᵀ + ((x_k B_k) A_kᵀ)``; the extra work is ``O(r·(in + out))`` per example, so the cost stays close
+    to the unperturbed layer. Only ``N·r·(in + out)`` numbers are stored; the update regenerates them.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        directions: Population size ``N``.
+        bias: If true, the layer has a (perturbed) bias.
+        rank: Rank ``r`` of each perturbation.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        noise_scale: ``σ`` (each entry of ``E_k`` has variance ``σ²``).
+        seed: Base seed (``None``: a fresh one from the operating system).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        directions: int,
+        bias: bool = True,
+        rank: int = 1,
+        antithetic: bool = True,
+        noise_scale: float = 0.01,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._init_lowrank(rank)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"
+
+    def _add_perturbation(self, x4, out4, noise, signs):
+        reps, n, t, k = x4.shape
+        xm = x4.permute(1, 0, 2, 3).reshape(n, reps * t, k)
+        h = torch.bmm(xm, noise["B"])  # (n, R*t, r)
+        a_t = noise["A"].transpose(1, 2)
+        if self.bias is not None:
+            p = torch.baddbmm(noise["bias"].unsqueeze(1), h, a_t)
+        else:
+            p = torch.bmm(h, a_t)
+        p = p.view(n, reps, t, -1).permute(1, 0, 2, 3)
+        self._finish_bmm(p, out4, signs)

@@ -1,0 +1,222 @@
+"""``PerturbedModel``: NESgpu's wrapper that runs a model's population and broadcasts the ES workflow calls."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from .base import Perturbed
+from .noise import Members
+
+__all__ = ["PerturbedModel"]
+
+
+class PerturbedModel:
+    """Wrap a model containing perturbed layers (NESgpu's ``PerturbedModel``).
+
+    ``base_model.f(...)`` runs the ordinary, unperturbed model; ``perturbed_model.f(...)`` runs ``f`` with every
+    perturbed layer in population mode (``perturbed_flag`` on), for any method ``f`` (``forward``, ``loss``, ...);
+    calling the wrapper itself runs ``base_model(...)`` in population mode. The workflow methods
+    (:meth:`set_noise`, :meth:`update`, ...) are applied to every perturbed layer.
+
+    The layers are numbered 0, 1, ... in module order and share one seed: their ``layer_index`` keeps their noise
+    independent (NESgpu gave every layer the same seed and the same noise).
+
+    Args:
+        base_model: An ``nn.Module`` whose perturbed layers (subclasses of :class:`~altgrad.es_layers.base.Perturbed`)
+            form the population.
+        directions: Population size; must match every perturbed layer's ``directions``.
+        seed: Seed for all layers (``None``: keep a fresh one from the operating system). Give the same seed on
+            every process of a distributed run.
+
+    Raises:
+        TypeError: If ``base_model`` is not an ``nn.Module``.
+        ValueError: If it has no perturbed layer or a layer's ``directions`` differs.
+
+    Example:
+        >>> net = nn.Sequential(PerturbedLinear(4, 8, 16), nn.ReLU(), PerturbedLinear(8, 1, 16))
+        >>> pm = PerturbedModel(net, 16, seed=0)
+        >>> pm.set_noise()
+        >>> with torch.no_grad():
+        ...     losses = pm(torch.randn(32, 4)).pow(2).view(2, 16).sum(0)  # 2 repeats x 16 members
+        >>> pm.set_grad(losses)
+    """
+
+    def __init__(self, base_model: nn.Module, directions: int, seed: int | None = None) -> None:
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            raise ValueError(f"directions must be a positive int, got {directions!r}")
+        layers = [m for m in base_model.modules() if isinstance(m, Perturbed)]
+        if not layers:
+            raise ValueError("base_model has no perturbed layer (use perturb(model, directions) to convert one)")
+        for name, m in base_model.named_modules():
+            if isinstance(m, Perturbed) and m.directions != directions:
+                raise ValueError(f"layer {name!r} has directions={m.directions}, expected {directions}")
+        object.__setattr__(self, "model", base_model)
+        object.__setattr__(self, "directions", directions)
+        object.__setattr__(self, "perturbed_layers", layers)
+        for i, layer in enumerate(layers):
+            layer.set_layer_index(i)
+        self.set_seed(secrets.randbits(63) if seed is None else seed)
+
+    # ------------------------------------------------------------------ population mode
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[None]:
+        """Context manager: perturbed layers run the population inside the block."""
+        previous = [layer.perturbed_flag for layer in self.perturbed_layers]
+        for layer in self.perturbed_layers:
+            layer.perturbed_flag = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(self.perturbed_layers, previous):
+                layer.perturbed_flag = flag
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run ``base_model.forward`` on the population.
+
+        Args:
+            *args: Positional arguments of the model's forward (input ``(repeat_size * n, ...)``).
+            **kwargs: Keyword arguments of the model's forward.
+
+        Returns:
+            Whatever the model returns.
+        """
+        with self.perturbed():
+            return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.model, name)
+        if not callable(attr) or isinstance(attr, nn.Module):
+            return attr
+
+        def population_call(*args: Any, **kwargs: Any) -> Any:
+            with self.perturbed():
+                return attr(*args, **kwargs)
+
+        population_call.__name__ = name
+        population_call.__doc__ = getattr(attr, "__doc__", None)
+        return population_call
+
+    # ------------------------------------------------------------------ broadcast workflow
+    def set_noise(self, noise_scale: float | None = None, *, step: int | None = None) -> None:
+        """Draw the next step's noise in every layer (see :meth:`Perturbed.set_noise`).
+
+        Args:
+            noise_scale: If given, set ``σ`` of every layer first.
+            step: Use this step instead of the next one.
+        """
+        for layer in self.perturbed_layers:
+            layer.set_noise(noise_scale, step=step)
+
+    def set_grad(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
+        """Write ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (overwriting).
+
+        Args:
+            weights: One weight per direction, shape ``(directions,)``; proportional to the loss to minimise it.
+            l1: Adds ``l1 * sign(weight)`` to each weight gradient.
+            l2: Adds ``l2 * weight`` to each weight gradient.
+        """
+        for layer in self.perturbed_layers:
+            layer.set_grad(weights, l1, l2)
+
+    def update(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
+        """Add ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (NESgpu HEAD's ``update``).
+
+        Args:
+            weights: One weight per direction, shape ``(directions,)``.
+            l1: Adds ``l1 * sign(weight)`` to each weight gradient.
+            l2: Adds ``l2 * weight`` to each weight gradient.
+        """
+        for layer in self.perturbed_layers:
+            layer.update(weights, l1, l2)
+
+    def free_memory(self) -> None:
+        """Drop all stored noise (it is regenerated from the seed when needed)."""
+        for layer in self.perturbed_layers:
+            layer.free_memory()
+
+    def set_seed(self, seed: int | None = None) -> None:
+        """Give every layer the same base seed (their ``layer_index`` keeps the streams independent).
+
+        Args:
+            seed: Any Python int; ``None`` draws a fresh one from the operating system.
+        """
+        if seed is None:
+            seed = secrets.randbits(63)
+        for layer in self.perturbed_layers:
+            layer.set_seed(seed)
+        object.__setattr__(self, "seed", seed)
+
+    def set_noise_scale(self, noise_scale: float) -> None:
+        """Set ``σ`` of every layer.
+
+        Args:
+            noise_scale: Positive float.
+        """
+        for layer in self.perturbed_layers:
+            layer.set_noise_scale(noise_scale)
+
+    def set_members(self, members: Members | None = None) -> None:
+        """Evaluate only these members in this process (see :meth:`Perturbed.set_members`).
+
+        Args:
+            members: Member indices; ``None`` restores all.
+        """
+        for layer in self.perturbed_layers:
+            layer.set_members(members)
+
+    @property
+    def members(self) -> Tensor:
+        """Member indices this process evaluates."""
+        return self.perturbed_layers[0].members
+
+    @property
+    def step(self) -> int | None:
+        """Step of the current noise (``None`` before the first :meth:`set_noise`)."""
+        return self.perturbed_layers[0].step
+
+    @property
+    def noise_memory_bytes(self) -> int:
+        """Bytes of noise currently stored by all layers."""
+        return sum(layer.noise_memory_bytes for layer in self.perturbed_layers)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The base model's parameters (for the optimizer).
+
+        Args:
+            recurse: As in ``nn.Module.parameters``.
+
+        Returns:
+            An iterator over the parameters.
+        """
+        return self.model.parameters(recurse)
+
+    def es_grads(self, weights: Tensor) -> dict[str, Tensor]:
+        """``Σ_k w_k E_k`` for every perturbed parameter, by qualified name, without touching ``.grad``.
+
+        Args:
+            weights: One weight per direction, shape ``(directions,)``.
+
+        Returns:
+            A dict mapping parameter names (as in ``base_model.named_parameters()``) to gradient estimates.
+        """
+        out: dict[str, Tensor] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, Perturbed):
+                g_w, g_b = module.es_grad(weights)
+                prefix = f"{name}." if name else ""
+                out[prefix + "weight"] = g_w
+                if g_b is not None:
+                    out[prefix + "bias"] = g_b
+        return out
+
+    def __repr__(self) -> str:
+        return f"PerturbedModel(directions={self.directions}, layers={len(self.perturbed_layers)}, model={self.model})"

@@ -1,0 +1,338 @@
+"""Noise structures: what member ``k``'s weight perturbation ``E_k`` is, and the update ``Σ_k w_k E_k``.
+
+The weight has shape ``(m, n, *kernel)`` (``m`` outputs, ``n`` inputs per group). With ``σ`` the noise scale:
+
+* **IID** (``mode="iid"``): every entry of ``E_k`` is an independent ``N(0, σ²)``. Stored: ``N·|W|``.
+* **Sparse** (``mode="sparse"``, Linear): ``E_k`` is zero except ``s`` distinct random input columns, whose entries
+  are ``N(0, σ²·n/s)`` (same expected norm as IID). Update: a scatter-add of ``N·m·s`` values.
+* **Permuted** (``mode="permuted"``): one shared ``E`` of shape ``(m_sp, n_sp, *kernel)``, entries
+  ``N(0, σ²·m·n/(m_sp·n_sp))``; member ``k`` draws random injections ``π_k: [n_sp] → [n]`` (input side) and/or
+  ``ρ_k: [m_sp] → [m]`` (output side) and ``E_k[ρ_k(i), π_k(j)] = E[i, j]``, zero elsewhere. Update (one side):
+  ``E · P`` with ``P = Σ_k w_k Π_k`` built by a scatter-add, then one GEMM.
+* **Sign flip / Flipout** (``mode="flipout"``): one shared ``E`` (entries ``N(0, σ²)``); member ``k`` draws
+  Rademacher vectors ``s_k`` (inputs) and/or ``r_k`` (outputs); ``E_k = diag(r_k) · E · diag(s_k)``, i.e.
+  ``E ∘ (r_k s_kᵀ)``. Update: ``E ∘ (Σ_k w_k r_k s_kᵀ)``, one ``(m×N)·(N×n)`` GEMM (linear in ``w``: NESgpu's
+  two-sided update used ``w²``).
+* **Low rank** (``mode="lowrank"``, EGGROLL): ``E_k = σ/√r · A_k B_kᵀ`` with ``A_k`` (``m×r``) and ``B_k``
+  (``n·|kernel| × r``) standard normal; each entry has variance ``σ²``. Update: one
+  ``(m × N·r)·(N·r × n·|kernel|)`` GEMM.
+
+Bias perturbations ``ε_k`` are IID ``N(0, σ²)`` per member in every mode. Everything is regenerated from
+``(seed, step, layer_index, member)``; a layer stores only what its forward needs for the members it evaluates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import noise as _noise
+from .base import STREAM_A, STREAM_B, STREAM_IN, STREAM_OUT, STREAM_SHARED, STREAM_WEIGHT, Perturbed
+
+__all__ = ["FlipoutNoise", "IIDNoise", "LowRankNoise", "PermutedNoise", "SparseNoise"]
+
+
+def _random_subsets(layer: Perturbed, size: int, count: int, stream: int, members: Tensor) -> Tensor:
+    """``count`` distinct indices out of ``range(size)`` per member, in random order: ``(n, count)`` int64.
+
+    Keys are unique (hash * size + column), so the result never depends on how ties are broken.
+    """
+    bits = _noise.sample_bits(size, **layer._key(stream), members=members, device=layer.weight.device)
+    keys = bits.mul_(size).add_(torch.arange(size, device=bits.device))
+    if count == size:
+        return torch.argsort(keys, dim=1)
+    return torch.topk(keys, count, dim=1, largest=False, sorted=True).indices
+
+
+class IIDNoise(Perturbed):
+    """Independent Gaussian ``E_k`` for every member (NESgpu's ``Perturbed``)."""
+
+    mode = "iid"
+
+    def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
+        e = self._normal(tuple(self.weight.shape), STREAM_WEIGHT, members).mul_(self._sigma)
+        return {"weight": e}
+
+    def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
+        return noise["weight"]
+
+    def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        e = noise["weight"]
+        return (w @ e.reshape(e.shape[0], -1)).view(self.weight.shape)
+
+
+class SparseNoise(Perturbed):
+    """``E_k`` with ``sparsity`` non-zero input columns per member (NESgpu's ``SparsePerturbed``, with an update)."""
+
+    mode = "sparse"
+    sparsity: int
+
+    def _init_sparse(self, sparsity: int | str) -> None:
+        n = self.weight.shape[1]
+        if sparsity == "auto":
+            sparsity = max(1, n // self.directions)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int):
+            raise TypeError(f"sparsity must be a positive int or 'auto', got {sparsity!r}")
+        if not 1 <= sparsity <= n:
+            raise ValueError(f"sparsity must be in [1, in_features={n}], got {sparsity}")
+        self.sparsity = sparsity
+
+    def _per_member_elements(self) -> int:
+        return self.weight.shape[0] * self.sparsity + self.weight.shape[1]
+
+    def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
+        m, n = self.weight.shape
+        cols = _random_subsets(self, n, self.sparsity, STREAM_IN, members)
+        scale = self._sigma * math.sqrt(n / self.sparsity)
+        vals = self._normal((m, self.sparsity), STREAM_WEIGHT, members).mul_(scale)
+        return {"cols": cols, "values": vals}
+
+    def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
+        cols, vals = noise["cols"], noise["values"]
+        k, m = vals.shape[:2]
+        dense = torch.zeros((k, *self.weight.shape), dtype=vals.dtype, device=vals.device)
+        return dense.scatter_(2, cols[:, None, :].expand(k, m, self.sparsity), vals)
+
+    def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        cols, vals = noise["cols"], noise["values"]
+        m = self.weight.shape[0]
+        contrib = (vals * w[:, None, None]).permute(1, 0, 2).reshape(m, -1)
+        g = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
+        return g.index_add_(1, cols.reshape(-1), contrib)
+
+
+def _resolve_side(name: str, value: int | float, full: int) -> int:
+    """NESgpu's sparsity argument: 0 = all, a float = that fraction kept, an int = that many kept."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int or a float, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} as a fraction must be in [0, 1], got {value}")
+        kept = int(value * full)
+        if value > 0 and kept == 0:
+            kept = 1
+    else:
+        kept = value
+    if kept == 0:
+        return full
+    if not 1 <= kept <= full:
+        raise ValueError(f"{name} must keep between 1 and {full} entries, got {value}")
+    return kept
+
+
+def _resolve_auto(kind: str, value: str, n_in: int, n_out: int) -> tuple[bool, bool]:
+    if value == "auto":
+        if 1 < n_in < 32 and 1 < n_out < 32:
+            value = "both"
+        elif n_in > n_out:
+            value = "in"
+        else:
+            value = "out"
+    if value not in ("in", "out", "both"):
+        raise ValueError(f"{kind} must be 'auto', 'in', 'out' or 'both', got {value!r}")
+    return value in ("in", "both"), value in ("out", "both")
+
+
+class PermutedNoise(Perturbed):
+    """One shared ``E``, permuted (optionally sparsely) per member (NESgpu's ``Permuted``)."""
+
+    mode = "permuted"
+    permute_inputs: bool
+    permute_outputs: bool
+    in_sparsity: int
+    out_sparsity: int
+
+    def _init_permuted(self, permutation: str, in_sparsity: int | float, out_sparsity: int | float) -> None:
+        m, n = self.weight.shape[:2]
+        if getattr(self, "groups", 1) != 1:
+            raise ValueError("permuted noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)")
+        self.permute_inputs, self.permute_outputs = _resolve_auto("permutation", permutation, n, m)
+        self.in_sparsity = _resolve_side("in_sparsity", in_sparsity, n)
+        self.out_sparsity = _resolve_side("out_sparsity", out_sparsity, m)
+        if self.in_sparsity < n:
+            self.permute_inputs = True
+        if self.out_sparsity < m:
+            self.permute_outputs = True
+        self.permutation = (
+            "both" if self.permute_inputs and self.permute_outputs else "in" if self.permute_inputs else "out"
+        )
+
+    def _per_member_elements(self) -> int:
+        if self.permute_inputs and self.permute_outputs:
+            return self.weight.numel()  # the update materialises E_k per chunk
+        return self.weight.shape[0] + self.weight.shape[1]
+
+    def _shared_noise(self) -> dict[str, Tensor]:
+        m, n = self.weight.shape[:2]
+        kernel = tuple(self.weight.shape[2:])
+        rescale = math.sqrt(m * n / (self.out_sparsity * self.in_sparsity))
+        e = self._normal((self.out_sparsity, self.in_sparsity, *kernel), STREAM_SHARED, [0])[0]
+        return {"shared_weight": e.mul_(self._sigma * rescale)}
+
+    def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
+        m, n = self.weight.shape[:2]
+        out: dict[str, Tensor] = {}
+        if self.permute_inputs:
+            out["in_idx"] = _random_subsets(self, n, self.in_sparsity, STREAM_IN, members)
+        if self.permute_outputs:
+            idx = _random_subsets(self, m, self.out_sparsity, STREAM_OUT, members)
+            out["out_idx"] = idx
+            # inverse map: output row o of member k reads row inv[k, o] of the (zero-padded) shared product
+            inv = torch.full((idx.shape[0], m), self.out_sparsity, dtype=torch.int64, device=idx.device)
+            inv.scatter_(1, idx, torch.arange(self.out_sparsity, device=idx.device).expand_as(idx))
+            out["out_inv"] = inv
+        return out
+
+    def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
+        e = noise["shared_weight"]
+        m, n = self.weight.shape[:2]
+        kernel = tuple(self.weight.shape[2:])
+        k = next(v.shape[0] for key, v in noise.items() if not key.startswith("shared"))
+        x = e.unsqueeze(0).expand(k, *e.shape)
+        if self.permute_inputs:
+            idx = noise["in_idx"].view(k, 1, self.in_sparsity, *([1] * len(kernel)))
+            cols = torch.zeros((k, self.out_sparsity, n, *kernel), dtype=e.dtype, device=e.device)
+            x = cols.scatter_(2, idx.expand(k, self.out_sparsity, self.in_sparsity, *kernel), x)
+        if self.permute_outputs:
+            idx = noise["out_idx"].view(k, self.out_sparsity, *([1] * (1 + len(kernel))))
+            rows = torch.zeros((k, m, n, *kernel), dtype=e.dtype, device=e.device)
+            x = rows.scatter_(1, idx.expand(k, self.out_sparsity, n, *kernel), x)
+        return x.contiguous()
+
+    def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        e = noise["shared_weight"]
+        m, n = self.weight.shape[:2]
+        kernel = tuple(self.weight.shape[2:])
+        if self.permute_inputs and self.permute_outputs:
+            dense = self._dense_weight(noise)
+            return (w @ dense.reshape(dense.shape[0], -1)).view(self.weight.shape)
+        if self.permute_inputs:
+            idx = noise["in_idx"]  # (k, n_sp)
+            p = torch.zeros(self.in_sparsity * n, dtype=e.dtype, device=e.device)
+            flat = (idx + torch.arange(self.in_sparsity, device=idx.device) * n).reshape(-1)
+            p.index_add_(0, flat, w[:, None].expand_as(idx).reshape(-1))
+            p = p.view(self.in_sparsity, n)
+            # G[o, c, kern] = Σ_j E[o, j, kern] P[j, c]
+            et = e.movedim(1, -1)  # (m, *kernel, n_sp)
+            return (et @ p).movedim(-1, 1).contiguous()
+        idx = noise["out_idx"]  # (k, m_sp)
+        q = torch.zeros(m * self.out_sparsity, dtype=e.dtype, device=e.device)
+        flat = (idx * self.out_sparsity + torch.arange(self.out_sparsity, device=idx.device)).reshape(-1)
+        q.index_add_(0, flat, w[:, None].expand_as(idx).reshape(-1))
+        q = q.view(m, self.out_sparsity)
+        return (q @ e.reshape(self.out_sparsity, -1)).view(self.weight.shape)
+
+
+class FlipoutNoise(Perturbed):
+    """One shared ``E`` with per-member random sign flips of inputs and/or outputs (Flipout; NESgpu ``Synthetic``)."""
+
+    mode = "flipout"
+    flip_inputs: bool
+    flip_outputs: bool
+
+    def _init_flipout(self, flip: str) -> None:
+        m, n_per_group = self.weight.shape[:2]
+        n = n_per_group * getattr(self, "groups", 1)
+        self.flip_inputs, self.flip_outputs = _resolve_auto("flip", flip, n, m)
+        self.flip = "both" if self.flip_inputs and self.flip_outputs else "in" if self.flip_inputs else "out"
+
+    def _in_size(self) -> int:
+        return self.weight.shape[1] * getattr(self, "groups", 1)
+
+    def _per_member_elements(self) -> int:
+        return self.weight.shape[0] + self._in_size()
+
+    def _shared_noise(self) -> dict[str, Tensor]:
+        e = self._normal(tuple(self.weight.shape), STREAM_SHARED, [0])[0]
+        return {"shared_weight": e.mul_(self._sigma)}
+
+    def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        kw = {"members": members, "device": self.weight.device, "dtype": self.weight.dtype}
+        if self.flip_inputs:
+            out["in_sign"] = _noise.sample_rademacher(self._in_size(), **self._key(STREAM_IN), **kw)
+        if self.flip_outputs:
+            out["out_sign"] = _noise.sample_rademacher(self.weight.shape[0], **self._key(STREAM_OUT), **kw)
+        return out
+
+    def _in_sign_per_row(self, s: Tensor) -> Tensor:
+        """Map input signs ``(..., n_total)`` to ``(..., m, n_per_group)`` following the conv groups."""
+        m, npg = self.weight.shape[:2]
+        g = getattr(self, "groups", 1)
+        if g == 1:
+            return s.unsqueeze(-2).expand(*s.shape[:-1], m, npg)
+        grouped = s.reshape(*s.shape[:-1], g, npg)  # (..., g, npg)
+        group_of_row = torch.arange(m, device=s.device) // (m // g)
+        return grouped.index_select(-2, group_of_row)
+
+    def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
+        e = noise["shared_weight"]
+        kernel = tuple(self.weight.shape[2:])
+        k = next(v.shape[0] for key, v in noise.items() if not key.startswith("shared"))
+        mult = torch.ones((k, *self.weight.shape[:2]), dtype=e.dtype, device=e.device)
+        if self.flip_inputs:
+            mult = mult * self._in_sign_per_row(noise["in_sign"])
+        if self.flip_outputs:
+            mult = mult * noise["out_sign"][:, :, None]
+        return e.unsqueeze(0) * mult.view(*mult.shape, *([1] * len(kernel)))
+
+    def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        e = noise["shared_weight"]
+        kernel = tuple(self.weight.shape[2:])
+        if self.flip_inputs and self.flip_outputs:
+            mult = self._in_sign_per_row_matrix((noise["out_sign"] * w[:, None]).t() @ noise["in_sign"])
+        elif self.flip_inputs:
+            mult = self._in_sign_per_row(w @ noise["in_sign"])
+        else:
+            mult = (w @ noise["out_sign"])[:, None].expand(self.weight.shape[:2])
+        return e * mult.reshape(*mult.shape, *([1] * len(kernel)))
+
+    def _in_sign_per_row_matrix(self, mat: Tensor) -> Tensor:
+        """Select, for each output row of ``mat`` ``(m, n_total)``, the input columns of its group."""
+        m, npg = self.weight.shape[:2]
+        g = getattr(self, "groups", 1)
+        if g == 1:
+            return mat
+        group_of_row = torch.arange(m, device=mat.device) // (m // g)
+        cols = group_of_row[:, None] * npg + torch.arange(npg, device=mat.device)
+        return mat.gather(1, cols)
+
+
+class LowRankNoise(Perturbed):
+    """Rank-``r`` perturbations ``E_k = σ/√r · A_k B_kᵀ`` regenerated per member (EGGROLL)."""
+
+    mode = "lowrank"
+    rank: int
+
+    def _init_lowrank(self, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be a positive int, got {type(rank).__name__}")
+        if rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank}")
+        if getattr(self, "groups", 1) != 1:
+            raise ValueError("low-rank noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)")
+        self.rank = rank
+
+    def _fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    def _per_member_elements(self) -> int:
+        return self.rank * (self.weight.shape[0] + self._fan_in())
+
+    def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
+        m = self.weight.shape[0]
+        a = self._normal((m, self.rank), STREAM_A, members).mul_(self._sigma / math.sqrt(self.rank))
+        b = self._normal((self._fan_in(), self.rank), STREAM_B, members)
+        return {"A": a, "B": b}
+
+    def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
+        a, b = noise["A"], noise["B"]
+        return (a @ b.transpose(1, 2)).view(a.shape[0], *self.weight.shape)
+
+    def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        a, b = noise["A"], noise["B"]
+        k, m, r = a.shape
+        aw = (a * w[:, None, None]).permute(1, 0, 2).reshape(m, k * r)
+        return (aw @ b.transpose(1, 2).reshape(k * r, -1)).view(self.weight.shape)

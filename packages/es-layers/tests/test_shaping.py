@@ -1,0 +1,66 @@
+"""Fitness shaping helpers: exact values, layout, bad input."""
+
+import pytest
+import torch
+
+from altgrad.es_layers import antithetic_difference, centered_ranks, z_score
+
+
+def test_centered_ranks_values():
+    f = torch.tensor([3.0, -1.0, 10.0, 0.5, 7.0])
+    expected = torch.tensor([0.0, -0.5, 0.5, -0.25, 0.25])
+    assert torch.equal(centered_ranks(f), expected)
+
+
+def test_centered_ranks_matches_openai_reference():
+    # OpenAI ES starter: compute_ranks via argsort, then /(n-1) - 0.5
+    f = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    x = f.flatten().numpy()
+    ranks = x.argsort().argsort().astype("float64")
+    ref = torch.from_numpy(ranks / (x.size - 1) - 0.5).reshape(7, 3)
+    torch.testing.assert_close(centered_ranks(f.double()), ref)
+    assert centered_ranks(f).shape == (7, 3)
+
+
+def test_centered_ranks_ties_stable_and_ints():
+    r = centered_ranks([1, 1, 0])
+    assert r.dtype == torch.get_default_dtype()
+    assert r.tolist() == [0.0, 0.5, -0.5]
+    assert centered_ranks(torch.tensor([4.0])).tolist() == [0.0]
+
+
+def test_z_score_values():
+    z = z_score(torch.tensor([1.0, 2.0, 3.0]), eps=0.0)
+    torch.testing.assert_close(z, torch.tensor([-1.0, 0.0, 1.0]) * (1.5**0.5))
+    assert z_score(torch.ones(4)).abs().max() == 0
+    z = z_score(torch.randn(100, dtype=torch.float64), eps=0)
+    assert abs(z.mean().item()) < 1e-12 and abs(z.std(correction=0).item() - 1) < 1e-12
+
+
+def test_antithetic_difference_layout():
+    # population of 2 * 3: members 0..2 with +E first, then the same members with -E
+    f = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    assert antithetic_difference(f).tolist() == [-9.0, -18.0, -27.0]
+    f2 = torch.arange(8.0).reshape(4, 2)
+    assert torch.equal(antithetic_difference(f2), torch.full((2, 2), -4.0))
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "exc", "match"),
+    [
+        (antithetic_difference, torch.ones(3), ValueError, "even"),
+        (centered_ranks, torch.tensor(1.0), ValueError, "scalar"),
+        (z_score, torch.tensor([]), ValueError, "empty"),
+        (centered_ranks, torch.tensor([1 + 1j]), TypeError, "real"),
+        (z_score, torch.tensor([True]), TypeError, "real"),
+        (centered_ranks, "abc", TypeError, "fitness"),
+    ],
+)
+def test_bad_input(fn, arg, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(arg)
+
+
+def test_z_score_bad_eps():
+    with pytest.raises(ValueError, match="eps"):
+        z_score(torch.ones(2), eps=-1.0)

@@ -1,0 +1,292 @@
+"""The AddSign / PowerSign update: the maths in one place.
+
+For every parameter with a gradient ``g`` (after ``maximize`` and coupled weight decay), with
+``t`` the parameter's step counter after the increment and ``d = sign_decay(t - 1)``::
+
+    m    <- beta * m + (1 - beta) * g             (lerp; m is updated FIRST)
+    s    <- sign(g) * sign(m)                     (sign of the NEW m; sign(0) = 0)
+    AddSign:    p <- p - lr * (alpha + d * s) * g
+    PowerSign:  p <- p - lr * exp(ln(alpha) * d * s) * g
+
+This is TensorFlow's ``ApplyAddSign`` / ``ApplyPowerSign`` kernel with the decay evaluated before
+the step counter is incremented. ``_single_tensor_sign_update`` (a loop over parameters) and
+``_multi_tensor_sign_update`` (``torch._foreach_*`` over device/dtype buckets) run the same sequence
+of element-wise ops, so they give bit-identical results; ``sign()`` would turn any rounding
+difference in ``m`` near zero into a full-size step, so this matters.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import (
+    Optimizer,
+    _default_to_fused_or_foreach,
+    _disable_dynamo_if_unsupported,
+    _get_capturable_supported_devices,
+    _get_value,
+    _view_as_real,
+)
+
+Rule = Literal["add", "power"]
+DecayFn = Callable[[Any], Any]
+
+__all__: list[str] = []
+
+
+def _tensor_mode(capturable: bool) -> bool:
+    """Whether hyper-parameters that depend on the step must stay tensors (no host sync, no recompiles)."""
+    return capturable or torch.compiler.is_compiling()
+
+
+def _decay_values(
+    sign_decay: DecayFn | None,
+    steps: list[Tensor],
+    capturable: bool,
+    cache: dict[float, float] | None = None,
+) -> list[Any] | None:
+    """Evaluate the sign decay at ``step - 1`` for each (already incremented) step tensor.
+
+    Eager mode returns Python floats (one call per distinct step value, memoised in ``cache``);
+    compiled or capturable mode returns 0-dim tensors computed from the step tensors.
+    """
+    if sign_decay is None:
+        return None
+    if _tensor_mode(capturable):
+        return [sign_decay(step - 1) for step in steps]
+    if cache is None:
+        cache = {}
+    values = []
+    for step in steps:
+        key = cast(float, _get_value(step))
+        if key not in cache:
+            d = sign_decay(int(key) - 1)
+            if isinstance(d, Tensor) and d.numel() == 1:
+                d = d.item()
+            if isinstance(d, bool) or not isinstance(d, numbers.Real):
+                raise TypeError(
+                    f"sign_internal_decay must return a real number, got {type(d).__name__} at step {int(key) - 1}"
+                )
+            cache[key] = float(d)
+        values.append(cache[key])
+    return values
+
+
+def _multiplier_(s: Tensor, d: Any, rule: Rule, alpha: float) -> None:
+    """Turn ``s = sign(g) * sign(m)`` into the update multiplier, in place (single tensor)."""
+    if rule == "add":
+        if d is not None:
+            s.mul_(d)
+        s.add_(alpha)
+    else:
+        c = math.log(alpha) if d is None else d * math.log(alpha)
+        if isinstance(c, Tensor) or c != 1.0:
+            s.mul_(c)
+        s.exp_()
+
+
+def _foreach_multiplier_(signs: list[Tensor], ds: list[Any] | None, rule: Rule, alpha: float) -> None:
+    """Turn each ``s`` into the update multiplier, in place (foreach); the same ops as :func:`_multiplier_`."""
+    if rule == "add":
+        if ds is not None:
+            torch._foreach_mul_(signs, ds)
+        torch._foreach_add_(signs, alpha)
+    else:
+        logbase = math.log(alpha)
+        if ds is None:
+            if logbase != 1.0:
+                torch._foreach_mul_(signs, logbase)
+        else:
+            cs = [d * logbase for d in ds]
+            if any(isinstance(c, Tensor) or c != 1.0 for c in cs):
+                # Mirror the single-tensor path: multiplying by exactly 1.0 is skipped there, and is exact here.
+                torch._foreach_mul_(signs, cs)
+        torch._foreach_exp_(signs)
+
+
+def _check_capturable(params: list[Tensor], state_steps: list[Tensor]) -> None:
+    supported = _get_capturable_supported_devices()
+    for p, step in zip(params, state_steps):
+        if not (p.device.type == step.device.type and p.device.type in supported):
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+            )
+
+
+def _single_tensor_sign_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    rule: Rule,
+    lr: float | Tensor,
+    beta: float,
+    alpha: float,
+    sign_decay: DecayFn | None,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    has_complex: bool,
+) -> None:
+    if not torch.compiler.is_compiling() and capturable:
+        _check_capturable(params, state_steps)
+    if not _tensor_mode(capturable):
+        lr = cast(float, _get_value(lr))
+    decay_cache: dict[float, float] = {}
+
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg = exp_avgs[i]
+        step_t = state_steps[i]
+
+        step_t += 1
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+
+        if torch.is_complex(param):
+            grad = torch.view_as_real(grad)
+            exp_avg = torch.view_as_real(exp_avg)
+            param = torch.view_as_real(param)
+
+        exp_avg.lerp_(grad, 1 - beta)
+        # sign(sign(m) * g) == sign(g) * sign(m) exactly, with one temporary instead of two.
+        s = torch.sign(exp_avg).mul_(grad).sign_()
+        ds = _decay_values(sign_decay, [step_t], capturable, decay_cache)
+        _multiplier_(s, None if ds is None else ds[0], rule, alpha)
+        if isinstance(lr, Tensor):
+            param.addcmul_(grad, s.mul_(lr), value=-1)
+        else:
+            param.addcmul_(grad, s, value=-lr)
+
+
+def _multi_tensor_sign_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    rule: Rule,
+    lr: float | Tensor,
+    beta: float,
+    alpha: float,
+    sign_decay: DecayFn | None,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    has_complex: bool,
+) -> None:
+    if len(params) == 0:
+        return
+    if differentiable:
+        raise RuntimeError("_foreach ops don't support autograd; use foreach=False with differentiable=True")
+    if isinstance(lr, Tensor) and not capturable:
+        raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if not torch.compiler.is_compiling() and capturable:
+        _check_capturable(params, state_steps)
+
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, state_steps])  # type: ignore[list-item]
+    for (device_params_, device_grads_, device_exp_avgs_, device_state_steps_), _ in grouped.values():
+        device_params = cast(list[Tensor], device_params_)
+        device_grads = cast(list[Tensor], device_grads_)
+        device_exp_avgs = cast(list[Tensor], device_exp_avgs_)
+        device_state_steps = cast(list[Tensor], device_state_steps_)
+
+        if has_complex:
+            _view_as_real(device_params, device_grads, device_exp_avgs)
+
+        if maximize:
+            device_grads = cast(list[Tensor], torch._foreach_neg(device_grads))
+
+        if not torch.compiler.is_compiling() and device_state_steps[0].is_cpu:
+            torch._foreach_add_(device_state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(device_state_steps, 1)
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            elif maximize:
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = cast(
+                    list[Tensor], torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+                )
+
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta)
+        signs = cast(list[Tensor], torch._foreach_sign(device_exp_avgs))
+        torch._foreach_mul_(signs, device_grads)
+        torch._foreach_sign_(signs)
+        ds = _decay_values(sign_decay, device_state_steps, capturable)
+        _foreach_multiplier_(signs, ds, rule, alpha)
+        if isinstance(lr, Tensor):
+            torch._foreach_mul_(signs, lr)
+            torch._foreach_addcmul_(device_params, device_grads, signs, value=-1)
+        else:
+            torch._foreach_addcmul_(device_params, device_grads, signs, value=-lr)
+        del signs, device_grads
+
+
+@_disable_dynamo_if_unsupported(single_tensor_fn=_single_tensor_sign_update)
+def sign_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    has_complex: bool = False,
+    *,
+    rule: Rule,
+    lr: float | Tensor,
+    beta: float,
+    alpha: float,
+    sign_decay: DecayFn | None,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Functional AddSign / PowerSign step over a list of parameters (see the module docstring).
+
+    ``foreach=None`` picks the multi-tensor path when every parameter is on a device with foreach
+    kernels (CUDA, XPU, ...), the single-tensor loop otherwise, like :mod:`torch.optim`.
+    """
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
+        if foreach and isinstance(lr, Tensor) and not capturable:
+            foreach = False
+    if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
+        raise RuntimeError("`state_steps` must be a list of 0-dim tensors")
+
+    func = _multi_tensor_sign_update if foreach else _single_tensor_sign_update
+    func(
+        params,
+        grads,
+        exp_avgs,
+        state_steps,
+        rule=rule,
+        lr=lr,
+        beta=beta,
+        alpha=alpha,
+        sign_decay=sign_decay,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        capturable=capturable,
+        differentiable=differentiable,
+        has_complex=has_complex,
+    )

@@ -1,0 +1,115 @@
+"""The PowerSign optimizer (Bello et al., 2017; TensorFlow's ``PowerSignOptimizer``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._functional import Rule
+from ._optimizer import DecayArg, SignOptimizer, _check_real
+
+__all__ = ["PowerSign"]
+
+
+class PowerSign(SignOptimizer):
+    r"""PowerSign: ``p <- p - lr * alpha ** (d * sign(g) * sign(m)) * g``.
+
+    For every parameter with a gradient, at its t-th step (t = 1, 2, ...)::
+
+        g <- -g                          if maximize
+        g <- g + weight_decay * p        (or p <- p * (1 - lr * weight_decay) if decoupled)
+        m <- beta * m + (1 - beta) * g   (m starts at 0 and is updated first)
+        d <- sign_internal_decay(t - 1)  (1 if None)
+        p <- p - lr * exp(ln(alpha) * d * sign(g) * sign(m)) * g
+
+    This is exactly TensorFlow's ``tf.contrib.opt.PowerSignOptimizer`` / ``ApplyPowerSign``, where
+    ``alpha`` is TensorFlow's ``base``: the gradient is scaled by ``alpha`` when its sign agrees with
+    the (new) running average, by ``1 / alpha`` when it disagrees and by 1 when either is 0.
+    ``alpha = 1`` gives plain SGD.
+
+    The step counter ``t`` is kept per parameter (a 0-dim tensor, as in :class:`torch.optim.Adam`).
+    It equals TensorFlow's global step as long as every parameter receives a gradient at every step;
+    a parameter that skips steps (``grad is None``) keeps its own count for the decay.
+
+    Args:
+        params: Iterable of parameters (or named parameters) to optimize, or of dicts defining
+            parameter groups.
+        lr: Learning rate, a float or a 1-element tensor (a tensor needs ``capturable=True`` with
+            ``foreach=True``); >= 0. TensorFlow's default is 0.1; this package uses 1e-3 like
+            cydonia999's PyTorch port.
+        beta: Coefficient of the running average ``m`` of the gradient; 0 <= beta < 1.
+        alpha: The base of the multiplier ``alpha ** (d * sign(g) * sign(m))``; > 0 (default e).
+        sign_internal_decay: The internal decay ``d``: None (``d = 1``), a
+            [`LinearInternalDecay`][altgrad.sign_optim.LinearInternalDecay],
+            [`CosineInternalDecay`][altgrad.sign_optim.CosineInternalDecay] or
+            [`RestartCosineInternalDecay`][altgrad.sign_optim.RestartCosineInternalDecay] (stored as
+            plain data in the param group, so it is saved by ``state_dict()``), or any callable
+            ``f(step)`` returning a float. A plain callable is **not** saved in ``state_dict()``: pass
+            it again when you rebuild the optimizer before ``load_state_dict()``. Under
+            ``torch.compile`` or ``capturable=True`` a callable receives a 0-dim tensor.
+        weight_decay: L2 penalty coefficient; >= 0.
+        decoupled_weight_decay: If True, shrink the parameters by ``1 - lr * weight_decay`` (AdamW
+            style) instead of adding ``weight_decay * p`` to the gradient (which then also enters ``m``
+            and the signs).
+        maximize: Maximize the objective instead of minimizing it (``p.grad`` is never modified).
+        foreach: Use the multi-tensor ``torch._foreach_*`` implementation. None picks it when all
+            parameters are on CUDA/XPU. Both implementations give bit-identical results.
+        capturable: Keep the step counters and the decay on the parameters' device, so the step can be
+            captured in a CUDA graph.
+        differentiable: Let autograd record the step (single-tensor implementation only).
+
+    Raises:
+        TypeError: If an argument has the wrong type (for example a non-callable ``sign_internal_decay``).
+        ValueError: If ``lr < 0``, ``beta`` is outside [0, 1), ``alpha <= 0`` or ``weight_decay < 0``.
+
+    Example:
+        >>> import torch
+        >>> from altgrad.sign_optim import PowerSign
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = PowerSign([w], lr=0.1, alpha=10.0, beta=0.8)
+        >>> w.grad = torch.tensor([0.1, 0.1])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([0.9000, 1.9000])
+    """
+
+    _rule: ClassVar[Rule] = "power"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        beta: float = 0.9,
+        alpha: float = math.e,
+        sign_internal_decay: DecayArg = None,
+        *,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            beta,
+            alpha,
+            sign_internal_decay,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+
+    @classmethod
+    def _check_alpha(cls, alpha: Any) -> float:
+        alpha = _check_real("alpha", alpha)
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"Invalid alpha (the PowerSign base): alpha={alpha}; expected 0 < alpha < inf")
+        return alpha

@@ -1,0 +1,250 @@
+"""One zero-order gradient estimate: draw directions, evaluate the population in chunks, combine.
+
+This is the engine behind :func:`~altgrad.zero_order.zero_order` and
+:class:`~altgrad.zero_order.ZeroOrderGradientModule`, also usable directly through :func:`estimate_gradient`.
+
+Memory is bounded by the chunk: the directions of one chunk are drawn, the chunk's ``(rows, *leaf.shape)``
+perturbed parameters are built and evaluated in one batched call, the chunk's contribution is added to the
+gradient and everything is freed. Methods that need all values before weighting (``es``, ``ars``) take a second
+pass in which seeded distributions *regenerate* the noise (MeZO-style, nothing stored) and other distributions
+replay the noise kept from the first pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import MethodError
+from ._noise import NoiseSource, compute_dtype
+from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
+from .population import BATCHING_MODES, PopulationEvaluator, check_output
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "EstimatorOptions", "estimate_gradient"]
+
+#: Default bound on ``rows * parameters`` held at once when ``chunk_size`` is None (2**24 floats = 64 MiB).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """Validated estimator settings.
+
+    Args:
+        method: ``"naive"``, ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``.
+        num_samples: Number of directions N (antithetic methods evaluate 2N members).
+        sigma: Perturbation scale σ > 0.
+        chunk_size: Maximum number of perturbed members evaluated in one batched call; None picks it so that a
+            chunk holds about :data:`DEFAULT_CHUNK_ELEMENTS` perturbed parameters.
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :mod:`altgrad.zero_order.population`).
+        top_k: Directions kept by ``"ars"`` (default: all N).
+        sample_batched: Ask a user distribution for all members of a chunk at once.
+
+    Raises:
+        MethodError: For an unknown ``method`` (a ``ValueError`` that is also an ``AssertionError``).
+        TypeError: For arguments of the wrong type.
+        ValueError: For out-of-range values.
+    """
+
+    method: str = "naive"
+    num_samples: int = 1
+    sigma: float = 1.0
+    chunk_size: int | None = None
+    batching: str = "auto"
+    top_k: int | None = None
+    sample_batched: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MethodError(f"`method` must be one of {METHODS}, got {self.method!r}")
+        _check_positive_int("num_samples", self.num_samples)
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)):
+            raise TypeError(f"`sigma` must be a float, got {type(self.sigma).__name__}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"`sigma` must be a finite number > 0, got {self.sigma}")
+        if self.chunk_size is not None:
+            _check_positive_int("chunk_size", self.chunk_size)
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"`batching` must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.top_k is not None:
+            _check_positive_int("top_k", self.top_k)
+            if self.method != "ars":
+                raise ValueError(f"`top_k` only applies to method='ars', got method={self.method!r}")
+        if not isinstance(self.sample_batched, bool):
+            raise TypeError(f"`sample_batched` must be a bool, got {type(self.sample_batched).__name__}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}")
+
+
+def _directions_per_chunk(options: EstimatorOptions, params: Sequence[Tensor]) -> int:
+    rows_per_direction = 2 if options.method in ANTITHETIC_METHODS else 1
+    if options.chunk_size is not None:
+        rows = options.chunk_size
+    else:
+        numel = max(1, sum(p.numel() for p in params))
+        rows = max(1, DEFAULT_CHUNK_ELEMENTS // numel)
+    return max(1, min(options.num_samples, rows // rows_per_direction))
+
+
+def _perturb(p: Tensor, z: Tensor, sigma: float, antithetic: bool) -> Tensor:
+    """Stack ``p + σ z_k`` (then ``p - σ z_k``) for the chunk, in ``p``'s dtype."""
+    n = z.shape[0]
+    work = compute_dtype(p.dtype)
+    base = p.detach().to(work)
+    out = torch.empty(((2 if antithetic else 1) * n, *p.shape), dtype=work, device=p.device)
+    torch.add(base, z, alpha=sigma, out=out[:n])
+    if antithetic:
+        torch.add(base, z, alpha=-sigma, out=out[n:])
+    return out if work == p.dtype else out.to(p.dtype)
+
+
+def _accumulate(grad: Tensor, z: Tensor, weights: Tensor) -> None:
+    """``grad += Σ_k weights_k z_k``."""
+    grad.add_((weights.to(z.dtype) @ z.reshape(z.shape[0], -1)).view(grad.shape))
+
+
+@torch.no_grad()
+def run_estimate(
+    evaluate: PopulationEvaluator,
+    params: Sequence[Tensor],
+    source: NoiseSource,
+    options: EstimatorOptions,
+    grad_output: Tensor | float = 1.0,
+    f0: Tensor | None = None,
+) -> list[Tensor]:
+    """Core loop shared by every entry point (the arguments are already validated).
+
+    Args:
+        evaluate: Evaluates stacked perturbed leaves.
+        params: The leaves to perturb.
+        source: Where directions come from.
+        options: Estimator settings.
+        grad_output: Incoming gradient (chain rule), a scalar.
+        f0: Unperturbed value, needed by ``forward``.
+
+    Returns:
+        One gradient per leaf, in the leaf's dtype and on its device.
+    """
+    method, n_dir, sigma = options.method, options.num_samples, options.sigma
+    antithetic = method in ANTITHETIC_METHODS
+    step = source.new_step()
+    per_chunk = _directions_per_chunk(options, params)
+    chunks = [range(s, min(n_dir, s + per_chunk)) for s in range(0, n_dir, per_chunk)]
+    value_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    device = params[0].device
+    g = torch.as_tensor(grad_output, dtype=value_dtype).to(device)
+    if f0 is not None:
+        f0 = f0.detach().to(device=device, dtype=value_dtype)
+    grads = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device) for p in params]
+    two_pass = method in TWO_PASS_METHODS
+    kept_noise: list[list[Tensor]] = []
+    values_plus: list[Tensor] = []
+    values_minus: list[Tensor] = []
+
+    for members in chunks:
+        noise = [source.draw(i, p, members, step) for i, p in enumerate(params)]
+        values = evaluate([_perturb(p, z, sigma, antithetic) for p, z in zip(params, noise)])
+        values = values.detach().to(device=device, dtype=value_dtype)
+        f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
+        if two_pass:
+            values_plus.append(f_plus)
+            values_minus.append(f_minus)
+            if not source.regenerable:
+                kept_noise.append(noise)
+            continue
+        weights = direction_weights(method, f_plus, f_minus=f_minus, f0=f0, sigma=sigma, num_directions=n_dir)
+        for grad, z in zip(grads, noise):
+            _accumulate(grad, z, weights * g)
+        del noise
+
+    if two_pass:
+        weights = direction_weights(
+            method,
+            torch.cat(values_plus),
+            f_minus=torch.cat(values_minus),  # type: ignore[arg-type]
+            sigma=sigma,
+            num_directions=n_dir,
+            top_k=options.top_k,
+        )
+        weights = weights * g
+        for c, members in enumerate(chunks):
+            w = weights[members.start : members.stop]
+            for i, (grad, p) in enumerate(zip(grads, params)):
+                z = kept_noise[c][i] if kept_noise else source.draw(i, p, members, step)
+                _accumulate(grad, z, w)
+    return [grad if grad.dtype == p.dtype else grad.to(p.dtype) for grad, p in zip(grads, params)]
+
+
+def estimate_gradient(
+    fn: Callable[..., Tensor],
+    params: Sequence[Tensor],
+    distribution: Any,
+    method: str = "naive",
+    num_samples: int = 1,
+    sigma: float = 1.0,
+    *,
+    chunk_size: int | None = None,
+    batching: str = "auto",
+    top_k: int | None = None,
+    sample_batched: bool = True,
+    grad_output: Tensor | float = 1.0,
+) -> tuple[Tensor, ...]:
+    r"""Estimate :math:`\nabla f` at ``params`` from function values only.
+
+    This is the functional core of :func:`~altgrad.zero_order.zero_order` without autograd: it returns the
+    estimate directly. ``fn`` is called as ``fn(*params)`` with perturbed tensors (batched under
+    ``torch.func.vmap`` when possible) and must return a scalar tensor.
+
+    Args:
+        fn: Function of the parameter tensors returning a scalar tensor.
+        params: The parameter tensors (a sequence).
+        distribution: A Samplable, a callable ``fn(sample_shape)`` or a seeded distribution of
+            :mod:`altgrad.zero_order.distributions`.
+        method: ``"naive"``, ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``.
+        num_samples: Number of directions N.
+        sigma: Perturbation scale σ.
+        chunk_size: Maximum number of members per batched evaluation (None: automatic).
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"``.
+        top_k: Directions kept by ``"ars"``.
+        sample_batched: Draw all members of a chunk in one call of a user distribution.
+        grad_output: Multiplier of the estimate (the incoming gradient in the chain rule).
+
+    Returns:
+        One gradient estimate per parameter tensor.
+
+    Raises:
+        TypeError: If ``distribution`` is neither Samplable nor callable, or ``params`` holds a non-tensor.
+        ValueError: For invalid settings or an empty ``params``.
+
+    Example:
+        >>> import torch
+        >>> from altgrad.zero_order import estimate_gradient, SeededNormal
+        >>> a = torch.tensor([1.0, -2.0])
+        >>> (g,) = estimate_gradient(lambda t: a @ t, [torch.zeros(2)], SeededNormal(0), "antithetic", 4000)
+        >>> torch.allclose(g, a, atol=0.1)
+        True
+    """
+    options = EstimatorOptions(method, num_samples, sigma, chunk_size, batching, top_k, sample_batched)
+    source = NoiseSource(distribution, sample_batched=sample_batched)
+    params = list(params)
+    if not params:
+        raise ValueError("`params` must hold at least one tensor")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"`params[{i}]` must be a tensor, got {type(p).__name__}")
+    f0 = None
+    if method == "forward":
+        with torch.no_grad():
+            f0 = check_output(fn(*params))
+    evaluate = PopulationEvaluator(fn, batching)
+    return tuple(run_estimate(evaluate, params, source, options, grad_output, f0))

@@ -1,0 +1,214 @@
+"""``ZeroOrderGradientModule``: TorchOpt's OOP zero-order API, batched.
+
+Subclass it with class keywords, implement ``forward`` (returning a scalar) and ``sample``::
+
+    class Net(ZeroOrderGradientModule, method="antithetic", num_samples=100, sigma=0.01):
+        def forward(self, x, y): ...
+        def sample(self, sample_shape=torch.Size()): ...
+
+Calling the module returns the unperturbed loss; its backward estimates gradients for every parameter with
+``requires_grad=True`` (frozen parameters are neither perturbed nor given a gradient). The population is evaluated
+with ``torch.func.functional_call`` under ``torch.func.vmap`` over stacked perturbed parameters, in chunks.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ._noise import NoiseSource
+from .distributions import Samplable
+from .gradient import EstimatorOptions, run_estimate
+from .population import PopulationEvaluator, check_output
+
+__all__ = ["ZeroOrderGradientModule"]
+
+_ORIGINAL = "__zero_order_original_forward__"
+_CLASS_KEYWORDS = ("method", "num_samples", "sigma", "chunk_size", "batching", "top_k", "sample_batched")
+
+
+class ZeroOrder(torch.autograd.Function):
+    """Autograd node of one module call: forward is the plain forward, backward the zero-order estimate."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _ModuleCall, *flat_params: Tensor) -> Tensor:
+        output = check_output(call.center())
+        if any(output is p for p in flat_params):
+            output = output.clone()
+        ctx.call = call
+        ctx.save_for_backward(*flat_params, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        *flat_params, f0 = ctx.saved_tensors
+        grads = ctx.call.estimate(flat_params, grad_output, f0)
+        return (None, *grads)
+
+
+class _ModuleCall:
+    def __init__(
+        self,
+        module: ZeroOrderGradientModule,
+        forward: Callable[..., Tensor],
+        names: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: EstimatorOptions,
+    ) -> None:
+        self.module, self.forward, self.names = module, forward, names
+        self.args, self.kwargs, self.options = args, kwargs, options
+
+    def center(self) -> Any:
+        with _active(self.module):
+            return self.forward(self.module, *self.args, **self.kwargs)
+
+    def _call_with(self, *leaves: Tensor) -> Tensor:
+        with _active(self.module):
+            return torch.func.functional_call(
+                self.module, dict(zip(self.names, leaves)), self.args, self.kwargs, strict=False
+            )
+
+    def estimate(self, params: Sequence[Tensor], grad_output: Tensor, f0: Tensor) -> list[Tensor]:
+        module = self.module
+        cache = module.__dict__.setdefault("_zero_order_batching", {})
+        evaluator = PopulationEvaluator(self._call_with, self.options.batching)
+        evaluator.resolved = cache.get(type(module), evaluator.resolved)
+        source = NoiseSource(module.sample, sample_batched=self.options.sample_batched)
+        f0_arg = f0 if self.options.method == "forward" else None
+        grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg)
+        if self.options.batching == "auto" and evaluator.resolved is not None:
+            cache[type(module)] = evaluator.resolved
+        return grads
+
+
+class _active:
+    """While active, the wrapped ``forward`` of ``module`` runs the user's forward directly (no new estimate)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.__dict__["_zero_order_depth"] = self.module.__dict__.get("_zero_order_depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.__dict__["_zero_order_depth"] -= 1
+
+
+def _make_forward(original: Callable[..., Tensor], options: EstimatorOptions) -> Callable[..., Tensor]:
+    @functools.wraps(original)
+    def forward(self: ZeroOrderGradientModule, *args: Any, **kwargs: Any) -> Tensor:
+        if self.__dict__.get("_zero_order_depth", 0):
+            return original(self, *args, **kwargs)
+        named = list(self.named_parameters())
+        if not named:
+            raise RuntimeError("The module has no parameters.")
+        trainable = [(name, p) for name, p in named if p.requires_grad]
+        if not trainable:
+            with _active(self):
+                return original(self, *args, **kwargs)
+        names = [name for name, _ in trainable]
+        call = _ModuleCall(self, original, names, args, kwargs, options)
+        return ZeroOrder.apply(call, *(p for _, p in trainable))
+
+    setattr(forward, _ORIGINAL, original)
+    forward.__zero_order_gradients_enabled__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+class ZeroOrderGradientModule(nn.Module, Samplable):
+    """Base class for modules whose gradients are estimated by zero-order (ES) methods.
+
+    Drop-in for ``torchopt.nn.ZeroOrderGradientModule``. Class keywords (all optional) configure the estimator and
+    are inherited by further subclasses, which may override any of them:
+
+    - ``method``: ``"naive"`` (default), ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``;
+    - ``num_samples``: number of directions N (default 1);
+    - ``sigma``: perturbation scale σ (default 1.0);
+    - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``: as in
+      :func:`~altgrad.zero_order.zero_order`.
+
+    Subclasses implement ``forward(*args, **kwargs)`` returning a scalar tensor and ``sample(sample_shape)``
+    returning noise of that shape (zero mean, unit variance per element; all members of a chunk are requested at
+    once as ``sample_shape=(n, *param.shape)``). Differences from TorchOpt that break no TorchOpt code:
+    ``forward`` may take keyword arguments, sub-subclasses work, and parameters with ``requires_grad=False``
+    are not perturbed.
+
+    Raises:
+        RuntimeError: ``'The module has no parameters.'`` when called on a module without parameters.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from altgrad.zero_order import ZeroOrderGradientModule
+        >>> class Net(ZeroOrderGradientModule, method="antithetic", num_samples=50, sigma=0.01):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(4, 1)
+        ...     def forward(self, x, y):
+        ...         return F.mse_loss(self.fc(x), y)
+        ...     def sample(self, sample_shape=torch.Size()):
+        ...         return torch.randn(sample_shape)
+        >>> net = Net()
+        >>> net(torch.randn(8, 4), y=torch.randn(8, 1)).backward()
+        >>> net.fc.weight.grad.shape
+        torch.Size([1, 4])
+    """
+
+    _zero_order_options: ClassVar[EstimatorOptions] = EstimatorOptions()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Configure the estimator from the class keywords and wrap ``forward``.
+
+        Args:
+            **kwargs: The estimator keywords listed in the class docstring; others go to ``super()``.
+        """
+        keywords = {k: kwargs.pop(k) for k in _CLASS_KEYWORDS if k in kwargs}
+        super().__init_subclass__(**kwargs)
+        parent = cls._zero_order_options
+        values = {k: getattr(parent, k) for k in _CLASS_KEYWORDS}
+        values.update(keywords)
+        cls._zero_order_options = options = EstimatorOptions(**values)
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            inherited = cls.forward
+            original = getattr(inherited, _ORIGINAL, None)
+            if original is None or not keywords:
+                return  # abstract or already wrapped with the same settings
+            forward = original
+        elif hasattr(forward, _ORIGINAL):
+            forward = getattr(forward, _ORIGINAL)
+        if getattr(forward, "__isabstractmethod__", False):
+            return
+        cls.forward = _make_forward(forward, options)  # type: ignore[method-assign]
+
+    @abc.abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Compute the scalar objective.
+
+        Args:
+            *args: Positional inputs.
+            **kwargs: Keyword inputs.
+
+        Returns:
+            A scalar tensor.
+        """
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor | Sequence[float]:  # noqa: B008
+        """Sample noise of shape ``sample_shape`` (zero mean, unit variance per element).
+
+        Args:
+            sample_shape: Shape of the requested sample.
+
+        Returns:
+            A tensor of shape ``sample_shape``.
+        """
+        raise NotImplementedError
