@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Digits", "Timer", "format_table", "load_digits", "print_table", "seed_everything"]
+__all__ = [
+    "Digits",
+    "Timer",
+    "format_table",
+    "limit_threads",
+    "load_digits",
+    "print_table",
+    "seed_everything",
+]
 
 
 @dataclass
@@ -46,6 +56,23 @@ def load_digits(test_size: float = 0.25, seed: int = 0) -> Digits:
     to_x = lambda a: torch.tensor(a / 16.0, dtype=torch.float32)  # noqa: E731
     to_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
     return Digits(to_x(x_tr), to_y(y_tr), to_x(x_te), to_y(y_te))
+
+
+@contextlib.contextmanager
+def limit_threads(num_threads: int | None = None) -> Iterator[int]:
+    """Run the block with ``num_threads`` intra-op threads (default 1, or ``$ALTGRAD_EXAMPLE_THREADS``).
+
+    The examples work on small tensors, where torch's thread pool costs more than it gives; on a shared or busy
+    machine a second thread can make each tiny operation ~10x slower. The previous setting is restored afterwards.
+    """
+    if num_threads is None:
+        num_threads = int(os.environ.get("ALTGRAD_EXAMPLE_THREADS", "1"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield num_threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> torch.Generator:

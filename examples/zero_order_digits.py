@@ -21,10 +21,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Digits, Timer, load_digits, print_table, seed_everything  # noqa: E402
+from common import Digits, Timer, limit_threads, load_digits, print_table, seed_everything
 
-from altgrad.sign_optim import PowerSign  # noqa: E402
-from altgrad.zero_order import ZeroOrderGradientModule  # noqa: E402
+from altgrad.sign_optim import PowerSign
+from altgrad.zero_order import ZeroOrderGradientModule
 
 #: Targets of the full run (chance is 0.10).
 TARGET_ZERO_ORDER_ACC = 0.85
@@ -156,6 +156,11 @@ def main(quick: bool = False, seed: int = 0) -> dict:
         zero-order model reaches the target test accuracy (0.85 full / 0.5 quick; chance is 0.1) and backprop
         reaches 0.94 full / 0.8 quick.
     """
+    with limit_threads():
+        return _run(quick, seed)
+
+
+def _run(quick: bool, seed: int) -> dict:
     steps = 150 if quick else 800
     num_samples = 50
     sigma = 0.05
@@ -175,7 +180,17 @@ def main(quick: bool = False, seed: int = 0) -> dict:
     passed = runs[0]["test_acc"] >= zo_target and runs[1]["test_acc"] >= bp_target
     print_table(
         "Zero-order (PowerSign) vs backprop (Adam) on digits",
-        ["method", "gradient", "optimizer", "steps", "f evals/step", "loss start", "loss end", "test acc", "s"],
+        [
+            "method",
+            "gradient",
+            "optimizer",
+            "steps",
+            "f evals/step",
+            "loss start",
+            "loss end",
+            "test acc",
+            "s",
+        ],
         [
             [
                 r["method"],

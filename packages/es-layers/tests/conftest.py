@@ -85,3 +85,18 @@ def reference_forward(layer, x: torch.Tensor, members=None) -> torch.Tensor:
 @pytest.fixture(params=sorted(ALL_CASES))
 def case(request):
     return request.param, ALL_CASES[request.param]
+
+
+@pytest.fixture(params=sorted(LINEAR_CASES))
+def linear_case(request):
+    return request.param, LINEAR_CASES[request.param]
+
+
+@pytest.fixture
+def make_x():
+    return make_input
+
+
+@pytest.fixture
+def reference():
+    return reference_forward

@@ -66,8 +66,18 @@ def test_invalid_param_group_options(cls, group, exc, match):
     ("factory", "exc", "match"),
     [
         (lambda: LinearInternalDecay(0), ValueError, "T_max"),
-        (lambda: AddSign(_params(), sign_internal_decay={"kind": "cosine", "T_max": 5, "zero_after": -1}), ValueError, "zero_after"),
-        (lambda: PowerSign(_params(), sign_internal_decay={"kind": "restart", "T_max": 5, "num_periods": 0}), ValueError, "num_periods"),
+        (
+            lambda: AddSign(_params(), sign_internal_decay={"kind": "cosine", "T_max": 5, "zero_after": -1}),
+            ValueError,
+            "zero_after",
+        ),
+        (
+            lambda: PowerSign(
+                _params(), sign_internal_decay={"kind": "restart", "T_max": 5, "num_periods": 0}
+            ),
+            ValueError,
+            "num_periods",
+        ),
     ],
 )
 def test_invalid_decays(factory, exc, match):

@@ -30,12 +30,25 @@ CONFIGS = [
     {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
     {"lr": 0.01, "maximize": True},
 ]
-CONFIG_IDS = ["default", "beta-alpha", "linear", "cosine", "restart", "lambda", "wd", "decoupled-wd", "max-wd", "max"]
+CONFIG_IDS = [
+    "default",
+    "beta-alpha",
+    "linear",
+    "cosine",
+    "restart",
+    "lambda",
+    "wd",
+    "decoupled-wd",
+    "max-wd",
+    "max",
+]
 
 
 def _bitwise_equal(a, b):
     assert a.dtype == b.dtype
-    assert torch.equal(a.view(torch.uint8) if a.is_complex() else a, b.view(torch.uint8) if b.is_complex() else b)
+    assert torch.equal(
+        a.view(torch.uint8) if a.is_complex() else a, b.view(torch.uint8) if b.is_complex() else b
+    )
     # torch.equal treats -0.0 == 0.0 and fails on NaN; compare bits for floats as well.
     if a.is_floating_point() and a.element_size() in (2, 4, 8):
         view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
@@ -89,7 +102,7 @@ def _near_zero_problem(dtypes, seed=0):
     items = []
     for dtype in dtypes:
         g = torch.randn(64, generator=gen, dtype=torch.float64)
-        m_prev = (-g * (1 - beta) / beta * (1 + 1e-7 * torch.randn(64, generator=gen, dtype=torch.float64)))
+        m_prev = -g * (1 - beta) / beta * (1 + 1e-7 * torch.randn(64, generator=gen, dtype=torch.float64))
         items.append((torch.randn(64, generator=gen).to(dtype), g.to(dtype), m_prev.to(dtype)))
     # The classic exact cancellation: m_prev = 1, g = -9.
     items.append((torch.ones(3), torch.full((3,), -9.0), torch.ones(3)))
@@ -130,8 +143,17 @@ def test_complex_params_match_view_as_real(cls, foreach):
     a = torch.randn(10, 5, dtype=torch.complex64, requires_grad=True)
     b = torch.randn(10, dtype=torch.complex64, requires_grad=True)
     c = torch.randn(10, 5, dtype=torch.float32, requires_grad=True)
-    real = [torch.view_as_real(a).detach().clone().requires_grad_(), torch.view_as_real(b).detach().clone().requires_grad_(), c.detach().clone().requires_grad_()]
-    kwargs = {"lr": 0.01, "sign_internal_decay": LinearInternalDecay(5), "weight_decay": 0.01, "foreach": foreach}
+    real = [
+        torch.view_as_real(a).detach().clone().requires_grad_(),
+        torch.view_as_real(b).detach().clone().requires_grad_(),
+        c.detach().clone().requires_grad_(),
+    ]
+    kwargs = {
+        "lr": 0.01,
+        "sign_internal_decay": LinearInternalDecay(5),
+        "weight_decay": 0.01,
+        "foreach": foreach,
+    }
     opt_c = cls([a, b, c], **kwargs)
     opt_r = cls(real, **kwargs)
     for _ in range(3):
@@ -151,8 +173,18 @@ def test_complex_params_match_view_as_real(cls, foreach):
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_grad_is_never_mutated(cls, foreach):
     torch.manual_seed(0)
-    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, dtype=torch.complex64, requires_grad=True)]
-    opt = cls(params, lr=0.1, weight_decay=0.5, maximize=True, sign_internal_decay=LinearInternalDecay(3), foreach=foreach)
+    params = [
+        torch.randn(4, 3, requires_grad=True),
+        torch.randn(5, dtype=torch.complex64, requires_grad=True),
+    ]
+    opt = cls(
+        params,
+        lr=0.1,
+        weight_decay=0.5,
+        maximize=True,
+        sign_internal_decay=LinearInternalDecay(3),
+        foreach=foreach,
+    )
     for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, g in zip(params, grads):
@@ -287,7 +319,14 @@ def _save_load(obj):
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_state_dict_round_trip_weights_only(cls, config, foreach):
     weight, bias, loss_fn = _quadratic()
-    opt = cls([{"params": [weight]}, {"params": [bias], "lr": 0.003, "sign_internal_decay": LinearInternalDecay(7)}], foreach=foreach, **config)
+    opt = cls(
+        [
+            {"params": [weight]},
+            {"params": [bias], "lr": 0.003, "sign_internal_decay": LinearInternalDecay(7)},
+        ],
+        foreach=foreach,
+        **config,
+    )
     for _ in range(5):
         opt.zero_grad()
         loss_fn().backward()
@@ -343,10 +382,17 @@ def test_decay_objects_are_stored_as_plain_data(cls):
         "num_periods": 4.0,
         "zero_after": 3.0,
     }
-    opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "sign_internal_decay": CosineInternalDecay(9)})
+    opt.add_param_group(
+        {"params": [torch.zeros(1, requires_grad=True)], "sign_internal_decay": CosineInternalDecay(9)}
+    )
     assert opt.param_groups[1]["sign_internal_decay"]["kind"] == "cosine"
     # A spec dict is accepted too (and validated).
-    opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "sign_internal_decay": {"kind": "linear", "T_max": 3}})
+    opt.add_param_group(
+        {
+            "params": [torch.zeros(1, requires_grad=True)],
+            "sign_internal_decay": {"kind": "linear", "T_max": 3},
+        }
+    )
     assert "AddSign" in repr(opt) or "PowerSign" in repr(opt)
 
 
@@ -422,7 +468,9 @@ def test_differentiable_step_gradcheck(cls):
 
 
 def _compile_available():
-    return shutil.which("cc") is not None or shutil.which("gcc") is not None or shutil.which("g++") is not None
+    return (
+        shutil.which("cc") is not None or shutil.which("gcc") is not None or shutil.which("g++") is not None
+    )
 
 
 _needs_cc = pytest.mark.skipif(not _compile_available(), reason="inductor on CPU needs a C++ compiler")
@@ -465,7 +513,9 @@ def test_torch_compile_step(cls, foreach, backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
     for p, pe in zip(params, params_eager):
         torch.testing.assert_close(p, pe, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(opt.state[p]["exp_avg"], opt_eager.state[pe]["exp_avg"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg"], opt_eager.state[pe]["exp_avg"], rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -496,7 +546,10 @@ def test_cuda_foreach_matches_forloop(cls):
     results = []
     for foreach in (False, True):
         torch.manual_seed(0)
-        params = [torch.randn(1000, device="cuda", dtype=d, requires_grad=True) for d in (torch.float32, torch.float16, torch.float64)]
+        params = [
+            torch.randn(1000, device="cuda", dtype=d, requires_grad=True)
+            for d in (torch.float32, torch.float16, torch.float64)
+        ]
         opt = cls(params, lr=0.01, foreach=foreach, sign_internal_decay=LinearInternalDecay(3))
         for _ in range(4):
             for p in params:
@@ -517,3 +570,22 @@ def test_powersign_base_one_is_sgd():
     opt.step()
     torch.testing.assert_close(p.detach(), start - 0.1 * g, rtol=0, atol=1e-15)
     assert math.isclose(opt.param_groups[0]["alpha"], 1.0)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_foreach_cpu_chunking_keeps_results_bitwise(cls, monkeypatch):
+    """The CPU foreach path splits a bucket into chunks to bound its temporaries; results are unchanged."""
+    import altgrad.sign_optim._functional as functional
+
+    results = []
+    for foreach, chunk in ((False, None), (True, None), (True, 7)):
+        if chunk is not None:
+            monkeypatch.setattr(functional, "_CPU_CHUNK_NUMEL", chunk)
+        params, opt = _run_torch_style(
+            cls, {"lr": 0.01, "sign_internal_decay": LinearInternalDecay(4), "maximize": True}, foreach, torch.float32
+        )
+        assert len(functional._chunks([p.detach() for p in params])) == (1 if chunk is None else 4)
+        results.append([p.detach().clone() for p in params])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            _bitwise_equal(a, b)

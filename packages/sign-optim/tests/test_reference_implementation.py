@@ -148,6 +148,9 @@ def test_matches_float64_reference(cls, rule, foreach):
             p.detach().flatten(), torch.tensor(ref.p, dtype=torch.float64), rtol=1e-12, atol=1e-12
         )
         torch.testing.assert_close(
-            opt.state[p]["exp_avg"].flatten(), torch.tensor(ref.m, dtype=torch.float64), rtol=1e-12, atol=1e-12
+            opt.state[p]["exp_avg"].flatten(),
+            torch.tensor(ref.m, dtype=torch.float64),
+            rtol=1e-12,
+            atol=1e-12,
         )
         assert opt.state[p]["step"].item() == ref.t

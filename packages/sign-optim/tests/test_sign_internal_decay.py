@@ -20,19 +20,58 @@ TABLE = {
     "linear": (LinearInternalDecay(1000), [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.001, 0, 0]),
     "cosine": (
         CosineInternalDecay(1000),
-        [1, 0.9755282581, 0.9045084972, 0.7938926261, 0.6545084972, 0.5, 0.3454915028, 0.2061073739,
-         0.09549150281, 0.02447174185, 2.467399071e-06, 0, 0],
+        [
+            1,
+            0.9755282581,
+            0.9045084972,
+            0.7938926261,
+            0.6545084972,
+            0.5,
+            0.3454915028,
+            0.2061073739,
+            0.09549150281,
+            0.02447174185,
+            2.467399071e-06,
+            0,
+            0,
+        ],
     ),
     "cosine-5-zero_after-2": (CosineInternalDecay(1000, num_periods=5, zero_after=2), [1, 0, 1] + [0] * 10),
     "cosine-2": (
         CosineInternalDecay(1000, num_periods=2),
-        [1, 0.6545084972, 0.09549150281, 0.09549150281, 0.6545084972, 1, 0.6545084972, 0.09549150281,
-         0.09549150281, 0.6545084972, 0.9999605221, 1, 1],
+        [
+            1,
+            0.6545084972,
+            0.09549150281,
+            0.09549150281,
+            0.6545084972,
+            1,
+            0.6545084972,
+            0.09549150281,
+            0.09549150281,
+            0.6545084972,
+            0.9999605221,
+            1,
+            1,
+        ],
     ),
     "restart": (
         RestartCosineInternalDecay(1000),
-        [1, 0.9755282581, 0.9045084972, 0.7938926261, 0.6545084972, 0.5, 0.3454915028, 0.2061073739,
-         0.09549150281, 0.02447174185, 2.467399071e-06, 1, 1],
+        [
+            1,
+            0.9755282581,
+            0.9045084972,
+            0.7938926261,
+            0.6545084972,
+            0.5,
+            0.3454915028,
+            0.2061073739,
+            0.09549150281,
+            0.02447174185,
+            2.467399071e-06,
+            1,
+            1,
+        ],
     ),
     "restart-5-zero_after-2": (
         RestartCosineInternalDecay(1000, num_periods=5, zero_after=2),
@@ -88,7 +127,9 @@ def test_against_tensorflow_python_reference_on_every_step():
     ]
     for kind, decay, num_periods, zero_after in configs:
         for step in range(80):
-            assert decay(step) == pytest.approx(_tf_reference(kind, 37, num_periods, zero_after, step), abs=1e-15)
+            assert decay(step) == pytest.approx(
+                _tf_reference(kind, 37, num_periods, zero_after, step), abs=1e-15
+            )
 
 
 def test_restart_returns_one_after_T_max_and_zero_after_counts_restarts():

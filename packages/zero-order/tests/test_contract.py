@@ -95,7 +95,7 @@ def test_int_argnums_and_negative_index():
     for argnums in (1, (1,), -1):
         f = zero_order(zo.SeededNormal(0), method="antithetic", num_samples=2000, argnums=argnums)
         w = torch.zeros(2, requires_grad=True)
-        loss = f(lambda v: a @ v)(None, w)
+        loss = f(lambda _, v: a @ v)(None, w)
         (g,) = torch.autograd.grad(loss, w)
         torch.testing.assert_close(g, a, atol=0.15, rtol=0)
 
@@ -113,9 +113,13 @@ def test_nested_containers_and_several_argnums():
     p["pair"] = Pair(p["pair"].u, torch.zeros((), requires_grad=True))
     loss = f(p, 2.0, q)
     grads = torch.autograd.grad(loss, [p["x"], p["pair"].u, p["pair"].v, q[0]])
-    for g, want in zip(grads, [2 * a, 2 * b, 2 * c, 2 * a]):
+    wants = [2 * a, 2 * b, 2 * c, 2 * a]
+    # Antithetic, Gaussian z, linear f: Var[g_i] = (|grad|^2 + grad_i^2) / N; allow 5 standard deviations.
+    norm2 = sum((w**2).sum() for w in wants)
+    for g, want in zip(grads, wants):
         assert g.shape == want.shape
-        torch.testing.assert_close(g, want, atol=0.25, rtol=0)
+        tol = 5 * ((norm2 + want**2) / 3000).sqrt()
+        assert ((g - want).abs() <= tol).all(), (g, want, tol)
 
 
 def test_keyword_arguments_pass_through():

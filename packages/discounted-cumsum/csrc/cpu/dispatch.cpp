@@ -85,13 +85,8 @@ void run_scan(const ScanProblem& p, int num_threads) {
     const int64_t rows = p.outer;
     if (rows < threads && p.n >= kMinChunkedRow) {
       const int parts = static_cast<int>(std::min<int64_t>(threads, p.n / (kMinChunkedRow / 2)));
-      const int dtype = p.dtype;
       for (int64_t r = 0; r < rows; ++r) {
-        double init = 0.0;
-        if (p.init) {
-          init = dtype == kFloat64 ? static_cast<const double*>(p.init)[r]
-                                   : static_cast<double>(static_cast<const float*>(p.init)[r]);
-        }
+        const double init = p.init ? p.init[r] : 0.0;
         chunked_row(K, p, r, std::max(parts, 1), init, p.init != nullptr);
       }
       return;

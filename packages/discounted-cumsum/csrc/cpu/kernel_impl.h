@@ -171,79 +171,86 @@ inline typename Vec<C>::V local_scan(typename Vec<C>::V v, const typename Vec<C>
 // Scans x[0, len) into y (may alias x) with constant gate g; forward scans upwards, reverse downwards.
 // Returns the last value in scan order. Without has_carry the first element in scan order is copied.
 template <typename C>
-C scan_const(const C* x, C* y, int64_t len, C g, C carry, bool has_carry, bool reverse) {
+double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool has_carry, bool reverse) {
   if (len <= 0) return carry;
 #ifdef ALTGRAD_SIMD
   using VT = Vec<C>;
   using V = typename VT::V;
   constexpr int W = VT::W;
-  using Seq = std::make_index_sequence<W>;
   if (len >= 2 * W) {
     V gpow[4];
-    C p = g;
+    double p = g;
     for (int k = 0; k < 4; ++k) {
-      for (int i = 0; i < W; ++i) gpow[k][i] = p;
+      for (int i = 0; i < W; ++i) gpow[k][i] = static_cast<C>(p);
       p *= p;
     }
     V P;  // P[i] = g^(i+1) (forward) or g^(W-i) (reverse)
-    C q = C(1);
+    double q = 1.0;
     for (int i = 0; i < W; ++i) {
       q *= g;
-      P[reverse ? W - 1 - i : i] = q;
+      P[reverse ? W - 1 - i : i] = static_cast<C>(q);
     }
-    V cv;
-    for (int i = 0; i < W; ++i) cv[i] = carry;
-    const int64_t nb = len / W, rem = len - nb * W;
+    // The carry between blocks is chained in double: y_last = v_last + g^W * carry depends on the previous
+    // carry through one scalar FMA, and keeping it in double makes the float32 result as accurate as a tree sum.
+    const double gW = ipow(g, W);
+    double cd = static_cast<double>(carry);
+    const int64_t nb = len / W;
     if (!reverse) {
       for (int64_t b = 0; b < nb; ++b) {
         V v;
         std::memcpy(&v, x + b * W, sizeof(V));
         v = local_scan<C, false>(v, gpow);
-        if (has_carry) v += P * cv;
+        const double last = static_cast<double>(v[W - 1]);
+        if (has_carry) {
+          v += P * static_cast<C>(cd);
+          cd = last + gW * cd;
+        } else {
+          cd = last;
+        }
         has_carry = true;
         std::memcpy(y + b * W, &v, sizeof(V));
-        cv = broadcast_lane<W - 1>(v, Seq{});
       }
-      C c = cv[0];
       for (int64_t t = nb * W; t < len; ++t) {
-        c = x[t] + g * c;
-        y[t] = c;
+        cd = static_cast<double>(x[t]) + g * cd;
+        y[t] = static_cast<C>(cd);
       }
-      return c;
+      return cd;
     }
-    C c = carry;
     for (int64_t t = len - 1; t >= nb * W; --t) {
-      c = has_carry ? x[t] + g * c : x[t];
+      cd = has_carry ? static_cast<double>(x[t]) + g * cd : static_cast<double>(x[t]);
       has_carry = true;
-      y[t] = c;
+      y[t] = static_cast<C>(cd);
     }
-    for (int i = 0; i < W; ++i) cv[i] = c;
     for (int64_t b = nb - 1; b >= 0; --b) {
       V v;
       std::memcpy(&v, x + b * W, sizeof(V));
       v = local_scan<C, true>(v, gpow);
-      if (has_carry) v += P * cv;
+      const double first = static_cast<double>(v[0]);
+      if (has_carry) {
+        v += P * static_cast<C>(cd);
+        cd = first + gW * cd;
+      } else {
+        cd = first;
+      }
       has_carry = true;
       std::memcpy(y + b * W, &v, sizeof(V));
-      cv = broadcast_lane<0>(v, Seq{});
     }
-    (void)rem;
-    return cv[0];
+    return cd;
   }
 #endif
-  C c = carry;
+  double c = carry;
   for (int64_t s = 0; s < len; ++s) {
     const int64_t t = reverse ? len - 1 - s : s;
-    c = has_carry ? x[t] + g * c : x[t];
+    c = has_carry ? static_cast<double>(x[t]) + g * c : static_cast<double>(x[t]);
     has_carry = true;
-    y[t] = c;
+    y[t] = static_cast<C>(c);
   }
   return c;
 }
 
 // y[i] += base * g^(i+1) (forward) or base * g^(len-i) (reverse), for i in [0, len).
 template <typename C>
-void fixup_const(C* y, int64_t len, C g, C base, bool reverse) {
+void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
   if (len <= 0) return;
 #ifdef ALTGRAD_SIMD
   using VT = Vec<C>;
@@ -251,13 +258,13 @@ void fixup_const(C* y, int64_t len, C g, C base, bool reverse) {
   constexpr int W = VT::W;
   if (len >= 2 * W) {
     V pv;
-    C q = base;
+    double q = base;
     for (int i = 0; i < W; ++i) {
       q *= g;
-      pv[reverse ? W - 1 - i : i] = q;
+      pv[reverse ? W - 1 - i : i] = static_cast<C>(q);
     }
     V gw;
-    const C gW = ipow(g, W);
+    const C gW = static_cast<C>(ipow(g, W));
     for (int i = 0; i < W; ++i) gw[i] = gW;
     const int64_t nb = len / W;
     if (!reverse) {
@@ -268,9 +275,9 @@ void fixup_const(C* y, int64_t len, C g, C base, bool reverse) {
         std::memcpy(y + b * W, &v, sizeof(V));
         pv *= gw;
       }
-      C cur = pv[0];
+      double cur = static_cast<double>(pv[0]);
       for (int64_t t = nb * W; t < len; ++t) {
-        y[t] += cur;
+        y[t] += static_cast<C>(cur);
         cur *= g;
       }
       return;
@@ -285,19 +292,19 @@ void fixup_const(C* y, int64_t len, C g, C base, bool reverse) {
       std::memcpy(blk, &v, sizeof(V));
       pv *= gw;
     }
-    C cur = pv[W - 1];
+    double cur = static_cast<double>(pv[W - 1]);
     for (int64_t t = rem - 1; t >= 0; --t) {
-      y[t] += cur;
+      y[t] += static_cast<C>(cur);
       cur *= g;
     }
     return;
   }
 #endif
-  C cur = base;
+  double cur = base;
   for (int64_t s = 0; s < len; ++s) {
     const int64_t t = reverse ? len - 1 - s : s;
     cur *= g;
-    y[t] += cur;
+    y[t] += static_cast<C>(cur);
   }
 }
 
@@ -313,13 +320,13 @@ double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, doub
   const int64_t n = p->n;
   const auto* x = static_cast<const typename T::S*>(p->x) + row * n;
   auto* y = static_cast<typename T::S*>(p->y) + row * n;
-  const C g = static_cast<C>(static_cast<const typename T::G*>(p->gate)[row]);
+  const double g = static_cast<const double*>(p->gate)[row];
   const bool rev = p->reverse != 0;
   if constexpr (D == kFloat32 || D == kFloat64) {
-    return scan_const<C>(x + a, y + a, b - a, g, static_cast<C>(carry), has_carry, rev);
+    return scan_const<C>(x + a, y + a, b - a, g, carry, has_carry, rev);
   } else {
     C buf[kBuf];
-    C c = static_cast<C>(carry);
+    double c = carry;
     const int64_t len = b - a;
     for (int64_t done = 0; done < len; done += kBuf) {
       const int64_t m = len - done < kBuf ? len - done : kBuf;
@@ -329,7 +336,7 @@ double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, doub
       has_carry = true;
       for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
     }
-    return static_cast<double>(c);
+    return c;
   }
 }
 
@@ -339,13 +346,13 @@ void const_fixup_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, 
   using C = typename T::C;
   const int64_t n = p->n;
   auto* y = static_cast<typename T::S*>(p->y) + row * n;
-  const C g = static_cast<C>(static_cast<const typename T::G*>(p->gate)[row]);
+  const double g = static_cast<const double*>(p->gate)[row];
   const bool rev = p->reverse != 0;
   if constexpr (D == kFloat32 || D == kFloat64) {
-    fixup_const<C>(y + a, b - a, g, static_cast<C>(carry), rev);
+    fixup_const<C>(y + a, b - a, g, carry, rev);
   } else {
     C buf[kBuf];
-    C base = static_cast<C>(carry);
+    double base = carry;
     const int64_t len = b - a;
     for (int64_t done = 0; done < len; done += kBuf) {
       const int64_t m = len - done < kBuf ? len - done : kBuf;
@@ -370,7 +377,7 @@ void seq_segment(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, doub
   auto* y = static_cast<typename T::S*>(p->y) + row * n;
   const G* gate = static_cast<const G*>(p->gate);
   const G* ge = p->gate_per_elem ? gate + row * n : nullptr;
-  const G gc = p->gate_per_elem ? G(0) : gate[row];
+  const A gc = p->gate_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->gate)[row]);
   const uint8_t* dn = p->done ? p->done + row * n : nullptr;
   const bool rev = p->reverse != 0;
   A c = static_cast<A>(carry_in);
@@ -400,7 +407,7 @@ void seq_fixup(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double
   auto* y = static_cast<typename T::S*>(p->y) + row * n;
   const G* gate = static_cast<const G*>(p->gate);
   const G* ge = p->gate_per_elem ? gate + row * n : nullptr;
-  const G gc = p->gate_per_elem ? G(0) : gate[row];
+  const A gc = p->gate_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->gate)[row]);
   const uint8_t* dn = p->done ? p->done + row * n : nullptr;
   const bool rev = p->reverse != 0;
   A f = static_cast<A>(carry);
@@ -417,10 +424,9 @@ inline bool fast_rows(const ScanProblem* p) { return !p->gate_per_elem && p->don
 
 template <int D>
 void rows_impl(const ScanProblem* p, int64_t r0, int64_t r1) {
-  using G = typename IO<D>::G;
-  const G* init = static_cast<const G*>(p->init);
+  const double* init = p->init;
   for (int64_t r = r0; r < r1; ++r) {
-    const double carry = init ? static_cast<double>(init[r]) : 0.0;
+    const double carry = init ? init[r] : 0.0;
     if (fast_rows(p)) {
       const_range<D>(p, r, 0, p->n, carry, init != nullptr);
     } else {
@@ -433,11 +439,10 @@ template <int D>
 void segment_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
                   double* last, double* prod) {
   if (fast_rows(p)) {
-    using G = typename IO<D>::G;
     const int64_t n = p->n;
     const int64_t a = p->reverse ? n - s1 : s0, b = p->reverse ? n - s0 : s1;
     *last = const_range<D>(p, row, a, b, carry, has_carry != 0);
-    *prod = ipow(static_cast<double>(static_cast<const G*>(p->gate)[row]), s1 - s0);
+    *prod = ipow(static_cast<const double*>(p->gate)[row], s1 - s0);
   } else {
     seq_segment<D>(p, row, s0, s1, carry, has_carry != 0, last, prod);
   }
@@ -457,18 +462,17 @@ void fixup_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, doubl
 // ------------------------------------------------------------------------------------------------------------
 // Columns (inner > 1): the loop over columns is contiguous and vectorised by the compiler.
 // ------------------------------------------------------------------------------------------------------------
-template <int D>
-void columns_impl(const ScanProblem* p, int64_t i0, int64_t i1) {
+template <int D, typename G>
+void columns_typed(const ScanProblem* p, int64_t i0, int64_t i1) {
   using T = IO<D>;
   using A = typename T::A;
-  using G = typename T::G;
   using S = typename T::S;
   const int64_t n = p->n, inner = p->inner;
   const int64_t nblocks = (inner + kColumnBlock - 1) / kColumnBlock;
   const S* x = static_cast<const S*>(p->x);
   S* y = static_cast<S*>(p->y);
   const G* gate = static_cast<const G*>(p->gate);
-  const G* init = static_cast<const G*>(p->init);
+  const double* init = p->init;
   A carry[kColumnBlock];
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t o = item / nblocks, c0 = (item % nblocks) * kColumnBlock;
@@ -506,6 +510,15 @@ void columns_impl(const ScanProblem* p, int64_t i0, int64_t i1) {
         }
       }
     }
+  }
+}
+
+template <int D>
+void columns_impl(const ScanProblem* p, int64_t i0, int64_t i1) {
+  if (p->gate_per_elem) {
+    columns_typed<D, typename IO<D>::G>(p, i0, i1);
+  } else {
+    columns_typed<D, double>(p, i0, i1);
   }
 }
 

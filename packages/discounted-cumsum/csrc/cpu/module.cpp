@@ -27,7 +27,7 @@ void scan(std::uintptr_t x, std::uintptr_t y, int dtype, int64_t outer, int64_t 
   p.gate = reinterpret_cast<const void*>(gate);
   p.gate_per_elem = gate_per_elem ? 1 : 0;
   p.done = reinterpret_cast<const std::uint8_t*>(done);
-  p.init = reinterpret_cast<const void*>(init);
+  p.init = reinterpret_cast<const double*>(init);
   p.reverse = reverse ? 1 : 0;
   p.dtype = dtype;
   py::gil_scoped_release release;

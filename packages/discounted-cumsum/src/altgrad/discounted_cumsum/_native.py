@@ -69,18 +69,19 @@ def _prepare(
     cd = compute_dtype(x.dtype)
     xc = x.contiguous()
     row_shape = shape[:dim] + (1,) + shape[dim + 1 :]
+    # Gates that are constant along the scan and initial values are passed in float64 (they are small), so a
+    # discount such as 0.99 is not rounded to float32; per-element gates use the compute dtype.
     if gamma is None:
-        gate = torch.full((outer * inner,), gamma_value, dtype=cd, device=x.device)
+        gate = torch.full((outer * inner,), gamma_value, dtype=torch.float64, device=x.device)
         per_elem = False
     else:
-        g = gamma.to(cd)
-        g = g.reshape((1,) * (len(shape) - g.dim()) + tuple(g.shape))
+        g = gamma.reshape((1,) * (len(shape) - gamma.dim()) + tuple(gamma.shape))
         per_elem = g.shape[dim] != 1
-        gate = g.expand(shape if per_elem else row_shape).contiguous()
+        gate = g.to(cd if per_elem else torch.float64).expand(shape if per_elem else row_shape).contiguous()
     done = None if dones is None else dones.expand(shape).contiguous()
     init = None
     if initial is not None:
-        init = initial.to(cd).expand(shape[:dim] + shape[dim + 1 :]).contiguous()
+        init = initial.to(torch.float64).expand(shape[:dim] + shape[dim + 1 :]).contiguous()
     return xc, gate, per_elem, done, init, outer, n, inner
 
 

@@ -17,8 +17,9 @@ from torch import Tensor
 
 
 def sg_loss(pred: Tensor, target: Tensor, batch_size: int) -> Tensor:
-    """Synthesizer regression loss ``‖pred − target‖² / batch_size``, accumulated in float32."""
-    diff = pred.detach().float() - target.detach().float()
+    """Synthesizer regression loss ``‖pred − target‖² / batch_size``, accumulated in at least float32."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    diff = pred.detach().to(dtype) - target.detach().to(dtype)
     return diff.pow(2).sum() / batch_size
 
 
@@ -43,10 +44,11 @@ def mix_gradient(true_grad: Tensor | None, synthetic: Tensor, lam: float, scale:
 
 
 def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine of the angle between two tensors seen as flat vectors (float32; 0 if either is zero)."""
-    a32, b32 = a.detach().float().flatten(), b.detach().float().flatten()
+    """Cosine of the angle between two tensors seen as flat vectors (at least float32; 0 if either is zero)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a32, b32 = a.detach().to(dtype).flatten(), b.detach().to(dtype).flatten()
     denom = a32.norm() * b32.norm()
-    return torch.where(denom > 0, (a32 @ b32) / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return torch.where(denom > 0, (a32 @ b32) / denom.clamp_min(torch.finfo(dtype).tiny), 0.0)
 
 
 def broadcast_context(context: Tensor, like: Tensor, batch_dim: int, feature_dim: int) -> Tensor:

@@ -368,6 +368,13 @@ class BackwardInterface(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
 
     def _call(self, x: Tensor, hidden: Any, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        wanted = getattr(self.synthesizer, "input_size", None)
+        if isinstance(wanted, int) and x.shape[self.feature_dim] != wanted:
+            raise ValueError(
+                f"synthesizer {type(self.synthesizer).__name__} reads {wanted} features along dim {self.feature_dim} "
+                f"but the activation (plus context) of shape {tuple(x.shape)} has {x.shape[self.feature_dim]}: it "
+                "cannot produce this activation's gradient (for a (B, C, H, W) feature map use Conv2dDNI)"
+            )
         out = self.synthesizer(x, hidden)
         pred, hidden = out if isinstance(out, tuple) else (out, None)
         fd = self.feature_dim % tensors[0].dim()

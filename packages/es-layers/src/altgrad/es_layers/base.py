@@ -345,12 +345,16 @@ class Perturbed:
         self._apply_grad(weights, l1, l2, accumulate=False)
 
     # ------------------------------------------------------------------ forward helpers
-    def _repeats(self, batch: int) -> int:
+    def _repeats(self, shape: tuple[int, ...] | torch.Size) -> int:
         n = self.members.numel()
+        batch = shape[0]
         if batch % n:
+            hint = ""
+            if len(shape) > 2 and shape[1] == n:
+                hint = "; for a (repeat_size, directions, ...) tensor, flatten the first two dimensions"
             raise ValueError(
                 f"{type(self).__name__}: the batch size ({batch}) must be a multiple of the number of "
-                f"directions evaluated here ({n}); expected input of shape (repeat_size * {n}, ...)"
+                f"directions evaluated here ({n}); expected input of shape (repeat_size * {n}, ...){hint}"
             )
         r = batch // n
         if self.antithetic and r > 1 and r % 2:

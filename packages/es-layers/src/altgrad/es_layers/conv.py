@@ -77,7 +77,7 @@ class _PerturbedConvBase(nn.Conv2d):
                 f"got shape {tuple(input.shape)}"
             )
         noise = self._current_noise()  # type: ignore[attr-defined]
-        reps = self._repeats(input.shape[0])  # type: ignore[attr-defined]
+        reps = self._repeats(input.shape)  # type: ignore[attr-defined]
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         out = self._conv(input, self.weight, self.bias, self.groups)

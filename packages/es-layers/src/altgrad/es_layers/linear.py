@@ -52,7 +52,7 @@ class _PerturbedLinearBase(nn.Linear):
                 f"got {tuple(input.shape)}"
             )
         noise = self._current_noise()  # type: ignore[attr-defined]
-        reps = self._repeats(input.shape[0])  # type: ignore[attr-defined]
+        reps = self._repeats(input.shape)  # type: ignore[attr-defined]
         n = self.members.numel()  # type: ignore[attr-defined]
         x4 = input.reshape(reps, n, -1, self.in_features)
         out4 = out.view(reps, n, -1, self.out_features)

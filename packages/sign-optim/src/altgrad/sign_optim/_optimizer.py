@@ -37,8 +37,8 @@ def _check_lr(lr: Any, *, foreach: bool | None, capturable: bool) -> None:
     elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a float or a 1-element Tensor, got {type(lr).__name__}")
     else:
-        value = lr
-    if not 0.0 <= value:
+        value = float(lr)
+    if not value >= 0.0:
         raise ValueError(f"Invalid learning rate: lr={value}; expected lr >= 0")
 
 
@@ -60,8 +60,10 @@ def _check_beta(beta: Any) -> float:
 
 def _check_weight_decay(weight_decay: Any) -> float:
     weight_decay = _check_real("weight_decay", weight_decay)
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay}; expected weight_decay >= 0")
+    if not weight_decay >= 0.0:
+        raise ValueError(
+            f"Invalid weight_decay value: weight_decay={weight_decay}; expected weight_decay >= 0"
+        )
     return weight_decay
 
 

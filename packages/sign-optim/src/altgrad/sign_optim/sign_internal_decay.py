@@ -82,7 +82,7 @@ def _clamped_step(step: Any, T_max: int) -> float | Tensor:
         raise TypeError(f"step must be a number or a tensor, got {type(step).__name__}")
     if step < 0:
         raise ValueError(f"Invalid step: {step}; expected step >= 0")
-    return float(min(step, T_max))
+    return min(float(step), float(T_max))
 
 
 def _cos(x: float | Tensor) -> float | Tensor:
@@ -91,7 +91,7 @@ def _cos(x: float | Tensor) -> float | Tensor:
 
 def _zero_where(condition: bool | Tensor, value: float | Tensor) -> float | Tensor:
     if isinstance(value, Tensor):
-        return torch.where(condition, torch.zeros_like(value), value)
+        return torch.where(torch.as_tensor(condition), torch.zeros_like(value), value)
     return 0.0 if condition else value
 
 
@@ -283,6 +283,7 @@ class RestartCosineInternalDecay(SignInternalDecay):
         """
         t = _clamped_step(step, self.T_max)
         periods_done = self.num_periods * t
+        num: float | Tensor
         if isinstance(periods_done, Tensor):
             num = torch.remainder(periods_done, self.T_max)
         else:

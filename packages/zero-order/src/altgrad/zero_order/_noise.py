@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,38 +57,44 @@ class NoiseSource:
         """Start a new estimate and return its step (seeded distributions advance their counter)."""
         return self.distribution.next_step() if self.seeded else 0
 
-    def draw(self, leaf: int, p: Tensor, members: range, step: int) -> Tensor:
-        """Return the directions of ``members`` for parameter leaf ``p`` (index ``leaf``)."""
-        dtype = compute_dtype(p.dtype)
+    def draw(
+        self,
+        leaf: int,
+        shape: Sequence[int],
+        device: torch.device,
+        param_dtype: torch.dtype,
+        members: range,
+        step: int,
+    ) -> Tensor:
+        """Return ``(len(members), *shape)`` noise for leaf ``leaf`` in the compute dtype on ``device``."""
+        dtype = compute_dtype(param_dtype)
+        shape = torch.Size(shape)
         n = len(members)
         if self.seeded:
-            return self.distribution.draw(
-                p.shape, step=step, leaf=leaf, members=members, device=p.device, dtype=dtype
-            )
+            return self.distribution.draw(shape, step=step, leaf=leaf, members=members, device=device, dtype=dtype)
         if self._fast_normal is not None:
             loc, scale = self._fast_normal
-            z = torch.randn((n, *p.shape), device=p.device, dtype=dtype)
+            z = torch.randn((n, *shape), device=device, dtype=dtype)
             if scale != 1.0:
                 z.mul_(scale)
             if loc != 0.0:
                 z.add_(loc)
             return z
         if self.sample_batched:
-            raw = self._sample(torch.Size((n, *p.shape)))
-            z = torch.as_tensor(raw)
-            if tuple(z.shape) == (n, *p.shape):
-                return z.to(device=p.device, dtype=dtype)
+            z = torch.as_tensor(self._sample(torch.Size((n, *shape))))
+            if z.shape == (n, *shape):
+                return z.to(device=device, dtype=dtype)
         rows = []
         for _ in range(n):
-            z = torch.as_tensor(self._sample(p.shape))
+            z = torch.as_tensor(self._sample(shape))
             try:
-                z = torch.broadcast_to(z, p.shape)
+                z = torch.broadcast_to(z, shape)
             except RuntimeError:
                 raise ValueError(
                     f"`distribution` returned a sample of shape {tuple(z.shape)} for a parameter of shape "
-                    f"{tuple(p.shape)}"
+                    f"{tuple(shape)}"
                 ) from None
-            rows.append(z.to(device=p.device, dtype=dtype))
+            rows.append(z.to(device=device, dtype=dtype))
         return torch.stack(rows)
 
 

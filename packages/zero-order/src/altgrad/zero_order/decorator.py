@@ -64,22 +64,27 @@ class _Call:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         argnums: tuple[int, ...],
-        flat_params: list[Tensor],
+        flat_all: list[Any],
+        positions: list[int],
         spec: pytree.TreeSpec,
         source: NoiseSource,
         options: EstimatorOptions,
         evaluator_cache: dict[str, Any],
     ) -> None:
         self.fn, self.args, self.kwargs, self.argnums = fn, args, kwargs, argnums
-        self.flat_params, self.spec = flat_params, spec
+        self.flat_all, self.positions, self.spec = flat_all, positions, spec
+        self.flat_params: list[Tensor] = [flat_all[i] for i in positions]
         self.source, self.options, self.evaluator_cache = source, options, evaluator_cache
 
     def center(self) -> Any:
         return self.fn(*self.args, **self.kwargs)
 
     def _call_with(self, flat_params: list[Tensor]) -> Tensor:
+        flat_all = list(self.flat_all)
+        for i, value in zip(self.positions, flat_params):
+            flat_all[i] = value
         args = list(self.args)
-        for argnum, value in zip(self.argnums, pytree.tree_unflatten(flat_params, self.spec)):
+        for argnum, value in zip(self.argnums, pytree.tree_unflatten(flat_all, self.spec)):
             args[argnum] = value
         return self.fn(*args, **self.kwargs)
 
@@ -140,6 +145,8 @@ def zero_order(
     batching: Batching = "auto",
     top_k: int | None = None,
     sample_batched: bool = True,
+    directions: str = "dense",
+    rank: int = 1,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Return a decorator that gives a scalar function zero-order (ES / finite-difference) gradients.
 
@@ -175,6 +182,10 @@ def zero_order(
         top_k: Number of directions kept by ``method="ars"`` (default: all).
         sample_batched: Draw all members of a chunk with one ``sample((n, *shape))`` call (the Samplable contract:
             i.i.d. over leading dimensions). Set False for a sampler that only handles one parameter shape.
+        directions: ``"dense"`` (default; noise of each leaf's shape, as TorchOpt) or ``"lowrank"``: 2-D leaves
+            get rank-``rank`` directions ``A Bᵀ/√r`` (``r·(out+in)`` random numbers instead of ``out·in``; same
+            mean and covariance as a standard normal direction).
+        rank: Rank r of low-rank directions.
 
     Returns:
         A decorator; the function it returns takes the same arguments as the decorated one.
@@ -197,7 +208,9 @@ def zero_order(
         >>> grad.shape
         torch.Size([3])
     """
-    options = EstimatorOptions(method, num_samples, sigma, chunk_size, batching, top_k, sample_batched)
+    options = EstimatorOptions(
+        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank
+    )
     argnums_t = _normalise_argnums(argnums)
     check_distribution(distribution)
     source = NoiseSource(distribution, sample_batched=sample_batched)
@@ -208,7 +221,10 @@ def zero_order(
         @functools.wraps(fn)
         def apply(*args: Any, **kwargs: Any) -> Tensor:
             resolved = _resolve_argnums(argnums_t, len(args))
-            flat_params, spec = pytree.tree_flatten([args[a] for a in resolved])
+            # As TorchOpt (optree, none_is_leaf=False): None entries are not leaves.
+            flat_all, spec = pytree.tree_flatten([args[a] for a in resolved])
+            positions = [i for i, leaf in enumerate(flat_all) if leaf is not None]
+            flat_params = [flat_all[i] for i in positions]
             for leaf in flat_params:
                 if not isinstance(leaf, Tensor):
                     raise TypeError(
@@ -217,7 +233,7 @@ def zero_order(
                     )
             if not flat_params:
                 raise ValueError(f"the arguments selected by `argnums` {argnums_t} hold no tensors")
-            call = _Call(fn, args, kwargs, resolved, flat_params, spec, source, options, evaluator_cache)
+            call = _Call(fn, args, kwargs, resolved, flat_all, positions, spec, source, options, evaluator_cache)
             return ZeroOrder.apply(call, *flat_params)
 
         return apply

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
+from .directions import DIRECTIONS, Dense, LowRank
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
@@ -44,6 +45,9 @@ class EstimatorOptions:
         batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :mod:`altgrad.zero_order.population`).
         top_k: Directions kept by ``"ars"`` (default: all N).
         sample_batched: Ask a user distribution for all members of a chunk at once.
+        directions: ``"dense"`` (full-rank noise of each leaf's shape, TorchOpt's) or ``"lowrank"`` (rank-``rank``
+            directions ``A Bᵀ/√r`` for 2-D leaves; see :mod:`altgrad.zero_order.directions`).
+        rank: Rank r of low-rank directions.
 
     Raises:
         MethodError: For an unknown ``method`` (a ``ValueError`` that is also an ``AssertionError``).
@@ -58,6 +62,8 @@ class EstimatorOptions:
     batching: str = "auto"
     top_k: int | None = None
     sample_batched: bool = True
+    directions: str = "dense"
+    rank: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +81,9 @@ class EstimatorOptions:
             _check_positive_int("top_k", self.top_k)
             if self.method != "ars":
                 raise ValueError(f"`top_k` only applies to method='ars', got method={self.method!r}")
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"`directions` must be one of {DIRECTIONS}, got {self.directions!r}")
+        _check_positive_int("rank", self.rank)
         if not isinstance(self.sample_batched, bool):
             raise TypeError(f"`sample_batched` must be a bool, got {type(self.sample_batched).__name__}")
 
@@ -96,21 +105,12 @@ def _directions_per_chunk(options: EstimatorOptions, params: Sequence[Tensor]) -
     return max(1, min(options.num_samples, rows // rows_per_direction))
 
 
-def _perturb(p: Tensor, z: Tensor, sigma: float, antithetic: bool) -> Tensor:
-    """Stack ``p + σ z_k`` (then ``p - σ z_k``) for the chunk, in ``p``'s dtype."""
-    n = z.shape[0]
-    work = compute_dtype(p.dtype)
-    base = p.detach().to(work)
-    out = torch.empty(((2 if antithetic else 1) * n, *p.shape), dtype=work, device=p.device)
-    torch.add(base, z, alpha=sigma, out=out[:n])
-    if antithetic:
-        torch.add(base, z, alpha=-sigma, out=out[n:])
-    return out if work == p.dtype else out.to(p.dtype)
-
-
-def _accumulate(grad: Tensor, z: Tensor, weights: Tensor) -> None:
-    """``grad += Σ_k weights_k z_k``."""
-    grad.add_((weights.to(z.dtype) @ z.reshape(z.shape[0], -1)).view(grad.shape))
+def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[Dense | LowRank]:
+    """Direction type per leaf: dense, or low-rank (materialised) for 2-D leaves when asked."""
+    lowrank = options.directions == "lowrank"
+    return [
+        LowRank(i, len(params), options.rank) if lowrank and p.ndim == 2 else Dense(i) for i, p in enumerate(params)
+    ]
 
 
 @torch.no_grad()
@@ -121,6 +121,7 @@ def run_estimate(
     options: EstimatorOptions,
     grad_output: Tensor | float = 1.0,
     f0: Tensor | None = None,
+    plans: Sequence[Dense | LowRank] | None = None,
 ) -> list[Tensor]:
     """Core loop shared by every entry point (the arguments are already validated).
 
@@ -131,10 +132,13 @@ def run_estimate(
         options: Estimator settings.
         grad_output: Incoming gradient (chain rule), a scalar.
         f0: Unperturbed value, needed by ``forward``.
+        plans: Direction type per leaf (default: :func:`default_plans`).
 
     Returns:
         One gradient per leaf, in the leaf's dtype and on its device.
     """
+    if plans is None:
+        plans = default_plans(options, params)
     method, n_dir, sigma = options.method, options.num_samples, options.sigma
     antithetic = method in ANTITHETIC_METHODS
     step = source.new_step()
@@ -152,8 +156,8 @@ def run_estimate(
     values_minus: list[Tensor] = []
 
     for members in chunks:
-        noise = [source.draw(i, p, members, step) for i, p in enumerate(params)]
-        values = evaluate([_perturb(p, z, sigma, antithetic) for p, z in zip(params, noise)])
+        noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
+        values = evaluate([x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)])
         values = values.detach().to(device=device, dtype=value_dtype)
         f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
         if two_pass:
@@ -163,8 +167,8 @@ def run_estimate(
                 kept_noise.append(noise)
             continue
         weights = direction_weights(method, f_plus, f_minus=f_minus, f0=f0, sigma=sigma, num_directions=n_dir)
-        for grad, z in zip(grads, noise):
-            _accumulate(grad, z, weights * g)
+        for plan, grad, z in zip(plans, grads, noise):
+            plan.accumulate(grad, z, weights * g)
         del noise
 
     if two_pass:
@@ -179,9 +183,9 @@ def run_estimate(
         weights = weights * g
         for c, members in enumerate(chunks):
             w = weights[members.start : members.stop]
-            for i, (grad, p) in enumerate(zip(grads, params)):
-                z = kept_noise[c][i] if kept_noise else source.draw(i, p, members, step)
-                _accumulate(grad, z, w)
+            for i, (plan, grad, p) in enumerate(zip(plans, grads, params)):
+                z = kept_noise[c][i] if kept_noise else plan.draw(source, p, members, step)
+                plan.accumulate(grad, z, w)
     return [grad if grad.dtype == p.dtype else grad.to(p.dtype) for grad, p in zip(grads, params)]
 
 
@@ -197,6 +201,8 @@ def estimate_gradient(
     batching: str = "auto",
     top_k: int | None = None,
     sample_batched: bool = True,
+    directions: str = "dense",
+    rank: int = 1,
     grad_output: Tensor | float = 1.0,
 ) -> tuple[Tensor, ...]:
     r"""Estimate :math:`\nabla f` at ``params`` from function values only.
@@ -217,6 +223,8 @@ def estimate_gradient(
         batching: ``"auto"``, ``"vmap"`` or ``"loop"``.
         top_k: Directions kept by ``"ars"``.
         sample_batched: Draw all members of a chunk in one call of a user distribution.
+        directions: ``"dense"`` or ``"lowrank"`` (rank-``rank`` directions for 2-D parameters).
+        rank: Rank of low-rank directions.
         grad_output: Multiplier of the estimate (the incoming gradient in the chain rule).
 
     Returns:
@@ -234,7 +242,9 @@ def estimate_gradient(
         >>> torch.allclose(g, a, atol=0.1)
         True
     """
-    options = EstimatorOptions(method, num_samples, sigma, chunk_size, batching, top_k, sample_batched)
+    options = EstimatorOptions(
+        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank
+    )
     source = NoiseSource(distribution, sample_batched=sample_batched)
     params = list(params)
     if not params:

@@ -20,17 +20,29 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._noise import NoiseSource
+from .directions import Dense, LowRank
 from .distributions import Samplable
-from .gradient import EstimatorOptions, run_estimate
+from .gradient import EstimatorOptions, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
 
 __all__ = ["ZeroOrderGradientModule"]
 
 _ORIGINAL = "__zero_order_original_forward__"
-_CLASS_KEYWORDS = ("method", "num_samples", "sigma", "chunk_size", "batching", "top_k", "sample_batched")
+_CLASS_KEYWORDS = (
+    "method",
+    "num_samples",
+    "sigma",
+    "chunk_size",
+    "batching",
+    "top_k",
+    "sample_batched",
+    "directions",
+    "rank",
+)
 
 
 class ZeroOrder(torch.autograd.Function):
@@ -69,23 +81,61 @@ class _ModuleCall:
         with _active(self.module):
             return self.forward(self.module, *self.args, **self.kwargs)
 
-    def _call_with(self, *leaves: Tensor) -> Tensor:
-        with _active(self.module):
-            return torch.func.functional_call(
-                self.module, dict(zip(self.names, leaves)), self.args, self.kwargs, strict=False
-            )
+    def _plans(self, params: Sequence[Tensor]) -> list[Dense | LowRank]:
+        """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
+        plans = default_plans(self.options, params)
+        self.factored: dict[int, nn.Linear] = {}
+        if self.options.directions != "lowrank":
+            return plans
+        modules = dict(self.module.named_modules())
+        for i, name in enumerate(self.names):
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules.get(owner_name)
+            if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+                plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
+                self.factored[i] = owner
+        return plans
+
+    def _call_with(self, *inputs: Tensor) -> Tensor:
+        dense: dict[str, Tensor] = {}
+        patched: list[nn.Linear] = []
+        it = iter(inputs)
+        try:
+            for i, name in enumerate(self.names):
+                layer = self.factored.get(i)
+                if layer is None:
+                    dense[name] = next(it)
+                    continue
+                a, b = next(it), next(it)
+                layer.forward = _low_rank_forward(layer, a, b)  # type: ignore[method-assign]
+                patched.append(layer)
+            with _active(self.module):
+                return torch.func.functional_call(self.module, dense, self.args, self.kwargs, strict=False)
+        finally:
+            for layer in patched:
+                del layer.forward
 
     def estimate(self, params: Sequence[Tensor], grad_output: Tensor, f0: Tensor) -> list[Tensor]:
         module = self.module
         cache = module.__dict__.setdefault("_zero_order_batching", {})
         evaluator = PopulationEvaluator(self._call_with, self.options.batching)
         evaluator.resolved = cache.get(type(module), evaluator.resolved)
-        source = NoiseSource(module.sample, sample_batched=self.options.sample_batched)
+        source = NoiseSource(module.zero_order_distribution(), sample_batched=self.options.sample_batched)
         f0_arg = f0 if self.options.method == "forward" else None
-        grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg)
+        plans = self._plans(params)
+        grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg, plans)
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
+
+
+def _low_rank_forward(layer: nn.Linear, a: Tensor, b: Tensor) -> Callable[[Tensor], Tensor]:
+    """``x (W + a bᵀ)ᵀ + bias`` without forming ``a bᵀ``: one shared GEMM plus a rank-r correction."""
+
+    def forward(x: Tensor) -> Tensor:
+        return F.linear(x, layer.weight, layer.bias) + (x @ b) @ a.transpose(-1, -2)
+
+    return forward
 
 
 class _active:
@@ -131,8 +181,11 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
     - ``method``: ``"naive"`` (default), ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``;
     - ``num_samples``: number of directions N (default 1);
     - ``sigma``: perturbation scale σ (default 1.0);
-    - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``: as in
-      :func:`~altgrad.zero_order.zero_order`.
+    - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``, ``directions``, ``rank``: as in
+      :func:`~altgrad.zero_order.zero_order`. With ``directions="lowrank"`` the weights of ``nn.Linear``
+      submodules are perturbed by ``σ A Bᵀ/√r`` *without materialising it*: the layer computes
+      ``x Wᵀ + (x B)(σA/√r)ᵀ``, so the population forward costs about one plain forward over all rows (this
+      assumes such a weight is only used through its layer's ``forward``).
 
     Subclasses implement ``forward(*args, **kwargs)`` returning a scalar tensor and ``sample(sample_shape)``
     returning noise of that shape (zero mean, unit variance per element; all members of a chunk are requested at
@@ -187,6 +240,17 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
         if getattr(forward, "__isabstractmethod__", False):
             return
         cls.forward = _make_forward(forward, options)  # type: ignore[method-assign]
+
+    def zero_order_distribution(self) -> Any:
+        """The distribution the estimator draws from; by default the module's own :meth:`sample`.
+
+        Override it to return a seeded distribution (for example a :class:`~altgrad.zero_order.SeededNormal` kept
+        as an attribute) for regenerable, reproducible noise that never touches the global RNG.
+
+        Returns:
+            A Samplable, a callable ``fn(sample_shape)`` or a seeded distribution.
+        """
+        return self.sample
 
     @abc.abstractmethod
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:

@@ -1,0 +1,144 @@
+"""Two CPU processes (gloo) shard the population; parameters must equal the single-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import altgrad.es_layers as es
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys, datetime
+    import torch
+    from torch import nn
+    import altgrad.es_layers as es
+
+    rank, world, out, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    N = 11  # uneven split over 2 ranks: 6 + 5
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)  # same initial parameters everywhere
+    net = nn.Sequential(
+        es.PermutedConv2d(2, 4, 3, N, padding=1, in_sparsity=1),
+        nn.ReLU(),
+        es.FlipoutConv2d(4, 4, 3, N, flip="both"),
+        nn.Flatten(),
+        es.LowRankLinear(4 * 3 * 3, 8, N, rank=2),
+        nn.Tanh(),
+        es.PerturbedLinear(8, 6, N),
+        nn.Tanh(),
+        es.SparsePerturbedLinear(6, 6, N, sparsity=2),
+        nn.Tanh(),
+        es.PermutedLinear(6, 1, N, permutation="in"),
+    )
+    seed = es.broadcast_seed(1234) if world > 1 else 1234
+    pm = es.PerturbedModel(net, N, seed=seed)
+    pm.set_noise_scale(0.05)
+    members = es.shard(pm) if world > 1 else range(N)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x_full = torch.randn(2, N, 2, 5, 5, generator=g)  # (repeats, members, C, H, W), antithetic pair
+        x_full[1] = x_full[0]
+        x = x_full[:, list(members)].flatten(0, 1)
+        pm.set_noise()
+        with torch.no_grad():
+            loss = pm(x).view(2, len(members)).pow(2)
+        local = loss[0] - loss[1]  # antithetic difference per local member
+        fitness = es.all_gather_fitness(local, members, N) if world > 1 else local
+        opt.zero_grad()
+        pm.set_grad(es.centered_ranks(fitness))
+        opt.step()
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    """
+)
+
+
+def _run(script, tmp_path, world):
+    init = f"file://{tmp_path / 'store'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(world), str(tmp_path / f"w{world}r{r}.pt"), init],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r in range(world)
+    ]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [torch.load(tmp_path / f"w{world}r{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_two_processes_equal_single_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    (single,) = _run(script, tmp_path, 1)
+    rank0, rank1 = _run(script, tmp_path, 2)
+    for name, value in single.items():
+        assert torch.equal(rank0[name], rank1[name]), name  # ranks agree bit for bit
+        assert torch.equal(rank0[name], value), name  # and equal the single-process result
+
+
+def test_shard_members_partition():
+    parts = [es.shard_members(11, r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert sorted(m for p in parts for m in p) == list(range(11))
+    assert list(es.shard_members(2, 2, 3)) == []
+    with pytest.raises(ValueError, match="rank"):
+        es.shard_members(4, 3, 3)
+    with pytest.raises(ValueError, match="world_size"):
+        es.shard_members(4, 0, 0)
+
+
+def test_collectives_need_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        es.all_gather_fitness(torch.ones(2), [0, 1], 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        es.broadcast_seed(1)
+
+
+def test_single_rank_gather_roundtrip(tmp_path):
+    # a 1-process gloo group exercises the gather/validation logic in-process
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store1'}", rank=0, world_size=1)
+    try:
+        f = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        out = es.all_gather_fitness(f, [2, 0, 1], 3)
+        assert torch.equal(out, f[[1, 2, 0]])
+        assert es.broadcast_seed(99) == 99
+        with pytest.raises(ValueError, match="cover"):
+            es.all_gather_fitness(f, [0, 1, 1], 3)
+        with pytest.raises(ValueError, match="one row per local member"):
+            es.all_gather_fitness(f, [0, 1], 3)
+        net = torch.nn.Sequential(es.LowRankLinear(2, 2, 5))
+        pm = es.PerturbedModel(net, 5)
+        assert es.shard(pm) == range(5)
+    finally:
+        dist.destroy_process_group()

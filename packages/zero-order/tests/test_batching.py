@@ -1,0 +1,141 @@
+"""Batched (vmap) and looped population evaluation agree; chunking does not change results; auto fallback."""
+
+import warnings
+
+import altgrad.zero_order as zo
+import pytest
+import torch
+import torch.nn.functional as F
+from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order
+from altgrad.zero_order.population import PopulationEvaluator
+
+
+def _mlp_params(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 6), (16,), (1, 16), (1,)]
+    return [torch.randn(s, generator=g, dtype=dtype) * 0.3 for s in shapes]
+
+
+def _mlp_loss(w1, b1, w2, b2, x, y):
+    return F.mse_loss(F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2), y)
+
+
+X = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(10, 1, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("method", ["naive", "forward", "antithetic", "es", "ars"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_vmap_and_loop_agree(method, chunk_size):
+    params = _mlp_params()
+    fn = lambda *p: _mlp_loss(*p, X, Y)  # noqa: E731
+    kw = {"top_k": 5} if method == "ars" else {}
+    got = {}
+    for batching in ("vmap", "loop"):
+        got[batching] = estimate_gradient(
+            fn, params, zo.SeededNormal(4), method, 12, 0.05, batching=batching, chunk_size=chunk_size, **kw
+        )
+    for a, b in zip(got["vmap"], got["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    one_chunk = estimate_gradient(fn, params, zo.SeededNormal(4), method, 12, 0.05, batching="loop", **kw)
+    for a, b in zip(got["loop"], one_chunk):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_falls_back_to_loop_for_unvmappable_function():
+    calls = {"n": 0}
+
+    def f(w):
+        calls["n"] += 1
+        if w.sum().item() > 1e9:  # .item() cannot run under vmap
+            return w.sum() * 0
+        return (w**2).sum()
+
+    ev = PopulationEvaluator(f, "auto")
+    values = ev([torch.ones(4, 3)])
+    assert ev.resolved == "loop"
+    torch.testing.assert_close(values, torch.full((4,), 3.0))
+    with pytest.raises(RuntimeError):
+        PopulationEvaluator(f, "vmap")([torch.ones(4, 3)])
+    # Through the decorator: the decision is remembered for the decorated function.
+    deco = zero_order(zo.SeededNormal(0), num_samples=6)(f)
+    w = torch.ones(3, requires_grad=True)
+    deco(w).backward()
+    assert torch.isfinite(w.grad).all()
+
+
+def test_auto_uses_vmap_when_possible():
+    ev = PopulationEvaluator(lambda w: (w**2).sum(), "auto")
+    ev([torch.ones(4, 3)])
+    assert ev.resolved == "vmap"
+
+
+def test_random_ops_inside_function_are_allowed():
+    def f(w):
+        return F.dropout(w, 0.5, training=True).sum()
+
+    w = torch.ones(5, requires_grad=True)
+    zero_order(zo.SeededNormal(0), num_samples=8, batching="vmap")(f)(w).backward()
+    assert torch.isfinite(w.grad).all()
+
+
+class _BN(ZeroOrderGradientModule, method="antithetic", num_samples=6, sigma=0.1):
+    """BatchNorm in training mode updates buffers in place: vmap fails, the loop is used."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.noise = zo.SeededNormal(0)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)).pow(2).mean()
+
+    def sample(self, sample_shape=torch.Size()):
+        return torch.randn(sample_shape)
+
+    def zero_order_distribution(self):
+        return self.noise
+
+
+def test_module_with_inplace_buffers_falls_back():
+    net = _BN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net(X).backward()
+    assert net._zero_order_batching[_BN] == "loop"
+    assert torch.isfinite(net.fc.weight.grad).all()
+
+
+class _MLP(ZeroOrderGradientModule, method="antithetic", num_samples=9, sigma=0.05):
+    def __init__(self, batching):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.noise = zo.SeededNormal(1)
+        self.batching = batching
+
+    def forward(self, x, y):
+        return F.mse_loss(self.net(x), y)
+
+    def sample(self, sample_shape=torch.Size()):
+        return torch.randn(sample_shape)
+
+    def zero_order_distribution(self):
+        return self.noise
+
+
+def test_module_vmap_and_loop_agree():
+    class Loop(_MLP, batching="loop"):
+        pass
+
+    class Vmap(_MLP, batching="vmap", chunk_size=4):
+        pass
+
+    torch.manual_seed(0)
+    a = Vmap("vmap")
+    b = Loop("loop")
+    b.load_state_dict(a.state_dict())
+    a(X, Y).backward()
+    b(X, Y).backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6)

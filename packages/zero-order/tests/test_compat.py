@@ -1,0 +1,42 @@
+"""The TorchOpt-shaped namespace: functional adam matches torch.optim.Adam; apply_updates semantics."""
+
+import altgrad.zero_order.compat as torchopt
+import pytest
+import torch
+
+
+def test_functional_adam_matches_torch_adam():
+    g = torch.Generator().manual_seed(0)
+    params = (torch.randn(3, 2, generator=g), torch.randn(2, generator=g))
+    ref = [p.clone().requires_grad_() for p in params]
+    opt_ref = torch.optim.Adam(ref, lr=0.05)
+    opt = torchopt.adam(lr=0.05)
+    state = opt.init(params)
+    for _ in range(5):
+        grads = tuple(torch.randn(p.shape, generator=g) for p in params)
+        updates, state = opt.update(grads, state)
+        params = torchopt.apply_updates(params, updates)
+        for r, gr in zip(ref, grads):
+            r.grad = gr.clone()
+        opt_ref.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r.detach())
+
+
+def test_apply_updates_inplace_and_not():
+    p = (torch.zeros(2),)
+    out = torchopt.apply_updates(p, (torch.ones(2),), inplace=False)
+    assert p[0].sum() == 0 and out[0].sum() == 2
+    out = torchopt.apply_updates(p, (torch.ones(2),))
+    assert out[0] is p[0] and p[0].sum() == 2
+
+
+def test_adam_validation():
+    with pytest.raises(ValueError):
+        torchopt.adam(lr=-1)
+    with pytest.raises(ValueError):
+        torchopt.adam(betas=(1.0, 0.9))
+
+
+def test_Adam_is_torch_adam():
+    assert torchopt.Adam is torch.optim.Adam

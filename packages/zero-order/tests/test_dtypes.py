@@ -1,0 +1,57 @@
+"""float32, float64, bfloat16 parameters; noise on the parameter's device; CUDA when available."""
+
+import altgrad.zero_order as zo
+import pytest
+import torch
+import torch.nn.functional as F
+from altgrad.zero_order import estimate_gradient, zero_order
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make_dist",
+    [lambda: torch.distributions.Normal(0.0, 1.0), lambda: zo.SeededNormal(0), lambda: zo.NoiseTable(0, 1 << 16)],
+    ids=["torch-normal", "seeded", "table"],
+)
+def test_linear_model_any_dtype(device, dtype, make_dist):
+    # TorchOpt fails here for bf16 ("mat1 and mat2 must have the same dtype") and for CUDA parameters.
+    lin = torch.nn.Linear(8, 1).to(device=device, dtype=dtype)
+    x = torch.randn(32, 8, device=device, dtype=dtype)
+    y = torch.randn(32, 1, device=device, dtype=dtype)
+    params = tuple(p.detach().requires_grad_() for p in lin.parameters())
+
+    @zero_order(make_dist(), method="antithetic", num_samples=400, sigma=0.05)
+    def f(params, x, y):
+        return F.mse_loss(F.linear(x, *params), y)
+
+    grads = torch.autograd.grad(f(params, x, y), params)
+    true = torch.autograd.grad(F.mse_loss(F.linear(x.double(), *(p.double() for p in params)), y.double()), params)
+    for g, t, p in zip(grads, true, params):
+        assert g.dtype == p.dtype and g.device == p.device
+        cos = F.cosine_similarity(g.double().flatten(), t.double().flatten(), dim=0)
+        assert cos > 0.8, cos
+
+
+def test_bf16_noise_is_drawn_in_float32():
+    seen = []
+
+    def dist(shape):
+        z = torch.randn(shape)
+        seen.append(z.dtype)
+        return z
+
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    (g,) = estimate_gradient(lambda t: t.float().sum(), [p], dist, "antithetic", 8, 0.1)
+    assert g.dtype == torch.bfloat16 and seen == [torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_distribution_with_cuda_params():
+    dist = lambda shape: torch.randn(shape)  # noqa: E731 - samples on CPU like TorchOpt's documented default
+    p = torch.zeros(5, device="cuda")
+    (g,) = estimate_gradient(lambda t: t.sum(), [p], dist, "antithetic", 16, 0.1)
+    assert g.device.type == "cuda"
+    torch.testing.assert_close(g, torch.ones(5, device="cuda"), atol=1.5, rtol=0)

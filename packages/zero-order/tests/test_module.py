@@ -1,0 +1,155 @@
+"""ZeroOrderGradientModule: TorchOpt behaviour plus keyword args, sub-subclasses and frozen parameters."""
+
+import altgrad.zero_order as zo
+import pytest
+import torch
+import torch.nn.functional as F
+from altgrad.zero_order import ZeroOrderGradientModule, zero_order
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+
+
+class Net(ZeroOrderGradientModule, method="antithetic", num_samples=20, sigma=0.1):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 1)
+        self.noise = zo.SeededNormal(seed)
+
+    def forward(self, x, y=None):
+        return F.mse_loss(self.fc(x), y)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.noise.sample(sample_shape)
+
+    def zero_order_distribution(self):
+        return self.noise
+
+
+def test_class_keywords_and_kwargs_forward():
+    x, y = _data()
+    net = Net()
+    assert Net._zero_order_options.method == "antithetic"
+    loss = net(x, y=y)
+    assert loss.item() == pytest.approx(F.mse_loss(net.fc(x), y).item())
+    loss.backward()
+    assert net.fc.weight.grad.shape == (1, 4) and net.fc.bias.grad.shape == (1,)
+
+
+def test_module_matches_decorator_with_same_noise():
+    x, y = _data()
+    net = Net(seed=3)
+    net(x, y).backward()
+
+    @zero_order(zo.SeededNormal(3), method="antithetic", num_samples=20, sigma=0.1)
+    def f(params, x, y):
+        return F.mse_loss(F.linear(x, *params), y)
+
+    params = tuple(p.detach().clone().requires_grad_() for p in net.parameters())
+    grads = torch.autograd.grad(f(params, x, y), params)
+    torch.testing.assert_close(net.fc.weight.grad, grads[0])
+    torch.testing.assert_close(net.fc.bias.grad, grads[1])
+
+
+def test_sub_subclass_inherits_and_overrides_keywords():
+    class Child(Net):
+        pass
+
+    class Other(Net, sigma=0.5):
+        pass
+
+    class Own(Net, num_samples=3):
+        def forward(self, x, y=None):
+            return super().forward(x, y) * 2  # calling the parent's forward must not start a nested estimate
+
+    assert Child._zero_order_options == Net._zero_order_options
+    assert Other._zero_order_options.sigma == 0.5 and Other._zero_order_options.method == "antithetic"
+    assert Own._zero_order_options.num_samples == 3
+    x, y = _data()
+    for cls in (Child, Other, Own):
+        net = cls()
+        loss = net(x, y)
+        loss.backward()
+        assert torch.isfinite(net.fc.weight.grad).all()
+    own = Own()
+    assert own(x, y).item() == pytest.approx(2 * F.mse_loss(own.fc(x), y).item())
+
+
+def test_frozen_parameters_are_not_perturbed():
+    x, y = _data()
+    net = Net()
+    net.fc.bias.requires_grad_(False)
+    seen = []
+    original = net.noise.draw
+
+    def spy(shape, **kw):
+        seen.append(tuple(shape))
+        return original(shape, **kw)
+
+    net.noise.draw = spy
+    net(x, y).backward()
+    assert seen == [(20, 1, 4)] or seen == [(1, 4)]
+    assert net.fc.bias.grad is None and net.fc.weight.grad is not None
+
+
+def test_all_frozen_returns_plain_loss():
+    x, y = _data()
+    net = Net()
+    net.requires_grad_(False)
+    loss = net(x, y)
+    assert not loss.requires_grad
+
+
+def test_no_parameters_error():
+    class Empty(ZeroOrderGradientModule):
+        def forward(self, x):
+            return x.sum()
+
+        def sample(self, sample_shape=torch.Size()):
+            return torch.randn(sample_shape)
+
+    with pytest.raises(RuntimeError) as info:
+        Empty()(torch.ones(2))
+    assert str(info.value) == "The module has no parameters."
+
+
+def test_abstract_methods():
+    class NoSample(ZeroOrderGradientModule):
+        def forward(self, x):
+            return x.sum()
+
+    class NoForward(ZeroOrderGradientModule):
+        def sample(self, sample_shape=torch.Size()):
+            return torch.randn(sample_shape)
+
+    for cls in (NoSample, NoForward, ZeroOrderGradientModule):
+        with pytest.raises(TypeError, match="Can't instantiate abstract class"):
+            cls()
+
+
+def test_invalid_class_keyword():
+    with pytest.raises(AssertionError):
+
+        class Bad(ZeroOrderGradientModule, method="sideways"):
+            pass
+
+
+def test_default_sample_is_used_and_called_with_batched_shape():
+    shapes = []
+
+    class N2(ZeroOrderGradientModule, num_samples=5):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return (self.w * x).sum()
+
+        def sample(self, sample_shape=torch.Size()):
+            shapes.append(tuple(sample_shape))
+            return torch.randn(sample_shape)
+
+    N2()(torch.ones(3)).backward()
+    assert shapes == [(5, 3)]
