@@ -22,11 +22,14 @@ door; ``_check_isolation`` verifies it in every test session.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ nox.options.sessions = ["tests"]
 nox.options.error_on_external_run = True
 
 ROOT = Path(__file__).parent.resolve()
+WHEEL_CACHE = ROOT / ".nox" / "_wheels"  # built wheels, keyed by source state (see _source_key)
 VENV_PARAMS = ["--system-site-packages"]  # reuse the torch that is already installed
 DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings-python>=2,<3"]
 LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
@@ -117,11 +121,44 @@ def _build(session: nox.Session, pkg: Package, outdir: Path) -> Path:
     return wheels[-1]
 
 
+def _source_key(pkg: Package) -> str:
+    """A digest of everything a build of ``pkg`` depends on: its files, the commit and the tree's dirtiness.
+
+    setuptools-scm puts the commit and a dirty-tree date into the version, so those are part of the key.
+    """
+    git = ["git", "-C", str(ROOT)]
+    digest = hashlib.sha256()
+    for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]):
+        digest.update(subprocess.run([*git, *args], capture_output=True, check=False).stdout)
+    digest.update(time.strftime("%Y%m%d").encode())
+    files = subprocess.run(
+        [*git, "ls-files", "-co", "--exclude-standard", "--", str(pkg.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in sorted(files):
+        path = ROOT / rel
+        if path.is_file():
+            digest.update(rel.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
 def _build_wheels(session: nox.Session, names: list[str]) -> dict[str, Path]:
+    """Wheels for ``names``, built once per source state and shared by all sessions of a run."""
     session.install("build")
-    outdir = Path(session.create_tmp()) / "wheels"
-    shutil.rmtree(outdir, ignore_errors=True)
-    return {name: _build(session, PACKAGES[name], outdir) for name in names}
+    wheels = {}
+    for name in names:
+        pkg = PACKAGES[name]
+        cache = WHEEL_CACHE / name / _source_key(pkg)
+        found = sorted(cache.glob("*.whl"))
+        if found:
+            session.log(f"reusing {found[0].name} (sources unchanged)")
+            wheels[name] = found[0]
+            continue
+        shutil.rmtree(WHEEL_CACHE / name, ignore_errors=True)
+        wheels[name] = _build(session, pkg, cache)
+    return wheels
 
 
 def _installed_altgrad(session: nox.Session) -> dict[str, dict]:
