@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from altgrad.discounted_cumsum import (
+    _native,
     discounted_cumsum,
     discounted_cumsum_right,
     discounted_returns,
     generalized_advantage_estimate,
 )
-from altgrad.discounted_cumsum import _native
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
@@ -42,7 +42,9 @@ def test_gamma_does_not_broadcast(shape):
         discounted_cumsum(torch.zeros(2, 3), torch.ones(shape))
 
 
-@pytest.mark.parametrize("gamma", [torch.ones(2, dtype=torch.complex64), torch.ones(2, dtype=torch.bool), "0.9", None])
+@pytest.mark.parametrize(
+    "gamma", [torch.ones(2, dtype=torch.complex64), torch.ones(2, dtype=torch.bool), "0.9", None]
+)
 def test_gamma_bad_type(gamma):
     with pytest.raises(TypeError, match="`gamma`"):
         discounted_cumsum(torch.zeros(2, 3), gamma)
@@ -86,7 +88,7 @@ def test_zero_dim_cpu_gamma_is_accepted_anywhere():
 
 
 def test_missing_cuda_module_error_is_clear():
-    with pytest.raises(RuntimeError, match="native cuda module is not available.*ALTGRAD_CUDA=1"):
+    with pytest.raises(RuntimeError, match=r"native cuda module is not available.*ALTGRAD_CUDA=1"):
         _native._require(None, "ImportError: no module", "cuda")
 
 

@@ -13,7 +13,13 @@ SHAPE, DIM = (3, 7, 4), 1
 def _gamma(kind: str) -> torch.Tensor | float:
     if kind == "float":
         return 0.8
-    shapes = {"0-d": (), "per-row": (3, 4), "per-element": SHAPE, "per-step": (7, 1), "broadcast-row": (3, 1, 1)}
+    shapes = {
+        "0-d": (),
+        "per-row": (3, 4),
+        "per-element": SHAPE,
+        "per-step": (7, 1),
+        "broadcast-row": (3, 1, 1),
+    }
     return (torch.rand(shapes[kind], dtype=torch.float64) * 0.5 + 0.4).requires_grad_()
 
 
@@ -54,7 +60,8 @@ def test_gradients_match_autograd_through_reference(kind, reverse):
         (discounted_cumsum(x, g, dim=DIM, reverse=reverse, dones=dones, initial=init) * w).sum(), leaves
     )
     ref = torch.autograd.grad(
-        (discounted_cumsum_reference(x, g, dim=DIM, reverse=reverse, dones=dones, initial=init) * w).sum(), leaves
+        (discounted_cumsum_reference(x, g, dim=DIM, reverse=reverse, dones=dones, initial=init) * w).sum(),
+        leaves,
     )
     for a, b in zip(ours, ref):
         assert a.shape == b.shape
@@ -69,7 +76,8 @@ def test_low_precision_gradients(dtype):
     x64 = x.detach().double().requires_grad_()
     g64 = g.detach().double().requires_grad_()
     discounted_cumsum_right(x64, g64).sum().backward()
-    assert x.grad.dtype == dtype and g.grad.dtype == dtype
+    assert x.grad.dtype == dtype
+    assert g.grad.dtype == dtype
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(g.grad.double(), g64.grad, rtol=tol, atol=tol * 50)

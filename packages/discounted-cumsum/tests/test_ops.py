@@ -49,7 +49,9 @@ def test_compile_fullgraph_forward_and_backward():
 
 def test_compile_inductor_rl_helpers():
     def f(r, v, d):
-        return discounted_returns(r, 0.99, dones=d, dim=0), generalized_advantage_estimate(r, v, 0.99, 0.95, d, dim=0)
+        return discounted_returns(r, 0.99, dones=d, dim=0), generalized_advantage_estimate(
+            r, v, 0.99, 0.95, d, dim=0
+        )
 
     compiled = torch.compile(f, fullgraph=True)
     r, v, d = torch.randn(32, 8), torch.randn(32, 8), torch.rand(32, 8) < 0.05
@@ -63,9 +65,11 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         x = torch.empty(5, 7, dtype=torch.bfloat16)
         y = discounted_cumsum(x, 0.9, dim=0)
-        assert y.shape == (5, 7) and y.dtype == torch.bfloat16
+        assert y.shape == (5, 7)
+        assert y.dtype == torch.bfloat16
 
 
 def test_meta_device_uses_fake_kernel():
     y = discounted_cumsum(torch.empty(2, 3, device="meta"), 0.5)
-    assert y.device.type == "meta" and y.shape == (2, 3)
+    assert y.device.type == "meta"
+    assert y.shape == (2, 3)

@@ -74,7 +74,9 @@ def test_gae_batch_major_and_tensor_gamma():
     gamma = torch.tensor([0.9, 0.95, 0.99, 1.0], dtype=torch.float64)
     got = generalized_advantage_estimate(r, v, gamma, 0.9, dones=d)
     for i in range(4):
-        want = gae_loop(r[i], v[i], gamma[i].item(), 0.9, d[i].double(), torch.tensor(0.0, dtype=torch.float64))
+        want = gae_loop(
+            r[i], v[i], gamma[i].item(), 0.9, d[i].double(), torch.tensor(0.0, dtype=torch.float64)
+        )
         torch.testing.assert_close(got[i], want)
 
 

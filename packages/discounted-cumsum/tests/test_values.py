@@ -44,14 +44,18 @@ def test_native_module_is_built():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "dim"), [((3, 50), -1), ((4, 33, 5), 1), ((70, 3), 0), ((2, 3, 37), 2), ((41,), 0)])
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((3, 50), -1), ((4, 33, 5), 1), ((70, 3), 0), ((2, 3, 37), 2), ((41,), 0)]
+)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_matches_reference(dtype, shape, dim, reverse, close):
     x = torch.randn(shape, dtype=dtype)
     dones = torch.rand(shape) < 0.15
-    for (name, g), d, init in itertools.product(_gammas(shape, dim), [None, dones], [None, 1.5]):
+    for (_name, g), d, init in itertools.product(_gammas(shape, dim), [None, dones], [None, 1.5]):
         got = discounted_cumsum(x, g, dim=dim, reverse=reverse, dones=d, initial=init)
-        want = discounted_cumsum_reference(x.double(), _as64(g), dim=dim, reverse=reverse, dones=d, initial=init)
+        want = discounted_cumsum_reference(
+            x.double(), _as64(g), dim=dim, reverse=reverse, dones=d, initial=init
+        )
         assert got.dtype == dtype
         close(got, want, dtype)
 
@@ -62,7 +66,9 @@ def test_matches_reference(dtype, shape, dim, reverse, close):
 def test_row_lengths_around_vector_widths(dtype, reverse, n, close):
     x = torch.randn(3, n, dtype=dtype)
     got = discounted_cumsum(x, 0.97, reverse=reverse, initial=torch.tensor([0.0, 1.0, -2.0]))
-    want = discounted_cumsum_reference(x.double(), 0.97, reverse=reverse, initial=torch.tensor([0.0, 1.0, -2.0]))
+    want = discounted_cumsum_reference(
+        x.double(), 0.97, reverse=reverse, initial=torch.tensor([0.0, 1.0, -2.0])
+    )
     close(got, want, dtype)
 
 
@@ -78,10 +84,22 @@ def test_long_rows_split_over_threads(dtype, reverse, kind, close):
     old = torch.get_num_threads()
     torch.set_num_threads(4)  # more threads than rows, even on a 2-core machine
     try:
-        got = discounted_cumsum(x[:1], g if kind == "scalar" else g[:1], reverse=reverse, dones=None if dones is None else dones[:1], initial=3.0)
+        got = discounted_cumsum(
+            x[:1],
+            g if kind == "scalar" else g[:1],
+            reverse=reverse,
+            dones=None if dones is None else dones[:1],
+            initial=3.0,
+        )
     finally:
         torch.set_num_threads(old)
-    want = _loop64(x[:1].double(), g if kind == "scalar" else g[:1].double(), dones if dones is None else dones[:1], 3.0, reverse)
+    want = _loop64(
+        x[:1].double(),
+        g if kind == "scalar" else g[:1].double(),
+        dones if dones is None else dones[:1],
+        3.0,
+        reverse,
+    )
     close(got, want, dtype)
 
 
@@ -115,7 +133,11 @@ def test_precision_against_the_peers_figure():
     for fn in (discounted_cumsum_right, discounted_cumsum_left):
         err = (fn(x, 0.99).double() - fn(x.double(), 0.99)).abs().max().item()
         assert err <= 9.9e-5, err
-    err = (discounted_cumsum(x.T, 0.99, dim=0).double() - discounted_cumsum(x.T.double(), 0.99, dim=0)).abs().max()
+    err = (
+        (discounted_cumsum(x.T, 0.99, dim=0).double() - discounted_cumsum(x.T.double(), 0.99, dim=0))
+        .abs()
+        .max()
+    )
     assert err.item() <= 9.9e-5
 
 
@@ -151,8 +173,12 @@ def test_known_values():
     assert torch.allclose(discounted_cumsum_right(x, 0.5), torch.tensor([[2.75, 3.5, 3.0]]))
     assert torch.allclose(discounted_cumsum_left(x, 0.5), torch.tensor([[1.0, 2.5, 4.25]]))
     dones = torch.tensor([[False, True, False]])
-    assert torch.allclose(discounted_cumsum(x, 0.5, reverse=True, dones=dones, initial=4.0), torch.tensor([[2.0, 2.0, 5.0]]))
-    assert torch.allclose(discounted_cumsum(x, 0.5, dones=dones, initial=4.0), torch.tensor([[3.0, 2.0, 4.0]]))
+    assert torch.allclose(
+        discounted_cumsum(x, 0.5, reverse=True, dones=dones, initial=4.0), torch.tensor([[2.0, 2.0, 5.0]])
+    )
+    assert torch.allclose(
+        discounted_cumsum(x, 0.5, dones=dones, initial=4.0), torch.tensor([[3.0, 2.0, 4.0]])
+    )
 
 
 def test_per_row_gamma_matches_peer_semantics():

@@ -9,6 +9,9 @@ from torch import nn
 
 import altgrad.es_layers as es
 
+# The test tensors are tiny: one thread avoids OpenMP barrier stalls when the CPU is shared with other jobs.
+torch.set_num_threads(1)
+
 N = 6  # population used by most layer tests
 DT = torch.float64
 
@@ -35,8 +38,12 @@ CONV_CASES = {
         4, 6, 3, N, padding=1, groups=2, padding_mode="reflect", dtype=DT, seed=1
     ),
     "conv-perm-in": lambda: es.PermutedConv2d(4, 6, 3, N, permutation="in", in_sparsity=2, dtype=DT, seed=3),
-    "conv-perm-out": lambda: es.PermutedConv2d(4, 6, 3, N, permutation="out", out_sparsity=0.5, dtype=DT, seed=3),
-    "conv-perm-both": lambda: es.PermutedConv2d(4, 6, (3, 1), N, permutation="both", stride=2, dtype=DT, seed=3),
+    "conv-perm-out": lambda: es.PermutedConv2d(
+        4, 6, 3, N, permutation="out", out_sparsity=0.5, dtype=DT, seed=3
+    ),
+    "conv-perm-both": lambda: es.PermutedConv2d(
+        4, 6, (3, 1), N, permutation="both", stride=2, dtype=DT, seed=3
+    ),
     "conv-flip-in": lambda: es.FlipoutConv2d(4, 6, 3, N, flip="in", dtype=DT, seed=4),
     "conv-flip-out": lambda: es.FlipoutConv2d(4, 6, 3, N, flip="out", bias=False, dtype=DT, seed=4),
     "conv-flip-both-groups": lambda: es.FlipoutConv2d(

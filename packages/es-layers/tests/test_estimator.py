@@ -13,14 +13,16 @@ import torch.nn.functional as F
 
 import altgrad.es_layers as es
 
-N, T, SIGMA = 128, 40, 0.1
+N, T, T_SHARED, SIGMA = 128, 40, 160, 0.1
 SHARED = {"permuted", "permuted-sparse", "flipout", "conv-flipout", "conv-permuted"}
 
 FACTORIES = {
     "iid": lambda: es.PerturbedLinear(6, 4, N, seed=0, dtype=torch.float64),
     "sparse": lambda: es.SparsePerturbedLinear(6, 4, N, sparsity=2, seed=0, dtype=torch.float64),
     "permuted": lambda: es.PermutedLinear(6, 4, N, permutation="in", seed=0, dtype=torch.float64),
-    "permuted-sparse": lambda: es.PermutedLinear(6, 4, N, in_sparsity=3, out_sparsity=2, seed=0, dtype=torch.float64),
+    "permuted-sparse": lambda: es.PermutedLinear(
+        6, 4, N, in_sparsity=3, out_sparsity=2, seed=0, dtype=torch.float64
+    ),
     "flipout": lambda: es.FlipoutLinear(6, 4, N, flip="both", seed=0, dtype=torch.float64),
     "lowrank": lambda: es.LowRankLinear(6, 4, N, rank=2, seed=0, dtype=torch.float64),
     "conv-lowrank": lambda: es.LowRankConv2d(2, 3, 2, N, seed=0, dtype=torch.float64),
@@ -47,21 +49,21 @@ def test_antithetic_estimate_is_unbiased(name):
     est_w = torch.zeros_like(layer.weight)
     est_b = torch.zeros_like(layer.bias)
     layer.perturbed_flag = True
-    for _ in range(T):
+    steps = T_SHARED if name in SHARED else T
+    for _ in range(steps):
         layer.set_noise(SIGMA)
         with torch.no_grad():
             f = (layer(x) * v).flatten(1).sum(1)
         weights = es.antithetic_difference(f) / (2 * N * SIGMA**2)
         gw, gb = layer.es_grad(weights)
-        est_w += gw / T
-        est_b += gb / T
+        est_w += gw / steps
+        est_b += gb / steps
     rel_w = (est_w - w_param.grad).norm() / w_param.grad.norm()
     rel_b = (est_b - b_param.grad).norm() / b_param.grad.norm()
     # Per-member noise: relative error ~ sqrt(d / (N T)) ≈ 0.07 (d = 24 weights). Shared noise (one E per step):
-    # the c_ij E_ij² / σ² term only averages over the T steps, relative error ~ sqrt(2 / T) ≈ 0.22.
+    # the c_ij E_ij² / σ² term only averages over the steps: relative error ~ sqrt(2 / T_SHARED) ≈ 0.11.
     shared = name in SHARED
-    print(name, float(rel_w), float(rel_b), float(F.cosine_similarity(est_w.flatten(), w_param.grad.flatten(), dim=0)))
-    assert rel_w < (0.5 if shared else 0.2), rel_w
-    assert rel_b < 0.2, rel_b  # bias noise is per member in every mode
+    assert rel_w < (0.3 if shared else 0.2), rel_w
+    assert rel_b < 0.3, rel_b  # bias noise is per member in every mode (weight noise adds variance)
     cos = F.cosine_similarity(est_w.flatten(), w_param.grad.flatten(), dim=0)
-    assert cos > (0.85 if shared else 0.97), cos
+    assert cos > (0.95 if shared else 0.97), cos

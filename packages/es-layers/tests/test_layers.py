@@ -200,13 +200,15 @@ def test_float32_and_bfloat16_run(case, make_x, reference):
     layer = factory().to(torch.bfloat16)
     layer.set_noise(0.1)
     y = _forward(layer, x.bfloat16())
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(y).all()
 
 
 def test_extra_repr_mentions_population(case):
     _, factory = case
     text = repr(factory())
-    assert "directions=6" in text and "mode=" in text
+    assert "directions=6" in text
+    assert "mode=" in text
 
 
 # ----------------------------------------------------------------------------- structure of E_k
@@ -264,7 +266,8 @@ def test_permuted_auto_rule():
     assert es.PermutedLinear(10, 20, 4).permutation == "both"
     assert es.PermutedLinear(64, 32, 4).permutation == "in"
     assert es.PermutedLinear(32, 64, 4).permutation == "out"
-    assert es.PermutedLinear(64, 32, 4, out_sparsity=0.5).permutation == "both"
+    assert es.PermutedLinear(64, 32, 4, out_sparsity=0.5).permutation == "out"
+    assert es.PermutedLinear(64, 32, 4, permutation="in", out_sparsity=0.5).permutation == "both"
 
 
 def test_flipout_structure():

@@ -44,13 +44,15 @@ def test_seed_readme_recipe_runs_as_written():
     with torch.no_grad():
         start = base_model.loss(x_eval, y_eval).mean().item()
     examples = 8  # each member sees the same 8 examples with +E_k and with -E_k
-    repeat_size = 2 * examples
+    2 * examples
     for it in range(60):
         # 3.1 initialise the noise
         perturbed_model.set_noise()
         # 3.2 the loss under no_grad; input (repeat_size, directions, ...) flattened; 2nd half of repeats = -noise
         x, y = _data(examples, seed=100 + it)
-        x = x.repeat(2, 1).repeat_interleave(directions, dim=0)  # (repeat_size * directions, 4), member fastest
+        x = x.repeat(2, 1).repeat_interleave(
+            directions, dim=0
+        )  # (repeat_size * directions, 4), member fastest
         y = y.repeat(2).repeat_interleave(directions)
         with torch.no_grad():
             losses = perturbed_model.loss(x, y).view(2, examples, directions).sum(1)
@@ -108,11 +110,13 @@ def test_layers_numbered_and_share_seed():
     assert [m.layer_index for m in pm.perturbed_layers] == [0, 1]
     assert {m.seed for m in pm.perturbed_layers} == {42}
     pm.set_seed(7)
-    assert pm.seed == 7 and net.fc2.seed == 7
+    assert pm.seed == 7
+    assert net.fc2.seed == 7
     pm.set_noise_scale(0.3)
     assert net.fc1.noise_scale == 0.3
     pm.set_noise(0.2)
-    assert net.fc2.noise_scale == 0.2 and pm.step == 0
+    assert net.fc2.noise_scale == 0.2
+    assert pm.step == 0
     assert pm.noise_memory_bytes > 0
     pm.free_memory()
     assert pm.noise_memory_bytes == 0
@@ -187,13 +191,14 @@ def _cnn():
 def test_perturb_converts_and_keeps_weights(mode, options, classes):
     torch.manual_seed(0)
     net = _cnn()
-    params = [p for p in net.parameters()]
+    params = list(net.parameters())
     x = torch.randn(8, 1, 6, 6)
     with torch.no_grad():
         before = net(x)
     pm = es.perturb(net, 8, mode=mode, seed=1, **options)
-    assert isinstance(net[0], classes[0]) and isinstance(net[4], classes[1])
-    assert [p for p in net.parameters()] == params  # same Parameter objects
+    assert isinstance(net[0], classes[0])
+    assert isinstance(net[4], classes[1])
+    assert list(net.parameters()) == params  # same Parameter objects
     assert all(a is b for a, b in zip(net.parameters(), params))
     with torch.no_grad():
         assert torch.equal(net(x), before)
@@ -208,14 +213,17 @@ def test_perturb_converts_and_keeps_weights(mode, options, classes):
 def test_perturb_lowrank_and_permuted(mode):
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(16, 5))
     es.perturb(net, 4, mode=mode)
-    assert net[0].mode == mode and net[2].mode == mode
+    assert net[0].mode == mode
+    assert net[2].mode == mode
 
 
 def test_perturb_include_filter_and_options():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     pm = es.perturb(net, 16, mode="lowrank", rank=2, noise_scale=0.05, include=lambda name, m: name == "2")
     assert type(net[0]) is nn.Linear
-    assert isinstance(net[2], es.LowRankLinear) and net[2].rank == 2 and net[2].noise_scale == 0.05
+    assert isinstance(net[2], es.LowRankLinear)
+    assert net[2].rank == 2
+    assert net[2].noise_scale == 0.05
     assert pm.perturbed_layers == [net[2]]
 
 
@@ -258,7 +266,7 @@ def test_perturb_bad_input(kwargs, exc, match):
 def test_perturb_bad_models():
     with pytest.raises(ValueError, match="bare layer"):
         es.perturb(nn.Linear(2, 2), 4)
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
         es.perturb(nn.Sequential(nn.ReLU()), 4)
     with pytest.raises(TypeError, match="model"):
         es.perturb(None, 4)

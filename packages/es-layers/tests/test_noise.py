@@ -24,7 +24,7 @@ def test_reproducible_from_key(fn):
     a = fn((17, 5), seed=11, step=3, layer=2, members=range(9))
     b = fn((17, 5), seed=11, step=3, layer=2, members=range(9))
     assert torch.equal(a, b)
-    for kwargs in [dict(seed=12), dict(step=4), dict(layer=3), dict(stream=1)]:
+    for kwargs in [{"seed": 12}, {"step": 4}, {"layer": 3}, {"stream": 1}]:
         c = fn((17, 5), **{"seed": 11, "step": 3, "layer": 2, **kwargs}, members=range(9))
         assert not torch.equal(a, c), kwargs
 
@@ -32,7 +32,13 @@ def test_reproducible_from_key(fn):
 @pytest.mark.parametrize("fn", SAMPLERS)
 @pytest.mark.parametrize(
     "members",
-    [range(3, 7), [8, 0, 5], torch.tensor([6, 2, 2, 9]), torch.tensor([1], dtype=torch.int32), range(0, 10, 3)],
+    [
+        range(3, 7),
+        [8, 0, 5],
+        torch.tensor([6, 2, 2, 9]),
+        torch.tensor([1], dtype=torch.int32),
+        range(0, 10, 3),
+    ],
 )
 def test_rows_depend_only_on_member(fn, members):
     full = fn((33, 3), seed=5, step=1, layer=4, members=range(10))
@@ -79,10 +85,10 @@ def test_normal_statistics():
 
 @pytest.mark.parametrize(
     "other",
-    [dict(layer=1), dict(step=1), dict(seed=8), dict(stream=1)],
+    [{"layer": 1}, {"step": 1}, {"seed": 8}, {"stream": 1}],
 )
 def test_streams_independent(other):
-    base = dict(seed=7, step=0, layer=0, stream=0)
+    base = {"seed": 7, "step": 0, "layer": 0, "stream": 0}
     a = sample_normal(10_000, **base, members=range(20)).double()
     b = sample_normal(10_000, **{**base, **other}, members=range(20)).double()
     c = (a * b).mean(1)  # each ~ N(0, 1e-4)
@@ -98,7 +104,8 @@ def test_rademacher_statistics():
 
 def test_uniform_range_and_moments():
     u = sample_uniform(100_000, seed=2, members=range(5)).double()
-    assert (u > 0).all() and (u < 1).all()
+    assert (u > 0).all()
+    assert (u < 1).all()
     assert abs(u.mean().item() - 0.5) < 0.005
     assert abs(u.var().item() - 1 / 12) < 0.002
 
@@ -146,19 +153,19 @@ def test_member_tensor():
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        (dict(members=[-1]), ValueError, "members"),
-        (dict(members=torch.tensor([0.0])), TypeError, "members"),
-        (dict(members=torch.zeros(2, 2, dtype=torch.long)), ValueError, "1-D"),
-        (dict(members=[1.5]), TypeError, "members"),
-        (dict(members="01"), TypeError, "members"),
-        (dict(members=5), TypeError, "members"),
-        (dict(members=range(2), step=-1), ValueError, "step"),
-        (dict(members=range(2), layer=-2), ValueError, "layer"),
-        (dict(members=range(2), layer=1.0), TypeError, "layer"),
-        (dict(members=range(2), seed=1.5), TypeError, "seed"),
-        (dict(members=range(2), dtype=torch.int32), TypeError, "dtype"),
-        (dict(members=range(2), shape=(-1,)), ValueError, "shape"),
-        (dict(members=range(2), shape=(2.0,)), TypeError, "shape"),
+        ({"members": [-1]}, ValueError, "members"),
+        ({"members": torch.tensor([0.0])}, TypeError, "members"),
+        ({"members": torch.zeros(2, 2, dtype=torch.long)}, ValueError, "1-D"),
+        ({"members": [1.5]}, TypeError, "members"),
+        ({"members": "01"}, TypeError, "members"),
+        ({"members": 5}, TypeError, "members"),
+        ({"members": range(2), "step": -1}, ValueError, "step"),
+        ({"members": range(2), "layer": -2}, ValueError, "layer"),
+        ({"members": range(2), "layer": 1.0}, TypeError, "layer"),
+        ({"members": range(2), "seed": 1.5}, TypeError, "seed"),
+        ({"members": range(2), "dtype": torch.int32}, TypeError, "dtype"),
+        ({"members": range(2), "shape": (-1,)}, ValueError, "shape"),
+        ({"members": range(2), "shape": (2.0,)}, TypeError, "shape"),
     ],
 )
 @pytest.mark.parametrize("fn", SAMPLERS)

@@ -4,7 +4,9 @@ optimizers (Lion, SignSGD) when installed, and a bandwidth floor, plus the digit
 Two parameter sets shaped like a stack of width-512 transformer blocks (12 tensors per block: qkv,
 proj, fc1, fc2 weights and biases, two LayerNorms) plus an embedding: ~10M and ~40M parameters,
 float32, on the CPU and (when available) on CUDA. Every optimizer steps the same parameters with
-fixed gradients; times are medians over interleaved rounds of ``torch.utils.benchmark.Timer``.
+fixed gradients. Candidates are timed in interleaved rounds of ``torch.utils.benchmark.Timer``
+(each round: the median of enough steps to last ~0.5 s); the table shows the best round and its ratio
+to ``torch.optim.Adam(foreach=True)``, the JSON also the median over rounds.
 
     python packages/sign-optim/benchmarks/run.py --out bench.json --plot bench.png [--quick]
 
@@ -99,7 +101,10 @@ class _Floor:
 
 
 def bench_all(
-    factories: dict[str, Callable[[list[torch.Tensor]], Any]], params: list[torch.Tensor], rounds: int, min_time: float
+    factories: dict[str, Callable[[list[torch.Tensor]], Any]],
+    params: list[torch.Tensor],
+    rounds: int,
+    min_time: float,
 ) -> dict[str, dict]:
     """Time every candidate in interleaved rounds, so that load from other processes hits all alike.
 
@@ -149,14 +154,22 @@ def run_benchmarks(quick: bool, with_compile: bool) -> list[dict]:
             factories = candidates(device, with_compile and not quick)
             results = bench_all(factories, params, rounds=3 if quick else 7, min_time=0.2 if quick else 0.5)
             for name, r in results.items():
-                r.update({"device": device, "size": size, "n_params": n, "n_tensors": len(params), "name": name})
+                r.update(
+                    {"device": device, "size": size, "n_params": n, "n_tensors": len(params), "name": name}
+                )
                 rows.append(r)
                 print(f"  {name:<38} {r['median_ms']:9.2f} ms  (min {r['min_ms']:.2f})", flush=True)
             del params
             gc.collect()
     for r in rows:
-        base = next(x for x in rows if x["device"] == r["device"] and x["size"] == r["size"] and x["name"] == "Adam (foreach)")
-        r["ratio_vs_adam_foreach"] = r["median_ms"] / base["median_ms"]
+        base = next(
+            x
+            for x in rows
+            if x["device"] == r["device"] and x["size"] == r["size"] and x["name"] == "Adam (foreach)"
+        )
+        # The best round is the least disturbed by other processes; the median ratio is kept too.
+        r["ratio_vs_adam_foreach"] = r["min_ms"] / base["min_ms"]
+        r["median_ratio_vs_adam_foreach"] = r["median_ms"] / base["median_ms"]
     return rows
 
 
@@ -170,7 +183,7 @@ def print_table(rows: list[dict]) -> None:
         line = f"{name:<38}"
         for d, s in keys:
             r = next((x for x in rows if x["name"] == name and x["device"] == d and x["size"] == s), None)
-            line += " | " + (f"{r['median_ms']:9.2f} ({r['ratio_vs_adam_foreach']:.2f}×)" if r else "n/a").ljust(
+            line += " | " + (f"{r['min_ms']:9.2f} ({r['ratio_vs_adam_foreach']:.2f}×)" if r else "n/a").ljust(
                 len(f" {d} {s} ms (× Adam foreach)") - 1
             )
         print(line)
@@ -189,7 +202,9 @@ def plot(rows: list[dict], path: str) -> None:
     for k, (device, size) in enumerate(keys):
         values = []
         for name in names:
-            r = next((x for x in rows if x["name"] == name and x["device"] == device and x["size"] == size), None)
+            r = next(
+                (x for x in rows if x["name"] == name and x["device"] == device and x["size"] == size), None
+            )
             values.append(r["ratio_vs_adam_foreach"] if r else 0.0)
         ypos = [i + k * height for i in range(len(names))]
         bars = ax.barh(ypos, values, height=height, label=f"{device}, {size} params")
@@ -199,8 +214,12 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))])
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("step time / torch.optim.Adam (foreach) step time  (lower is faster)")
-    ax.set_title(f"optimizer step time, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    ax.set_xlabel(
+        "step time / torch.optim.Adam (foreach) step time, best of interleaved rounds  (lower is faster)"
+    )
+    ax.set_title(
+        f"optimizer step time, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,11 +227,17 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument("--plot", help="write the step-time ratios as PNG to this path")
-    parser.add_argument("--quick", action="store_true", help="a ~1M parameter set, short runs, short training")
-    parser.add_argument("--skip-training", action="store_true", help="leave out the digits training comparison")
+    parser.add_argument(
+        "--quick", action="store_true", help="a ~1M parameter set, short runs, short training"
+    )
+    parser.add_argument(
+        "--skip-training", action="store_true", help="leave out the digits training comparison"
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd AddSign")
     args = parser.parse_args()
 

@@ -54,13 +54,21 @@ def optimizers(total_steps: int) -> dict[str, tuple[OptimizerFactory, list[float
         "SGD momentum 0.9": (lambda p, lr, T: torch.optim.SGD(p, lr=lr, momentum=0.9), [0.03, 0.1, 0.3]),
         "Adam": (lambda p, lr, T: torch.optim.Adam(p, lr=lr), [1e-3, 3e-3, 1e-2]),
         "AddSign": (lambda p, lr, T: AddSign(p, lr=lr), sign_lrs),
-        "AddSign-ld": (lambda p, lr, T: AddSign(p, lr=lr, sign_internal_decay=LinearInternalDecay(T)), sign_lrs),
+        "AddSign-ld": (
+            lambda p, lr, T: AddSign(p, lr=lr, sign_internal_decay=LinearInternalDecay(T)),
+            sign_lrs,
+        ),
         "AddSign-restart_10": (
-            lambda p, lr, T: AddSign(p, lr=lr, sign_internal_decay=RestartCosineInternalDecay(T, num_periods=10)),
+            lambda p, lr, T: AddSign(
+                p, lr=lr, sign_internal_decay=RestartCosineInternalDecay(T, num_periods=10)
+            ),
             sign_lrs,
         ),
         "PowerSign": (lambda p, lr, T: PowerSign(p, lr=lr), sign_lrs),
-        "PowerSign-cd": (lambda p, lr, T: PowerSign(p, lr=lr, sign_internal_decay=CosineInternalDecay(T)), sign_lrs),
+        "PowerSign-cd": (
+            lambda p, lr, T: PowerSign(p, lr=lr, sign_internal_decay=CosineInternalDecay(T)),
+            sign_lrs,
+        ),
     }
 
 
@@ -115,7 +123,13 @@ def run(epochs: int, seeds: list[int], batch_size: int = 64) -> dict[str, Any]:
             if best is None or curve[-1] < best["train_loss"][-1]:
                 best = {"lr": lr, "train_loss": curve, "test_accuracy": acc}
         results[name] = best
-    return {"epochs": epochs, "seeds": seeds, "batch_size": batch_size, "model": "MLP 64-128-128-10", "runs": results}
+    return {
+        "epochs": epochs,
+        "seeds": seeds,
+        "batch_size": batch_size,
+        "model": "MLP 64-128-128-10",
+        "runs": results,
+    }
 
 
 def plot(training: dict[str, Any], path: str) -> None:
@@ -146,7 +160,9 @@ def print_table(training: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument("--plot", help="write the loss curves as PNG to this path")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")

@@ -7,7 +7,6 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    yield
 
 
 def linear_fn(a: torch.Tensor, c: float = 0.0):

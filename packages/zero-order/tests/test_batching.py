@@ -2,10 +2,11 @@
 
 import warnings
 
-import altgrad.zero_order as zo
 import pytest
 import torch
 import torch.nn.functional as F
+
+import altgrad.zero_order as zo
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order
 from altgrad.zero_order.population import PopulationEvaluator
 
@@ -35,8 +36,10 @@ def test_vmap_and_loop_agree(method, chunk_size):
         got[batching] = estimate_gradient(
             fn, params, zo.SeededNormal(4), method, 12, 0.05, batching=batching, chunk_size=chunk_size, **kw
         )
+    # float32 tolerance: one-sided chunks are perturbed in place and Σ w_k z_k is recovered as
+    # (Σ w_k (θ + σ z_k) − Σ w_k θ) / σ, which costs a few ulps × |w|·|θ|/σ (far below the estimator's own noise).
     for a, b in zip(got["vmap"], got["loop"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     one_chunk = estimate_gradient(fn, params, zo.SeededNormal(4), method, 12, 0.05, batching="loop", **kw)
     for a, b in zip(got["loop"], one_chunk):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -91,7 +94,7 @@ class _BN(ZeroOrderGradientModule, method="antithetic", num_samples=6, sigma=0.1
     def forward(self, x):
         return self.bn(self.fc(x)).pow(2).mean()
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return torch.randn(sample_shape)
 
     def zero_order_distribution(self):
@@ -117,7 +120,7 @@ class _MLP(ZeroOrderGradientModule, method="antithetic", num_samples=9, sigma=0.
     def forward(self, x, y):
         return F.mse_loss(self.net(x), y)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return torch.randn(sample_shape)
 
     def zero_order_distribution(self):

@@ -1,8 +1,9 @@
 """The TorchOpt-shaped namespace: functional adam matches torch.optim.Adam; apply_updates semantics."""
 
-import altgrad.zero_order.compat as torchopt
 import pytest
 import torch
+
+import altgrad.zero_order.compat as torchopt
 
 
 def test_functional_adam_matches_torch_adam():
@@ -26,9 +27,11 @@ def test_functional_adam_matches_torch_adam():
 def test_apply_updates_inplace_and_not():
     p = (torch.zeros(2),)
     out = torchopt.apply_updates(p, (torch.ones(2),), inplace=False)
-    assert p[0].sum() == 0 and out[0].sum() == 2
+    assert p[0].sum() == 0
+    assert out[0].sum() == 2
     out = torchopt.apply_updates(p, (torch.ones(2),))
-    assert out[0] is p[0] and p[0].sum() == 2
+    assert out[0] is p[0]
+    assert p[0].sum() == 2
 
 
 def test_adam_validation():

@@ -1,9 +1,10 @@
 """float32, float64, bfloat16 parameters; noise on the parameter's device; CUDA when available."""
 
-import altgrad.zero_order as zo
 import pytest
 import torch
 import torch.nn.functional as F
+
+import altgrad.zero_order as zo
 from altgrad.zero_order import estimate_gradient, zero_order
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -13,7 +14,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize(
     "make_dist",
-    [lambda: torch.distributions.Normal(0.0, 1.0), lambda: zo.SeededNormal(0), lambda: zo.NoiseTable(0, 1 << 16)],
+    [
+        lambda: torch.distributions.Normal(0.0, 1.0),
+        lambda: zo.SeededNormal(0),
+        lambda: zo.NoiseTable(0, 1 << 16),
+    ],
     ids=["torch-normal", "seeded", "table"],
 )
 def test_linear_model_any_dtype(device, dtype, make_dist):
@@ -28,9 +33,12 @@ def test_linear_model_any_dtype(device, dtype, make_dist):
         return F.mse_loss(F.linear(x, *params), y)
 
     grads = torch.autograd.grad(f(params, x, y), params)
-    true = torch.autograd.grad(F.mse_loss(F.linear(x.double(), *(p.double() for p in params)), y.double()), params)
+    true = torch.autograd.grad(
+        F.mse_loss(F.linear(x.double(), *(p.double() for p in params)), y.double()), params
+    )
     for g, t, p in zip(grads, true, params):
-        assert g.dtype == p.dtype and g.device == p.device
+        assert g.dtype == p.dtype
+        assert g.device == p.device
         cos = F.cosine_similarity(g.double().flatten(), t.double().flatten(), dim=0)
         assert cos > 0.8, cos
 
@@ -45,7 +53,8 @@ def test_bf16_noise_is_drawn_in_float32():
 
     p = torch.zeros(4, dtype=torch.bfloat16)
     (g,) = estimate_gradient(lambda t: t.float().sum(), [p], dist, "antithetic", 8, 0.1)
-    assert g.dtype == torch.bfloat16 and seen == [torch.float32]
+    assert g.dtype == torch.bfloat16
+    assert seen == [torch.float32]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

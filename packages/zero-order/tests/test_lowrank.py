@@ -1,9 +1,10 @@
 """Low-rank (EGGROLL-style) directions: unbiased, factored layers equal the materialised perturbation."""
 
-import altgrad.zero_order as zo
 import pytest
 import torch
 import torch.nn.functional as F
+
+import altgrad.zero_order as zo
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient
 
 
@@ -15,7 +16,9 @@ def test_lowrank_unbiased_on_linear_function(rank):
     dist = zo.SeededNormal(2)
     est = torch.stack(
         [
-            estimate_gradient(lambda t: (a * t).sum(), [theta], dist, "antithetic", 32, 0.3, directions="lowrank", rank=rank)[0]
+            estimate_gradient(
+                lambda t: (a * t).sum(), [theta], dist, "antithetic", 32, 0.3, directions="lowrank", rank=rank
+            )[0]
             for _ in range(300)
         ]
     )
@@ -23,7 +26,9 @@ def test_lowrank_unbiased_on_linear_function(rank):
     assert ((est.mean(0) - a).abs() <= 5 * se).all()
     # Rank-1 closed form: Var[ĝ_ij] = (‖a‖² + 2‖a_i·‖² + 2‖a_·j‖² + 4 a_ij² − a_ij²) / N for Gaussian factors.
     if rank == 1:
-        var = (a.pow(2).sum() + 2 * a.pow(2).sum(1, keepdim=True) + 2 * a.pow(2).sum(0, keepdim=True) + 3 * a**2) / 32
+        var = (
+            a.pow(2).sum() + 2 * a.pow(2).sum(1, keepdim=True) + 2 * a.pow(2).sum(0, keepdim=True) + 3 * a**2
+        ) / 32
         ratio = est.var(0).sum() / var.sum()
         assert 0.75 < ratio < 1.25, ratio
 
@@ -38,7 +43,7 @@ def _net(batching, directions="lowrank"):
         def forward(self, x, y):
             return F.mse_loss(self.m(x), y)
 
-        def sample(self, sample_shape=torch.Size()):
+        def sample(self, sample_shape=()):
             return torch.randn(sample_shape)
 
         def zero_order_distribution(self):
@@ -61,7 +66,9 @@ def test_factored_module_matches_materialised_and_loop():
     params = [p.detach() for p in ref.parameters()]
     plain = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     grads = estimate_gradient(
-        lambda *p: F.mse_loss(torch.func.functional_call(plain, dict(zip([n[2:] for n in names], p)), (x,)), y),
+        lambda *p: F.mse_loss(
+            torch.func.functional_call(plain, dict(zip([n[2:] for n in names], p)), (x,)), y
+        ),
         params,
         zo.SeededNormal(8),
         "antithetic",

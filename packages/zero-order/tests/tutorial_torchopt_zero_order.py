@@ -17,9 +17,7 @@ y = torch.randn(64, 1) * 0.1
 distribution = torch.distributions.Normal(loc=0, scale=1)
 
 
-@torchopt.diff.zero_order(
-    distribution=distribution, method='forward', argnums=0, num_samples=100, sigma=0.01
-)
+@torchopt.diff.zero_order(distribution=distribution, method="forward", argnums=0, num_samples=100, sigma=0.01)
 def forward_process(params, fn, x, y):
     y_pred = fn(params, x)
     loss = F.mse_loss(y_pred, y)
@@ -36,12 +34,12 @@ for i in range(25):
     updates, opt_state = optimizer.update(grads, opt_state)  # get updates
     params = torchopt.apply_updates(params, updates)  # update network parameters
 
-    print(f'{i + 1:03d}: {loss!r}')
+    print(f"{i + 1:03d}: {loss!r}")
 
 torch.random.manual_seed(0)
 
 
-class Net(torchopt.nn.ZeroOrderGradientModule, method='forward', num_samples=100, sigma=0.01):
+class Net(torchopt.nn.ZeroOrderGradientModule, method="forward", num_samples=100, sigma=0.01):
     def __init__(self, dim):
         super().__init__()
         self.fc = nn.Linear(dim, 1)
@@ -52,7 +50,7 @@ class Net(torchopt.nn.ZeroOrderGradientModule, method='forward', num_samples=100
         loss = F.mse_loss(y_pred, y)
         return loss
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return self.distribution.sample(sample_shape)
 
 
@@ -70,4 +68,4 @@ for i in range(25):
     loss.backward()  # backward pass
     optimizer.step()  # update network parameters
 
-    print(f'{i + 1:03d}: {loss!r}')
+    print(f"{i + 1:03d}: {loss!r}")

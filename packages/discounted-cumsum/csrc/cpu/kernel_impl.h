@@ -140,6 +140,8 @@ template <> struct Vec<double> {
   static constexpr int W = ALTGRAD_VEC_BYTES / 8;
 };
 
+// V has the element's alignment, so dereferencing a V* is an unaligned vector load/store.
+
 // Lane i takes v[i-K] (Up == false) or v[i+K] (Up == true); lanes shifted in from outside are 0.
 template <int K, bool Up, typename V, std::size_t... I>
 inline V shift_lanes(V v, std::index_sequence<I...>) {
@@ -168,37 +170,61 @@ inline typename Vec<C>::V local_scan(typename Vec<C>::V v, const typename Vec<C>
 }
 #endif
 
+// Per-gate constants of the in-register scan, recomputed only when the gate or the direction changes (rows that
+// share a discount reuse them, which matters for many short rows).
+template <typename C>
+struct ConstPlan {
+#ifdef ALTGRAD_SIMD
+  using V = typename Vec<C>::V;
+  static constexpr int W = Vec<C>::W;
+  V gpow[4];  // g, g^2, g^4, g^8 in every lane
+  V P;        // P[i] = g^(i+1) (forward) or g^(W-i) (reverse)
+  double gW = 0.0;
+  double g = 0.0;
+  int reverse = -1;
+  void prepare(double gate, bool rev) {
+    if (reverse == static_cast<int>(rev) && g == gate) return;
+    g = gate;
+    reverse = rev;
+    double p = gate;
+    for (int k = 0; k < 4; ++k) {
+      for (int i = 0; i < W; ++i) gpow[k][i] = static_cast<C>(p);
+      p *= p;
+    }
+    double q = 1.0;
+    for (int i = 0; i < W; ++i) {
+      q *= gate;
+      P[rev ? W - 1 - i : i] = static_cast<C>(q);
+    }
+    gW = ipow(gate, W);
+  }
+#endif
+};
+
 // Scans x[0, len) into y (may alias x) with constant gate g; forward scans upwards, reverse downwards.
 // Returns the last value in scan order. Without has_carry the first element in scan order is copied.
 template <typename C>
-double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool has_carry, bool reverse) {
+double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool has_carry, bool reverse,
+                  ConstPlan<C>* plan = nullptr) {
   if (len <= 0) return carry;
 #ifdef ALTGRAD_SIMD
   using VT = Vec<C>;
   using V = typename VT::V;
   constexpr int W = VT::W;
   if (len >= 2 * W) {
-    V gpow[4];
-    double p = g;
-    for (int k = 0; k < 4; ++k) {
-      for (int i = 0; i < W; ++i) gpow[k][i] = static_cast<C>(p);
-      p *= p;
-    }
-    V P;  // P[i] = g^(i+1) (forward) or g^(W-i) (reverse)
-    double q = 1.0;
-    for (int i = 0; i < W; ++i) {
-      q *= g;
-      P[reverse ? W - 1 - i : i] = static_cast<C>(q);
-    }
+    ConstPlan<C> local;
+    if (plan == nullptr) plan = &local;
+    plan->prepare(g, reverse);
+    const V* gpow = plan->gpow;
+    const V P = plan->P;
     // The carry between blocks is chained in double: y_last = v_last + g^W * carry depends on the previous
     // carry through one scalar FMA, and keeping it in double makes the float32 result as accurate as a tree sum.
-    const double gW = ipow(g, W);
-    double cd = static_cast<double>(carry);
+    const double gW = plan->gW;
+    double cd = carry;
     const int64_t nb = len / W;
     if (!reverse) {
       for (int64_t b = 0; b < nb; ++b) {
-        V v;
-        std::memcpy(&v, x + b * W, sizeof(V));
+        V v = *reinterpret_cast<const V*>(x + b * W);
         v = local_scan<C, false>(v, gpow);
         const double last = static_cast<double>(v[W - 1]);
         if (has_carry) {
@@ -208,7 +234,7 @@ double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool ha
           cd = last;
         }
         has_carry = true;
-        std::memcpy(y + b * W, &v, sizeof(V));
+        *reinterpret_cast<V*>(y + b * W) = v;
       }
       for (int64_t t = nb * W; t < len; ++t) {
         cd = static_cast<double>(x[t]) + g * cd;
@@ -222,8 +248,7 @@ double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool ha
       y[t] = static_cast<C>(cd);
     }
     for (int64_t b = nb - 1; b >= 0; --b) {
-      V v;
-      std::memcpy(&v, x + b * W, sizeof(V));
+      V v = *reinterpret_cast<const V*>(x + b * W);
       v = local_scan<C, true>(v, gpow);
       const double first = static_cast<double>(v[0]);
       if (has_carry) {
@@ -233,7 +258,7 @@ double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool ha
         cd = first;
       }
       has_carry = true;
-      std::memcpy(y + b * W, &v, sizeof(V));
+      *reinterpret_cast<V*>(y + b * W) = v;
     }
     return cd;
   }
@@ -269,10 +294,9 @@ void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
     const int64_t nb = len / W;
     if (!reverse) {
       for (int64_t b = 0; b < nb; ++b) {
-        V v;
-        std::memcpy(&v, y + b * W, sizeof(V));
+        V v = *reinterpret_cast<const V*>(y + b * W);
         v += pv;
-        std::memcpy(y + b * W, &v, sizeof(V));
+        *reinterpret_cast<V*>(y + b * W) = v;
         pv *= gw;
       }
       double cur = static_cast<double>(pv[0]);
@@ -286,10 +310,9 @@ void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
     // Blocks are aligned to the end of the array: block k covers [len - (k+1) W, len - k W).
     for (int64_t k = 0; k < nb; ++k) {
       C* blk = y + len - (k + 1) * W;
-      V v;
-      std::memcpy(&v, blk, sizeof(V));
+      V v = *reinterpret_cast<const V*>(blk);
       v += pv;
-      std::memcpy(blk, &v, sizeof(V));
+      *reinterpret_cast<V*>(blk) = v;
       pv *= gw;
     }
     double cur = static_cast<double>(pv[W - 1]);
@@ -314,7 +337,8 @@ void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
 constexpr int64_t kBuf = 1024;
 
 template <int D>
-double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry, bool has_carry) {
+double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry, bool has_carry,
+                   ConstPlan<typename IO<D>::C>* plan = nullptr) {
   using T = IO<D>;
   using C = typename T::C;
   const int64_t n = p->n;
@@ -323,7 +347,7 @@ double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, doub
   const double g = static_cast<const double*>(p->gate)[row];
   const bool rev = p->reverse != 0;
   if constexpr (D == kFloat32 || D == kFloat64) {
-    return scan_const<C>(x + a, y + a, b - a, g, carry, has_carry, rev);
+    return scan_const<C>(x + a, y + a, b - a, g, carry, has_carry, rev, plan);
   } else {
     C buf[kBuf];
     double c = carry;
@@ -332,7 +356,7 @@ double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, doub
       const int64_t m = len - done < kBuf ? len - done : kBuf;
       const int64_t start = rev ? b - done - m : a + done;
       for (int64_t i = 0; i < m; ++i) buf[i] = T::load(x, start + i);
-      c = scan_const<C>(buf, buf, m, g, c, has_carry, rev);
+      c = scan_const<C>(buf, buf, m, g, c, has_carry, rev, plan);
       has_carry = true;
       for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
     }
@@ -425,10 +449,11 @@ inline bool fast_rows(const ScanProblem* p) { return !p->gate_per_elem && p->don
 template <int D>
 void rows_impl(const ScanProblem* p, int64_t r0, int64_t r1) {
   const double* init = p->init;
+  ConstPlan<typename IO<D>::C> plan;
   for (int64_t r = r0; r < r1; ++r) {
     const double carry = init ? init[r] : 0.0;
     if (fast_rows(p)) {
-      const_range<D>(p, r, 0, p->n, carry, init != nullptr);
+      const_range<D>(p, r, 0, p->n, carry, init != nullptr, &plan);
     } else {
       seq_segment<D>(p, r, 0, p->n, carry, init != nullptr, nullptr, nullptr);
     }

@@ -122,7 +122,9 @@ def normalize(
             raise TypeError(f"`dones` must be a bool, integer or float tensor, got {dones.dtype}")
         dones = _check_device("dones", dones, x)
         if not _broadcastable(dones.shape, x.shape):
-            raise ValueError(f"`dones` of shape {tuple(dones.shape)} does not broadcast to `x` of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"`dones` of shape {tuple(dones.shape)} does not broadcast to `x` of shape {tuple(x.shape)}"
+            )
         dones_t = dones if dones.dtype == torch.bool else dones != 0
 
     initial_t: torch.Tensor | None = None

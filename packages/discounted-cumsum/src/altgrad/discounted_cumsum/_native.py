@@ -68,7 +68,7 @@ def _prepare(
     inner = math.prod(shape[dim + 1 :])
     cd = compute_dtype(x.dtype)
     xc = x.contiguous()
-    row_shape = shape[:dim] + (1,) + shape[dim + 1 :]
+    row_shape = (*shape[:dim], 1, *shape[dim + 1 :])
     # Gates that are constant along the scan and initial values are passed in float64 (they are small), so a
     # discount such as 0.99 is not rounded to float32; per-element gates use the compute dtype.
     if gamma is None:
@@ -123,14 +123,57 @@ def native_scan(
     if x.device.type == "cpu":
         mod = _require(_cpu, _cpu_error, "cpu")
         mod.scan(
-            _ptr(xc), _ptr(y), code, outer, n, inner, _ptr(gate), per_elem, _ptr(done), _ptr(init), reverse,
+            _ptr(xc),
+            _ptr(y),
+            code,
+            outer,
+            n,
+            inner,
+            _ptr(gate),
+            per_elem,
+            _ptr(done),
+            _ptr(init),
+            reverse,
             torch.get_num_threads(),
         )
         return y
     mod = _require(_cuda, _cuda_error, "cuda")
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
+        tiles = mod.tiles_needed(outer, n, inner)
+        workspace = _cuda_workspace(mod, x.device, stream, tiles)
         mod.scan(
-            _ptr(xc), _ptr(y), code, outer, n, inner, _ptr(gate), per_elem, _ptr(done), _ptr(init), reverse, stream
+            _ptr(xc),
+            _ptr(y),
+            code,
+            outer,
+            n,
+            inner,
+            _ptr(gate),
+            per_elem,
+            _ptr(done),
+            _ptr(init),
+            reverse,
+            stream,
+            _ptr(workspace),
+            0 if workspace is None else _workspace_tiles[(x.device, stream)],
         )
     return y
+
+
+# The single-pass CUDA kernel chains its tiles through a small workspace (ticket counter, epoch, per-tile flags).
+# The kernel leaves it ready for the next launch, so it is allocated (zeroed) once per device and stream and only
+# re-allocated when a larger input needs more tiles.
+_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
+_workspace_tiles: dict[tuple[torch.device, int], int] = {}
+
+
+def _cuda_workspace(mod: ModuleType, device: torch.device, stream: int, tiles: int) -> torch.Tensor | None:
+    if tiles == 0:
+        return None
+    key = (device, stream)
+    if _workspace_tiles.get(key, 0) < tiles:
+        capacity = max(tiles, 2 * _workspace_tiles.get(key, 0), 64)
+        _workspaces[key] = torch.zeros(mod.workspace_bytes(capacity), dtype=torch.uint8, device=device)
+        _workspace_tiles[key] = capacity
+    return _workspaces[key]

@@ -18,10 +18,10 @@ def discounted_cumsum(
 ) -> torch.Tensor:
     r"""Discounted cumulative sum of ``x`` along ``dim``, differentiable w.r.t. ``x``, ``gamma`` and ``initial``.
 
-    With ``reverse=False`` (sum to the left) :math:`y_t = x_t + \gamma_t (1 - d_t)\, y_{t-1}`, with
-    ``reverse=True`` (sum to the right, the RL return) :math:`y_t = x_t + \gamma_t (1 - d_t)\, y_{t+1}`. The value
+    With ``reverse=False`` (sum to the left) $y_t = x_t + \gamma_t (1 - d_t)\, y_{t-1}$, with
+    ``reverse=True`` (sum to the right, the RL return) $y_t = x_t + \gamma_t (1 - d_t)\, y_{t+1}$. The value
     before the first element in scan order is ``initial`` (0 when omitted), so with ``reverse=True`` it is the
-    bootstrap value :math:`y_N`.
+    bootstrap value $y_N$.
 
     Runs the C++ kernel on the CPU (SIMD, multi-threaded), the CUDA kernel on CUDA devices (one launch on the
     current stream) and a pure-torch loop on any other device. float16 and bfloat16 are accumulated in float32.
@@ -59,14 +59,17 @@ def discounted_cumsum(
         tensor([1.8750, 1.7500, 1.5000, 1.0000])
     """
     a = normalize(x, gamma, dim, dones, initial)
-    y = _ops.scan(a.x, a.gamma, a.gamma_value, a.dones, a.initial, a.dim, reverse)
+    fn = _ops.scan_eager if _ops.can_skip_dispatcher(a.x, a.gamma, a.dones, a.initial) else _ops.scan
+    y = fn(a.x, a.gamma, a.gamma_value, a.dones, a.initial, a.dim, reverse)
     return y.reshape(()) if a.squeeze else y
 
 
 def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"`x` must be a 2-D tensor [B, N] (use discounted_cumsum for other shapes), got {shape}")
+        raise ValueError(
+            f"`x` must be a 2-D tensor [B, N] (use discounted_cumsum for other shapes), got {shape}"
+        )
     if isinstance(gamma, torch.Tensor) and gamma.dim() == 1:
         if gamma.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"`gamma` must have 1 or B={x.shape[0]} elements, got {gamma.shape[0]}")
@@ -75,7 +78,7 @@ def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.T
 
 
 def discounted_cumsum_right(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
-    r"""Discounted cumulative sum to the right of each position: :math:`y_t = x_t + \gamma\, y_{t+1}`.
+    r"""Discounted cumulative sum to the right of each position: $y_t = x_t + \gamma\, y_{t+1}$.
 
     Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_right``: ``x`` is ``[B, N]`` and the sum
     runs along dim 1. Use [`discounted_cumsum`][altgrad.discounted_cumsum.discounted_cumsum] for other shapes,
@@ -100,7 +103,7 @@ def discounted_cumsum_right(x: torch.Tensor, gamma: float | torch.Tensor) -> tor
 
 
 def discounted_cumsum_left(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
-    r"""Discounted cumulative sum to the left of each position: :math:`y_t = x_t + \gamma\, y_{t-1}`.
+    r"""Discounted cumulative sum to the left of each position: $y_t = x_t + \gamma\, y_{t-1}$.
 
     Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_left`` (``x`` is ``[B, N]``, the sum runs
     along dim 1).

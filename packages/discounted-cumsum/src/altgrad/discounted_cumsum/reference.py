@@ -1,14 +1,11 @@
 r"""The pure-torch reference: the definition of the discounted cumulative sum, one step at a time.
 
-Along ``dim`` (length :math:`N`), with discounts :math:`\gamma_t`, resets :math:`d_t` and an initial value
-:math:`y_{\text{init}}` (0 when absent):
+Along ``dim`` (length N), with discounts gamma_t, resets d_t and an initial value y_init (0 when absent):
 
-.. math::
+    forward (left):   y_t = x_t + gamma_t * (1 - d_t) * y_{t-1},   y_{-1} = y_init
+    reverse (right):  y_t = x_t + gamma_t * (1 - d_t) * y_{t+1},   y_N    = y_init
 
-    \text{forward (left):}\quad & y_t = x_t + \gamma_t (1 - d_t)\, y_{t-1}, \qquad y_{-1} = y_{\text{init}} \\
-    \text{reverse (right):}\quad & y_t = x_t + \gamma_t (1 - d_t)\, y_{t+1}, \qquad y_{N} = y_{\text{init}}
-
-A reset :math:`d_t = 1` means that :math:`y_t` receives nothing from the element before it in scan order.
+A reset $d_t = 1$ means that $y_t$ receives nothing from the element before it in scan order.
 This module is the test oracle for the native kernels and the implementation used on devices that have no
 native kernel. It is differentiable through ordinary autograd.
 """

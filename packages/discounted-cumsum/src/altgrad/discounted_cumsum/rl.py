@@ -20,7 +20,7 @@ def discounted_returns(
     bootstrap: float | torch.Tensor | None = None,
     dim: int = -1,
 ) -> torch.Tensor:
-    r"""Discounted returns :math:`R_t = r_t + \gamma_t (1 - d_t) R_{t+1}` with :math:`R_T` = ``bootstrap``.
+    r"""Discounted returns $R_t = r_t + \gamma_t (1 - d_t) R_{t+1}$ with $R_T$ = ``bootstrap``.
 
     Args:
         rewards: Rewards, time along ``dim`` (e.g. ``[T]``, batch-major ``[B, T]`` or time-major ``[T, B]`` with
@@ -53,15 +53,15 @@ def generalized_advantage_estimate(
 ) -> torch.Tensor:
     r"""Generalized advantage estimation (Schulman et al., 2016).
 
-    :math:`\delta_t = r_t + \gamma (1 - d_t) V_{t+1} - V_t` and
-    :math:`A_t = \delta_t + \gamma \lambda (1 - d_t) A_{t+1}`, with :math:`V_T` = ``bootstrap`` and
-    :math:`A_T = 0`. The value targets used by PPO are ``advantages + values``.
+    $\delta_t = r_t + \gamma (1 - d_t) V_{t+1} - V_t$ and
+    $A_t = \delta_t + \gamma \lambda (1 - d_t) A_{t+1}$, with $V_T$ = ``bootstrap`` and
+    $A_T = 0$. The value targets used by PPO are ``advantages + values``.
 
     Args:
         rewards: Rewards, time along ``dim``.
-        values: Value estimates :math:`V_t` of the states at each step, same shape as ``rewards``.
+        values: Value estimates $V_t$ of the states at each step, same shape as ``rewards``.
         gamma: Discount: a number or a tensor broadcastable to ``rewards`` (a per-row tensor is also accepted).
-        lam: GAE :math:`\lambda`: a number or a tensor like ``gamma``.
+        lam: GAE $\lambda$: a number or a tensor like ``gamma``.
         dones: Optional episode ends, broadcastable to ``rewards``.
         bootstrap: Optional value of the state after the last step, shape of ``rewards`` without ``dim``.
         dim: Time dimension.
@@ -96,10 +96,20 @@ def generalized_advantage_estimate(
     next_values = torch.cat([v.narrow(d, 1, n - 1), last.unsqueeze(d)], d) if n > 0 else v
     not_done = 1.0 if dones is None else (dones == 0).to(cd)
     g = gamma.to(cd) if isinstance(gamma, torch.Tensor) else gamma
-    if isinstance(g, torch.Tensor) and g.dim() == rewards.dim() - 1 and g.shape == row_shape and rewards.dim() > 1:
+    if (
+        isinstance(g, torch.Tensor)
+        and g.dim() == rewards.dim() - 1
+        and g.shape == row_shape
+        and rewards.dim() > 1
+    ):
         g = g.unsqueeze(d)  # per-row discount, as accepted by discounted_cumsum
     lm = lam.to(cd) if isinstance(lam, torch.Tensor) else lam
-    if isinstance(lm, torch.Tensor) and lm.dim() == rewards.dim() - 1 and lm.shape == row_shape and rewards.dim() > 1:
+    if (
+        isinstance(lm, torch.Tensor)
+        and lm.dim() == rewards.dim() - 1
+        and lm.shape == row_shape
+        and rewards.dim() > 1
+    ):
         lm = lm.unsqueeze(d)
     delta = rewards.to(cd) + g * not_done * next_values - v
     gl = g * lm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -76,6 +76,16 @@ def _infer_features(module: nn.Module, feature_dim: int) -> int | None:
     return None
 
 
+def _is_feature_map(module: nn.Module) -> bool:
+    """Whether ``module`` produces a convolutional ``(B, C, ...)`` feature map (channels on dim 1)."""
+    if isinstance(module, nn.Sequential):
+        for child in reversed(list(module)):
+            if not isinstance(child, _SHAPE_PRESERVING):
+                return _is_feature_map(child)
+        return False
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.BatchNorm2d, nn.BatchNorm3d))
+
+
 def _key(name: str) -> str:
     return name.replace(".", "/") if name else "root"
 
@@ -139,6 +149,8 @@ class DNI(nn.Module):
         sample_input: Example input (a tensor or a tuple of positional arguments) used for a dry run in eval
             mode that creates every synthesizer at construction.
         diagnostics: Keep each interface's last prediction, target and their cosine similarity.
+        modules: Names of the submodules to wrap (as in ``net.named_modules()``, any module, not only leaves);
+            overrides ``recursive`` and ``skip_last_layer``. For example the hidden blocks of a model.
 
     Raises:
         TypeError: If ``net`` is not an ``nn.Module`` or an argument has the wrong type.
@@ -167,6 +179,7 @@ class DNI(nn.Module):
         update_modules: bool = True,
         sample_input: Any = None,
         diagnostics: bool = False,
+        modules: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -210,32 +223,62 @@ class DNI(nn.Module):
         self._features: dict[str, int] = {}
         self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
+        self._synth_optimizer: torch.optim.Optimizer | None = None
         module_optim = optim if optim is not None else grad_optim
         self._module_optim = optimizer_factory(module_optim, float(lr if lr is not None else grad_lr), "optim")
 
-        self._wrapped = self._select(net, recursive, skip_last_layer)
+        self._wrapped = self._select(net, recursive, skip_last_layer, modules)
         self._hooks: list[Any] = []
-        self._param_optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._module_optimizers: list[torch.optim.Optimizer] = []
+        self._ready: dict[int, torch.optim.Optimizer] = {}
+        self._batching = False
         for name, module in self._wrapped.items():
+            if _is_feature_map(module) and self._feature_dim != 1:
+                raise ValueError(
+                    f"module {name or 'net'!r} ({type(module).__name__}) produces (B, C, H, W) feature maps, but "
+                    f"dni_network={dni_network.__name__} reads features along dim {self._feature_dim}, so it cannot "
+                    "produce their gradient; use dni_network=Conv2dDNI (or wrap only the linear layers)"
+                )
             self._hooks.append(module.register_forward_hook(functools.partial(self._hook, name)))
             features = _infer_features(module, self._feature_dim)
             if features is not None:
                 self._build(name, features, module)
         if update_modules and self._module_optim is not None:
+            seen: set[int] = set()
             for module in self._wrapped.values():
-                for p in module.parameters():
-                    if p.requires_grad and id(p) not in self._param_optimizers:
-                        opt = self._module_optim([p])
-                        self._param_optimizers[id(p)] = opt
-                        self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_step_param, opt)))
+                params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+                seen.update(id(p) for p in params)
+                if not params:
+                    continue
+                opt = self._module_optim(params)
+                self._module_optimizers.append(opt)
+                for p in params:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt)))
         if sample_input is not None:
             self._dry_run(sample_input)
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _select(net: nn.Module, recursive: bool, skip_last_layer: bool) -> dict[str, nn.Module]:
+    def _select(
+        net: nn.Module, recursive: bool, skip_last_layer: bool, modules: Iterable[str] | None
+    ) -> dict[str, nn.Module]:
         def trainable(m: nn.Module, recurse: bool) -> bool:
             return any(p.requires_grad for p in m.parameters(recurse=recurse))
+
+        if modules is not None:
+            if isinstance(modules, str):
+                raise TypeError("modules must be an iterable of module names, not a single string")
+            named = dict(net.named_modules())
+            chosen = {}
+            for name in modules:
+                if name not in named:
+                    raise ValueError(f"modules: net has no submodule named {name!r}")
+                if not trainable(named[name], True):
+                    raise ValueError(f"modules: {name!r} has no trainable parameters: there is nothing to train with DNI")
+                chosen[name] = named[name]
+            if not chosen:
+                raise ValueError("modules is empty: nothing to wrap")
+            return chosen
 
         if not recursive:
             if not trainable(net, True):
@@ -264,7 +307,12 @@ class DNI(nn.Module):
         if ref is not None:
             synth = synth.to(device=ref.device, dtype=ref.dtype)
         params = [p for p in synth.parameters() if p.requires_grad]
-        optimizer = self._grad_optim(params) if self._grad_optim is not None and params else None
+        if self._grad_optim is not None and params:
+            # One optimizer for all synthesizers, stepped before the next prediction (see _step_synthesizers).
+            if self._synth_optimizer is None:
+                self._synth_optimizer = self._grad_optim(params)
+            else:
+                self._synth_optimizer.add_param_group({"params": params})
         iface = BackwardInterface(
             synth,
             context_size=self.context_size,
@@ -272,7 +320,6 @@ class DNI(nn.Module):
             scale=self.scale,
             inject=self.inject,
             mode=self._mode,
-            optimizer=optimizer,
             feature_dim=self._feature_dim,
             diagnostics=self.diagnostics_enabled,
         )
@@ -310,8 +357,19 @@ class DNI(nn.Module):
         iface = self._interface_for(name, module, h)
         if self._building or not h.requires_grad:
             return None
-        iface.mode = self._active_mode
-        out = iface(h, context=self._current_context())
+        if iface.mode != self._active_mode:
+            iface.mode = self._active_mode
+        # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
+        # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
+        self._batching = True
+        try:
+            out = iface(h, context=self._current_context())
+        finally:
+            self._batching = False
+            ready, self._ready = self._ready, {}
+            for opt in ready.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         if rest is None:
             return out
         if iface.unlocked:
@@ -336,6 +394,14 @@ class DNI(nn.Module):
                 f"{expected} features, so it cannot produce this activation's gradient{hint}"
             )
         return iface
+
+    def _on_grad(self, optimizer: torch.optim.Optimizer, param: Tensor) -> None:
+        """Post-accumulate-grad hook of a wrapped parameter: step its module's optimizer."""
+        if self._batching:
+            self._ready[id(optimizer)] = optimizer
+            return
+        optimizer.step()
+        param.grad = None
 
     def _current_context(self) -> Tensor | None:
         return getattr(_CONTEXT, "values", {}).get(id(self))
@@ -365,7 +431,7 @@ class DNI(nn.Module):
         """
         values = _CONTEXT.__dict__.setdefault("values", {})
         previous = values.get(id(self))
-        values[id(self)] = context
+        values[id(self)] = self._one_hot(context)
         try:
             yield
         finally:
@@ -373,6 +439,18 @@ class DNI(nn.Module):
                 values.pop(id(self), None)
             else:
                 values[id(self)] = previous
+
+    def _one_hot(self, context: Tensor | None) -> Tensor | None:
+        """Encode integer labels once per forward (interfaces would otherwise each do it)."""
+        if isinstance(context, Tensor) and not context.is_floating_point() and self.context_size:
+            if context.dim() != 1:
+                raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
+            if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
+                raise ValueError(f"integer context labels must be in [0, {self.context_size}), got out-of-range labels")
+            ref = next(iter(self.interfaces.values()), None)
+            dtype = next(ref.parameters()).dtype if ref is not None and any(True for _ in ref.parameters()) else None
+            return torch.nn.functional.one_hot(context.long(), self.context_size).to(dtype or torch.get_default_dtype())
+        return context
 
     def forward(self, *args: Any, context: Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped network.
@@ -389,6 +467,7 @@ class DNI(nn.Module):
         if self.training:
             self._active_mode = "observe" if self.num_steps < self.warmup_steps else self._mode
             self.num_steps += 1
+            self.step_synthesizers()
         if context is None:
             return self.network(*args, **kwargs)
         with self.context(context):
@@ -441,9 +520,20 @@ class DNI(nn.Module):
         return self.interfaces[key]  # type: ignore[return-value]
 
     def step_synthesizers(self) -> None:
-        """Apply any synthesizer update still waiting (updates are otherwise applied automatically)."""
-        for iface in self.interfaces.values():
-            iface.step()
+        """Apply the synthesizer updates whose targets have arrived.
+
+        Called automatically at the start of every training forward and by :meth:`state_dict`; a synthesizer's
+        update is therefore always applied before its next prediction, which is what stepping it the moment
+        its target arrives would give, with one optimizer step for all synthesizers. Skipped while some
+        prediction still waits for its target (for example between two forwards accumulated into one
+        backward), because its graph still needs the current weights.
+        """
+        opt = self._synth_optimizer
+        if opt is None or any(iface._pending > 0 for iface in self.interfaces.values()):
+            return
+        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Last synthesizer loss (and cosine to the target, with ``diagnostics=True``) per wrapped module.
@@ -471,12 +561,16 @@ class DNI(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._param_optimizers.clear()
+        self._module_optimizers.clear()
         return self.network
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        """Step counter and per-interface activation sizes (lets a fresh wrapper rebuild lazy synthesizers)."""
+        """Step counter and per-interface activation sizes (lets a fresh wrapper rebuild lazy synthesizers).
+
+        Pending synthesizer updates are applied first, so a checkpoint holds the up-to-date synthesizers.
+        """
+        self.step_synthesizers()
         return {"version": 1, "num_steps": self.num_steps, "features": dict(self._features)}
 
     def set_extra_state(self, state: Any) -> None:
@@ -503,7 +597,4 @@ class DNI(nn.Module):
             return getattr(network, name)
 
 
-def _step_param(optimizer: torch.optim.Optimizer, param: Tensor) -> None:
-    optimizer.step()
-    param.grad = None
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import noise as _noise
 from .noise import Members
@@ -70,8 +70,8 @@ class Perturbed:
         step: The step of the current noise (``None`` before the first :meth:`set_noise`).
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Any  # Tensor or None (declared loosely to stay compatible with nn.Linear / nn.Conv2d)
     mode: str = "iid"
 
     def _init_perturbed(

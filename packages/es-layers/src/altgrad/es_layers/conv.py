@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Perturbed
 from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise
 
 __all__ = ["FlipoutConv2d", "LowRankConv2d", "PermutedConv2d", "PerturbedConv2d", "SyntheticConv2d"]
 
 
-class _PerturbedConvBase(nn.Conv2d):
+class _PerturbedConvBase(Perturbed, nn.Conv2d):
     """Shared forward plumbing for the perturbed Conv2d layers."""
 
     def _setup(
@@ -51,10 +52,10 @@ class _PerturbedConvBase(nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        self._init_perturbed(directions, antithetic, noise_scale, seed)  # type: ignore[attr-defined]
+        self._init_perturbed(directions, antithetic, noise_scale, seed)
 
     def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, {self._perturbed_repr()}"  # type: ignore[attr-defined]
+        return f"{nn.Conv2d.extra_repr(self)}, {self._perturbed_repr()}"
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         padding = 0 if self.padding_mode != "zeros" else self.padding
@@ -69,20 +70,20 @@ class _PerturbedConvBase(nn.Conv2d):
         Returns:
             ``(repeat_size * n, out_channels, H_out, W_out)``.
         """
-        if not self.perturbed_flag:  # type: ignore[attr-defined]
+        if not self.perturbed_flag:
             return super().forward(input)
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected a 4-D input (repeat_size * n, {self.in_channels}, H, W), "
                 f"got shape {tuple(input.shape)}"
             )
-        noise = self._current_noise()  # type: ignore[attr-defined]
-        reps = self._repeats(input.shape)  # type: ignore[attr-defined]
+        noise = self._current_noise()
+        reps = self._repeats(input.shape)
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         out = self._conv(input, self.weight, self.bias, self.groups)
-        n = self.members.numel()  # type: ignore[attr-defined]
-        signs = self._signs(reps, out.dtype, out.device)  # type: ignore[attr-defined]
+        n = self.members.numel()
+        signs = self._signs(reps, out.dtype, out.device)
         x5 = input.view(reps, n, *input.shape[1:])
         p = self._perturbation(x5, noise)  # (R, n, C_out, H', W')
         if signs is not None:
@@ -226,7 +227,7 @@ class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
         out_hw = v.shape[2:]
         if self.permute_outputs:
             v = F.pad(v.view(reps, n, self.out_sparsity, -1), (0, 0, 0, 1))  # zero channel at the end
-            offsets = (noise["out_inv"] + torch.arange(n, device=x5.device)[:, None] * (self.out_sparsity + 1))
+            offsets = noise["out_inv"] + torch.arange(n, device=x5.device)[:, None] * (self.out_sparsity + 1)
             v = v.view(reps, n * (self.out_sparsity + 1), -1).index_select(1, offsets.reshape(-1))
         v = v.view(reps, n, self.out_channels, *out_hw)
         eps = self._bias_noise(noise)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -61,8 +61,9 @@ def _convert(module: nn.Module, cls: type[nn.Module], directions: int, options: 
             dtype=module.weight.dtype,
             **options,
         )
-    new.weight = module.weight  # the same Parameter objects: existing optimizers keep working
-    new.bias = module.bias
+    # the same Parameter objects: existing optimizers keep working
+    new.register_parameter("weight", cast(nn.Parameter, module.weight))
+    new.register_parameter("bias", cast("nn.Parameter | None", module.bias))
     new.train(module.training)
     return new
 
@@ -119,7 +120,9 @@ def perturb(
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for mode {key!r}; allowed: {sorted(allowed)}")
     if type(model) in (nn.Linear, nn.Conv2d):
-        raise ValueError("model is a bare layer: wrap it (for example nn.Sequential(layer)) so it can be replaced")
+        raise ValueError(
+            "model is a bare layer: wrap it (for example nn.Sequential(layer)) so it can be replaced"
+        )
     linear_cls, conv_cls = MODES[key]
     targets = []
     for name, module in model.named_modules():

@@ -17,6 +17,7 @@ Works with gloo (CPU tensors) and nccl (CUDA tensors: pass fitness on the rank's
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +32,9 @@ def _dist():
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group first"
+        )
     return dist
 
 
@@ -59,7 +62,7 @@ def shard_members(directions: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def shard(perturbed_model: PerturbedModel, group=None) -> range:
+def shard(perturbed_model: PerturbedModel, group: Any = None) -> range:
     """Make this rank evaluate its block of the population (``shard_members`` of its rank in ``group``).
 
     Args:
@@ -76,13 +79,15 @@ def shard(perturbed_model: PerturbedModel, group=None) -> range:
     dist = _dist()
     world = dist.get_world_size(group)
     if perturbed_model.directions < world:
-        raise ValueError(f"directions ({perturbed_model.directions}) must be >= the number of ranks ({world})")
+        raise ValueError(
+            f"directions ({perturbed_model.directions}) must be >= the number of ranks ({world})"
+        )
     members = shard_members(perturbed_model.directions, dist.get_rank(group), world)
     perturbed_model.set_members(members)
     return members
 
 
-def broadcast_seed(seed: int | None = None, src: int = 0, group=None) -> int:
+def broadcast_seed(seed: int | None = None, src: int = 0, group: Any = None) -> int:
     """Return rank ``src``'s seed on every rank (drawn from the operating system there if ``None``).
 
     Args:
@@ -101,14 +106,14 @@ def broadcast_seed(seed: int | None = None, src: int = 0, group=None) -> int:
     return int(t.item())
 
 
-def _collective_device(dist, group) -> torch.device:
+def _collective_device(dist: Any, group: Any) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def all_gather_fitness(local_fitness: Tensor, members: Members, directions: int, group=None) -> Tensor:
+def all_gather_fitness(local_fitness: Tensor, members: Members, directions: int, group: Any = None) -> Tensor:
     """Gather every rank's per-member fitness into the full population's fitness, on every rank.
 
     Args:
@@ -151,7 +156,9 @@ def all_gather_fitness(local_fitness: Tensor, members: Members, directions: int,
     dist.all_gather(gathered_m, pad_m, group=group)
     idx = torch.cat([g[:c] for g, c in zip(gathered_m, counts)])
     vals = torch.cat([g[:c] for g, c in zip(gathered_f, counts)])
-    if idx.numel() != directions or not torch.equal(torch.sort(idx).values, torch.arange(directions, device=device)):
+    if idx.numel() != directions or not torch.equal(
+        torch.sort(idx).values, torch.arange(directions, device=device)
+    ):
         raise ValueError(f"the ranks' members must cover range({directions}) exactly once")
     out = torch.empty((directions, *rest), dtype=fit.dtype, device=device)
     out[idx] = vals

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Perturbed
 from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise, SparseNoise
 
 __all__ = [
@@ -24,15 +25,17 @@ __all__ = [
 ]
 
 
-class _PerturbedLinearBase(nn.Linear):
+class _PerturbedLinearBase(Perturbed, nn.Linear):
     """Shared forward plumbing for the perturbed Linear layers."""
 
-    def _setup(self, in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype):
+    def _setup(
+        self, in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype
+    ):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_perturbed(directions, antithetic, noise_scale, seed)  # type: ignore[attr-defined]
+        self._init_perturbed(directions, antithetic, noise_scale, seed)
 
     def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self._perturbed_repr()}"  # type: ignore[attr-defined]
+        return f"{nn.Linear.extra_repr(self)}, {self._perturbed_repr()}"
 
     def forward(self, input: Tensor) -> Tensor:
         """Unperturbed ``x Wᵀ + b``, or the population's outputs when ``perturbed_flag`` is set.
@@ -44,23 +47,25 @@ class _PerturbedLinearBase(nn.Linear):
             ``(repeat_size * n, *, out_features)``.
         """
         out = F.linear(input, self.weight, self.bias)
-        if not self.perturbed_flag:  # type: ignore[attr-defined]
+        if not self.perturbed_flag:
             return out
         if input.dim() < 2 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input of shape (repeat_size * n, *, {self.in_features}), "
                 f"got {tuple(input.shape)}"
             )
-        noise = self._current_noise()  # type: ignore[attr-defined]
-        reps = self._repeats(input.shape)  # type: ignore[attr-defined]
-        n = self.members.numel()  # type: ignore[attr-defined]
+        noise = self._current_noise()
+        reps = self._repeats(input.shape)
+        n = self.members.numel()
         x4 = input.reshape(reps, n, -1, self.in_features)
         out4 = out.view(reps, n, -1, self.out_features)
-        signs = self._signs(reps, out.dtype, out.device)  # type: ignore[attr-defined]
+        signs = self._signs(reps, out.dtype, out.device)
         self._add_perturbation(x4, out4, noise, signs)
         return out
 
-    def _add_perturbation(self, x4: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None) -> None:
+    def _add_perturbation(
+        self, x4: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None
+    ) -> None:
         raise NotImplementedError
 
     def _finish(self, p: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None) -> None:

@@ -53,7 +53,9 @@ class PerturbedModel:
             raise ValueError(f"directions must be a positive int, got {directions!r}")
         layers = [m for m in base_model.modules() if isinstance(m, Perturbed)]
         if not layers:
-            raise ValueError("base_model has no perturbed layer (use perturb(model, directions) to convert one)")
+            raise ValueError(
+                "base_model has no perturbed layer (use perturb(model, directions) to convert one)"
+            )
         for name, m in base_model.named_modules():
             if isinstance(m, Perturbed) and m.directions != directions:
                 raise ValueError(f"layer {name!r} has directions={m.directions}, expected {directions}")

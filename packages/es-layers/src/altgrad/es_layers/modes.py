@@ -8,7 +8,8 @@ The weight has shape ``(m, n, *kernel)`` (``m`` outputs, ``n`` inputs per group)
 * **Permuted** (``mode="permuted"``): one shared ``E`` of shape ``(m_sp, n_sp, *kernel)``, entries
   ``N(0, σ²·m·n/(m_sp·n_sp))``; member ``k`` draws random injections ``π_k: [n_sp] → [n]`` (input side) and/or
   ``ρ_k: [m_sp] → [m]`` (output side) and ``E_k[ρ_k(i), π_k(j)] = E[i, j]``, zero elsewhere. Update (one side):
-  ``E · P`` with ``P = Σ_k w_k Π_k`` built by a scatter-add, then one GEMM.
+  ``E · P`` with ``P = Σ_k w_k Π_k`` built by a scatter-add, then one GEMM; both sides: a scatter-add of
+  ``N·m_sp·n_sp`` values.
 * **Sign flip / Flipout** (``mode="flipout"``): one shared ``E`` (entries ``N(0, σ²)``); member ``k`` draws
   Rademacher vectors ``s_k`` (inputs) and/or ``r_k`` (outputs); ``E_k = diag(r_k) · E · diag(s_k)``, i.e.
   ``E ∘ (r_k s_kᵀ)``. Update: ``E ∘ (Σ_k w_k r_k s_kᵀ)``, one ``(m×N)·(N×n)`` GEMM (linear in ``w``: NESgpu's
@@ -147,21 +148,27 @@ class PermutedNoise(Perturbed):
     def _init_permuted(self, permutation: str, in_sparsity: int | float, out_sparsity: int | float) -> None:
         m, n = self.weight.shape[:2]
         if getattr(self, "groups", 1) != 1:
-            raise ValueError("permuted noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)")
-        self.permute_inputs, self.permute_outputs = _resolve_auto("permutation", permutation, n, m)
+            raise ValueError(
+                "permuted noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)"
+            )
         self.in_sparsity = _resolve_side("in_sparsity", in_sparsity, n)
         self.out_sparsity = _resolve_side("out_sparsity", out_sparsity, m)
-        if self.in_sparsity < n:
-            self.permute_inputs = True
-        if self.out_sparsity < m:
-            self.permute_outputs = True
+        sparse_in, sparse_out = self.in_sparsity < n, self.out_sparsity < m
+        if permutation == "auto" and (sparse_in or sparse_out):
+            # "auto" permutes the sparse side(s) only (NESgpu would add its size rule on top)
+            self.permute_inputs, self.permute_outputs = sparse_in, sparse_out
+        else:
+            self.permute_inputs, self.permute_outputs = _resolve_auto("permutation", permutation, n, m)
+        self.permute_inputs |= sparse_in
+        self.permute_outputs |= sparse_out
         self.permutation = (
             "both" if self.permute_inputs and self.permute_outputs else "in" if self.permute_inputs else "out"
         )
 
     def _per_member_elements(self) -> int:
-        if self.permute_inputs and self.permute_outputs:
-            return self.weight.numel()  # the update materialises E_k per chunk
+        if self.permute_inputs and self.permute_outputs:  # the update scatters m_sp * n_sp values per member
+            kernel = max(1, self.weight[0, 0].numel())
+            return 2 * self.out_sparsity * self.in_sparsity * kernel
         return self.weight.shape[0] + self.weight.shape[1]
 
     def _shared_noise(self) -> dict[str, Tensor]:
@@ -204,10 +211,15 @@ class PermutedNoise(Perturbed):
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
         e = noise["shared_weight"]
         m, n = self.weight.shape[:2]
-        kernel = tuple(self.weight.shape[2:])
+        tuple(self.weight.shape[2:])
         if self.permute_inputs and self.permute_outputs:
-            dense = self._dense_weight(noise)
-            return (w @ dense.reshape(dense.shape[0], -1)).view(self.weight.shape)
+            # G[ρ_k(i), π_k(j)] += w_k E[i, j]: a scatter-add of N·m_sp·n_sp values
+            rows, cols = noise["out_idx"], noise["in_idx"]
+            flat = (rows[:, :, None] * n + cols[:, None, :]).reshape(-1)
+            vals = w[:, None, None, None] * e.reshape(self.out_sparsity, self.in_sparsity, -1)[None]
+            vals = vals.reshape(flat.numel(), -1)
+            g = torch.zeros((m * n, vals.shape[1]), dtype=e.dtype, device=e.device)
+            return g.index_add_(0, flat, vals).view(self.weight.shape)
         if self.permute_inputs:
             idx = noise["in_idx"]  # (k, n_sp)
             p = torch.zeros(self.in_sparsity * n, dtype=e.dtype, device=e.device)
@@ -250,11 +262,16 @@ class FlipoutNoise(Perturbed):
 
     def _member_noise(self, members: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        kw = {"members": members, "device": self.weight.device, "dtype": self.weight.dtype}
+        dev, dt = self.weight.device, self.weight.dtype
         if self.flip_inputs:
-            out["in_sign"] = _noise.sample_rademacher(self._in_size(), **self._key(STREAM_IN), **kw)
+            key = self._key(STREAM_IN)
+            out["in_sign"] = _noise.sample_rademacher(
+                self._in_size(), **key, members=members, device=dev, dtype=dt
+            )
         if self.flip_outputs:
-            out["out_sign"] = _noise.sample_rademacher(self.weight.shape[0], **self._key(STREAM_OUT), **kw)
+            key = self._key(STREAM_OUT)
+            m = self.weight.shape[0]
+            out["out_sign"] = _noise.sample_rademacher(m, **key, members=members, device=dev, dtype=dt)
         return out
 
     def _in_sign_per_row(self, s: Tensor) -> Tensor:
@@ -312,7 +329,9 @@ class LowRankNoise(Perturbed):
         if rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank}")
         if getattr(self, "groups", 1) != 1:
-            raise ValueError("low-rank noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)")
+            raise ValueError(
+                "low-rank noise needs groups=1 (use mode='flipout' or 'iid' for grouped convolutions)"
+            )
         self.rank = rank
 
     def _fan_in(self) -> int:

@@ -1,6 +1,6 @@
 """AddSign and PowerSign optimizers with TensorFlow's internal sign decays, as torch.optim optimizers.
 
-Example:
+Examples:
     >>> import torch
     >>> from altgrad.sign_optim import AddSign, LinearInternalDecay
     >>> model = torch.nn.Linear(4, 1)

@@ -91,7 +91,7 @@ def _multiplier_(s: Tensor, d: Any, rule: Rule, alpha: float) -> None:
 
 
 def _foreach_multiplier_(signs: list[Tensor], ds: list[Any] | None, rule: Rule, alpha: float) -> None:
-    """Turn each ``s`` into the update multiplier, in place (foreach); the same ops as :func:`_multiplier_`."""
+    """Turn each ``s`` into the update multiplier, in place (foreach); the same ops as `_multiplier_`."""
     if rule == "add":
         if ds is not None:
             torch._foreach_mul_(signs, ds)
@@ -312,7 +312,7 @@ def sign_update(
     """Functional AddSign / PowerSign step over a list of parameters (see the module docstring).
 
     ``foreach=None`` picks the multi-tensor path when every parameter is on a device with foreach
-    kernels (CUDA, XPU, ...), the single-tensor loop otherwise, like :mod:`torch.optim`.
+    kernels (CUDA, XPU, ...), the single-tensor loop otherwise, like `torch.optim`.
     """
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)

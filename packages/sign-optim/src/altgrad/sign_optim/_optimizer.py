@@ -1,7 +1,7 @@
-"""The ``torch.optim.Optimizer`` plumbing shared by :class:`AddSign` and :class:`PowerSign`.
+"""The ``torch.optim.Optimizer`` plumbing shared by `AddSign` and `PowerSign`.
 
 Validation, param groups (with the sign decay stored as plain data), lazy state, ``step`` and
-backward-compatible ``__setstate__``. The update itself lives in :mod:`._functional`.
+backward-compatible ``__setstate__``. The update itself lives in `._functional`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _decay_to_group_value(decay: DecayArg) -> tuple[dict[str, Any] | None, Calla
 
 
 class SignOptimizer(Optimizer):
-    """Common base of :class:`AddSign` and :class:`PowerSign`; not meant to be instantiated directly.
+    """Common base of `AddSign` and `PowerSign`; not meant to be instantiated directly.
 
     Args:
         params: Iterable of parameters (or named parameters) to optimize, or of dicts defining

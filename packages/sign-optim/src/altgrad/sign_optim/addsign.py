@@ -29,7 +29,7 @@ class AddSign(SignOptimizer):
     With ``alpha=1`` and no decay, a coordinate whose gradient disagrees with ``m`` does not move at
     all; with ``alpha < 1`` it moves along ``m`` (against ``-g``).
 
-    The step counter ``t`` is kept per parameter (a 0-dim tensor, as in :class:`torch.optim.Adam`).
+    The step counter ``t`` is kept per parameter (a 0-dim tensor, as in `torch.optim.Adam`).
     It equals TensorFlow's global step as long as every parameter receives a gradient at every step;
     a parameter that skips steps (``grad is None``) keeps its own count for the decay.
 
@@ -64,7 +64,7 @@ class AddSign(SignOptimizer):
         TypeError: If an argument has the wrong type (for example a non-callable ``sign_internal_decay``).
         ValueError: If ``lr < 0``, ``beta`` is outside [0, 1) or ``weight_decay < 0``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from altgrad.sign_optim import AddSign, LinearInternalDecay
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))

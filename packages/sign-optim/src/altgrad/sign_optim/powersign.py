@@ -30,7 +30,7 @@ class PowerSign(SignOptimizer):
     the (new) running average, by ``1 / alpha`` when it disagrees and by 1 when either is 0.
     ``alpha = 1`` gives plain SGD.
 
-    The step counter ``t`` is kept per parameter (a 0-dim tensor, as in :class:`torch.optim.Adam`).
+    The step counter ``t`` is kept per parameter (a 0-dim tensor, as in `torch.optim.Adam`).
     It equals TensorFlow's global step as long as every parameter receives a gradient at every step;
     a parameter that skips steps (``grad is None``) keeps its own count for the decay.
 
@@ -65,7 +65,7 @@ class PowerSign(SignOptimizer):
         TypeError: If an argument has the wrong type (for example a non-callable ``sign_internal_decay``).
         ValueError: If ``lr < 0``, ``beta`` is outside [0, 1), ``alpha <= 0`` or ``weight_decay < 0``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from altgrad.sign_optim import PowerSign
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))

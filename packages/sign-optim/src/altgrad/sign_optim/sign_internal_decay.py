@@ -17,8 +17,8 @@ float, computed in double precision) or a tensor (and then returns a tensor, com
 ops in float64 where the device has it, so that a compiled or capturable optimizer step does not
 recompile or synchronise every step).
 
-Unlike an arbitrary callable, a decay object converts to plain data (:meth:`SignInternalDecay.to_dict`)
-and back (:func:`decay_from_dict`), which is what the optimizers store in their param groups so that
+Unlike an arbitrary callable, a decay object converts to plain data (`SignInternalDecay.to_dict`)
+and back (`decay_from_dict`), which is what the optimizers store in their param groups so that
 ``optimizer.state_dict()`` survives ``torch.save`` / ``torch.load(weights_only=True)``.
 """
 
@@ -98,7 +98,7 @@ def _zero_where(condition: bool | Tensor, value: float | Tensor) -> float | Tens
 class SignInternalDecay:
     """Base class of the built-in sign decays.
 
-    Subclasses implement ``__call__`` and :meth:`to_dict`. Instances compare equal when their
+    Subclasses implement ``__call__`` and `to_dict`. Instances compare equal when their
     plain-data descriptions are equal.
     """
 
@@ -119,7 +119,7 @@ class SignInternalDecay:
         """Describe the decay as plain data (``str``, ``int``, ``float`` and ``None`` values only).
 
         Returns:
-            A dict with a ``"kind"`` key, accepted by :func:`decay_from_dict`.
+            A dict with a ``"kind"`` key, accepted by `decay_from_dict`.
         """
         raise NotImplementedError
 
@@ -148,7 +148,7 @@ class LinearInternalDecay(SignInternalDecay):
         TypeError: If ``T_max`` is not an int.
         ValueError: If ``T_max < 1``.
 
-    Example:
+    Examples:
         >>> decay = LinearInternalDecay(10)
         >>> [decay(t) for t in (0, 5, 10, 20)]
         [1.0, 0.5, 0.0, 0.0]
@@ -197,7 +197,7 @@ class CosineInternalDecay(SignInternalDecay):
         TypeError: If an argument has the wrong type.
         ValueError: If ``T_max < 1``, ``num_periods <= 0`` or ``zero_after < 0``.
 
-    Example:
+    Examples:
         >>> decay = CosineInternalDecay(1000)
         >>> round(decay(500), 12), decay(1000)
         (0.5, 0.0)
@@ -259,7 +259,7 @@ class RestartCosineInternalDecay(SignInternalDecay):
         TypeError: If an argument has the wrong type.
         ValueError: If ``T_max < 1``, ``num_periods <= 0`` or ``zero_after < 0``.
 
-    Example:
+    Examples:
         >>> decay = RestartCosineInternalDecay(1000, num_periods=5, zero_after=2)
         >>> [round(decay(t), 12) for t in (0, 100, 200, 400)]
         [1.0, 0.5, 1.0, 0.0]
@@ -313,7 +313,7 @@ _KINDS: dict[str, type[SignInternalDecay]] = {
 
 
 def decay_from_dict(spec: dict[str, Any]) -> SignInternalDecay:
-    """Rebuild a decay from the plain data returned by :meth:`SignInternalDecay.to_dict`.
+    """Rebuild a decay from the plain data returned by `SignInternalDecay.to_dict`.
 
     Args:
         spec: A dict with a ``"kind"`` key (``"linear"``, ``"cosine"`` or ``"restart"``) and the

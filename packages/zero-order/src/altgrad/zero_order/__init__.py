@@ -4,7 +4,7 @@
 ``torchopt.nn.ZeroOrderGradientModule``. As in TorchOpt, the module itself is callable:
 ``altgrad.zero_order(distribution, ...)`` is ``altgrad.zero_order.zero_order(distribution, ...)``.
 For the TorchOpt tutorial namespace (``torchopt.diff``, ``torchopt.nn``, ``torchopt.adam``, ...) see
-:mod:`altgrad.zero_order.compat`.
+`compat`.
 """
 
 import sys as _sys

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributions import Samplable, SeededDistribution
+from .distributions import NoiseTable, Samplable, SeededDistribution
 
 __all__ = ["NoiseSource", "as_noise_source", "compute_dtype"]
 
@@ -30,7 +30,7 @@ class NoiseSource:
     """Draws ``(len(members), *p.shape)`` directions for leaf ``leaf`` in the compute dtype on ``p``'s device.
 
     Args:
-        distribution: A Samplable, a callable ``fn(sample_shape)`` or a :class:`SeededDistribution`.
+        distribution: A Samplable, a callable ``fn(sample_shape)`` or a `SeededDistribution`.
         sample_batched: Ask a user distribution for all members of a chunk in one call (``sample_shape=(n,
             *p.shape)``). When False, it is called once per member and leaf, as TorchOpt does.
     """
@@ -67,11 +67,26 @@ class NoiseSource:
         step: int,
     ) -> Tensor:
         """Return ``(len(members), *shape)`` noise for leaf ``leaf`` in the compute dtype on ``device``."""
+        return self.draw_fresh(leaf, shape, device, param_dtype, members, step)[0]
+
+    def draw_fresh(
+        self,
+        leaf: int,
+        shape: Sequence[int],
+        device: torch.device,
+        param_dtype: torch.dtype,
+        members: range,
+        step: int,
+    ) -> tuple[Tensor, bool]:
+        """Like `draw`, also saying whether the tensor is new and private (safe to overwrite in place)."""
         dtype = compute_dtype(param_dtype)
         shape = torch.Size(shape)
         n = len(members)
         if self.seeded:
-            return self.distribution.draw(shape, step=step, leaf=leaf, members=members, device=device, dtype=dtype)
+            z = self.distribution.draw(
+                shape, step=step, leaf=leaf, members=members, device=device, dtype=dtype
+            )
+            return z, not isinstance(self.distribution, NoiseTable)
         if self._fast_normal is not None:
             loc, scale = self._fast_normal
             z = torch.randn((n, *shape), device=device, dtype=dtype)
@@ -79,11 +94,12 @@ class NoiseSource:
                 z.mul_(scale)
             if loc != 0.0:
                 z.add_(loc)
-            return z
+            return z, True
         if self.sample_batched:
-            z = torch.as_tensor(self._sample(torch.Size((n, *shape))))
-            if z.shape == (n, *shape):
-                return z.to(device=device, dtype=dtype)
+            raw = torch.as_tensor(self._sample(torch.Size((n, *shape))))
+            if raw.shape == (n, *shape):
+                z = raw.to(device=device, dtype=dtype)
+                return z, z.data_ptr() != raw.data_ptr()
         rows = []
         for _ in range(n):
             z = torch.as_tensor(self._sample(shape))
@@ -95,7 +111,7 @@ class NoiseSource:
                     f"{tuple(shape)}"
                 ) from None
             rows.append(z.to(device=device, dtype=dtype))
-        return torch.stack(rows)
+        return torch.stack(rows), True
 
 
 def _scalar_normal(distribution: Any) -> tuple[float, float] | None:
@@ -113,5 +129,5 @@ def _scalar_normal(distribution: Any) -> tuple[float, float] | None:
 
 
 def as_noise_source(distribution: Any, sample_batched: bool = True) -> NoiseSource:
-    """Wrap ``distribution`` (validated with TorchOpt's error) into a :class:`NoiseSource`."""
+    """Wrap ``distribution`` (validated with TorchOpt's error) into a `NoiseSource`."""
     return NoiseSource(distribution, sample_batched=sample_batched)

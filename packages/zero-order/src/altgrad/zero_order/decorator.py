@@ -152,15 +152,15 @@ def zero_order(
 
     Drop-in for ``torchopt.diff.zero_order.zero_order`` (same parameters, order, defaults and errors). The
     decorated function returns ``f(θ)`` unperturbed; ``torch.autograd.grad`` / ``.backward()`` then estimates
-    :math:`\nabla_\theta \mathbb{E}_z[f(\theta + \sigma z)]` for the tensor leaves of ``args[argnums]``:
+    $\nabla_\theta \mathbb{E}_z[f(\theta + \sigma z)]$ for the tensor leaves of ``args[argnums]``:
 
-    - ``naive``: :math:`\frac{1}{N}\sum_k f(\theta+\sigma z_k)\, z_k / \sigma` (N evaluations);
-    - ``forward``: :math:`\frac{1}{N}\sum_k (f(\theta+\sigma z_k) - f(\theta))\, z_k / \sigma` (N evaluations;
+    - ``naive``: $\frac{1}{N}\sum_k f(\theta+\sigma z_k)\, z_k / \sigma$ (N evaluations);
+    - ``forward``: $\frac{1}{N}\sum_k (f(\theta+\sigma z_k) - f(\theta))\, z_k / \sigma$ (N evaluations;
       TorchOpt ≤ 0.7.3 multiplies by σ instead and overwrites its baseline, see the docs);
-    - ``antithetic``: :math:`\frac{1}{N}\sum_k (f(\theta+\sigma z_k) - f(\theta-\sigma z_k))\, z_k / (2\sigma)`
+    - ``antithetic``: $\frac{1}{N}\sum_k (f(\theta+\sigma z_k) - f(\theta-\sigma z_k))\, z_k / (2\sigma)$
       (2N evaluations);
     - ``es`` (OpenAI-ES, centered ranks) and ``ars`` (top-``top_k`` directions, std-normalised): see
-      :mod:`altgrad.zero_order.estimators`.
+      `estimators`.
 
     Unlike TorchOpt, all members are evaluated in batched calls (``torch.func.vmap``, chunked by ``chunk_size``),
     noise is drawn on each parameter's device in at least float32, the decorated function accepts keyword
@@ -169,8 +169,8 @@ def zero_order(
     Args:
         distribution: Noise distribution with zero mean and unit variance per element: an object with
             ``sample(sample_shape)`` (e.g. ``torch.distributions.Normal(0, 1)``), a callable ``fn(sample_shape)``,
-            or a seeded distribution (:class:`~altgrad.zero_order.SeededNormal`,
-            :class:`~altgrad.zero_order.SeededRademacher`, :class:`~altgrad.zero_order.NoiseTable`).
+            or a seeded distribution (`SeededNormal`,
+            `SeededRademacher`, `NoiseTable`).
         method: ``"naive"``, ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``.
         argnums: Index or indices of the positional arguments to differentiate (pytrees of tensors).
         num_samples: Number of directions N (antithetic methods evaluate 2N members).
@@ -233,7 +233,9 @@ def zero_order(
                     )
             if not flat_params:
                 raise ValueError(f"the arguments selected by `argnums` {argnums_t} hold no tensors")
-            call = _Call(fn, args, kwargs, resolved, flat_all, positions, spec, source, options, evaluator_cache)
+            call = _Call(
+                fn, args, kwargs, resolved, flat_all, positions, spec, source, options, evaluator_cache
+            )
             return ZeroOrder.apply(call, *flat_params)
 
         return apply

@@ -1,12 +1,12 @@
 """How the direction of one parameter leaf is represented, applied and accumulated.
 
-* :class:`Dense` (the default, TorchOpt's): a full tensor ``z`` of the leaf's shape per member.
-* :class:`LowRank` (EGGROLL-style, for 2-D leaves): ``E = A Bᵀ / √r`` with ``A`` of shape ``(out, r)`` and ``B`` of
+* `Dense` (the default, TorchOpt's): a full tensor ``z`` of the leaf's shape per member.
+* `LowRank` (EGGROLL-style, for 2-D leaves): ``E = A Bᵀ / √r`` with ``A`` of shape ``(out, r)`` and ``B`` of
   shape ``(in, r)`` drawn from the distribution. ``E`` has zero mean, unit variance per element and identity
   covariance, like a Gaussian direction, but costs ``r·(out + in)`` random numbers instead of ``out·in``.
   With ``factored=True`` the perturbation is never materialised: the member receives ``(±σA/√r, B)`` and the
   layer computes ``x Wᵀ + ((x B) (±σA/√r)ᵀ)`` (used for ``nn.Linear`` weights by
-  :class:`~altgrad.zero_order.ZeroOrderGradientModule`), so the population forward costs about one plain
+  `ZeroOrderGradientModule`), so the population forward costs about one plain
   forward over all rows.
 
 Each direction type provides ``draw`` (noise of a chunk), ``inputs`` (the stacked tensors handed to the population
@@ -22,10 +22,30 @@ from torch import Tensor
 
 from ._noise import NoiseSource, compute_dtype
 
-__all__ = ["DIRECTIONS", "Dense", "LowRank"]
+__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "LowRank"]
 
 #: Accepted values of ``directions=``.
 DIRECTIONS: tuple[str, ...] = ("dense", "lowrank")
+
+
+class DenseNoise:
+    """The noise of one dense leaf for a chunk.
+
+    Args:
+        z: The directions, shape ``(n, *leaf.shape)``; after an in-place perturbation, ``p + σ z`` instead.
+        fresh: Whether ``z`` is new and private, so it may be overwritten with the perturbed leaf.
+    """
+
+    def __init__(self, z: Tensor, fresh: bool) -> None:
+        self.z, self.fresh = z, fresh
+        self.shift: tuple[Tensor, float] | None = None  # (p, σ) when z holds p + σ z
+
+    def directions(self) -> Tensor:
+        """The directions ``z`` (recovered as ``(z - p) / σ`` after an in-place perturbation)."""
+        if self.shift is None:
+            return self.z
+        p, sigma = self.shift
+        return (self.z - p) / sigma
 
 
 class Dense:
@@ -38,19 +58,33 @@ class Dense:
     def __init__(self, leaf: int) -> None:
         self.leaf = leaf
 
-    def draw(self, source: NoiseSource, p: Tensor, members: range, step: int) -> tuple[Tensor, ...]:
-        """Noise of ``members``: ``(z,)`` with ``z`` of shape ``(n, *p.shape)``."""
-        return (source.draw(self.leaf, p.shape, p.device, p.dtype, members, step),)
+    def draw(self, source: NoiseSource, p: Tensor, members: range, step: int) -> DenseNoise:
+        """Noise of ``members``: directions of shape ``(n, *p.shape)``."""
+        return DenseNoise(*source.draw_fresh(self.leaf, p.shape, p.device, p.dtype, members, step))
 
-    def inputs(self, p: Tensor, noise: tuple[Tensor, ...], sigma: float, antithetic: bool) -> list[Tensor]:
-        """Stacked perturbed leaf ``p + σ z_k`` (then ``p - σ z_k``), in ``p``'s dtype."""
-        (z,) = noise
+    def inputs(self, p: Tensor, noise: DenseNoise, sigma: float, antithetic: bool) -> list[Tensor]:
+        """Stacked perturbed leaf ``p + σ z_k`` (then ``p - σ z_k``), in ``p``'s dtype.
+
+        A one-sided chunk whose noise is fresh is perturbed in place (no second ``(n, *p.shape)`` buffer); the
+        accumulation then uses ``Σ w_k z_k = (Σ w_k (p + σ z_k) - (Σ w_k) p) / σ``.
+        """
+        z = noise.z
+        if not antithetic and noise.fresh and z.dtype == p.dtype and z.is_contiguous():
+            base = p.detach()
+            torch.add(base, z, alpha=sigma, out=z)
+            noise.shift = (base, sigma)
+            return [z]
         return [_perturbed(p, z, sigma, antithetic)]
 
-    def accumulate(self, grad: Tensor, noise: tuple[Tensor, ...], weights: Tensor) -> None:
+    def accumulate(self, grad: Tensor, noise: DenseNoise, weights: Tensor) -> None:
         """``grad += Σ_k w_k z_k``."""
-        (z,) = noise
-        grad.add_((weights.to(z.dtype) @ z.reshape(z.shape[0], -1)).view(grad.shape))
+        z = noise.z
+        w = weights.to(z.dtype)
+        total = w @ z.reshape(z.shape[0], -1)
+        if noise.shift is not None:
+            p, sigma = noise.shift
+            total = (total - w.sum() * p.reshape(-1)) / sigma
+        grad.add_(total.view(grad.shape))
 
 
 class LowRank:

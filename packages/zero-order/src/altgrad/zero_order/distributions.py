@@ -3,10 +3,10 @@
 Two kinds of distribution are accepted wherever a ``distribution`` is expected:
 
 * anything **Samplable** in TorchOpt's sense: an object with a ``sample(sample_shape)`` method (for example a
-  :class:`torch.distributions.Normal`) or a plain callable ``fn(sample_shape)``. These are drawn from torch's global
+  `Normal`) or a plain callable ``fn(sample_shape)``. These are drawn from torch's global
   RNG, exactly like TorchOpt, but all members of a chunk are drawn in one call and on the parameter's device;
-* the **seeded** distributions of this module (:class:`SeededNormal`, :class:`SeededRademacher`,
-  :class:`NoiseTable`). Their noise is a pure function of ``(seed, step, leaf, member)``, never touches the global
+* the **seeded** distributions of this module (`SeededNormal`, `SeededRademacher`,
+  `NoiseTable`). Their noise is a pure function of ``(seed, step, leaf, member)``, never touches the global
   RNG and is *regenerated* rather than stored, so memory does not grow with the number of samples (MeZO-style).
   They also implement ``sample`` and therefore work with TorchOpt itself.
 
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
-from altgrad.es_layers.noise import sample_normal, sample_rademacher
 from torch import Tensor
+
+from altgrad.es_layers.noise import sample_normal, sample_rademacher
 
 __all__ = ["NoiseTable", "Samplable", "SeededDistribution", "SeededNormal", "SeededRademacher"]
 
@@ -31,7 +32,7 @@ __all__ = ["NoiseTable", "Samplable", "SeededDistribution", "SeededNormal", "See
 class Samplable(Protocol):
     """TorchOpt's ``Samplable`` protocol: anything with a ``sample(sample_shape)`` method.
 
-    :class:`torch.distributions.Distribution` instances qualify. As in TorchOpt, the check is structural: any object
+    `Distribution` instances qualify. As in TorchOpt, the check is structural: any object
     with a ``sample`` attribute is treated as Samplable, and this check wins over being callable.
     """
 
@@ -57,7 +58,7 @@ class SeededDistribution:
     """Base class of the regenerable, counter-based distributions.
 
     The noise of population member ``k`` for parameter leaf ``leaf`` at estimate ``step`` is a pure function of
-    ``(seed, step, leaf, k)``. Each gradient estimate takes a fresh ``step`` from :meth:`next_step`, so consecutive
+    ``(seed, step, leaf, k)``. Each gradient estimate takes a fresh ``step`` from `next_step`, so consecutive
     estimates use independent noise while any estimate can regenerate its own noise exactly.
 
     Args:
@@ -67,7 +68,7 @@ class SeededDistribution:
         TypeError: If ``seed`` is not an int.
     """
 
-    #: Whether :meth:`draw` returns the same rows when called again with the same arguments.
+    #: Whether `draw` returns the same rows when called again with the same arguments.
     regenerable: bool = True
 
     def __init__(self, seed: int = 0) -> None:
@@ -98,7 +99,7 @@ class SeededDistribution:
 
         Args:
             shape: Shape of the parameter leaf.
-            step: Estimate counter (from :meth:`next_step`).
+            step: Estimate counter (from `next_step`).
             leaf: Index of the parameter leaf (distinct leaves get independent noise).
             members: Population member indices.
             device: Device of the result.
@@ -147,7 +148,7 @@ class SeededNormal(SeededDistribution):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Draw standard normal rows (see :meth:`SeededDistribution.draw`).
+        """Draw standard normal rows (see `draw`).
 
         Args:
             shape: Shape of the parameter leaf.
@@ -182,7 +183,7 @@ class SeededRademacher(SeededDistribution):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Draw ±1 rows (see :meth:`SeededDistribution.draw`).
+        """Draw ±1 rows (see `draw`).
 
         Args:
             shape: Shape of the parameter leaf.

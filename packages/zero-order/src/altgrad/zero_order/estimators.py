@@ -1,30 +1,24 @@
 r"""The estimator formulas, in one place.
 
-Notation: :math:`\theta` the parameters, :math:`\sigma` the perturbation scale, :math:`z_k` the direction of member
-:math:`k = 1..N` (zero mean, unit variance per element), :math:`f^+_k = f(\theta + \sigma z_k)`,
-:math:`f^-_k = f(\theta - \sigma z_k)`, :math:`f_0 = f(\theta)`. Every estimator has the form
+Notation: $\theta$ the parameters, $\sigma$ the perturbation scale, $z_k$ the direction of member $k = 1..N$ (zero
+mean, unit variance per element), $f^+_k = f(\theta + \sigma z_k)$, $f^-_k = f(\theta - \sigma z_k)$,
+$f_0 = f(\theta)$. Every estimator has the form $\hat g = \sum_{k=1}^{N} w_k z_k$, and this module computes the
+weights $w_k$ (the caller multiplies them by the incoming gradient, which carries the chain rule). The first
+three match TorchOpt's documentation (and its code for `naive` and `antithetic`):
 
-.. math:: \hat g = \sum_{k=1}^{N} w_k \, z_k
+| method | $w_k$ | evaluations |
+|---|---|---|
+| `naive` | $f^+_k / (\sigma N)$ | N |
+| `forward` | $(f^+_k - f_0) / (\sigma N)$ | N (+ $f_0$) |
+| `antithetic` | $(f^+_k - f^-_k) / (2 \sigma N)$ | 2N |
+| `es` | $(r^+_k - r^-_k) / (2N)$, $r$ = centered ranks of all 2N values | 2N |
+| `ars` | $(f^+_k - f^-_k) / (b\, s)$ for the $b$ best pairs, else 0 | 2N |
 
-and this module computes the weights :math:`w_k` (the caller multiplies them by the incoming gradient, which
-carries the chain rule). The first three match TorchOpt's documentation (and its code for ``naive`` and
-``antithetic``):
-
-====================  ==================================================================  ===============
-method                :math:`w_k`                                                          evaluations
-====================  ==================================================================  ===============
-``naive``             :math:`f^+_k / (\sigma N)`                                           N
-``forward``           :math:`(f^+_k - f_0) / (\sigma N)`                                   N (+ f_0)
-``antithetic``        :math:`(f^+_k - f^-_k) / (2 \sigma N)`                               2N
-``es``                :math:`(r^+_k - r^-_k) / (2N)`, r = centered ranks of all 2N values   2N
-``ars``               :math:`(f^+_k - f^-_k) / (b\,s)` for the b best pairs, else 0        2N
-====================  ==================================================================  ===============
-
-``es`` is OpenAI-ES (Salimans et al. 2017): centered ranks over the 2N values jointly, σ absorbed into the
-learning rate, exactly as ``es_distributed/es.py``. ``ars`` is Augmented Random Search V1-t (Mania et al. 2018)
-for a *loss*: the ``b = top_k`` directions with the smallest ``min(f⁺, f⁻)`` are kept and the weights are divided
-by the standard deviation ``s`` of their 2b values (σ absorbed, as in the reference code). Both are search
-directions rather than unbiased gradient estimates.
+`es` is OpenAI-ES (Salimans et al. 2017): centered ranks over the 2N values jointly (from
+`altgrad.es_layers.centered_ranks`), σ absorbed into the learning rate, exactly as `es_distributed/es.py`. `ars`
+is Augmented Random Search V1-t (Mania et al. 2018) for a *loss*: the `b = top_k` directions with the smallest
+`min(f⁺, f⁻)` are kept and the weights are divided by the standard deviation `s` of their 2b values (σ absorbed,
+as in the reference code). Both are search directions rather than unbiased gradient estimates.
 """
 
 from __future__ import annotations
@@ -32,8 +26,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from altgrad.es_layers.shaping import centered_ranks
 from torch import Tensor
+
+from altgrad.es_layers.shaping import centered_ranks
 
 __all__ = [
     "ANTITHETIC_METHODS",
@@ -63,18 +58,18 @@ def direction_weights(
     f0: Tensor | None = None,
     top_k: int | None = None,
 ) -> Tensor:
-    r"""Weights :math:`w_k` such that :math:`\hat g = \sum_k w_k z_k` (see the module table).
+    r"""Weights $w_k$ such that $\hat g = \sum_k w_k z_k$ (see the module table).
 
     For ``naive``, ``forward`` and ``antithetic`` the weights of a chunk depend only on that chunk, so they may be
     computed chunk by chunk; ``es`` and ``ars`` need all values at once.
 
     Args:
-        method: One of :data:`METHODS`.
-        f_plus: Values :math:`f(\theta + \sigma z_k)` of the members at hand, shape ``(n,)``.
+        method: One of `METHODS`.
+        f_plus: Values $f(\theta + \sigma z_k)$ of the members at hand, shape ``(n,)``.
         sigma: Perturbation scale.
         num_directions: Total number of directions N of the estimate (the normaliser).
-        f_minus: Values :math:`f(\theta - \sigma z_k)` (antithetic methods), shape ``(n,)``.
-        f0: Unperturbed value :math:`f(\theta)` (``forward``), a scalar tensor.
+        f_minus: Values $f(\theta - \sigma z_k)$ (antithetic methods), shape ``(n,)``.
+        f0: Unperturbed value $f(\theta)$ (``forward``), a scalar tensor.
         top_k: Number of directions kept by ``ars`` (default: all).
 
     Returns:

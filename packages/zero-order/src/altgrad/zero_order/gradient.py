@@ -1,7 +1,7 @@
 """One zero-order gradient estimate: draw directions, evaluate the population in chunks, combine.
 
-This is the engine behind :func:`~altgrad.zero_order.zero_order` and
-:class:`~altgrad.zero_order.ZeroOrderGradientModule`, also usable directly through :func:`estimate_gradient`.
+This is the engine behind `zero_order` and
+`ZeroOrderGradientModule`, also usable directly through `estimate_gradient`.
 
 Memory is bounded by the chunk: the directions of one chunk are drawn, the chunk's ``(rows, *leaf.shape)``
 perturbed parameters are built and evaluated in one batched call, the chunk's contribution is added to the
@@ -41,12 +41,12 @@ class EstimatorOptions:
         num_samples: Number of directions N (antithetic methods evaluate 2N members).
         sigma: Perturbation scale σ > 0.
         chunk_size: Maximum number of perturbed members evaluated in one batched call; None picks it so that a
-            chunk holds about :data:`DEFAULT_CHUNK_ELEMENTS` perturbed parameters.
-        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :mod:`altgrad.zero_order.population`).
+            chunk holds about `DEFAULT_CHUNK_ELEMENTS` perturbed parameters.
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see `population`).
         top_k: Directions kept by ``"ars"`` (default: all N).
         sample_batched: Ask a user distribution for all members of a chunk at once.
         directions: ``"dense"`` (full-rank noise of each leaf's shape, TorchOpt's) or ``"lowrank"`` (rank-``rank``
-            directions ``A Bᵀ/√r`` for 2-D leaves; see :mod:`altgrad.zero_order.directions`).
+            directions ``A Bᵀ/√r`` for 2-D leaves; see `directions`).
         rank: Rank r of low-rank directions.
 
     Raises:
@@ -109,7 +109,8 @@ def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[D
     """Direction type per leaf: dense, or low-rank (materialised) for 2-D leaves when asked."""
     lowrank = options.directions == "lowrank"
     return [
-        LowRank(i, len(params), options.rank) if lowrank and p.ndim == 2 else Dense(i) for i, p in enumerate(params)
+        LowRank(i, len(params), options.rank) if lowrank and p.ndim == 2 else Dense(i)
+        for i, p in enumerate(params)
     ]
 
 
@@ -132,7 +133,7 @@ def run_estimate(
         options: Estimator settings.
         grad_output: Incoming gradient (chain rule), a scalar.
         f0: Unperturbed value, needed by ``forward``.
-        plans: Direction type per leaf (default: :func:`default_plans`).
+        plans: Direction type per leaf (default: `default_plans`).
 
     Returns:
         One gradient per leaf, in the leaf's dtype and on its device.
@@ -151,16 +152,19 @@ def run_estimate(
         f0 = f0.detach().to(device=device, dtype=value_dtype)
     grads = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device) for p in params]
     two_pass = method in TWO_PASS_METHODS
-    kept_noise: list[list[Tensor]] = []
+    kept_noise: list[list[Any]] = []
     values_plus: list[Tensor] = []
     values_minus: list[Tensor] = []
 
     for members in chunks:
         noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
-        values = evaluate([x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)])
+        values = evaluate(
+            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)]
+        )
         values = values.detach().to(device=device, dtype=value_dtype)
         f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
         if two_pass:
+            assert f_minus is not None  # two-pass methods are antithetic
             values_plus.append(f_plus)
             values_minus.append(f_minus)
             if not source.regenerable:
@@ -184,8 +188,8 @@ def run_estimate(
         for c, members in enumerate(chunks):
             w = weights[members.start : members.stop]
             for i, (plan, grad, p) in enumerate(zip(plans, grads, params)):
-                z = kept_noise[c][i] if kept_noise else plan.draw(source, p, members, step)
-                plan.accumulate(grad, z, w)
+                chunk_noise = kept_noise[c][i] if kept_noise else plan.draw(source, p, members, step)
+                plan.accumulate(grad, chunk_noise, w)
     return [grad if grad.dtype == p.dtype else grad.to(p.dtype) for grad, p in zip(grads, params)]
 
 
@@ -205,9 +209,9 @@ def estimate_gradient(
     rank: int = 1,
     grad_output: Tensor | float = 1.0,
 ) -> tuple[Tensor, ...]:
-    r"""Estimate :math:`\nabla f` at ``params`` from function values only.
+    r"""Estimate $\nabla f$ at ``params`` from function values only.
 
-    This is the functional core of :func:`~altgrad.zero_order.zero_order` without autograd: it returns the
+    This is the functional core of `zero_order` without autograd: it returns the
     estimate directly. ``fn`` is called as ``fn(*params)`` with perturbed tensors (batched under
     ``torch.func.vmap`` when possible) and must return a scalar tensor.
 
@@ -215,7 +219,7 @@ def estimate_gradient(
         fn: Function of the parameter tensors returning a scalar tensor.
         params: The parameter tensors (a sequence).
         distribution: A Samplable, a callable ``fn(sample_shape)`` or a seeded distribution of
-            :mod:`altgrad.zero_order.distributions`.
+            `distributions`.
         method: ``"naive"``, ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``.
         num_samples: Number of directions N.
         sigma: Perturbation scale σ.

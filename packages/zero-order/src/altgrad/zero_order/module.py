@@ -107,7 +107,7 @@ class _ModuleCall:
                     dense[name] = next(it)
                     continue
                 a, b = next(it), next(it)
-                layer.forward = _low_rank_forward(layer, a, b)  # type: ignore[method-assign]
+                layer.forward = _low_rank_forward(layer, a, b)  # type: ignore[method-assign,assignment]
                 patched.append(layer)
             with _active(self.module):
                 return torch.func.functional_call(self.module, dense, self.args, self.kwargs, strict=False)
@@ -133,7 +133,12 @@ def _low_rank_forward(layer: nn.Linear, a: Tensor, b: Tensor) -> Callable[[Tenso
     """``x (W + a bᵀ)ᵀ + bias`` without forming ``a bᵀ``: one shared GEMM plus a rank-r correction."""
 
     def forward(x: Tensor) -> Tensor:
-        return F.linear(x, layer.weight, layer.bias) + (x @ b) @ a.transpose(-1, -2)
+        base = F.linear(x, layer.weight, layer.bias)
+        if a.shape[-1] == 1:  # rank 1: the correction is an outer product, fused into one pass
+            return torch.addcmul(base, x @ b, a.transpose(-1, -2))
+        if x.ndim == 2:
+            return torch.addmm(base, x @ b, a.transpose(-1, -2))
+        return base + (x @ b) @ a.transpose(-1, -2)
 
     return forward
 
@@ -182,7 +187,7 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
     - ``num_samples``: number of directions N (default 1);
     - ``sigma``: perturbation scale σ (default 1.0);
     - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``, ``directions``, ``rank``: as in
-      :func:`~altgrad.zero_order.zero_order`. With ``directions="lowrank"`` the weights of ``nn.Linear``
+      `zero_order`. With ``directions="lowrank"`` the weights of ``nn.Linear``
       submodules are perturbed by ``σ A Bᵀ/√r`` *without materialising it*: the layer computes
       ``x Wᵀ + (x B)(σA/√r)ᵀ``, so the population forward costs about one plain forward over all rows (this
       assumes such a weight is only used through its layer's ``forward``).
@@ -242,9 +247,9 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
         cls.forward = _make_forward(forward, options)  # type: ignore[method-assign]
 
     def zero_order_distribution(self) -> Any:
-        """The distribution the estimator draws from; by default the module's own :meth:`sample`.
+        """The distribution the estimator draws from; by default the module's own `sample`.
 
-        Override it to return a seeded distribution (for example a :class:`~altgrad.zero_order.SeededNormal` kept
+        Override it to return a seeded distribution (for example a `SeededNormal` kept
         as an attribute) for regenerable, reproducible noise that never touches the global RNG.
 
         Returns:

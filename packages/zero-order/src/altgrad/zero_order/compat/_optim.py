@@ -3,7 +3,7 @@
 ``adam(lr)`` follows TorchOpt's functional (optax-style) API: ``state = opt.init(params)``, then
 ``updates, state = opt.update(grads, state)`` and ``params = apply_updates(params, updates)``. The maths is
 torch.optim.Adam's (bias-corrected moments, ``eps`` added to the root of the second moment), which is also
-TorchOpt's with ``eps_root=0``. ``Adam`` is :class:`torch.optim.Adam`.
+TorchOpt's with ``eps_root=0``. ``Adam`` is `Adam`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ Adam = torch.optim.Adam
 
 
 class _AdamState(NamedTuple):
-    count: int
+    step: int
     mu: Any
     nu: Any
 
@@ -56,7 +56,7 @@ def adam(
         maximize: Ascend instead of descend.
 
     Returns:
-        A :class:`GradientTransformation`.
+        A `GradientTransformation`.
 
     Raises:
         ValueError: For a negative ``lr``, ``eps`` or ``weight_decay``, or betas outside ``[0, 1)``.
@@ -71,7 +71,9 @@ def adam(
         zeros = pytree.tree_map(lambda p: torch.zeros_like(p, memory_format=torch.preserve_format), params)
         return _AdamState(0, zeros, pytree.tree_map(torch.zeros_like, params))
 
-    def update(updates: Any, state: _AdamState, *, params: Any = None, inplace: bool = True) -> tuple[Any, Any]:
+    def update(
+        updates: Any, state: _AdamState, *, params: Any = None, inplace: bool = True
+    ) -> tuple[Any, Any]:
         del inplace
         grads = updates
         if maximize:
@@ -80,7 +82,7 @@ def adam(
             if params is None:
                 raise ValueError("`params` are required for weight decay")
             grads = pytree.tree_map(lambda g, p: g + weight_decay * p.detach(), grads, params)
-        count = state.count + 1
+        count = state.step + 1
         mu = pytree.tree_map(lambda m, g: torch.lerp(m, g.detach(), 1 - b1), state.mu, grads)
         nu = pytree.tree_map(lambda v, g: v * b2 + (1 - b2) * g.detach() ** 2, state.nu, grads)
         bc1, bc2 = 1 - b1**count, 1 - b2**count

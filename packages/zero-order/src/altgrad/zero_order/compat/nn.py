@@ -1,4 +1,4 @@
-"""``torchopt.nn`` stand-in: exposes :class:`~altgrad.zero_order.ZeroOrderGradientModule`."""
+"""``torchopt.nn`` stand-in: exposes `ZeroOrderGradientModule`."""
 
 from altgrad.zero_order.module import ZeroOrderGradientModule
 

@@ -1,0 +1,326 @@
+"""Benchmarks for altgrad-es-layers: NESgpu's forward tables, update time and noise memory vs population size.
+
+Reproduces the tables of the NESgpu README (batch = population = 1024, one example per member, forward only,
+noise pre-sampled, median time) for Linear (out, in) = 256², 512², 1024² and NESgpu's conv shapes, with the
+columns Base (unperturbed layer on the whole batch), Naive (the unperturbed layer called once per member on a
+batch of one, NESgpu's definition), Perturbed (IID), Sparse k=1/2, Permuted (+10 % input sparsity), Flipout
+(sign flips: inputs / both sides) and LowRank r=1/4. Then the update ``Σ_k w_k E_k`` and the noise generation
+for a (1024, 1024) layer as the population grows, with the noise memory a layer stores.
+
+Usage::
+
+    python packages/es-layers/benchmarks/run.py --out bench.json --plot bench.png [--quick] [--device cuda]
+
+Times come from ``torch.utils.benchmark`` (``blocked_autorange``, median). On a shared CPU they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.utils.benchmark as tb
+from torch import nn
+
+import altgrad.es_layers as es
+
+TARGETS = {  # multiplier vs base at batch 1024, Linear (1024, 1024), from issue 6
+    "LowRank r=1": 1.3,
+    "Flipout (in)": 2.2,
+    "Permuted": 2.5,
+    "Sparse k=1": 2.0,
+    "Perturbed": 20.0,
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
+    fn()  # warm-up
+    _sync(device)
+    timer = tb.Timer(
+        stmt="fn(); sync()",
+        globals={"fn": fn, "sync": lambda: _sync(device)},
+        num_threads=torch.get_num_threads(),
+    )
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _linear_layers(n_in: int, n_out: int, pop: int, device, dtype) -> dict[str, nn.Module]:
+    kw = {"device": device, "dtype": dtype, "seed": 0}
+    return {
+        "Perturbed": es.PerturbedLinear(n_in, n_out, pop, **kw),
+        "Sparse k=1": es.SparsePerturbedLinear(n_in, n_out, pop, sparsity=1, **kw),
+        "Sparse k=2": es.SparsePerturbedLinear(n_in, n_out, pop, sparsity=2, **kw),
+        "Permuted": es.PermutedLinear(n_in, n_out, pop, permutation="in", **kw),
+        "Permuted in_sparsity=.1": es.PermutedLinear(n_in, n_out, pop, in_sparsity=0.1, **kw),
+        "Flipout (in)": es.FlipoutLinear(n_in, n_out, pop, flip="in", **kw),
+        "Flipout (both)": es.FlipoutLinear(n_in, n_out, pop, flip="both", **kw),
+        "LowRank r=1": es.LowRankLinear(n_in, n_out, pop, rank=1, **kw),
+        "LowRank r=4": es.LowRankLinear(n_in, n_out, pop, rank=4, **kw),
+    }
+
+
+def _conv_layers(c_in: int, c_out: int, k: int, pop: int, device, dtype) -> dict[str, nn.Module]:
+    kw = {"padding": k // 2, "device": device, "dtype": dtype, "seed": 0}
+    return {
+        "Perturbed": es.PerturbedConv2d(c_in, c_out, k, pop, **kw),
+        "Permuted": es.PermutedConv2d(c_in, c_out, k, pop, permutation="out", **kw),
+        "Permuted in_sparsity=.1": es.PermutedConv2d(c_in, c_out, k, pop, in_sparsity=0.1, **kw),
+        "Flipout (in)": es.FlipoutConv2d(c_in, c_out, k, pop, flip="in", **kw),
+        "Flipout (both)": es.FlipoutConv2d(c_in, c_out, k, pop, flip="both", **kw),
+        "LowRank r=1": es.LowRankConv2d(c_in, c_out, k, pop, rank=1, **kw),
+    }
+
+
+def _forward_table(kind, shapes, pop, device, dtype, min_run_time, log) -> dict:
+    """One NESgpu-style table: {column label: {row: ms}}."""
+    table: dict[str, dict[str, float]] = {}
+    for shape in shapes:
+        if kind == "linear":
+            n_out, n_in = shape
+            label = f"({n_out}, {n_in})"
+            x = torch.randn(pop, n_in, device=device, dtype=dtype)
+            base = nn.Linear(n_in, n_out, device=device, dtype=dtype)
+            layers = _linear_layers(n_in, n_out, pop, device, dtype)
+        else:
+            c_out, c_in, k, hw = shape
+            label = f"({c_out}, {c_in}, ({k}, {k}), ({hw}, {hw}))"
+            x = torch.randn(pop, c_in, hw, hw, device=device, dtype=dtype)
+            base = nn.Conv2d(c_in, c_out, k, padding=k // 2, device=device, dtype=dtype)
+            layers = _conv_layers(c_in, c_out, k, pop, device, dtype)
+        row: dict[str, float] = {}
+        with torch.no_grad():
+            row["Base"] = _time_ms(lambda base=base, x=x: base(x), device, min_run_time)
+            singles = list(x.split(1))
+
+            def naive(base=base, singles=singles):
+                for xi in singles:
+                    base(xi)
+
+            row["Naive"] = _time_ms(naive, device, min_run_time)
+            for name, layer in layers.items():
+                layer.load_state_dict(base.state_dict())
+                layer.set_noise()
+                layer.perturbed_flag = True
+                row[name] = _time_ms(lambda layer=layer, x=x: layer(x), device, min_run_time)
+                layer.free_memory()
+                del layer
+            layers.clear()
+        table[label] = row
+        log(f"  {kind} {label}: " + ", ".join(f"{k} {v:.3g} ms" for k, v in row.items()))
+    return table
+
+
+def _population_sweep(size, pops, device, dtype, log) -> dict:
+    """Noise generation, update time and stored noise memory vs population, for a (size, size) Linear."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for pop in pops:
+        layers = _linear_layers(size, size, pop, device, dtype)
+        for name in ("Perturbed", "Sparse k=1", "Permuted", "Flipout (both)", "LowRank r=1", "LowRank r=4"):
+            layer = layers.pop(name)
+            w = torch.randn(pop, device=device, dtype=dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base_mem = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            layer.set_noise()
+            _sync(device)
+            t_noise = (time.perf_counter() - t0) * 1e3
+            stored = layer.noise_memory_bytes
+            t_update = _time_ms(lambda layer=layer, w=w: layer.set_grad(w), device, 0.2)
+            layer.free_memory()
+            t_regen = _time_ms(lambda layer=layer, w=w: layer.set_grad(w), device, 0.2)
+            rec = {
+                "set_noise_ms": t_noise,
+                "update_ms": t_update,
+                "update_regenerated_ms": t_regen,
+                "stored_noise_MiB": stored / 2**20,
+            }
+            if device.type == "cuda":
+                rec["peak_extra_MiB"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
+            out.setdefault(name, {})[str(pop)] = rec
+            log(
+                f"  N={pop} {name}: set_noise {t_noise:.1f} ms, update {t_update:.2f} ms "
+                f"(regenerated {t_regen:.2f} ms), stored noise {stored / 2**20:.2f} MiB"
+            )
+            del layer
+    return out
+
+
+def _markdown(table: dict, value: Callable[[str, dict], float | None], fmt: str) -> str:
+    cols = list(table)
+    rows = list(next(iter(table.values())))
+    lines = ["| | " + " | ".join(cols) + " |", "|:--|" + "--:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = value(r, table[c])
+            cells.append("" if v is None else format(v, fmt))
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _report(results: dict) -> str:
+    parts = []
+    for kind in ("linear", "conv"):
+        table = results["forward"][kind]
+        parts.append(
+            f"### {kind.capitalize()} forward, batch {results['config'][kind + '_batch']}: time (ms)"
+        )
+        parts.append(_markdown(table, lambda r, col: col[r], ".3f"))
+        parts.append(f"### {kind.capitalize()} forward: time multiplier vs base (lower is better)")
+        parts.append(_markdown(table, lambda r, col: col[r] / col["Base"], ".2f"))
+    sweep = results["population"]
+    size = results["config"]["sweep_size"]
+    pops = list(next(iter(sweep.values())))
+    for key, title in (
+        ("update_ms", "update Σ w_k E_k with stored noise (ms)"),
+        ("update_regenerated_ms", "update after free_memory(), noise regenerated (ms)"),
+        ("set_noise_ms", "set_noise (ms)"),
+        ("stored_noise_MiB", "stored noise (MiB)"),
+    ):
+        table = {f"N={p}": {name: sweep[name][p][key] for name in sweep} for p in pops}
+        parts.append(f"### Linear ({size}, {size}): {title}")
+        parts.append(_markdown(table, lambda r, col: col[r], ".3g"))
+    return "\n\n".join(parts)
+
+
+def _targets(results: dict) -> list[str]:
+    lines = []
+    table = results["forward"]["linear"]
+    label = "(1024, 1024)" if "(1024, 1024)" in table else list(table)[-1]
+    col = table[label]
+    for name, limit in TARGETS.items():
+        ratio = col[name] / col["Base"]
+        lines.append(
+            f"{name:<14} {ratio:6.2f}x base at {label} (target <= {limit}x): {'ok' if ratio <= limit else 'MISSED'}"
+        )
+    return lines
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    table = results["forward"]["linear"]
+    names = [r for r in next(iter(table.values())) if r not in ("Base", "Naive")]
+    width = 0.8 / len(table)
+    for i, (label, col) in enumerate(table.items()):
+        xs = [j + i * width for j in range(len(names))]
+        axes[0].bar(xs, [col[n] / col["Base"] for n in names], width, label=f"Linear {label}")
+    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=40, ha="right")
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("forward time / unperturbed forward")
+    axes[0].set_title(f"Forward, batch = population = {results['config']['linear_batch']}")
+    axes[0].legend(fontsize=8)
+    sweep = results["population"]
+    for name, recs in sweep.items():
+        pops = [int(p) for p in recs]
+        axes[1].plot(pops, [max(recs[str(p)]["stored_noise_MiB"], 1e-3) for p in pops], "o-", label=name)
+        axes[2].plot(pops, [recs[str(p)]["update_regenerated_ms"] for p in pops], "o-", label=name)
+    size = results["config"]["sweep_size"]
+    for ax, title, ylabel in (
+        (axes[1], f"Stored noise, Linear ({size}, {size})", "MiB"),
+        (axes[2], f"Update from regenerated noise, Linear ({size}, {size})", "ms"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("population N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"altgrad-es-layers on {results['env']['device_name']} ({results['env']['threads']} threads)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--plot", help="write a PNG plot here")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--conv-batch", type=int, default=None, help="conv batch/population (CPU default 64)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.float32
+    torch.manual_seed(0)
+    if args.quick:
+        linear_shapes, linear_batch = [(256, 256), (512, 512)], 256
+        conv_shapes = [(16, 16, 3, 32), (1024, 1024, 1, 1)]
+        conv_batch = args.conv_batch or 32
+        sweep_size, pops, min_run_time = 256, [64, 256], 0.05
+    else:
+        linear_shapes, linear_batch = [(256, 256), (512, 512), (1024, 1024)], 1024
+        conv_shapes = [(16, 16, 3, 64), (32, 32, 3, 64), (64, 64, 3, 32), (32, 32, 1, 32), (1024, 1024, 1, 1)]
+        conv_batch = args.conv_batch or (1024 if device.type == "cuda" else 64)
+        sweep_size, pops, min_run_time = 1024, [64, 256, 1024], 0.3
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "CPU",
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype),
+    }
+    config = {
+        "linear_batch": linear_batch,
+        "conv_batch": conv_batch,
+        "sweep_size": sweep_size,
+        "populations": pops,
+        "quick": args.quick,
+    }
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"es-layers benchmark: {env}")
+    started = time.perf_counter()
+    results = {"env": env, "config": config, "forward": {}}
+    log("Linear forward (batch = population, one example per member):")
+    results["forward"]["linear"] = _forward_table(
+        "linear", linear_shapes, linear_batch, device, dtype, min_run_time, log
+    )
+    log("Conv2d forward:")
+    results["forward"]["conv"] = _forward_table(
+        "conv", conv_shapes, conv_batch, device, dtype, min_run_time, log
+    )
+    log("Update and noise memory vs population:")
+    results["population"] = _population_sweep(sweep_size, pops, device, dtype, log)
+    results["wall_s"] = time.perf_counter() - started
+    report = _report(results)
+    results["targets"] = _targets(results)
+    print()
+    print(report)
+    print()
+    print("\n".join(results["targets"]))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+        log(f"wrote {args.out}")
+    if args.plot:
+        _plot(results, args.plot)
+        log(f"wrote {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

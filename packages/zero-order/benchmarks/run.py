@@ -1,0 +1,355 @@
+"""Benchmark: altgrad.zero_order vs TorchOpt 0.7.3, per gradient estimate, with the time split.
+
+Cases (as in issue 8): Linear(32, 1) and an MLP 32-256-256-1 (74,497 parameters), batch 64, σ = 0.01,
+N = 100 and 1000 directions, methods ``naive`` and ``antithetic``. For every case, in the same run:
+
+- ``torchopt``: ``torchopt.diff.zero_order`` with ``Normal(0, 1)`` (skipped if TorchOpt is not importable);
+- ``ours``: ``altgrad.zero_order.zero_order`` with the same user distribution and the same function;
+- ``ours-table``: the same with :class:`~altgrad.zero_order.NoiseTable` (OpenAI-ES shared noise table);
+- ``ours-lowrank``: :class:`~altgrad.zero_order.ZeroOrderGradientModule` with ``directions="lowrank", rank=1``
+  and the user's ``Normal(0, 1)`` (factored ``nn.Linear`` layers, EGGROLL-style);
+- limits: ``randn`` (``torch.randn`` of the N·P normals a dense estimate needs) and ``plain-forward`` (one
+  unperturbed forward of all the population's rows, i.e. N·64 or 2N·64 rows through the same model).
+
+Each estimate is split into sampling, population forward and the rest (perturbation, weights, accumulation,
+autograd and Python overhead), each timed on its own with ``torch.utils.benchmark``.
+
+Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import benchmark
+
+import altgrad.zero_order as zo
+from altgrad.zero_order._noise import NoiseSource
+from altgrad.zero_order.gradient import EstimatorOptions, _directions_per_chunk, default_plans
+from altgrad.zero_order.population import PopulationEvaluator
+
+try:
+    import torchopt
+except ImportError:  # the peer is optional: its columns are skipped
+    torchopt = None
+
+SIGMA = 0.01
+BATCH = 64
+
+
+def _timeit(fn: Callable[[], Any], min_run_time: float, device: str) -> float:
+    """Median seconds per call of ``fn`` (synchronising CUDA)."""
+    if device == "cuda":
+
+        def call() -> None:
+            fn()
+            torch.cuda.synchronize()
+
+    else:
+        call = fn
+    call()  # warm-up (vmap tracing, allocator, lazy tables)
+    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _model(kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(32, 1)
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def _normal(device: str) -> torch.distributions.Normal:
+    return torch.distributions.Normal(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
+
+
+def _case(kind: str, n: int, method: str, device: str, min_run_time: float) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = _model(kind).to(device)
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(BATCH, 32, device=device)
+    y = torch.randn(BATCH, 1, device=device)
+    numel = sum(p.numel() for p in params)
+    rows = (2 if method == "antithetic" else 1) * n
+
+    def loss_fn(params: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    out: list[dict[str, Any]] = []
+
+    def record(
+        variant: str, total: float, sampling: float | None = None, forward: float | None = None
+    ) -> None:
+        rest = None if sampling is None or forward is None else max(0.0, total - sampling - forward)
+        out.append(
+            {
+                "device": device,
+                "model": kind,
+                "params": numel,
+                "N": n,
+                "method": method,
+                "variant": variant,
+                "total_ms": total * 1e3,
+                "sampling_ms": None if sampling is None else sampling * 1e3,
+                "forward_ms": None if forward is None else forward * 1e3,
+                "rest_ms": None if rest is None else rest * 1e3,
+            }
+        )
+
+    # --- limits -----------------------------------------------------------------------------------------
+    record("randn", _timeit(lambda: torch.randn(n * numel, device=device), min_run_time, device))
+    x_rows = x.repeat(rows, 1)
+    y_rows = y.repeat(rows, 1)
+    with torch.no_grad():
+        record("plain-forward", _timeit(lambda: F.mse_loss(model(x_rows), y_rows), min_run_time, device))
+
+    # --- TorchOpt 0.7.3 ---------------------------------------------------------------------------------
+    if torchopt is not None:
+        dist = _normal(device)
+        peer = torchopt.diff.zero_order(
+            distribution=dist, method=method, argnums=0, num_samples=n, sigma=SIGMA
+        )(loss_fn)
+
+        def peer_step() -> None:
+            torch.autograd.grad(peer(params, x, y), params)
+
+        def peer_sampling() -> None:
+            for _ in range(n):
+                [dist.sample(sample_shape=p.shape) for p in params]
+
+        perturbed = [
+            tuple(p.detach() + SIGMA * dist.sample(p.shape) for p in params) for _ in range(min(n, 8))
+        ]
+
+        def peer_forward() -> None:
+            with torch.no_grad():
+                for k in range(rows):
+                    loss_fn(perturbed[k % len(perturbed)], x, y)
+
+        record(
+            "torchopt",
+            _timeit(peer_step, min_run_time, device),
+            _timeit(peer_sampling, min_run_time, device),
+            _timeit(peer_forward, min_run_time, device),
+        )
+
+    # --- ours: decorator with the user's distribution, and with the noise table -------------------------
+    for variant, dist in (("ours", _normal(device)), ("ours-table", zo.NoiseTable(0))):
+        ours = zo.zero_order(dist, method=method, argnums=0, num_samples=n, sigma=SIGMA)(loss_fn)
+
+        def step(ours: Callable[..., torch.Tensor] = ours) -> None:
+            torch.autograd.grad(ours(params, x, y), params)
+
+        sampling, forward = _split_dense(loss_fn, params, dist, method, n, x, y, min_run_time, device)
+        record(variant, _timeit(step, min_run_time, device), sampling, forward)
+
+    # --- ours: module with factored low-rank directions -------------------------------------------------
+    net = _lowrank_module(model, method, n, device)
+
+    def lowrank_step() -> None:
+        net(x, y).backward()
+        for p in net.parameters():
+            p.grad = None
+
+    record(
+        "ours-lowrank",
+        _timeit(lowrank_step, min_run_time, device),
+        *_split_lowrank(net, x, y, min_run_time, device),
+    )
+    return out
+
+
+def _split_dense(loss_fn, params, dist, method, n, x, y, min_run_time, device) -> tuple[float, float]:
+    """Time the sampling and the population forward of our dense estimate on their own."""
+    options = EstimatorOptions(method, n, SIGMA)
+    source = NoiseSource(dist)
+    plans = default_plans(options, params)
+    per_chunk = _directions_per_chunk(options, params)
+    chunks = [range(s, min(n, s + per_chunk)) for s in range(0, n, per_chunk)]
+    antithetic = method == "antithetic"
+
+    def sampling() -> None:
+        for members in chunks:
+            [plan.draw(source, p, members, 0) for plan, p in zip(plans, params)]
+
+    noise = [plan.draw(source, p, chunks[0], 0) for plan, p in zip(plans, params)]
+    inputs = [t for plan, p, z in zip(plans, params, noise) for t in plan.inputs(p, z, SIGMA, antithetic)]
+    evaluator = PopulationEvaluator(lambda *leaves: loss_fn(leaves, x, y), "vmap")
+
+    def forward() -> None:
+        with torch.no_grad():
+            for _ in chunks:
+                evaluator(inputs)
+
+    return _timeit(sampling, min_run_time, device), _timeit(forward, min_run_time, device)
+
+
+def _lowrank_module(model: nn.Module, method: str, n: int, device: str) -> nn.Module:
+    class LowRankNet(
+        zo.ZeroOrderGradientModule, method=method, num_samples=n, sigma=SIGMA, directions="lowrank", rank=1
+    ):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.distribution = _normal(device)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(self.model(x), y)
+
+        def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+            return self.distribution.sample(sample_shape)
+
+    return LowRankNet()
+
+
+def _split_lowrank(net, x, y, min_run_time, device) -> tuple[float, float]:
+    from altgrad.zero_order.module import _ModuleCall
+
+    params = [p for _, p in net.named_parameters()]
+    names = [name for name, _ in net.named_parameters()]
+    options = type(net)._zero_order_options
+    call = _ModuleCall(net, type(net).forward.__zero_order_original_forward__, names, (x, y), {}, options)
+    plans = call._plans(params)
+    source = NoiseSource(net.zero_order_distribution())
+    n = options.num_samples
+    per_chunk = _directions_per_chunk(options, params)
+    chunks = [range(s, min(n, s + per_chunk)) for s in range(0, n, per_chunk)]
+    antithetic = options.method == "antithetic"
+
+    def sampling() -> None:
+        for members in chunks:
+            [plan.draw(source, p, members, 0) for plan, p in zip(plans, params)]
+
+    noise = [plan.draw(source, p, chunks[0], 0) for plan, p in zip(plans, params)]
+    inputs = [
+        t for plan, p, z in zip(plans, params, noise) for t in plan.inputs(p.detach(), z, SIGMA, antithetic)
+    ]
+    evaluator = PopulationEvaluator(call._call_with, "vmap")
+
+    def forward() -> None:
+        with torch.no_grad():
+            for _ in chunks:
+                evaluator(inputs)
+
+    return _timeit(sampling, min_run_time, device), _timeit(forward, min_run_time, device)
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    """Ratios per case: TorchOpt time / ours (speed-up), and our population forward / plain forward."""
+    keyed: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        keyed.setdefault((r["device"], r["model"], r["N"], r["method"]), {})[r["variant"]] = r
+    head = (
+        f"{'device':6} {'model':6} {'N':>5} {'method':10} {'torchopt':>9} {'ours':>8} {'x':>6} "
+        f"{'table':>8} {'x':>6} {'lowrank':>8} {'x':>6} {'randn':>8} {'plainfwd':>8} {'pop/plain':>9} {'lr-pop/plain':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    for (device, model, n, method), v in keyed.items():
+        peer = v.get("torchopt", {}).get("total_ms")
+
+        def cell(name: str, v: dict[str, dict[str, Any]] = v, peer: float | None = peer) -> str:
+            t = v[name]["total_ms"]
+            return f"{t:8.2f} " + (f"{peer / t:5.1f}x" if peer else "   n/a")
+
+        plain = v["plain-forward"]["total_ms"]
+        pop_ratio = v["ours"]["forward_ms"] / plain
+        lowrank_ratio = v["ours-lowrank"]["forward_ms"] / plain
+        lines.append(
+            f"{device:6} {model:6} {n:5d} {method:10} "
+            + (f"{peer:9.2f} " if peer else f"{'n/a':>9} ")
+            + f"{cell('ours')} {cell('ours-table')} {cell('ours-lowrank')} "
+            f"{v['randn']['total_ms']:8.2f} {plain:8.2f} {pop_ratio:9.2f} {lowrank_ratio:12.2f}"
+        )
+    split = ["", "time split (ms): sampling / population forward / rest"]
+    for r in results:
+        if r["sampling_ms"] is not None:
+            split.append(
+                f"  {r['device']:5} {r['model']:6} N={r['N']:<5d} {r['method']:10} {r['variant']:13} "
+                f"{r['sampling_ms']:9.2f} / {r['forward_ms']:9.2f} / {r['rest_ms']:9.2f}   total {r['total_ms']:9.2f}"
+            )
+    return "\n".join(lines + split)
+
+
+def _plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = ["torchopt", "ours", "ours-table", "ours-lowrank", "plain-forward"]
+    cases = sorted({(r["device"], r["model"], r["N"], r["method"]) for r in results}, key=str)
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(cases)), 4.5))
+    width = 0.8 / len(variants)
+    for j, variant in enumerate(variants):
+        ys = []
+        for case in cases:
+            match = [
+                r
+                for r in results
+                if (r["device"], r["model"], r["N"], r["method"]) == case and r["variant"] == variant
+            ]
+            ys.append(match[0]["total_ms"] if match else float("nan"))
+        ax.bar([i + j * width for i in range(len(cases))], ys, width, label=variant)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per gradient estimate (log)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{d}\n{m} N={n}\n{meth}" for d, m, n, meth in cases], fontsize=7)
+    ax.legend(fontsize=8)
+    ax.set_title("zero-order gradient estimate: altgrad vs TorchOpt 0.7.3 (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="N = 100 only and short timing runs")
+    parser.add_argument("--out", help="write the results as JSON to this path")
+    parser.add_argument("--plot", help="write a bar chart (PNG) to this path")
+    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    args = parser.parse_args(argv)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device != "all":
+        devices = [args.device]
+    ns = [100] if args.quick else [100, 1000]
+    min_run_time = 0.1 if args.quick else 0.5
+    results: list[dict[str, Any]] = []
+    for device in devices:
+        for kind in ("linear", "mlp"):
+            for n in ns:
+                for method in ("naive", "antithetic"):
+                    print(f"[bench] {device} {kind} N={n} {method}", file=sys.stderr, flush=True)
+                    results.extend(_case(kind, n, method, device, min_run_time))
+    table = _table(results)
+    print(table)
+    meta = {
+        "torch": torch.__version__,
+        "torchopt": getattr(torchopt, "__version__", None),
+        "altgrad_zero_order": zo.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "sigma": SIGMA,
+        "batch": BATCH,
+        "quick": args.quick,
+    }
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "results": results, "table": table}, fh, indent=2)
+    if args.plot:
+        _plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
