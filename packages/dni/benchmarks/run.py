@@ -58,7 +58,9 @@ def make_mlp(layers: int, width: int, seed: int) -> nn.Sequential:
 class Trainer:
     """One training configuration: ``step(x, y)`` does a full update."""
 
-    def __init__(self, method: str, layers: int, width: int, seed: int, lr: float, sg_lr: float, sg_hidden: int) -> None:
+    def __init__(
+        self, method: str, layers: int, width: int, seed: int, lr: float, sg_lr: float, sg_hidden: int
+    ) -> None:
         self.method = method
         self.net = make_mlp(layers, width, seed)
         if method == "backprop":
@@ -112,7 +114,15 @@ def run_digits(depths: list[int], steps: int, seeds: list[int], width: int, batc
             accs = []
             t0 = time.perf_counter()
             for seed in seeds:
-                trainer = Trainer(method, layers, width, seed, lr=1e-3, sg_lr=1e-4 if method == "dni" else 1e-3, sg_hidden=256)
+                trainer = Trainer(
+                    method,
+                    layers,
+                    width,
+                    seed,
+                    lr=1e-3,
+                    sg_lr=1e-4 if method == "dni" else 1e-3,
+                    sg_hidden=256,
+                )
                 g = torch.Generator().manual_seed(1000 + seed)
                 for _ in range(steps):
                     idx = torch.randint(0, len(xtr), (batch,), generator=g)
@@ -120,7 +130,10 @@ def run_digits(depths: list[int], steps: int, seeds: list[int], width: int, batc
                 accs.append(trainer.accuracy(xte, yte))
             row[method] = sum(accs) / len(accs)
             row[f"{method}_runs"] = accs
-            print(f"  digits {layers} layers {method:8s} test acc {row[method]:.4f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+            print(
+                f"  digits {layers} layers {method:8s} test acc {row[method]:.4f}  ({time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
         results["accuracy"][str(layers)] = row
     return results
 
@@ -128,7 +141,9 @@ def run_digits(depths: list[int], steps: int, seeds: list[int], width: int, batc
 # --------------------------------------------------------------------------- copy task
 
 
-def copy_batch(length: int, batch: int, bits: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def copy_batch(
+    length: int, batch: int, bits: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs ``(T, B, bits + 1)``, targets ``(T, B, bits)`` and a loss mask ``(T, B, 1)``; ``T = 2·length + 1``."""
     seq = (torch.rand(length, batch, bits, generator=g) < 0.5).float()
     total = 2 * length + 1
@@ -149,7 +164,16 @@ class CopyModel(nn.Module):
         self.out = nn.Linear(hidden, bits)
 
 
-def run_copy(method: str, window: int, steps: int, seed: int, hidden: int = 64, bits: int = 4, batch: int = 32) -> dict[str, Any]:
+def run_copy(
+    method: str,
+    window: int,
+    steps: int,
+    seed: int,
+    hidden: int = 64,
+    bits: int = 4,
+    batch: int = 32,
+    sg_lr: float = 1e-3,
+) -> dict[str, Any]:
     """Curriculum on the copy length: +1 whenever the mean error drops below 0.15 bits per sequence."""
     torch.manual_seed(seed)
     model = CopyModel(bits, hidden)
@@ -157,7 +181,9 @@ def run_copy(method: str, window: int, steps: int, seed: int, hidden: int = 64, 
     iface = None
     if method == "dni":
         synth = LinearDNI(2 * hidden, 2 * hidden, 2 * hidden, num_layers=1)
-        iface = BackwardInterface(synth, optimizer=torch.optim.Adam(synth.parameters(), lr=1e-3), scale=0.1, batch_dim=1)
+        iface = BackwardInterface(
+            synth, optimizer=torch.optim.Adam(synth.parameters(), lr=sg_lr), scale=0.1, batch_dim=1
+        )
     g = torch.Generator().manual_seed(seed + 99)
     length, best, history, errors = 1, 0, [], []
     windows = 0
@@ -206,7 +232,11 @@ def run_timing(layers: int, width: int, batch: int, min_run_time: float) -> dict
         trainer = Trainer(method, layers, width, 0, lr=1e-3, sg_lr=1e-4, sg_hidden=256)
         for _ in range(5):
             trainer.step(x, y)
-        timer = benchmark.Timer(stmt="trainer.step(x, y)", globals={"trainer": trainer, "x": x, "y": y}, num_threads=torch.get_num_threads())
+        timer = benchmark.Timer(
+            stmt="trainer.step(x, y)",
+            globals={"trainer": trainer, "x": x, "y": y},
+            num_threads=torch.get_num_threads(),
+        )
         m = timer.blocked_autorange(min_run_time=min_run_time)
         out["ms"][method] = m.median * 1e3
     base = out["ms"]["backprop"]
@@ -219,13 +249,19 @@ def run_timing(layers: int, width: int, batch: int, min_run_time: float) -> dict
 
 def print_tables(res: dict[str, Any]) -> None:
     d = res["digits"]
-    print(f"\nDigits MLP: test accuracy after {d['steps']} steps (batch {d['batch']}, width {d['width']}, mean of {len(d['seeds'])} seeds)")
+    print(
+        f"\nDigits MLP: test accuracy after {d['steps']} steps (batch {d['batch']}, width {d['width']}, mean of {len(d['seeds'])} seeds)"
+    )
     print(f"{'layers':>6} | {'backprop':>8} | {'DNI':>6} | {'cDNI':>6} | {'DNI/bp':>6} | {'cDNI/bp':>7}")
     for layers, row in d["accuracy"].items():
         bp = row["backprop"]
-        print(f"{layers:>6} | {bp:8.4f} | {row['dni']:6.4f} | {row['cdni']:6.4f} | {row['dni'] / bp:6.3f} | {row['cdni'] / bp:7.3f}")
+        print(
+            f"{layers:>6} | {bp:8.4f} | {row['dni']:6.4f} | {row['cdni']:6.4f} | {row['dni'] / bp:6.3f} | {row['cdni'] / bp:7.3f}"
+        )
     c = res["copy"]
-    print(f"\nCopy task: longest length solved (<0.15 bit errors/sequence) in {c['windows']} windows, mean of seeds {c['seeds']}")
+    print(
+        f"\nCopy task: longest length solved (<0.15 bit errors/sequence) in {c['windows']} windows, mean of seeds {c['seeds']}"
+    )
     print(f"{'T':>3} | {'TBPTT':>6} | {'DNI':>6} | {'DNI/TBPTT':>9}")
     for t, row in c["max_length"].items():
         ratio = row["dni"] / row["bptt"] if row["bptt"] else float("inf")
@@ -235,7 +271,9 @@ def print_tables(res: dict[str, Any]) -> None:
     for t in res["timing"]:
         cfg = f"{t['layers']}L w{t['width']} b{t['batch']}"
         ms, r = t["ms"], t["ratio"]
-        print(f"{cfg:>22} | {ms['backprop']:8.3f} | {ms['dni']:7.3f} | {ms['cdni']:7.3f} | {r['dni']:6.2f} | {r['cdni']:7.2f}")
+        print(
+            f"{cfg:>22} | {ms['backprop']:8.3f} | {ms['dni']:7.3f} | {ms['cdni']:7.3f} | {r['dni']:6.2f} | {r['cdni']:7.2f}"
+        )
 
 
 def plot(res: dict[str, Any], path: str) -> None:
@@ -249,7 +287,9 @@ def plot(res: dict[str, Any], path: str) -> None:
     depths = list(d)
     w = 0.27
     for i, (method, label) in enumerate((("backprop", "backprop"), ("dni", "DNI"), ("cdni", "cDNI"))):
-        axes[0].bar([k + (i - 1) * w for k in range(len(depths))], [d[k][method] for k in depths], w, label=label)
+        axes[0].bar(
+            [k + (i - 1) * w for k in range(len(depths))], [d[k][method] for k in depths], w, label=label
+        )
     axes[0].set_xticks(range(len(depths)), [f"{k} layers" for k in depths])
     lo = min(min(d[k][m] for m in ("backprop", "dni", "cdni")) for k in depths)
     axes[0].set_ylim(max(0.0, lo - 0.05), 1.0)
@@ -261,8 +301,15 @@ def plot(res: dict[str, Any], path: str) -> None:
         for j, run in enumerate(runs):
             hist = [[0, 0], *run["history"]]
             xs, ys = zip(*hist)
-            axes[1].step(xs, ys, where="post", color="C0" if method == "bptt" else "C1", linestyle="-" if t == str(res["copy"]["windows_list"][0]) else "--",
-                         label=f"{'TBPTT' if method == 'bptt' else 'DNI'} T={t}" if j == 0 else None, alpha=0.8)
+            axes[1].step(
+                xs,
+                ys,
+                where="post",
+                color="C0" if method == "bptt" else "C1",
+                linestyle="-" if t == str(res["copy"]["windows_list"][0]) else "--",
+                label=f"{'TBPTT' if method == 'bptt' else 'DNI'} T={t}" if j == 0 else None,
+                alpha=0.8,
+            )
     axes[1].set_xlabel("training windows")
     axes[1].set_ylabel("longest copy length solved")
     axes[1].set_title("Copy task: curriculum progress")
@@ -286,11 +333,15 @@ def plot(res: dict[str, Any], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="write results as JSON to this path")
     parser.add_argument("--plot", help="write a PNG figure to this path")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on shared machines)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on shared machines)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -313,7 +364,13 @@ def main() -> None:
     res["digits"] = run_digits(depths, steps, seeds, width=128, batch=64)
 
     print("== copy task", flush=True)
-    copy: dict[str, Any] = {"windows": copy_windows, "windows_list": copy_ts, "seeds": copy_seeds, "max_length": {}, "runs": {}}
+    copy: dict[str, Any] = {
+        "windows": copy_windows,
+        "windows_list": copy_ts,
+        "seeds": copy_seeds,
+        "max_length": {},
+        "runs": {},
+    }
     for t in copy_ts:
         row = {}
         for method in ("bptt", "dni"):
@@ -321,7 +378,10 @@ def main() -> None:
             runs = [run_copy(method, t, copy_windows, seed) for seed in copy_seeds]
             copy["runs"][f"{method}@{t}"] = runs
             row[method] = sum(r["max_length"] for r in runs) / len(runs)
-            print(f"  copy T={t} {method:5s} max length {[r['max_length'] for r in runs]} ({time.perf_counter() - t1:.1f}s)", flush=True)
+            print(
+                f"  copy T={t} {method:5s} max length {[r['max_length'] for r in runs]} ({time.perf_counter() - t1:.1f}s)",
+                flush=True,
+            )
         copy["max_length"][str(t)] = row
     res["copy"] = copy
 

@@ -30,7 +30,12 @@ def test_cosine_similarity_handles_zero():
 
 @pytest.mark.parametrize(
     ("shape", "batch_dim", "feature_dim", "expected"),
-    [((2, 5), 0, -1, (2, 3)), ((2, 4, 5), 0, -1, (2, 4, 3)), ((2, 6, 4, 4), 0, 1, (2, 3, 4, 4)), ((7, 2, 5), 1, -1, (7, 2, 3))],
+    [
+        ((2, 5), 0, -1, (2, 3)),
+        ((2, 4, 5), 0, -1, (2, 4, 3)),
+        ((2, 6, 4, 4), 0, 1, (2, 3, 4, 4)),
+        ((7, 2, 5), 1, -1, (7, 2, 3)),
+    ],
 )
 def test_broadcast_context_shapes_and_values(shape, batch_dim, feature_dim, expected):
     ctx = torch.arange(6.0).reshape(2, 3)

@@ -186,7 +186,11 @@ def test_example_1_dni_on_every_leaf_module():
 def test_example_2_dni_on_chosen_layers():
     ph = placeholders()
     g = torch.Generator().manual_seed(1)
-    ph.update(image_size=8, input=torch.randn(32, 1, 8, 8, generator=g), target_output=torch.randint(0, 10, (32,), generator=g))
+    ph.update(
+        image_size=8,
+        input=torch.randn(32, 1, 8, 8, generator=g),
+        target_output=torch.randint(0, 10, (32,), generator=g),
+    )
     ns = run_example(EXAMPLE_2, **ph)
     net = ns["net"]
     assert type(net.layer1).__name__ == "DNI"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from altgrad.dni import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, RNNDNI
+from altgrad.dni import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 
 
 @pytest.mark.parametrize("cls", [LinearDNI, LinearBatchNormDNI, LinearSigmoidDNI, RNNDNI])

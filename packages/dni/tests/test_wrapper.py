@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import DNI, Conv2dDNI, LinearBatchNormDNI, LinearDNI, RNNDNI
+from altgrad.dni import DNI, RNNDNI, Conv2dDNI, LinearBatchNormDNI, LinearDNI
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -143,7 +143,14 @@ def test_conditional_dni_context_manager_and_keyword_agree():
 def test_recursive_false_wraps_a_block_and_conv_synthesizers_work():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-    layer = DNI(block, hidden_size=3, dni_network=Conv2dDNI, dni_params={"kernel_size": 3}, recursive=False, context_size=2)
+    layer = DNI(
+        block,
+        hidden_size=3,
+        dni_network=Conv2dDNI,
+        dni_params={"kernel_size": 3},
+        recursive=False,
+        context_size=2,
+    )
     assert list(layer.interfaces) == ["root"]
     head = nn.Linear(4 * 5 * 5, 2)
     x, y = torch.randn(3, 2, 5, 5), torch.tensor([0, 1, 1])
@@ -178,7 +185,7 @@ def test_lazy_synthesizers_and_tuple_outputs():
             self.head = nn.Linear(5, 2)
 
         def forward(self, x):
-            out, (h, c) = self.rnn(x)
+            out, (h, _) = self.rnn(x)
             assert not h.requires_grad  # the decoupled module's other outputs are cut off too
             return self.head(out[:, -1])
 
@@ -209,7 +216,10 @@ def test_state_dict_keys_are_names_and_reload_in_a_fresh_process(tmp_path):
     assert "interfaces.0/lin.synthesizer.final.weight" in keys
     assert "interfaces.1.synthesizer.final.weight" in keys
     dni.eval()
-    expected = {name: dni.interfaces[name].synthetic_gradient(torch.ones(2, 8), torch.tensor([0, 2])).tolist() for name in dni.interfaces}
+    expected = {
+        name: dni.interfaces[name].synthetic_gradient(torch.ones(2, 8), torch.tensor([0, 2])).tolist()
+        for name in dni.interfaces
+    }
     torch.save(dni.state_dict(), tmp_path / "dni.pt")
     script = textwrap.dedent(
         f"""
@@ -287,7 +297,7 @@ def test_bad_input():
         DNI(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="skip_last_layer"):
         DNI(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="net must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"net must be an nn\.Module"):
         DNI(lambda x: x)
     with pytest.raises(ValueError, match="unknown grad_optim 'adamz'"):
         DNI(mlp(), grad_optim="adamz")
@@ -316,3 +326,40 @@ def test_bad_input():
     dni = DNI(nn.Sequential(Custom(), nn.Linear(3, 2)), sample_input=torch.randn(2, 3))
     with pytest.raises(ValueError, match="cannot produce"):
         dni(torch.randn(2, 5, requires_grad=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_backprop_in_observe_mode_and_trains_in_dni_mode():
+    net, ref = mlp().cuda(), mlp().cuda()
+    dni = DNI(net, hidden_size=4, update_modules=False, mode="observe")
+    x, y = (t.cuda() for t in data())
+    F.cross_entropy(dni(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    dni = DNI(mlp().cuda(), hidden_size=4, context_size=3)
+    for _ in range(3):
+        F.cross_entropy(dni(x, context=y), y).backward()
+    assert next(dni.synthesizer_parameters()).is_cuda
+    assert all(torch.isfinite(p).all() for p in dni.parameters())
+
+
+def test_modules_selects_blocks_and_remove_restores_the_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()),
+        nn.Linear(8, 3),
+    )
+    dni = DNI(net, hidden_size=4, modules=["0", "1"], context_size=3)
+    assert sorted(dni.interfaces) == ["0", "1"]  # sizes inferred through Linear → BatchNorm1d → ReLU
+    x, y = data()
+    F.cross_entropy(dni(x, context=y), y).backward()
+    assert dni.interface("1").last_loss is not None
+    bare = dni.remove()
+    out = bare(x)
+    assert out.grad_fn is not None  # no interface any more: plain autograd graph
+    with pytest.raises(ValueError, match="no submodule named 'nope'"):
+        DNI(mlp(), modules=["nope"])
+    with pytest.raises(TypeError, match="iterable of module names"):
+        DNI(mlp(), modules="0")

@@ -13,13 +13,13 @@ def test_centered_ranks_values():
 
 
 def test_centered_ranks_matches_openai_reference():
-    # OpenAI ES starter: compute_ranks via argsort, then /(n-1) - 0.5
-    f = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
-    x = f.flatten().numpy()
-    ranks = x.argsort().argsort().astype("float64")
-    ref = torch.from_numpy(ranks / (x.size - 1) - 0.5).reshape(7, 3)
-    torch.testing.assert_close(centered_ranks(f.double()), ref)
-    assert centered_ranks(f).shape == (7, 3)
+    # OpenAI ES starter: ranks = x.argsort().argsort() over the flattened array, then / (n - 1) - 0.5
+    f = torch.randn(7, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = f.flatten()
+    ranks = x.argsort().argsort().double()
+    ref = (ranks / (x.numel() - 1) - 0.5).reshape(7, 3)
+    torch.testing.assert_close(centered_ranks(f), ref)
+    assert centered_ranks(f.float()).shape == (7, 3)
 
 
 def test_centered_ranks_ties_stable_and_ints():

@@ -189,6 +189,21 @@ def print_table(rows: list[dict]) -> None:
         print(line)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The step-time table in Markdown (best round in ms, and the ratio to Adam foreach)."""
+    keys = list(dict.fromkeys((r["device"], r["size"]) for r in rows))
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    head = "| optimizer | " + " | ".join(f"{d} {s}: ms | × Adam foreach" for d, s in keys) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(keys)]
+    for name in names:
+        cells = []
+        for d, s in keys:
+            r = next((x for x in rows if x["name"] == name and x["device"] == d and x["size"] == s), None)
+            cells += [f"{r['min_ms']:.1f}", f"{r['ratio_vs_adam_foreach']:.2f}"] if r else ["n/a", "n/a"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -243,6 +258,7 @@ def main() -> None:
 
     rows = run_benchmarks(args.quick, with_compile=not args.no_compile)
     print_table(rows)
+    print("\n" + markdown_table(rows))
     result: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -49,10 +49,10 @@ def make_model(seed: int) -> nn.Module:
 
 def optimizers(total_steps: int) -> dict[str, tuple[OptimizerFactory, list[float]]]:
     """name -> (factory(params, lr, total_steps), learning rates to sweep)."""
-    sign_lrs = [0.03, 0.1, 0.3]
+    sign_lrs = [0.03, 0.1, 0.3, 1.0]
     return {
         "SGD momentum 0.9": (lambda p, lr, T: torch.optim.SGD(p, lr=lr, momentum=0.9), [0.03, 0.1, 0.3]),
-        "Adam": (lambda p, lr, T: torch.optim.Adam(p, lr=lr), [1e-3, 3e-3, 1e-2]),
+        "Adam": (lambda p, lr, T: torch.optim.Adam(p, lr=lr), [1e-3, 3e-3, 1e-2, 3e-2]),
         "AddSign": (lambda p, lr, T: AddSign(p, lr=lr), sign_lrs),
         "AddSign-ld": (
             lambda p, lr, T: AddSign(p, lr=lr, sign_internal_decay=LinearInternalDecay(T)),
@@ -110,6 +110,7 @@ def run(epochs: int, seeds: list[int], batch_size: int = 64) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, (factory, lrs) in optimizers(total_steps).items():
         best = None
+        sweep = []
         for lr in lrs:
             start = time.perf_counter()
             runs = [train(factory, lr, data, epochs=epochs, batch_size=batch_size, seed=s) for s in seeds]
@@ -120,9 +121,13 @@ def run(epochs: int, seeds: list[int], batch_size: int = 64) -> dict[str, Any]:
                 f"  ({time.perf_counter() - start:.1f}s)",
                 flush=True,
             )
-            if best is None or curve[-1] < best["train_loss"][-1]:
-                best = {"lr": lr, "train_loss": curve, "test_accuracy": acc}
-        results[name] = best
+            sweep.append({"lr": lr, "final_train_loss": curve[-1], "test_accuracy": acc})
+            final = curve[-1] if math.isfinite(curve[-1]) else math.inf  # a diverged run never wins
+            if best is None or final < best["final"]:
+                best = {"lr": lr, "train_loss": curve, "test_accuracy": acc, "final": final}
+        assert best is not None
+        best.pop("final")
+        results[name] = {**best, "sweep": sweep}
     return {
         "epochs": epochs,
         "seeds": seeds,
@@ -157,6 +162,15 @@ def print_table(training: dict[str, Any]) -> None:
     print(f"\n{'optimizer':<20} {'best lr':>8} {'final train loss':>17} {'test acc':>9}")
     for name, r in training["runs"].items():
         print(f"{name:<20} {r['lr']:>8g} {r['train_loss'][-1]:>17.4f} {r['test_accuracy']:>9.4f}")
+    print("\n" + markdown_table(training))
+
+
+def markdown_table(training: dict[str, Any]) -> str:
+    """The training results in Markdown."""
+    lines = ["| optimizer | best lr | final train loss | test accuracy |", "|---|---:|---:|---:|"]
+    for name, r in training["runs"].items():
+        lines.append(f"| {name} | {r['lr']:g} | {r['train_loss'][-1]:.4f} | {r['test_accuracy']:.4f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:

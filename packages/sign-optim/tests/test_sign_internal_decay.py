@@ -189,3 +189,23 @@ def test_importable_from_both_modules():
 def test_bad_arguments(factory, exc, match):
     with pytest.raises(exc, match=match):
         factory()
+
+
+def test_user_subclass_is_used_as_a_callable():
+    from altgrad.sign_optim import AddSign
+
+    class Half(LinearInternalDecay):
+        kind = "half"
+
+        def __call__(self, step):
+            return 0.5
+
+        def to_dict(self):
+            return {"kind": self.kind, "T_max": self.T_max}
+
+    p = torch.zeros(2, requires_grad=True)
+    opt = AddSign([p], lr=0.1, sign_internal_decay=Half(5))
+    assert opt.param_groups[0]["sign_internal_decay"] == {"kind": "callable"}
+    p.grad = torch.ones(2)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((2,), -0.1 * 1.5))

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/problem.h"
 
@@ -13,11 +14,19 @@ namespace py = pybind11;
 namespace {
 
 void scan(std::uintptr_t x, std::uintptr_t y, int dtype, int64_t outer, int64_t n, int64_t inner,
-          std::uintptr_t gate, bool gate_per_elem, std::uintptr_t done, std::uintptr_t init, bool reverse,
-          int num_threads) {
+          std::uintptr_t gate, double gate_value, bool gate_per_elem, std::uintptr_t done, std::uintptr_t init,
+          bool reverse, int num_threads) {
   if (dtype < altgrad_dc::kFloat32 || dtype > altgrad_dc::kBFloat16) throw std::invalid_argument("scan: unknown dtype code");
   if (outer < 0 || n < 0 || inner < 0) throw std::invalid_argument("scan: negative size");
-  if (outer * n * inner > 0 && (x == 0 || y == 0 || gate == 0)) throw std::invalid_argument("scan: null pointer");
+  if (outer * n * inner > 0 && (x == 0 || y == 0 || (gate == 0 && gate_per_elem))) {
+    throw std::invalid_argument("scan: null pointer");
+  }
+  // gate == 0: one discount for every row, given by value (saves allocating a tensor in Python).
+  std::vector<double> gate_rows;
+  if (gate == 0) {
+    gate_rows.assign(static_cast<std::size_t>(outer * inner), gate_value);
+    gate = reinterpret_cast<std::uintptr_t>(gate_rows.data());
+  }
   altgrad_dc::ScanProblem p;
   p.x = reinterpret_cast<const void*>(x);
   p.y = reinterpret_cast<void*>(y);
@@ -39,8 +48,8 @@ void scan(std::uintptr_t x, std::uintptr_t y, int dtype, int64_t outer, int64_t 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "CPU kernels of altgrad.discounted_cumsum (raw-pointer interface, no torch headers).";
   m.def("scan", &scan, py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("outer"), py::arg("n"), py::arg("inner"),
-        py::arg("gate"), py::arg("gate_per_elem"), py::arg("done"), py::arg("init"), py::arg("reverse"),
-        py::arg("num_threads"),
+        py::arg("gate"), py::arg("gate_value"), py::arg("gate_per_elem"), py::arg("done"), py::arg("init"),
+        py::arg("reverse"), py::arg("num_threads"),
         "y[t] = x[t] + a[t] * y[t -/+ 1] along n of a contiguous [outer, n, inner] buffer (see problem.h).");
   m.def("isa", &altgrad_dc::cpu_isa, "The instruction set the kernels were selected for on this CPU.");
 }

@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(kThreads) row_kernel(Problem p, Workspace w, i
   for (int i = 0; i < kItems; ++i) {
     if (s0 + i < total) {
       const double xv = load<T>(x, m);
-      const double g = p.gate_per_elem ? load<G>(static_cast<const G*>(p.gate), m) : static_cast<const double*>(p.gate)[row];
+      const double g = p.gate_per_elem ? load<G>(static_cast<const G*>(p.gate), m)
+                       : p.gate != nullptr ? static_cast<const double*>(p.gate)[row] : p.gate_value;
       const bool reset = p.done != nullptr && p.done[m] != 0;
       double a = reset ? 0.0 : g, b = xv;
       const bool start = p.reverse ? (t == n - 1) : (t == 0);
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) column_kernel(Problem p) {
   const int64_t o = col / p.inner, c = col - o * p.inner, n = p.n;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  const double gc = p.gate_per_elem ? 0.0 : static_cast<const double*>(p.gate)[col];
+  const double gc = p.gate_per_elem ? 0.0 : p.gate != nullptr ? static_cast<const double*>(p.gate)[col] : p.gate_value;
   bool has = p.init != nullptr;
   double carry = has ? p.init[col] : 0.0;
   for (int64_t s = 0; s < n; ++s) {

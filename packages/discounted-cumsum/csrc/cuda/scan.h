@@ -9,7 +9,9 @@ struct Problem {
   const void* x;
   void* y;
   int64_t outer, n, inner;
-  const void* gate;        // double [outer*inner] (constant along the scan) or compute type [outer*n*inner]
+  const void* gate;        // double [outer*inner] (constant along the scan) or compute type [outer*n*inner];
+                           // nullptr: every row uses gate_value
+  double gate_value;
   int gate_per_elem;
   const uint8_t* done;     // nullable, [outer*n*inner]
   const double* init;      // nullable, [outer*inner]

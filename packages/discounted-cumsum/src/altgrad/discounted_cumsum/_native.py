@@ -60,24 +60,24 @@ def _prepare(
     dones: torch.Tensor | None,
     initial: torch.Tensor | None,
     dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None, torch.Tensor | None, int, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None, torch.Tensor | None, int, int, int]:
     """Makes every buffer contiguous in the [outer, n, inner] layout the kernels expect."""
     shape = x.shape
     outer = math.prod(shape[:dim])
     n = shape[dim]
     inner = math.prod(shape[dim + 1 :])
-    cd = compute_dtype(x.dtype)
     xc = x.contiguous()
-    row_shape = (*shape[:dim], 1, *shape[dim + 1 :])
     # Gates that are constant along the scan and initial values are passed in float64 (they are small), so a
     # discount such as 0.99 is not rounded to float32; per-element gates use the compute dtype.
-    if gamma is None:
-        gate = torch.full((outer * inner,), gamma_value, dtype=torch.float64, device=x.device)
-        per_elem = False
-    else:
+    # A Python-number discount is passed by value (gate None), which keeps a CUDA call to a single launch.
+    gate, per_elem = None, False
+    if gamma is not None:
         g = gamma.reshape((1,) * (len(shape) - gamma.dim()) + tuple(gamma.shape))
         per_elem = g.shape[dim] != 1
-        gate = g.to(cd if per_elem else torch.float64).expand(shape if per_elem else row_shape).contiguous()
+        if per_elem:
+            gate = g.to(compute_dtype(x.dtype)).expand(shape).contiguous()
+        else:
+            gate = g.to(torch.float64).expand((*shape[:dim], 1, *shape[dim + 1 :])).contiguous()
     done = None if dones is None else dones.expand(shape).contiguous()
     init = None
     if initial is not None:
@@ -130,6 +130,7 @@ def native_scan(
             n,
             inner,
             _ptr(gate),
+            gamma_value,
             per_elem,
             _ptr(done),
             _ptr(init),
@@ -150,6 +151,7 @@ def native_scan(
             n,
             inner,
             _ptr(gate),
+            gamma_value,
             per_elem,
             _ptr(done),
             _ptr(init),

@@ -36,25 +36,38 @@ def scan_eager(
 
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_CAN_CHECK_MODES = None not in (_dispatch_stack_len, _functorch_active, _function_mode_enabled)
 
 
-def can_skip_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:  # noqa: UP045
+def can_skip_dispatcher(
+    x: torch.Tensor,
+    gamma: Optional[torch.Tensor],  # noqa: UP045
+    dones: Optional[torch.Tensor],  # noqa: UP045
+    initial: Optional[torch.Tensor],  # noqa: UP045
+) -> bool:
     """True when calling ``scan_eager`` directly is indistinguishable from calling the op.
 
     That is the case in plain eager mode: not compiling or tracing, no autograd needed, plain CPU/CUDA tensors, and
     no torch-function/dispatch mode or functorch transform active. Skipping the dispatcher saves tens of
     microseconds per call, which dominates small RL-sized inputs.
     """
-    if _dispatch_stack_len is None or _functorch_active is None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: dynamo must not trace the private checks below
         return False
-    ts = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in ts) or torch.overrides.has_torch_function(ts):
+    if not _CAN_CHECK_MODES or type(x) is not torch.Tensor or x.device.type not in _NATIVE_DEVICES:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
         return False
-    if _dispatch_stack_len() or _functorch_active():
-        return False
-    return ts[0].device.type in _NATIVE_DEVICES
+    for t in (gamma, dones, initial):
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return not (
+        _dispatch_stack_len()
+        or _functorch_active()
+        or _function_mode_enabled()
+        or torch.compiler.is_compiling()
+    )
 
 
 @torch.library.custom_op("altgrad_discounted_cumsum::scan", mutates_args=())

@@ -9,7 +9,7 @@
 
 from ._version import __version__
 from .interface import MODES, BackwardInterface
-from .synthesizers import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, RNNDNI
+from .synthesizers import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 from .wrapper import DNI
 
 __all__ = [

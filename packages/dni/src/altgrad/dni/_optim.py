@@ -31,14 +31,18 @@ def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:
     if isinstance(spec, str):
         key = spec.lower()
         if key not in OPTIMIZERS:
-            raise ValueError(f"unknown {name} {spec!r}; expected one of {sorted(OPTIMIZERS)}, an Optimizer class or None")
-        cls = OPTIMIZERS[key]
+            raise ValueError(
+                f"unknown {name} {spec!r}; expected one of {sorted(OPTIMIZERS)}, an Optimizer class or None"
+            )
+        cls: Any = OPTIMIZERS[key]
         # foreach: one fused pass over a module's few tensors instead of a Python loop (same maths).
         return lambda params: cls(params, lr=lr, foreach=True)
     if isinstance(spec, torch.optim.Optimizer):
         cls2, defaults = type(spec), dict(spec.defaults)
         return lambda params: cls2(params, **defaults)
     if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
-        cls3 = spec
+        cls3: Any = spec
         return lambda params: cls3(params, lr=lr)
-    raise TypeError(f"{name} must be None, a string, an Optimizer class or instance, got {type(spec).__name__}")
+    raise TypeError(
+        f"{name} must be None, a string, an Optimizer class or instance, got {type(spec).__name__}"
+    )

@@ -7,6 +7,7 @@ that later arrives at ``h`` (true at the top, bootstrapped from the next interfa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -77,7 +78,8 @@ class _Prediction:
     def __del__(self) -> None:
         # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
         if not self.consumed:
-            self.iface._pending -= 1
+            with contextlib.suppress(Exception):  # interpreter shutdown
+                self.iface._pending -= 1
 
 
 class _Boundary(torch.autograd.Function):
@@ -189,7 +191,9 @@ class BackwardInterface(nn.Module):
         if inject not in _INJECT:
             raise ValueError(f"inject must be one of {_INJECT}, got {inject!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
         self.synthesizer = synthesizer
         self.context_size = context_size
         self.lam = _check_float("lam", lam, 0.0, 1.0)
@@ -198,7 +202,9 @@ class BackwardInterface(nn.Module):
         self.mode = mode
         self.optimizer = optimizer
         self.batch_dim = int(batch_dim)
-        self.feature_dim = int(feature_dim if feature_dim is not None else getattr(synthesizer, "feature_dim", -1))
+        self.feature_dim = int(
+            feature_dim if feature_dim is not None else getattr(synthesizer, "feature_dim", -1)
+        )
         self.diagnostics = bool(diagnostics)
         self.last_loss: Tensor | None = None
         self.last_cosine: Tensor | None = None
@@ -280,7 +286,9 @@ class BackwardInterface(nn.Module):
         out = self._boundary(pred, tensors, connected=any(t.requires_grad for t in tensors), lam=lam)
         return self._restructure(state, out)
 
-    def inject(self, state: Tensor | Sequence[Tensor], scale: float | None = None, context: Tensor | None = None) -> Tensor:
+    def inject(
+        self, state: Tensor | Sequence[Tensor], scale: float | None = None, context: Tensor | None = None
+    ) -> Tensor:
         """Inject the synthetic gradient at the end of a truncated-BPTT window (recurrent use).
 
         Args:
@@ -326,9 +334,17 @@ class BackwardInterface(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _as_tensors(self, name: str, state: Any) -> tuple[Tensor, ...]:
-        tensors = (state,) if isinstance(state, Tensor) else tuple(state) if isinstance(state, (tuple, list)) else ()
+        tensors = (
+            (state,)
+            if isinstance(state, Tensor)
+            else tuple(state)
+            if isinstance(state, (tuple, list))
+            else ()
+        )
         if not tensors or not all(isinstance(t, Tensor) for t in tensors):
-            raise TypeError(f"{name} must be a Tensor or a non-empty tuple/list of Tensors, got {type(state).__name__}")
+            raise TypeError(
+                f"{name} must be a Tensor or a non-empty tuple/list of Tensors, got {type(state).__name__}"
+            )
         return tensors
 
     @staticmethod
@@ -343,7 +359,9 @@ class BackwardInterface(nn.Module):
                 raise ValueError("context was given but the interface was built with context_size=0")
             return None
         if context is None:
-            raise ValueError(f"this interface is conditional (context_size={self.context_size}); pass context=")
+            raise ValueError(
+                f"this interface is conditional (context_size={self.context_size}); pass context="
+            )
         if not isinstance(context, Tensor):
             raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
         batch = like.shape[self.batch_dim]
@@ -351,7 +369,9 @@ class BackwardInterface(nn.Module):
             if context.dim() != 1:
                 raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
             if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
-                raise ValueError(f"integer context labels must be in [0, {self.context_size}), got out-of-range labels")
+                raise ValueError(
+                    f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
+                )
             context = F.one_hot(context.long(), self.context_size)
         if context.dim() != 2 or context.shape != (batch, self.context_size):
             raise ValueError(

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "RNNDNI",
     "Conv2dDNI",
     "DNINetwork",
     "LinearBatchNormDNI",
     "LinearDNI",
     "LinearSigmoidDNI",
-    "RNNDNI",
 ]
 
 
@@ -224,7 +224,7 @@ class RNNDNI(DNINetwork):
         bias: Whether the layers have biases.
     """
 
-    _KINDS: ClassVar[dict[str, type[nn.RNNBase]]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+    _KINDS: ClassVar[dict[str, Any]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
     def __init__(
         self,
@@ -242,7 +242,11 @@ class RNNDNI(DNINetwork):
         self.kind = kind
         self.batch_first = bool(batch_first)
         self.rnn = self._KINDS[kind](
-            input_size, hidden_size, num_layers=_check_size("num_layers", num_layers), bias=bias, batch_first=True
+            input_size,
+            hidden_size,
+            num_layers=_check_size("num_layers", num_layers),
+            bias=bias,
+            batch_first=True,
         )
         self.final = nn.Linear(hidden_size, output_size, bias=bias)
         _zero_(self.final)

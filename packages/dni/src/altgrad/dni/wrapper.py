@@ -10,7 +10,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -187,7 +187,9 @@ class DNI(nn.Module):
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise TypeError(f"hidden_size must be a positive int, got {hidden_size!r}")
         if not (isinstance(dni_network, type) and issubclass(dni_network, nn.Module)):
-            raise TypeError(f"dni_network must be an nn.Module subclass (e.g. LinearDNI), got {dni_network!r}")
+            raise TypeError(
+                f"dni_network must be an nn.Module subclass (e.g. LinearDNI), got {dni_network!r}"
+            )
         if dni_params is not None and not isinstance(dni_params, Mapping):
             raise TypeError(f"dni_params must be a mapping, got {type(dni_params).__name__}")
         if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
@@ -225,7 +227,9 @@ class DNI(nn.Module):
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
         self._synth_optimizer: torch.optim.Optimizer | None = None
         module_optim = optim if optim is not None else grad_optim
-        self._module_optim = optimizer_factory(module_optim, float(lr if lr is not None else grad_lr), "optim")
+        self._module_optim = optimizer_factory(
+            module_optim, float(lr if lr is not None else grad_lr), "optim"
+        )
 
         self._wrapped = self._select(net, recursive, skip_last_layer, modules)
         self._hooks: list[Any] = []
@@ -253,7 +257,9 @@ class DNI(nn.Module):
                 opt = self._module_optim(params)
                 self._module_optimizers.append(opt)
                 for p in params:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt)))
+                    self._hooks.append(
+                        p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt))
+                    )
         if sample_input is not None:
             self._dry_run(sample_input)
 
@@ -274,7 +280,9 @@ class DNI(nn.Module):
                 if name not in named:
                     raise ValueError(f"modules: net has no submodule named {name!r}")
                 if not trainable(named[name], True):
-                    raise ValueError(f"modules: {name!r} has no trainable parameters: there is nothing to train with DNI")
+                    raise ValueError(
+                        f"modules: {name!r} has no trainable parameters: there is nothing to train with DNI"
+                    )
                 chosen[name] = named[name]
             if not chosen:
                 raise ValueError("modules is empty: nothing to wrap")
@@ -282,11 +290,19 @@ class DNI(nn.Module):
 
         if not recursive:
             if not trainable(net, True):
-                raise ValueError(f"net ({type(net).__name__}) has no trainable parameters: there is nothing to train with DNI")
+                raise ValueError(
+                    f"net ({type(net).__name__}) has no trainable parameters: there is nothing to train with DNI"
+                )
             return {"": net}
-        leaves = {n: m for n, m in net.named_modules() if not any(True for _ in m.children()) and trainable(m, False)}
+        leaves = {
+            n: m
+            for n, m in net.named_modules()
+            if not any(True for _ in m.children()) and trainable(m, False)
+        }
         if not leaves:
-            raise ValueError(f"net ({type(net).__name__}) has no leaf module with trainable parameters: nothing to wrap")
+            raise ValueError(
+                f"net ({type(net).__name__}) has no leaf module with trainable parameters: nothing to wrap"
+            )
         if skip_last_layer:
             leaves.pop(list(leaves)[-1])
             if not leaves:
@@ -384,7 +400,7 @@ class DNI(nn.Module):
                 f"dimension {fd} for {self.dni_network.__name__}"
             )
         key = _key(name)
-        iface = self.interfaces[key] if key in self.interfaces else self._build(name, h.shape[fd], module)
+        iface = self._iface(key) if key in self.interfaces else self._build(name, h.shape[fd], module)
         expected = self._features[key]
         if h.shape[fd] != expected:
             hint = " (use Conv2dDNI for (B, C, H, W) feature maps)" if h.dim() == 4 and fd == -1 else ""
@@ -394,6 +410,9 @@ class DNI(nn.Module):
                 f"{expected} features, so it cannot produce this activation's gradient{hint}"
             )
         return iface
+
+    def _iface(self, key: str) -> BackwardInterface:
+        return cast(BackwardInterface, self.interfaces[key])
 
     def _on_grad(self, optimizer: torch.optim.Optimizer, param: Tensor) -> None:
         """Post-accumulate-grad hook of a wrapped parameter: step its module's optimizer."""
@@ -446,10 +465,18 @@ class DNI(nn.Module):
             if context.dim() != 1:
                 raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
             if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
-                raise ValueError(f"integer context labels must be in [0, {self.context_size}), got out-of-range labels")
+                raise ValueError(
+                    f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
+                )
             ref = next(iter(self.interfaces.values()), None)
-            dtype = next(ref.parameters()).dtype if ref is not None and any(True for _ in ref.parameters()) else None
-            return torch.nn.functional.one_hot(context.long(), self.context_size).to(dtype or torch.get_default_dtype())
+            dtype = (
+                next(ref.parameters()).dtype
+                if ref is not None and any(True for _ in ref.parameters())
+                else None
+            )
+            return torch.nn.functional.one_hot(context.long(), self.context_size).to(
+                dtype or torch.get_default_dtype()
+            )
         return context
 
     def forward(self, *args: Any, context: Tensor | None = None, **kwargs: Any) -> Any:
@@ -488,8 +515,8 @@ class DNI(nn.Module):
                 f"synthesizers for {missing} are created at the first forward because their activation size "
                 "cannot be inferred; pass sample_input= to DNI or run one forward first"
             )
-        for iface in self.interfaces.values():
-            yield from iface.synthesizer.parameters()
+        for key in self.interfaces:
+            yield from self._iface(key).synthesizer.parameters()
 
     def model_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the wrapped network (without the synthesizers).
@@ -517,7 +544,7 @@ class DNI(nn.Module):
         key = _key(name)
         if key not in self.interfaces:
             raise RuntimeError(f"the synthesizer for {name!r} is created at the first forward")
-        return self.interfaces[key]  # type: ignore[return-value]
+        return self._iface(key)
 
     def step_synthesizers(self) -> None:
         """Apply the synthesizer updates whose targets have arrived.
@@ -529,7 +556,7 @@ class DNI(nn.Module):
         backward), because its graph still needs the current weights.
         """
         opt = self._synth_optimizer
-        if opt is None or any(iface._pending > 0 for iface in self.interfaces.values()):
+        if opt is None or any(self._iface(k)._pending > 0 for k in self.interfaces):
             return
         if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
             opt.step()
@@ -543,8 +570,10 @@ class DNI(nn.Module):
         """
         out: dict[str, dict[str, float]] = {}
         for name in self._wrapped:
-            iface = self.interfaces[_key(name)] if _key(name) in self.interfaces else None
-            if iface is None or iface.last_loss is None:
+            if _key(name) not in self.interfaces:
+                continue
+            iface = self._iface(_key(name))
+            if iface.last_loss is None:
                 continue
             entry = {"loss": float(iface.last_loss)}
             if iface.last_cosine is not None:
@@ -595,6 +624,3 @@ class DNI(nn.Module):
             if network is None or name.startswith("_"):
                 raise
             return getattr(network, name)
-
-
-

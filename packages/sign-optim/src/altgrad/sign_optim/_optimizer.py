@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _use_grad_for_differentiable
 
 from ._functional import Rule, sign_update
-from .sign_internal_decay import SignInternalDecay, decay_from_dict
+from .sign_internal_decay import SignInternalDecay, _is_serializable, decay_from_dict
 
 __all__: list[str] = []
 
@@ -71,8 +71,8 @@ def _decay_to_group_value(decay: DecayArg) -> tuple[dict[str, Any] | None, Calla
     """Split a ``sign_internal_decay`` argument into (plain data for the param group, live callable)."""
     if decay is None:
         return None, None
-    if isinstance(decay, SignInternalDecay):
-        return decay.to_dict(), None
+    if _is_serializable(decay):
+        return cast(SignInternalDecay, decay).to_dict(), None
     if isinstance(decay, dict):
         if decay.get("kind") == CALLABLE_DECAY["kind"]:
             return dict(CALLABLE_DECAY), None

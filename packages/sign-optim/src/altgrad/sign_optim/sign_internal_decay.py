@@ -312,6 +312,11 @@ _KINDS: dict[str, type[SignInternalDecay]] = {
 }
 
 
+def _is_serializable(decay: object) -> bool:
+    """Whether ``decay`` is one of the built-in decays, which ``decay_from_dict`` can rebuild."""
+    return isinstance(decay, SignInternalDecay) and _KINDS.get(decay.kind) is type(decay)
+
+
 def decay_from_dict(spec: dict[str, Any]) -> SignInternalDecay:
     """Rebuild a decay from the plain data returned by `SignInternalDecay.to_dict`.
 
