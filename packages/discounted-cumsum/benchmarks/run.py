@@ -3,7 +3,8 @@
 Compares, on the same inputs and in the same run:
 
 * ``ours``: ``altgrad.discounted_cumsum.discounted_cumsum_right`` (CPU: C++ SIMD + threads; CUDA: one launch),
-* ``peer``: ``torch_discounted_cumsum.discounted_cumsum_right`` 1.1.0 (if installed; see requirements.txt),
+* ``peer``: ``torch_discounted_cumsum.discounted_cumsum_right`` 1.1.0 (if installed; see
+  requirements-no-build-isolation.txt),
 * ``lfilter``: ``scipy.signal.lfilter([1], [1, -gamma], x[:, ::-1])[:, ::-1]`` (CPU only, numpy input),
 * ``loop``: a Python loop over time with torch ops (the REINFORCE/CleanRL pattern; short rows only),
 * ``clone``: ``x.clone()``, the copy-bandwidth limit (reads and writes the same bytes as a scan).

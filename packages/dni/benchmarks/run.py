@@ -299,7 +299,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     for key, runs in c.items():
         method, t = key.split("@")
         for j, run in enumerate(runs):
-            hist = [[0, 0], *run["history"]]
+            hist = [[0, 0], *run["history"], [run["windows"], run["max_length"]]]
             xs, ys = zip(*hist)
             axes[1].step(
                 xs,
@@ -347,12 +347,12 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.quick:
         depths, steps, seeds = [3, 6], 300, [0]
-        copy_windows, copy_ts, copy_seeds = 3000, [3], [0]
-        timing_cfgs, min_run = [(4, 128, 128)], 0.3
+        copy_windows, copy_ts, copy_seeds = 1500, [2], [0]
+        timing_cfgs, min_run = [(4, 128, 128)], 0.2
     else:
-        depths, steps, seeds = [3, 4, 5, 6], 1500, [0, 1]
-        copy_windows, copy_ts, copy_seeds = 12000, [3, 5], [0, 1]
-        timing_cfgs, min_run = [(4, 128, 128), (4, 512, 256), (6, 1024, 256)], 1.0
+        depths, steps, seeds = [3, 4, 5, 6], 1000, [0]
+        copy_windows, copy_ts, copy_seeds = 6000, [2], [0, 1]
+        timing_cfgs, min_run = [(4, 128, 128), (4, 512, 256), (6, 1024, 256)], 0.5
 
     res: dict[str, Any] = {
         "torch": torch.__version__,
@@ -375,7 +375,7 @@ def main() -> None:
         row = {}
         for method in ("bptt", "dni"):
             t1 = time.perf_counter()
-            runs = [run_copy(method, t, copy_windows, seed) for seed in copy_seeds]
+            runs = [run_copy(method, t, copy_windows, seed, sg_lr=3e-3) for seed in copy_seeds]
             copy["runs"][f"{method}@{t}"] = runs
             row[method] = sum(r["max_length"] for r in runs) / len(runs)
             print(

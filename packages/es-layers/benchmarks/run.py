@@ -1,7 +1,7 @@
 """Benchmarks for altgrad-es-layers: NESgpu's forward tables, update time and noise memory vs population size.
 
 Reproduces the tables of the NESgpu README (batch = population = 1024, one example per member, forward only,
-noise pre-sampled, median time) for Linear (out, in) = 256², 512², 1024² and NESgpu's conv shapes, with the
+noise pre-sampled) for Linear (out, in) = 256², 512², 1024² and NESgpu's conv shapes, with the
 columns Base (unperturbed layer on the whole batch), Naive (the unperturbed layer called once per member on a
 batch of one, NESgpu's definition), Perturbed (IID), Sparse k=1/2, Permuted (+10 % input sparsity), Flipout
 (sign flips: inputs / both sides) and LowRank r=1/4. Then the update ``Σ_k w_k E_k`` and the noise generation
@@ -11,7 +11,9 @@ Usage::
 
     python packages/es-layers/benchmarks/run.py --out bench.json --plot bench.png [--quick] [--device cuda]
 
-Times come from ``torch.utils.benchmark`` (``blocked_autorange``, median). On a shared CPU they are noisy.
+Times come from ``torch.utils.benchmark`` (``blocked_autorange``; the fastest block, each block averaging several
+calls, which is robust to other jobs on a shared CPU). ``--threads 1`` gives steadier CPU numbers when the cores
+are shared.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    """Median time of ``fn`` in ms; a call slower than 2 s is timed once (its warm-up run)."""
+    """Time of ``fn`` in ms (fastest timing block); a call slower than 2 s is timed once (its warm-up run)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()  # warm-up
@@ -57,7 +59,8 @@ def _time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float
         globals={"fn": fn, "sync": lambda: _sync(device)},
         num_threads=torch.get_num_threads(),
     )
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # min over timing blocks (each block averages several calls): robust to other jobs sharing the CPU
+    return min(timer.blocked_autorange(min_run_time=min_run_time).times) * 1e3
 
 
 def _linear_layers(n_in: int, n_out: int, pop: int, device, dtype) -> dict[str, nn.Module]:

@@ -448,3 +448,27 @@ def test_bad_members_and_scale():
         layer.set_noise(step=-1)
     with pytest.raises(ValueError, match="layer_index"):
         layer.set_layer_index(-1)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: es.PermutedLinear(5, 7, N, permutation="in", in_sparsity=3, dtype=torch.float64, seed=0),
+        lambda: es.PermutedLinear(5, 4, N, permutation="out", out_sparsity=2, dtype=torch.float64, seed=0),
+        lambda: es.PermutedConv2d(3, 4, 3, N, permutation="in", dtype=torch.float64, seed=0),
+        lambda: es.PermutedConv2d(3, 4, 3, N, permutation="out", out_sparsity=2, dtype=torch.float64, seed=0),
+    ],
+)
+def test_permuted_update_scatter_and_gemm_paths(factory, monkeypatch):
+    # fewer members than permuted entries -> direct scatter (in sub-chunks); otherwise P = Σ w_k Π_k and a GEMM
+    import altgrad.es_layers.modes as modes
+
+    monkeypatch.setattr(modes, "_SCATTER_ELEMENTS", 1)  # one member per scatter sub-chunk
+    layer = factory()
+    layer.set_noise()
+    w = torch.randn(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dense = layer.dense_noise()[0]
+    for members in ([2], [0, 3], list(range(N))):  # 1 and 2 members scatter, N = 6 members use the GEMM
+        noise = {k: (v if k.startswith("shared") else v[members]) for k, v in layer._noise.items()}
+        got = layer._weighted_sum(w[members], noise)
+        torch.testing.assert_close(got, torch.einsum("k,k...->...", w[members], dense[members]))

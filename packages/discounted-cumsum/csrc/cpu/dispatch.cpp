@@ -10,9 +10,9 @@ namespace altgrad_dc {
 namespace {
 
 // Below this many elements per thread, starting a thread costs more than it saves.
-constexpr int64_t kMinElementsPerThread = int64_t(1) << 15;
+constexpr int64_t kMinElementsPerThread = int64_t(1) << 16;
 // Rows at least this long are split into chunks when there are fewer rows than threads.
-constexpr int64_t kMinChunkedRow = int64_t(1) << 16;
+constexpr int64_t kMinChunkedRow = int64_t(1) << 18;
 
 const Kernels* select_kernels() {
 #if defined(ALTGRAD_X86_DISPATCH) && (defined(__GNUC__) || defined(__clang__))

@@ -37,7 +37,14 @@ def scan_eager(
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-_CAN_CHECK_MODES = None not in (_dispatch_stack_len, _functorch_active, _function_mode_enabled)
+
+
+def _modes_active() -> bool:
+    """Whether a dispatch mode, torch-function mode or functorch transform is active (True if unknown)."""
+    checks = (_dispatch_stack_len, _functorch_active, _function_mode_enabled)
+    if any(f is None for f in checks):
+        return True
+    return any(f() for f in checks if f is not None)
 
 
 def can_skip_dispatcher(
@@ -54,7 +61,7 @@ def can_skip_dispatcher(
     """
     if torch.compiler.is_compiling():  # first: dynamo must not trace the private checks below
         return False
-    if not _CAN_CHECK_MODES or type(x) is not torch.Tensor or x.device.type not in _NATIVE_DEVICES:
+    if type(x) is not torch.Tensor or x.device.type not in _NATIVE_DEVICES:
         return False
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
@@ -62,12 +69,7 @@ def can_skip_dispatcher(
     for t in (gamma, dones, initial):
         if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
             return False
-    return not (
-        _dispatch_stack_len()
-        or _functorch_active()
-        or _function_mode_enabled()
-        or torch.compiler.is_compiling()
-    )
+    return not _modes_active()
 
 
 @torch.library.custom_op("altgrad_discounted_cumsum::scan", mutates_args=())

@@ -70,7 +70,9 @@ def generalized_advantage_estimate(
         The advantages, shaped like ``rewards``.
 
     Raises:
+        TypeError: If ``rewards`` is not a floating tensor with at least one dimension.
         ValueError: If ``values`` does not have the shape of ``rewards``.
+        IndexError: If ``dim`` is out of range.
 
     Example:
         >>> import torch
@@ -79,13 +81,15 @@ def generalized_advantage_estimate(
         >>> generalized_advantage_estimate(r, v, gamma=1.0, lam=1.0)
         tensor([1.5000, 0.5000, 0.5000])
     """
+    if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point() or rewards.dim() == 0:
+        raise TypeError("`rewards` must be a floating tensor with at least one dimension")
     if not isinstance(values, torch.Tensor) or values.shape != rewards.shape:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"`values` must have the shape of `rewards` {tuple(rewards.shape)}, got {shape}")
-    if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point():
-        raise TypeError("`rewards` must be a floating tensor")
-    d = dim % rewards.dim() if rewards.dim() else 0
-    n = rewards.shape[d] if rewards.dim() else 1
+    if not -rewards.dim() <= dim < rewards.dim():
+        raise IndexError(f"`dim` is {dim} but `rewards` has {rewards.dim()} dimension(s)")
+    d = dim % rewards.dim()
+    n = rewards.shape[d]
     cd = compute_dtype(rewards.dtype)
     row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
     if bootstrap is None:

@@ -34,6 +34,9 @@ from .base import STREAM_A, STREAM_B, STREAM_IN, STREAM_OUT, STREAM_SHARED, STRE
 
 __all__ = ["FlipoutNoise", "IIDNoise", "LowRankNoise", "PermutedNoise", "SparseNoise"]
 
+# Permuted update: elements per sub-chunk when the members' contributions are scattered directly.
+_SCATTER_ELEMENTS = 1 << 22
+
 
 def _random_subsets(layer: Perturbed, size: int, count: int, stream: int, members: Tensor) -> Tensor:
     """``count`` distinct indices out of ``range(size)`` per member, in random order: ``(n, count)`` int64.
@@ -211,7 +214,7 @@ class PermutedNoise(Perturbed):
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
         e = noise["shared_weight"]
         m, n = self.weight.shape[:2]
-        tuple(self.weight.shape[2:])
+        kernel = tuple(self.weight.shape[2:])
         if self.permute_inputs and self.permute_outputs:
             # G[ρ_k(i), π_k(j)] += w_k E[i, j]: a scatter-add of N·m_sp·n_sp values
             rows, cols = noise["out_idx"], noise["in_idx"]
@@ -220,6 +223,24 @@ class PermutedNoise(Perturbed):
             vals = vals.reshape(flat.numel(), -1)
             g = torch.zeros((m * n, vals.shape[1]), dtype=e.dtype, device=e.device)
             return g.index_add_(0, flat, vals).view(self.weight.shape)
+        k = w.shape[0]
+        if k < (n if self.permute_inputs else m):
+            # fewer members than permuted entries: scatter w_k E directly, O(N·|E|) instead of the O(|E|·n) GEMM;
+            # G[:, π_k(j)] += w_k E[:, j] (inputs) or G[ρ_k(i), :] += w_k E[i, :] (outputs), in bounded sub-chunks
+            g = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
+            step = max(1, _SCATTER_ELEMENTS // e.numel())
+            for s0 in range(0, k, step):
+                wc = w[s0 : s0 + step]
+                kc = wc.shape[0]
+                if self.permute_inputs:
+                    idx = noise["in_idx"][s0 : s0 + step]
+                    src = e.unsqueeze(1) * wc.view(1, kc, *([1] * (e.dim() - 1)))
+                    g.index_add_(1, idx.reshape(-1), src.reshape(m, kc * self.in_sparsity, *kernel))
+                else:
+                    idx = noise["out_idx"][s0 : s0 + step]
+                    src = wc.view(kc, *([1] * e.dim())) * e.unsqueeze(0)
+                    g.index_add_(0, idx.reshape(-1), src.reshape(kc * self.out_sparsity, *e.shape[1:]))
+            return g
         if self.permute_inputs:
             idx = noise["in_idx"]  # (k, n_sp)
             p = torch.zeros(self.in_sparsity * n, dtype=e.dtype, device=e.device)

@@ -205,11 +205,12 @@ class NoiseTable(SeededDistribution):
     """OpenAI-ES shared noise table: directions are windows into one pre-sampled normal vector.
 
     The table (``size`` standard normals, generated once per device and dtype from ``seed``) is reused by every
-    estimate. The row of member ``k`` is the window ``table[base + k * stride : base + k * stride + numel]`` with a
-    random ``base`` and ``stride`` per (step, leaf, chunk), returned as a strided *view*: drawing costs nothing and
-    no noise is ever copied. Each row is exactly standard normal; rows of one chunk may overlap (shifted copies of
-    each other) when the table is small relative to ``members * numel``, which adds some correlation between
-    directions. This is the fast mode for mid-size models, where sampling dominates the cost.
+    estimate. The rows of a chunk are consecutive windows ``table[base + k * numel : base + (k + 1) * numel]``
+    from a random ``base`` per (step, leaf, chunk), returned as a *view*: drawing costs nothing and no noise is
+    copied. Each row is exactly standard normal and the rows of a chunk are disjoint. Only when the table is
+    smaller than ``members * numel`` do windows overlap (with a random stride), which adds some correlation
+    between directions. Directions of different estimates reuse the same table, as in OpenAI-ES. This is the fast
+    mode for mid-size models, where sampling dominates the cost.
 
     Args:
         seed: Base seed (a Python int).
@@ -269,7 +270,7 @@ class NoiseTable(SeededDistribution):
             dtype: Floating dtype of the result (half types get float32 rows).
 
         Returns:
-            Tensor of shape ``(len(members), *shape)``, usually a non-contiguous view of the table.
+            Tensor of shape ``(len(members), *shape)``, usually a view of the table.
 
         Raises:
             ValueError: If one parameter leaf has more elements than the table.
@@ -286,11 +287,15 @@ class NoiseTable(SeededDistribution):
         start = members[0] if rows else 0
         rng = random.Random(f"{self.seed}:{step}:{leaf}:{start}:{rows}")
         room = self.size - numel
-        max_stride = room // (rows - 1) if rows > 1 else numel
         inner = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        if rows * numel <= self.size:
+            # Consecutive windows from a random base: one contiguous block of the table, read at full speed.
+            base = rng.randint(0, self.size - rows * numel)
+            return table.as_strided((rows, *shape), (numel, *inner), base)
+        max_stride = room // (rows - 1)
         if max_stride >= 1:
-            lo = numel if max_stride >= numel else max(1, max_stride // 2)
-            stride = rng.randint(lo, max_stride)
+            # Not enough room for disjoint windows: overlapping ones with a random stride.
+            stride = rng.randint(max(1, max_stride // 2), max_stride)
             base = rng.randint(0, room - (rows - 1) * stride)
             return table.as_strided((rows, *shape), (stride, *inner), base)
         # More rows than the table has room for: independent random offsets, copied.
