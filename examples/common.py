@@ -82,12 +82,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 class Timer:
-    """Context manager measuring wall time in seconds (``.seconds``)."""
+    """Context manager measuring wall time in seconds (``.seconds`` after the block, ``.elapsed`` inside it)."""
 
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the block started."""
+        return time.perf_counter() - self.start
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start

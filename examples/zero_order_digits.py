@@ -118,7 +118,7 @@ def train(
                 curve.append((step, tl, ta))
                 print(
                     f"[{kind}] step {step:4d}/{steps}: train loss {tl:.3f}, test acc {ta:.3f} "
-                    f"({timer_elapsed(timer):.1f} s)",
+                    f"({timer.elapsed:.1f} s)",
                     flush=True,
                 )
     loss, train_acc, test_acc = evaluate(classifier, data)
@@ -135,13 +135,6 @@ def train(
         "seconds": timer.seconds,
         "curve": curve,
     }
-
-
-def timer_elapsed(timer: Timer) -> float:
-    """Seconds since ``timer`` started (while it is still running)."""
-    import time
-
-    return time.perf_counter() - timer.start
 
 
 def main(quick: bool = False, seed: int = 0) -> dict:

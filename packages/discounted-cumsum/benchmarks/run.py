@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -68,6 +69,17 @@ def python_loop(x: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def _time(stmt: str, env: dict, min_run_time: float) -> float:
     return Timer(stmt, globals=env).blocked_autorange(min_run_time=min_run_time).median
+
+
+def _finite(v):
+    """JSON has no inf/nan: non-finite errors (the peer's garbage rows) are stored as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(u) for k, u in v.items()}
+    if isinstance(v, list):
+        return [_finite(u) for u in v]
+    return v
 
 
 def bench_shape(shape, device, peer, lfilter, min_run_time) -> dict:
@@ -176,7 +188,9 @@ def main(argv=None) -> int:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(_finite({"meta": meta, "results": rows}), indent=2, allow_nan=False) + "\n"
+        )
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.plot)

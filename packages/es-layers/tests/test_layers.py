@@ -464,6 +464,7 @@ def test_permuted_update_scatter_and_gemm_paths(factory, monkeypatch):
     import altgrad.es_layers.modes as modes
 
     monkeypatch.setattr(modes, "_SCATTER_ELEMENTS", 1)  # one member per scatter sub-chunk
+    monkeypatch.setattr(modes, "_SCATTER_PENALTY", 1)
     layer = factory()
     layer.set_noise()
     w = torch.randn(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -36,6 +36,7 @@ __all__ = ["FlipoutNoise", "IIDNoise", "LowRankNoise", "PermutedNoise", "SparseN
 
 # Permuted update: elements per sub-chunk when the members' contributions are scattered directly.
 _SCATTER_ELEMENTS = 1 << 22
+_SCATTER_PENALTY = 32
 
 
 def _random_subsets(layer: Perturbed, size: int, count: int, stream: int, members: Tensor) -> Tensor:
@@ -224,8 +225,9 @@ class PermutedNoise(Perturbed):
             g = torch.zeros((m * n, vals.shape[1]), dtype=e.dtype, device=e.device)
             return g.index_add_(0, flat, vals).view(self.weight.shape)
         k = w.shape[0]
-        if k < (n if self.permute_inputs else m):
-            # fewer members than permuted entries: scatter w_k E directly, O(N·|E|) instead of the O(|E|·n) GEMM;
+        if k * _SCATTER_PENALTY < (n if self.permute_inputs else m):
+            # few members: scatter w_k E directly, O(N·|E|) element updates instead of the O(|E|·n) GEMM (a scattered
+            # element update costs about as much as _SCATTER_PENALTY GEMM multiply-adds);
             # G[:, π_k(j)] += w_k E[:, j] (inputs) or G[ρ_k(i), :] += w_k E[i, :] (outputs), in bounded sub-chunks
             g = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
             step = max(1, _SCATTER_ELEMENTS // e.numel())

@@ -16,16 +16,33 @@ function) and ``accumulate`` (``grad += Σ_k w_k E_k``).
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ._noise import NoiseSource, compute_dtype
 
-__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "LowRank"]
+__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "Direction", "LowRank"]
 
 #: Accepted values of ``directions=``.
 DIRECTIONS: tuple[str, ...] = ("dense", "lowrank")
+
+
+class Direction(Protocol):
+    """What the estimator needs from a direction type (the noise object is opaque to it)."""
+
+    def draw(self, source: NoiseSource, p: Tensor, members: range, step: int) -> Any:
+        """Draw the noise of ``members`` for leaf ``p``."""
+        ...
+
+    def inputs(self, p: Tensor, noise: Any, sigma: float, antithetic: bool) -> list[Tensor]:
+        """Stacked tensors handed to the population function."""
+        ...
+
+    def accumulate(self, grad: Tensor, noise: Any, weights: Tensor) -> None:
+        """``grad += Σ_k w_k E_k``."""
+        ...
 
 
 class DenseNoise:

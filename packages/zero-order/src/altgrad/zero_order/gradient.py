@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
-from .directions import DIRECTIONS, Dense, LowRank
+from .directions import DIRECTIONS, Dense, Direction, LowRank
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
@@ -105,7 +105,7 @@ def _directions_per_chunk(options: EstimatorOptions, params: Sequence[Tensor]) -
     return max(1, min(options.num_samples, rows // rows_per_direction))
 
 
-def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[Dense | LowRank]:
+def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[Direction]:
     """Direction type per leaf: dense, or low-rank (materialised) for 2-D leaves when asked."""
     lowrank = options.directions == "lowrank"
     return [
@@ -122,7 +122,7 @@ def run_estimate(
     options: EstimatorOptions,
     grad_output: Tensor | float = 1.0,
     f0: Tensor | None = None,
-    plans: Sequence[Dense | LowRank] | None = None,
+    plans: Sequence[Direction] | None = None,
 ) -> list[Tensor]:
     """Core loop shared by every entry point (the arguments are already validated).
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._noise import NoiseSource
-from .directions import Dense, LowRank
+from .directions import Direction, LowRank
 from .distributions import Samplable
 from .gradient import EstimatorOptions, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
@@ -81,7 +81,7 @@ class _ModuleCall:
         with _active(self.module):
             return self.forward(self.module, *self.args, **self.kwargs)
 
-    def _plans(self, params: Sequence[Tensor]) -> list[Dense | LowRank]:
+    def _plans(self, params: Sequence[Tensor]) -> list[Direction]:
         """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
         plans = default_plans(self.options, params)
         self.factored: dict[int, nn.Linear] = {}
