@@ -341,7 +341,7 @@ def lint(session: nox.Session) -> None:
 
 
 def _bench(session: nox.Session, pkg: Package) -> None:
-    _install_everything(session, "matplotlib")
+    _install_everything(session, "matplotlib", "scikit-learn")
     bench = pkg.path / "benchmarks"
     req = bench / "requirements.txt"
     if req.exists():

@@ -9,8 +9,8 @@ process; Debian's Chromium (``/usr/bin/chromium``) is driven through ``/usr/bin/
 * broken internal links: ``<a href>`` targets on the local site that do not exist, and ``#fragments`` that name
   no element of the target page,
 * missing images: ``<img>`` elements that did not load (``naturalWidth == 0``),
-* empty API sections: a mkdocstrings object (module, class, function, attribute) rendered with no
-  documentation inside, a top-level module section that documents no public name and has almost no text of its
+* empty API sections: a mkdocstrings object (module, class, function) rendered with no documentation inside
+  (an attribute whose declaration is shown but has no docstring is a warning), a top-level module section that documents no public name and has almost no text of its
   own, and an API page (``.../api/`` or ``api.html``) with no rendered object at all.
 
 Failures to load resources from *other* hosts (web fonts, for example, on a machine without network access) are
@@ -73,7 +73,7 @@ for (const el of document.querySelectorAll('[id]')) out.ids.push(el.id);
 for (const el of document.querySelectorAll('a[name]')) out.ids.push(el.getAttribute('name'));
 for (const obj of document.querySelectorAll('div.doc.doc-object')) {
   const kind = [...obj.classList].find(c => c.startsWith('doc-') && c !== 'doc-object') || 'doc-?';
-  const heading = obj.querySelector('.doc-heading');
+  const heading = obj.querySelector('.doc-object-name') || obj.querySelector('.doc-heading');
   const contents = [...obj.children].find(c => c.classList.contains('doc-contents'));
   const text = contents ? contents.innerText.trim() : '';
   out.apiObjects.push({
@@ -81,6 +81,7 @@ for (const obj of document.querySelectorAll('div.doc.doc-object')) {
     name: heading ? heading.innerText.replace(/[¶#]\s*$/, '').trim().slice(0, 80) : '(no heading)',
     textLength: text.length,
     children: contents ? contents.querySelectorAll('div.doc.doc-object').length : 0,
+    signature: !![...obj.children].find(c => c.classList.contains('doc-signature')),
     top: !obj.parentElement.closest('div.doc.doc-object'),
   });
 }
@@ -337,7 +338,11 @@ def _check_api(report: Report, label: str, page: str, objects: list[dict]) -> No
         report.error(label, "empty API page: no object documentation was rendered")
     for obj in objects:
         if obj["textLength"] == 0 and obj["children"] == 0:
-            report.error(label, f"empty API section: {obj['kind']} {obj['name']!r} has no documentation")
+            if obj["kind"] == "doc-attribute" and obj["signature"]:
+                # The attribute's declaration and value are shown; only a description is missing.
+                report.warn(label, f"attribute {obj['name']!r} is rendered without a docstring")
+            else:
+                report.error(label, f"empty API section: {obj['kind']} {obj['name']!r} has no documentation")
         elif (
             obj["top"]
             and obj["kind"] == "doc-module"

@@ -233,10 +233,10 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(
-        "step time / torch.optim.Adam (foreach) step time, best of interleaved rounds  (lower is faster)"
+        "step time / Adam (foreach) step time in the same round, median over rounds (lower is faster)"
     )
     ax.set_title(
-        f"optimizer step time, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"optimizer step time, float32, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)"
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -274,7 +274,7 @@ class SignOptimizer(Optimizer):
         return has_complex
 
     @_use_grad_for_differentiable
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform a single optimization step.
 
         Args:
