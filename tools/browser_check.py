@@ -100,6 +100,7 @@ class Report:
     images_checked: int = 0
     api_objects: int = 0
     screenshots: list[str] = field(default_factory=list)
+    external_failures: dict[str, list[str]] = field(default_factory=dict)  # source URL -> pages
 
     def error(self, page: str, message: str) -> None:
         """Record an error found on ``page``."""
@@ -108,6 +109,10 @@ class Report:
     def warn(self, page: str, message: str) -> None:
         """Record a warning found on ``page``."""
         self.warnings.append(f"{page}: {message}")
+
+    def external(self, page: str, source: str) -> None:
+        """Record that ``source`` (on another host) failed to load on ``page`` (summarised at the end)."""
+        self.external_failures.setdefault(source, []).append(page)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -289,7 +294,7 @@ def _check_console(report: Report, label: str, entries: list[dict], base: str, s
         source = message.split(" ", 1)[0]
         external = source.startswith("http") and not source.startswith(base)
         if external and not strict_external:
-            report.warn(label, f"external resource failed (no network?): {message[:200]}")
+            report.external(label, source)
         else:
             report.error(label, f"console error: {message[:300]}")
 
@@ -423,13 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - start
     for warning in report.warnings:
         print(f"warning: {warning}")
+    for source, pages in report.external_failures.items():
+        print(f"warning: external resource failed to load on {len(pages)} page(s) (no network?): {source}")
     for error in report.errors:
         print(f"ERROR: {error}")
     for shot in report.screenshots:
         print(f"screenshot: {shot}")
     print(
         f"browser check: {report.pages} pages, {report.links_checked} internal links, {report.images_checked} images, "
-        f"{report.api_objects} API objects; {len(report.errors)} errors, {len(report.warnings)} warnings "
+        f"{report.api_objects} API objects; {len(report.errors)} errors, "
+        f"{len(report.warnings) + len(report.external_failures)} warnings "
         f"({elapsed:.1f} s)"
     )
     if args.json:
