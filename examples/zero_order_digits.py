@@ -58,9 +58,11 @@ def make_zero_order_model(num_samples: int, sigma: float, seed: int, hidden: int
             self.generator = torch.Generator().manual_seed(seed + 12345)
 
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            """The objective: mean cross-entropy of the batch (a scalar, as the zero-order API requires)."""
             return F.cross_entropy(self.net(x), y)
 
         def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+            """Standard normal directions of ``sample_shape`` from the model's own generator."""
             return torch.randn(sample_shape, generator=self.generator)
 
     return ZeroOrderMLP()
