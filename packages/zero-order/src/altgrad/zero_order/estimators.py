@@ -40,10 +40,11 @@ __all__ = [
 
 Method = Literal["naive", "forward", "antithetic", "es", "ars"]
 
-#: All estimator names accepted by ``method=``.
 METHODS: tuple[str, ...] = ("naive", "forward", "antithetic", "es", "ars")
-#: Methods that evaluate both θ + σz and θ − σz (2N evaluations for N directions).
+"""All estimator names accepted by ``method=``."""
+
 ANTITHETIC_METHODS: frozenset[str] = frozenset({"antithetic", "es", "ars"})
+"""Methods that evaluate both θ + σz and θ − σz (2N evaluations for N directions)."""
 #: Methods whose weights need every fitness value first (noise is regenerated or kept for a second pass).
 TWO_PASS_METHODS: frozenset[str] = frozenset({"es", "ars"})
 
