@@ -283,11 +283,15 @@ def build(session: nox.Session) -> None:
         wheel = _build(session, pkg, dist)
         sdist = next(dist.glob(f"{pkg.dist.replace('-', '_')}-*.tar.gz"))
         versions[pkg.name] = _check_archives(session, pkg, sdist, wheel)
-    tmp = Path(session.create_tmp())
+    tmp = Path(session.create_tmp()).resolve()
     for pkg in PACKAGES.values():
         venv = tmp / f"alone-{pkg.name}"
         shutil.rmtree(venv, ignore_errors=True)
-        session.run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), external=True)
+        # --without-pip: pip and setuptools come from the system site, so an old bundled setuptools
+        # cannot shadow the one torch needs.
+        session.run(
+            sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv), external=True
+        )
         py = str(venv / "bin" / "python")
         # --no-index: siblings resolve from dist/ only, torch from the system site-packages.
         session.run(
