@@ -119,24 +119,23 @@ def native_scan(
     y = torch.empty_like(xc)
     if xc.numel() == 0:
         return y
-    code = _DTYPE_CODES[x.dtype]
+    # Arguments shared by the CPU and CUDA entry points; each appends its own execution context.
+    args = (
+        _ptr(xc),
+        _ptr(y),
+        _DTYPE_CODES[x.dtype],
+        outer,
+        n,
+        inner,
+        _ptr(gate),
+        gamma_value,
+        per_elem,
+        _ptr(done),
+        _ptr(init),
+        reverse,
+    )
     if x.device.type == "cpu":
-        mod = _require(_cpu, _cpu_error, "cpu")
-        mod.scan(
-            _ptr(xc),
-            _ptr(y),
-            code,
-            outer,
-            n,
-            inner,
-            _ptr(gate),
-            gamma_value,
-            per_elem,
-            _ptr(done),
-            _ptr(init),
-            reverse,
-            torch.get_num_threads(),
-        )
+        _require(_cpu, _cpu_error, "cpu").scan(*args, torch.get_num_threads())
         return y
     mod = _require(_cuda, _cuda_error, "cuda")
     with torch.cuda.device(x.device):
@@ -144,18 +143,7 @@ def native_scan(
         tiles = mod.tiles_needed(outer, n, inner)
         workspace = _cuda_workspace(mod, x.device, stream, tiles)
         mod.scan(
-            _ptr(xc),
-            _ptr(y),
-            code,
-            outer,
-            n,
-            inner,
-            _ptr(gate),
-            gamma_value,
-            per_elem,
-            _ptr(done),
-            _ptr(init),
-            reverse,
+            *args,
             stream,
             _ptr(workspace),
             0 if workspace is None else _workspace_tiles[(x.device, stream)],
