@@ -1,5 +1,8 @@
 """Shared helpers for the zero-order tests."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -16,3 +19,7 @@ def linear_fn(a: torch.Tensor, c: float = 0.0):
         return a @ theta + c
 
     return f
+
+
+# Test helpers (`_bounds`) live next to the tests; with --import-mode=importlib the folder is not on sys.path.
+sys.path.insert(0, os.path.dirname(__file__))

@@ -40,6 +40,9 @@ def test_linear_model_any_dtype(device, dtype, make_dist):
         assert g.dtype == p.dtype
         assert g.device == p.device
         cos = F.cosine_similarity(g.double().flatten(), t.double().flatten(), dim=0)
+        # Statistical bound: antithetic on a near-linear f has noise ‖ĝ − g‖² ≈ (D + 1)‖g‖²/N = 10/400 of ‖g‖²
+        # (cos ≈ 0.988); cos ≤ 0.8 needs a noise norm 4.7× its expectation (χ² with ≥ 1 dof: p < 1e-6), and the
+        # bf16 rounding of the result (2^-8 relative) and of x, y moves cos by < 0.01.
         assert cos > 0.8, cos
 
 
@@ -63,4 +66,5 @@ def test_cpu_distribution_with_cuda_params():
     p = torch.zeros(5, device="cuda")
     (g,) = estimate_gradient(lambda t: t.sum(), [p], dist, "antithetic", 16, 0.1)
     assert g.device.type == "cuda"
-    torch.testing.assert_close(g, torch.ones(5, device="cuda"), atol=1.5, rtol=0)
+    # Antithetic, linear f with gradient 1: Var[g_i] = (5 + 1)/16; 5 standard deviations.
+    torch.testing.assert_close(g, torch.ones(5, device="cuda"), atol=5 * (6 / 16) ** 0.5, rtol=0)
