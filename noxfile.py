@@ -15,15 +15,23 @@ Sessions (``nox -l`` lists them):
 * ``demo``          installs every package and runs ``examples/`` (the main job).
 * ``bench-<pkg>`` / ``bench``  the benchmarks; results land in ``docs/<pkg>/bench.{json,png}``.
 
-Torch is large, so session venvs see the already-installed torch through ``--system-site-packages``.
-Our own packages are only ever installed into session venvs, so siblings never leak in through that
-door; ``_check_isolation`` verifies it in every test session.
+Torch is large, so every session venv reuses the torch of the interpreter that runs nox (a venv, conda or the
+system Python): venvs are created plain and get a ``.pth`` file listing that interpreter's site-packages
+(``tools/outer_site.py``; ``--system-site-packages`` would expose the *base* interpreter instead). Our own packages
+are only ever installed into session venvs, so siblings never leak in through that door; ``_check_isolation``
+verifies it, and that torch was not installed again, in every test session.
+
+Each package suite runs once per CPU level (``CPU_LEVELS``: the machine's default kernels, then AVX2 with one
+thread), each level with its own inductor cache, and a package whose ``_native`` module has
+``supported_cpu_isas()`` runs again once per other ISA it was compiled for (``ALTGRAD_CPU_ISA``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+import outer_site  # tools/outer_site.py
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +59,12 @@ nox.options.error_on_external_run = True
 
 ROOT = Path(__file__).parent.resolve()
 WHEEL_CACHE = ROOT / ".nox" / "_wheels"  # built wheels, keyed by source state (see _source_key)
-VENV_PARAMS = ["--system-site-packages"]  # reuse the torch that is already installed
+# CPU kernel levels every package suite runs at; torch 2.13's inductor cache does not key on ATEN_CPU_CAPABILITY,
+# so each level gets its own TORCHINDUCTOR_CACHE_DIR (DESIGN.md section 3). ALTGRAD_TEST_LEVELS=default picks some.
+CPU_LEVELS = {
+    "default": {},
+    "avx2-1thread": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+}
 DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings-python>=2,<3"]
 LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
 
@@ -108,6 +124,50 @@ def _discover() -> dict[str, Package]:
 
 
 PACKAGES = _discover()
+
+_PURELIB = "import sysconfig; print(sysconfig.get_path('purelib'))"
+_TORCH_ORIGIN = "import importlib.util as u; s = u.find_spec('torch'); print(s.origin if s else '')"
+
+
+def _outer_dirs(session: nox.Session) -> list[str]:
+    """Site-packages of the interpreter running nox (which must have torch); see tools/outer_site.py."""
+    try:
+        return outer_site.torch_dirs()
+    except outer_site.TorchMissingError as exc:
+        session.error(str(exc))
+
+
+def _expose_outer_site(session: nox.Session, python: str = "python") -> None:
+    """Write the ``.pth`` that makes ``python``'s venv see the torch of the interpreter running nox."""
+    external = python != "python"
+    purelib = session.run(python, "-c", _PURELIB, silent=True, external=external).strip()
+    outer_site.write_pth(purelib, _outer_dirs(session))
+
+
+def _check_torch_reused(session: nox.Session, python: str = "python") -> None:
+    """Fail if the venv imports a torch of its own instead of the one of the interpreter running nox."""
+    external = python != "python"
+    origin = session.run(python, "-c", _TORCH_ORIGIN, silent=True, external=external).strip()
+    outer = [Path(d) for d in _outer_dirs(session)]
+    if not origin or not any(Path(origin).resolve().is_relative_to(d) for d in outer):
+        session.error(
+            f"torch in this venv is {origin or 'missing'}, not the torch of {sys.executable} (in "
+            f"{', '.join(map(str, outer))}): something installed torch again"
+        )
+
+
+def venv_session(**kwargs):
+    """``nox.session`` for a session with its own venv that reuses the torch of the interpreter running nox."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(session: nox.Session) -> None:
+            _expose_outer_site(session)
+            func(session)
+
+        return nox.session(**kwargs)(wrapper)
+
+    return decorate
 
 
 def _build(session: nox.Session, pkg: Package, outdir: Path) -> Path:
@@ -176,12 +236,18 @@ def _check_isolation(session: nox.Session, allowed: set[str]) -> None:
     for name, info in installed.items():
         if info.get("editable_project_location"):
             session.error(f"{name} is installed editable; tests must run against the built wheel")
+    _check_torch_reused(session)
 
 
-def _run_pytest(session: nox.Session, tests: Path, *extra: str) -> None:
-    tmp = Path(session.create_tmp()) / "run"
+def _run_pytest(session: nox.Session, tests: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    """pytest on ``tests`` from a directory where the source tree is not importable.
+
+    Any non-zero exit fails the session, including 5 (no test collected): a pass that runs nothing is a failure.
+    """
+    tmp = Path(session.create_tmp()).resolve() / "run"
     tmp.mkdir(parents=True, exist_ok=True)
-    with session.chdir(tmp):  # the source tree is not importable from here
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp.parent / "inductor-default"), **(env or {})}
+    with session.chdir(tmp):
         session.run(
             "python",
             "-m",
@@ -192,14 +258,54 @@ def _run_pytest(session: nox.Session, tests: Path, *extra: str) -> None:
             "--rootdir",
             str(tests.parent),
             *extra,
+            env=env,
         )
+
+
+def _levels(session: nox.Session) -> dict[str, dict[str, str]]:
+    """``CPU_LEVELS``, or the subset named in ``ALTGRAD_TEST_LEVELS`` (comma-separated)."""
+    chosen = os.environ.get("ALTGRAD_TEST_LEVELS", ",".join(CPU_LEVELS)).split(",")
+    unknown = [c for c in chosen if c not in CPU_LEVELS]
+    if unknown:
+        session.error(f"ALTGRAD_TEST_LEVELS: unknown {unknown}; expected names from {list(CPU_LEVELS)}")
+    return {name: CPU_LEVELS[name] for name in chosen}
+
+
+def _other_isas(session: nox.Session, pkg: Package) -> list[str]:
+    """The CPU ISAs ``pkg``'s native module was compiled for and this CPU runs, minus the one it picks by default.
+
+    Asks ``<module>._native.supported_cpu_isas()`` and ``cpu_isa()``; a package without them has no ISA passes.
+    """
+    code = (
+        "import importlib, json\n"
+        f"n = importlib.import_module('{pkg.module}._native')\n"
+        "f = getattr(n, 'supported_cpu_isas', None)\n"
+        "print(json.dumps([list(f()), n.cpu_isa()] if f else None))"
+    )
+    out = session.run("python", "-c", code, silent=True).strip().splitlines()[-1]
+    found = json.loads(out)
+    if found is None:
+        session.log(f"{pkg.module}._native has no supported_cpu_isas(): no per-ISA passes")
+        return []
+    isas, default = found
+    return [isa for isa in isas if isa != default]
 
 
 def _package_tests(session: nox.Session, pkg: Package) -> None:
     wheels = _build_wheels(session, [pkg.name, *pkg.siblings])
     session.install(f"{wheels[pkg.name]}[test]", *(str(wheels[s]) for s in pkg.siblings))
     _check_isolation(session, {PACKAGES[n].dist for n in wheels})
-    _run_pytest(session, pkg.path / "tests", *session.posargs)
+    tmp = Path(session.create_tmp()).resolve()
+    passes = {name: dict(env) for name, env in _levels(session).items()}
+    if pkg.compiled:
+        for isa in _other_isas(session, pkg):
+            passes[f"isa-{isa}"] = {"ALTGRAD_CPU_ISA": isa}
+    for name, env in passes.items():
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{name}")
+        session.log(f"{pkg.name}: pass {name} {env}")
+        start = time.monotonic()
+        _run_pytest(session, pkg.path / "tests", *session.posargs, env=env)
+        session.log(f"{pkg.name}: pass {name} took {time.monotonic() - start:.0f} s")
 
 
 def _install_everything(session: nox.Session, *extras: str) -> None:
@@ -211,13 +317,13 @@ def _install_everything(session: nox.Session, *extras: str) -> None:
 for _pkg in PACKAGES.values():
 
     def _make(pkg: Package) -> None:
-        @nox.session(name=f"tests-{pkg.name}", venv_params=VENV_PARAMS)
+        @venv_session(name=f"tests-{pkg.name}")
         def tests_pkg(session: nox.Session) -> None:
             _package_tests(session, pkg)
 
         tests_pkg.__doc__ = f"Build {pkg.dist} (+ sibling deps) and run its tests in an isolated venv."
 
-        @nox.session(name=f"bench-{pkg.name}", venv_params=VENV_PARAMS, default=False)
+        @venv_session(name=f"bench-{pkg.name}", default=False)
         def bench_pkg(session: nox.Session) -> None:
             _bench(session, pkg)
 
@@ -226,7 +332,7 @@ for _pkg in PACKAGES.values():
     _make(_pkg)
 
 
-@nox.session(venv_params=VENV_PARAMS)
+@venv_session()
 def integration(session: nox.Session) -> None:
     """All packages installed together: composition tests, layout checks and short examples."""
     _install_everything(session, "pytest>=8", "scikit-learn")
@@ -271,7 +377,7 @@ def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path
     return version
 
 
-@nox.session(venv_params=VENV_PARAMS, default=False)
+@venv_session(default=False)
 def build(session: nox.Session) -> None:
     """sdist + wheel of every package into dist/, archive checks, then each wheel installed alone and imported."""
     session.install("build")
@@ -287,16 +393,16 @@ def build(session: nox.Session) -> None:
     for pkg in PACKAGES.values():
         venv = tmp / f"alone-{pkg.name}"
         shutil.rmtree(venv, ignore_errors=True)
-        # --without-pip: pip and setuptools come from the system site, so an old bundled setuptools
-        # cannot shadow the one torch needs.
-        session.run(
-            sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv), external=True
-        )
+        # --without-pip: pip and setuptools come, with torch, from the interpreter running nox (the .pth), so
+        # an old bundled setuptools cannot shadow the one torch needs.
+        session.run(sys.executable, "-m", "venv", "--without-pip", str(venv), external=True)
         py = str(venv / "bin" / "python")
-        # --no-index: siblings resolve from dist/ only, torch from the system site-packages.
+        _expose_outer_site(session, py)
+        # --no-index: siblings resolve from dist/ only, torch (and its dependencies) from the outer site.
         session.run(
             py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), pkg.dist, external=True
         )
+        _check_torch_reused(session, py)
         code = (
             f"import importlib.metadata as m, sys; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
             f"assert p.__version__ == v == '{versions[pkg.name]}', (p.__version__, v); print('{pkg.dist}', v)"
@@ -306,7 +412,7 @@ def build(session: nox.Session) -> None:
     session.log("built and checked: " + ", ".join(f"{n} {v}" for n, v in versions.items()))
 
 
-@nox.session(venv_params=VENV_PARAMS, default=False)
+@venv_session(default=False)
 def docs(session: nox.Session) -> None:
     """Build the shared mkdocs-material site with --strict into site/ (API pages read packages/*/src)."""
     session.install(*DOCS_REQUIREMENTS)
@@ -323,7 +429,7 @@ def docs(session: nox.Session) -> None:
     )
 
 
-@nox.session(venv_params=VENV_PARAMS, default=False)
+@venv_session(default=False)
 def lint(session: nox.Session) -> None:
     """ruff format --check, ruff check, and mypy on each package's public API."""
     session.install(*LINT_REQUIREMENTS)
@@ -365,14 +471,14 @@ def bench(session: nox.Session) -> None:
     session.log("benchmarks written to docs/<pkg>/bench.json and bench.png")
 
 
-@nox.session(venv_params=VENV_PARAMS, default=False)
+@venv_session(default=False)
 def demo(session: nox.Session) -> None:
     """The main job: install every package and run the examples, printing a summary table."""
     _install_everything(session, "scikit-learn")
     session.run("python", str(ROOT / "examples" / "run_all.py"), *session.posargs)
 
 
-@nox.session(name="docs-browser", venv_params=VENV_PARAMS, default=False, requires=["docs"])
+@venv_session(name="docs-browser", default=False, requires=["docs"])
 def docs_browser(session: nox.Session) -> None:
     """Load every page of site/ in headless Chromium: console errors, broken links, missing images, empty API.
 

@@ -1,0 +1,162 @@
+"""The nox infrastructure's contracts: session venvs reuse the torch of the interpreter running nox, and no
+session can pass without running a test.
+
+``tools/outer_site.py`` is exercised with real, pip-less venvs (fast): a "user venv" holding a marker package
+stands in for the venv where a user installed torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
+NOXFILE = ROOT / "noxfile.py"
+MARKER = "altgrad_outer_site_marker"
+
+
+def _outer_site():
+    spec = importlib.util.spec_from_file_location("outer_site", TOOLS / "outer_site.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _base_python() -> str:
+    """The interpreter a venv is made from (this test itself may run inside a nox session venv)."""
+    exe = Path(sys._base_executable)  # type: ignore[attr-defined]
+    return str(exe) if exe.exists() else sys.executable
+
+
+def _venv(path: Path, *flags: str, python: str | None = None) -> Path:
+    subprocess.run([python or _base_python(), "-m", "venv", "--without-pip", *flags, str(path)], check=True)
+    return path / "bin" / "python"
+
+
+def _run(python: Path, code: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, **kwargs)
+
+
+def _purelib(python: Path) -> Path:
+    return Path(
+        _run(python, "import sysconfig; print(sysconfig.get_path('purelib'))", check=True).stdout.strip()
+    )
+
+
+@pytest.fixture(scope="module")
+def user_venv(tmp_path_factory) -> Path:
+    """A venv (no system site) holding a marker package, like the venv where a user installed torch."""
+    python = _venv(tmp_path_factory.mktemp("user") / "venv")
+    pkg = _purelib(python) / MARKER
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("VALUE = 42\n")
+    return python
+
+
+def test_site_dirs_of_a_venv_are_that_venvs(user_venv):
+    """``python tools/outer_site.py`` run by the user's venv lists that venv's site-packages."""
+    out = subprocess.run(
+        [str(user_venv), str(TOOLS / "outer_site.py")], capture_output=True, text=True, check=True
+    )
+    dirs = json.loads(out.stdout)
+    assert str(_purelib(user_venv).resolve()) in dirs
+    assert all(Path(d).is_dir() for d in dirs)
+
+
+def test_pth_exposes_the_user_venv_and_own_installs_win(user_venv, tmp_path):
+    dirs = json.loads(
+        subprocess.run([str(user_venv), str(TOOLS / "outer_site.py")], capture_output=True, text=True).stdout
+    )
+    session = _venv(tmp_path / "session")
+    own = _purelib(session)
+    _outer_site().write_pth(own, dirs)
+    out = _run(
+        session, f"import sys, json, {MARKER} as m; print(json.dumps([m.VALUE, sys.prefix, sys.path]))"
+    )
+    assert out.returncode == 0, out.stderr
+    value, prefix, path = json.loads(out.stdout)
+    assert value == 42
+    # installs still go into the session venv:
+    assert Path(prefix).resolve() == (tmp_path / "session").resolve()
+    resolved = [str(Path(p).resolve()) for p in path]
+    assert resolved.index(str(own.resolve())) < resolved.index(str(_purelib(user_venv).resolve()))
+
+
+def test_system_site_packages_would_not_see_the_user_venv(user_venv, tmp_path):
+    """The mechanism this replaces: ``--system-site-packages`` from the user's venv exposes the base interpreter."""
+    session = _venv(tmp_path / "old", "--system-site-packages", python=str(user_venv))
+    out = _run(session, f"import {MARKER}")
+    assert out.returncode != 0
+    assert "ModuleNotFoundError" in out.stderr
+
+
+def test_missing_torch_is_a_clear_error(user_venv):
+    """nox run by an interpreter without torch stops with the command to install it, not a session-time pip."""
+    code = f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import outer_site; outer_site.torch_dirs()"
+    out = _run(user_venv, code)
+    assert out.returncode != 0
+    assert "TorchMissingError: torch is not installed for" in out.stderr
+    assert "pip install torch" in out.stderr
+
+
+def test_torch_dirs_include_where_torch_lives():
+    """In this test run torch is importable; its parent directory is among the directories exposed."""
+    torch_spec = importlib.util.find_spec("torch")
+    assert torch_spec is not None
+    assert torch_spec.origin is not None
+    assert str(Path(torch_spec.origin).resolve().parents[1]) in _outer_site().torch_dirs()
+    assert sysconfig.get_path("purelib")  # the API the noxfile uses to find a venv's site-packages
+
+
+# ------------------------------------------------------------------ static contracts of noxfile.py
+
+
+def _noxfile_calls(name: str) -> list[ast.Call]:
+    tree = ast.parse(NOXFILE.read_text())
+    return [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) in (name, f"nox.{name}")
+    ]
+
+
+def test_every_session_with_a_venv_reuses_outer_torch():
+    """A venv session must use ``venv_session`` (which writes the .pth); plain ``nox.session`` only with python=False."""
+    calls = _noxfile_calls("session")
+    assert calls
+    for call in calls:
+        kwargs = {k.arg: ast.unparse(k.value) for k in call.keywords}
+        if None in kwargs:  # venv_session's own nox.session(**kwargs)
+            continue
+        assert kwargs.get("python") == "False", (
+            f"line {call.lineno}: nox.session with a venv; use venv_session"
+        )
+    strings = [n.value for n in ast.walk(ast.parse(NOXFILE.read_text())) if isinstance(n, ast.Constant)]
+    assert "--system-site-packages" not in strings
+
+
+def test_no_session_accepts_pytest_exit_code_5():
+    """pytest exits 5 when it collects no test; no session may accept that (or any other non-zero) exit."""
+    for call in _noxfile_calls("session.run"):
+        assert "success_codes" not in {k.arg for k in call.keywords}, f"line {call.lineno}"
+
+
+def test_pytest_without_tests_exits_5(tmp_path):
+    """The exit code the sessions rely on: an empty selection is 5, which ``session.run`` treats as a failure."""
+    (tmp_path / "test_empty.py").write_text("x = 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider"],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 5
