@@ -5,7 +5,7 @@ A whole population of perturbed networks is evaluated in one batched forward: ea
 any ``torch.optim`` optimizer can take the step.
 """
 
-from . import distributed, noise, shaping
+from . import distributed, functional, noise, shaping
 from ._version import __version__
 from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
@@ -44,6 +44,7 @@ __all__ = [
     "broadcast_seed",
     "centered_ranks",
     "distributed",
+    "functional",
     "noise",
     "perturb",
     "sample_normal",

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional as EF
 from .base import Perturbed
 from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise
 
@@ -57,10 +58,6 @@ class _PerturbedConvBase(Perturbed, nn.Conv2d):
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._perturbed_repr()}"
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        padding = 0 if self.padding_mode != "zeros" else self.padding
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, groups)
-
     def forward(self, input: Tensor) -> Tensor:
         """Unperturbed convolution, or the population's outputs when ``perturbed_flag`` is set.
 
@@ -78,24 +75,17 @@ class _PerturbedConvBase(Perturbed, nn.Conv2d):
                 f"got shape {tuple(input.shape)}"
             )
         noise = self._current_noise()
-        reps = self._repeats(input.shape)
+        self._repeats(input.shape)
+        padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        out = self._conv(input, self.weight, self.bias, self.groups)
-        n = self.members.numel()
-        signs = self._signs(reps, out.dtype, out.device)
-        x5 = input.view(reps, n, *input.shape[1:])
-        p = self._perturbation(x5, noise)  # (R, n, C_out, H', W')
-        if signs is not None:
-            p = p * signs.view(-1, 1, 1, 1, 1)
-        out.view(p.shape).add_(p)
-        return out
+            padding = 0
+        conv = {"stride": self.stride, "padding": padding, "dilation": self.dilation}
+        return self._population_forward(input, noise, conv)
 
-    def _perturbation(self, x5: Tensor, noise: dict[str, Tensor]) -> Tensor:
+    def _population_forward(self, x: Tensor, noise: dict[str, Tensor], conv: dict) -> Tensor:
+        """The mode's batched forward (one call into :mod:`altgrad.es_layers.functional`)."""
         raise NotImplementedError
-
-    def _bias_noise(self, noise: dict[str, Tensor]) -> Tensor | None:
-        return noise["bias"][None, :, :, None, None] if self.bias is not None else None
 
 
 class PerturbedConv2d(IIDNoise, _PerturbedConvBase):
@@ -144,13 +134,11 @@ class PerturbedConv2d(IIDNoise, _PerturbedConvBase):
             padding_mode, antithetic, noise_scale, seed, device, dtype,
         )  # fmt: skip
 
-    def _perturbation(self, x5, noise):
-        reps, n = x5.shape[:2]
-        e = noise["weight"]
-        bias = noise["bias"].reshape(-1) if self.bias is not None else None
-        xv = x5.reshape(reps, n * self.in_channels, *x5.shape[3:])
-        p = self._conv(xv, e.reshape(-1, *e.shape[2:]), bias, self.groups * n)
-        return p.view(reps, n, self.out_channels, *p.shape[2:])
+    def _population_forward(self, x, noise, conv):
+        return EF.perturbed_conv2d(
+            x, self.weight, self.bias, noise["weight"], noise.get("bias"), antithetic=self.antithetic,
+            groups=self.groups, **conv,
+        )  # fmt: skip
 
 
 class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
@@ -213,25 +201,11 @@ class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
             f"out_sparsity={self.out_sparsity}"
         )
 
-    def _perturbation(self, x5, noise):
-        reps, n, c = x5.shape[:3]
-        hw = x5.shape[3:]
-        e = noise["shared_weight"]
-        if self.permute_inputs:
-            offsets = (noise["in_idx"] + torch.arange(n, device=x5.device)[:, None] * c).reshape(-1)
-            xg = x5.reshape(reps, n * c, *hw).index_select(1, offsets)
-            xg = xg.view(reps * n, self.in_sparsity, *hw)
-        else:
-            xg = x5.reshape(reps * n, c, *hw)
-        v = self._conv(xg, e, None, 1)  # (R*n, m_sp, H', W')
-        out_hw = v.shape[2:]
-        if self.permute_outputs:
-            v = F.pad(v.view(reps, n, self.out_sparsity, -1), (0, 0, 0, 1))  # zero channel at the end
-            offsets = noise["out_inv"] + torch.arange(n, device=x5.device)[:, None] * (self.out_sparsity + 1)
-            v = v.view(reps, n * (self.out_sparsity + 1), -1).index_select(1, offsets.reshape(-1))
-        v = v.view(reps, n, self.out_channels, *out_hw)
-        eps = self._bias_noise(noise)
-        return v if eps is None else v.add_(eps)
+    def _population_forward(self, x, noise, conv):
+        return EF.permuted_conv2d(
+            x, self.weight, self.bias, noise["shared_weight"], noise.get("in_idx"), noise.get("out_idx"),
+            noise.get("bias"), antithetic=self.antithetic, out_inv=noise.get("out_inv"), **conv,
+        )  # fmt: skip
 
 
 class FlipoutConv2d(FlipoutNoise, _PerturbedConvBase):
@@ -287,15 +261,11 @@ class FlipoutConv2d(FlipoutNoise, _PerturbedConvBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, flip={self.flip!r}"
 
-    def _perturbation(self, x5, noise):
-        reps, n = x5.shape[:2]
-        xs = x5 * noise["in_sign"][None, :, :, None, None] if self.flip_inputs else x5
-        v = self._conv(xs.reshape(reps * n, *x5.shape[2:]), noise["shared_weight"], None, self.groups)
-        v = v.view(reps, n, *v.shape[1:])
-        if self.flip_outputs:
-            v *= noise["out_sign"][None, :, :, None, None]
-        eps = self._bias_noise(noise)
-        return v if eps is None else v.add_(eps)
+    def _population_forward(self, x, noise, conv):
+        return EF.flipout_conv2d(
+            x, self.weight, self.bias, noise["shared_weight"], noise.get("in_sign"), noise.get("out_sign"),
+            noise.get("bias"), antithetic=self.antithetic, groups=self.groups, **conv,
+        )  # fmt: skip
 
 
 #: NESgpu's name for the sign-flip convolution.
@@ -355,17 +325,8 @@ class LowRankConv2d(LowRankNoise, _PerturbedConvBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
 
-    def _perturbation(self, x5, noise):
-        reps, n, c = x5.shape[:3]
-        r = self.rank
-        filters = noise["B"].transpose(1, 2).reshape(n * r, c, *self.kernel_size)
-        h = self._conv(x5.reshape(reps, n * c, *x5.shape[3:]), filters, None, n)  # (R, n*r, H', W')
-        out_hw = h.shape[2:]
-        a = noise["A"]  # (n, m, r)
-        if r == 1:
-            v = h.view(reps, n, 1, *out_hw) * a.view(1, n, -1, 1, 1)
-        else:
-            hm = h.view(reps, n, r, -1).permute(1, 2, 0, 3).reshape(n, r, -1)  # (n, r, R*L)
-            v = torch.bmm(a, hm).view(n, -1, reps, *out_hw).permute(2, 0, 1, 3, 4)
-        eps = self._bias_noise(noise)
-        return v if eps is None else v + eps
+    def _population_forward(self, x, noise, conv):
+        return EF.lowrank_conv2d(
+            x, self.weight, self.bias, noise["A"], noise["B"], noise.get("bias"), antithetic=self.antithetic,
+            **conv,
+        )  # fmt: skip

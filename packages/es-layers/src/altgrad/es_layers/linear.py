@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional as EF
 from .base import Perturbed
 from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise, SparseNoise
 
@@ -46,61 +47,20 @@ class _PerturbedLinearBase(Perturbed, nn.Linear):
         Returns:
             ``(repeat_size * n, *, out_features)``.
         """
-        out = F.linear(input, self.weight, self.bias)
         if not self.perturbed_flag:
-            return out
+            return F.linear(input, self.weight, self.bias)
         if input.dim() < 2 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input of shape (repeat_size * n, *, {self.in_features}), "
                 f"got {tuple(input.shape)}"
             )
         noise = self._current_noise()
-        reps = self._repeats(input.shape)
-        n = self.members.numel()
-        x4 = input.reshape(reps, n, -1, self.in_features)
-        out4 = out.view(reps, n, -1, self.out_features)
-        signs = self._signs(reps, out.dtype, out.device)
-        self._add_perturbation(x4, out4, noise, signs)
-        return out
+        self._repeats(input.shape)
+        return self._population_forward(input, noise)
 
-    def _add_perturbation(
-        self, x4: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None
-    ) -> None:
+    def _population_forward(self, x: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        """The mode's batched forward (one call into :mod:`altgrad.es_layers.functional`)."""
         raise NotImplementedError
-
-    def _finish(self, p: Tensor, out4: Tensor, noise: dict[str, Tensor], signs: Tensor | None) -> None:
-        """``out4 += sign_r * (p + ε_k)`` with ``p`` of shape ``(R, n, T, m)`` (may be modified in place)."""
-        if self.bias is not None:
-            p += noise["bias"][None, :, None, :]
-        if signs is not None:
-            p *= signs.view(-1, 1, 1, 1)
-        out4 += p
-
-    def _bmm_members(self, x4: Tensor, mats: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        """Per-member product ``x_k @ mats_k`` plus bias noise: ``(R, n, T, m)``."""
-        reps, n, t, k = x4.shape
-        xm = x4.permute(1, 0, 2, 3).reshape(n, reps * t, k)
-        if self.bias is not None:
-            p = torch.baddbmm(noise["bias"].unsqueeze(1), xm, mats)
-        else:
-            p = torch.bmm(xm, mats)
-        return p.view(n, reps, t, -1).permute(1, 0, 2, 3)
-
-    def _finish_bmm(self, p: Tensor, out4: Tensor, signs: Tensor | None) -> None:
-        if signs is not None:
-            p = p * signs.view(-1, 1, 1, 1)
-        out4 += p
-
-    def _addmm_halves(self, xs: Tensor, mat_t: Tensor, out4: Tensor, signs: Tensor | None) -> None:
-        """``out += ±(xs @ mat_t)`` using the GEMM's accumulation (no extra pass over the output)."""
-        out2 = out4.view(-1, out4.shape[-1])
-        x2 = xs.reshape(-1, xs.shape[-1])
-        if signs is None:
-            out2.addmm_(x2, mat_t)
-        else:
-            half = out2.shape[0] // 2
-            out2[:half].addmm_(x2[:half], mat_t)
-            out2[half:].addmm_(x2[half:], mat_t, alpha=-1)
 
 
 class PerturbedLinear(IIDNoise, _PerturbedLinearBase):
@@ -141,9 +101,10 @@ class PerturbedLinear(IIDNoise, _PerturbedLinearBase):
     ) -> None:
         self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
 
-    def _add_perturbation(self, x4, out4, noise, signs):
-        p = self._bmm_members(x4, noise["weight"].transpose(1, 2), noise)
-        self._finish_bmm(p, out4, signs)
+    def _population_forward(self, x, noise):
+        return EF.perturbed_linear(
+            x, self.weight, self.bias, noise["weight"], noise.get("bias"), antithetic=self.antithetic
+        )
 
 
 class SparsePerturbedLinear(SparseNoise, _PerturbedLinearBase):
@@ -184,12 +145,16 @@ class SparsePerturbedLinear(SparseNoise, _PerturbedLinearBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={self.sparsity}"
 
-    def _add_perturbation(self, x4, out4, noise, signs):
-        reps, n, t, _ = x4.shape
-        cols = noise["cols"].view(1, n, 1, -1).expand(reps, n, t, self.sparsity)
-        xg = torch.gather(x4, 3, cols)
-        p = self._bmm_members(xg, noise["values"].transpose(1, 2), noise)
-        self._finish_bmm(p, out4, signs)
+    def _population_forward(self, x, noise):
+        return EF.sparse_linear(
+            x,
+            self.weight,
+            self.bias,
+            noise["cols"],
+            noise["values"],
+            noise.get("bias"),
+            antithetic=self.antithetic,
+        )
 
 
 class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
@@ -239,33 +204,11 @@ class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
             f"out_sparsity={self.out_sparsity}"
         )
 
-    def _add_perturbation(self, x4, out4, noise, signs):
-        reps, n, t, k = x4.shape
-        e = noise["shared_weight"]
-        if self.permute_inputs:
-            if t == 1:
-                offsets = (noise["in_idx"] + torch.arange(n, device=x4.device)[:, None] * k).reshape(-1)
-                xg = x4.reshape(reps, n * k).index_select(1, offsets)
-            else:
-                idx = noise["in_idx"].view(1, n, 1, -1).expand(reps, n, t, self.in_sparsity)
-                xg = torch.gather(x4, 3, idx)
-            xg = xg.reshape(reps, n, t, self.in_sparsity)
-        else:
-            xg = x4
-        if not self.permute_outputs:
-            self._addmm_halves(xg, e.t(), out4, signs)
-            if self.bias is not None:
-                eps = noise["bias"][None, :, None, :]
-                if signs is None:
-                    out4 += eps
-                else:
-                    out4 += eps * signs.view(-1, 1, 1, 1)
-            return
-        v = xg.reshape(-1, self.in_sparsity) @ e.t()  # (R*n*t, m_sp)
-        v = F.pad(v, (0, 1)).view(reps, n, t, self.out_sparsity + 1)
-        inv = noise["out_inv"].view(1, n, 1, -1).expand(reps, n, t, self.out_features)
-        p = torch.gather(v, 3, inv)
-        self._finish(p, out4, noise, signs)
+    def _population_forward(self, x, noise):
+        return EF.permuted_linear(
+            x, self.weight, self.bias, noise["shared_weight"], noise.get("in_idx"), noise.get("out_idx"),
+            noise.get("bias"), antithetic=self.antithetic, out_inv=noise.get("out_inv"),
+        )  # fmt: skip
 
 
 class FlipoutLinear(FlipoutNoise, _PerturbedLinearBase):
@@ -307,18 +250,11 @@ class FlipoutLinear(FlipoutNoise, _PerturbedLinearBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, flip={self.flip!r}"
 
-    def _add_perturbation(self, x4, out4, noise, signs):
-        e = noise["shared_weight"]
-        xs = x4 * noise["in_sign"][None, :, None, :] if self.flip_inputs else x4
-        if not self.flip_outputs:
-            self._addmm_halves(xs, e.t(), out4, signs)
-            if self.bias is not None:
-                eps = noise["bias"][None, :, None, :]
-                out4 += eps if signs is None else eps * signs.view(-1, 1, 1, 1)
-            return
-        p = (xs.reshape(-1, self.in_features) @ e.t()).view(out4.shape)
-        p *= noise["out_sign"][None, :, None, :]
-        self._finish(p, out4, noise, signs)
+    def _population_forward(self, x, noise):
+        return EF.flipout_linear(
+            x, self.weight, self.bias, noise["shared_weight"], noise.get("in_sign"), noise.get("out_sign"),
+            noise.get("bias"), antithetic=self.antithetic,
+        )  # fmt: skip
 
 
 #: NESgpu's name for the sign-flip layer.
@@ -363,14 +299,7 @@ class LowRankLinear(LowRankNoise, _PerturbedLinearBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
 
-    def _add_perturbation(self, x4, out4, noise, signs):
-        reps, n, t, k = x4.shape
-        xm = x4.permute(1, 0, 2, 3).reshape(n, reps * t, k)
-        h = torch.bmm(xm, noise["B"])  # (n, R*t, r)
-        a_t = noise["A"].transpose(1, 2)
-        if self.bias is not None:
-            p = torch.baddbmm(noise["bias"].unsqueeze(1), h, a_t)
-        else:
-            p = torch.bmm(h, a_t)
-        p = p.view(n, reps, t, -1).permute(1, 0, 2, 3)
-        self._finish_bmm(p, out4, signs)
+    def _population_forward(self, x, noise):
+        return EF.lowrank_linear(
+            x, self.weight, self.bias, noise["A"], noise["B"], noise.get("bias"), antithetic=self.antithetic
+        )

@@ -29,14 +29,11 @@ import math
 import torch
 from torch import Tensor
 
+from . import functional as EF
 from . import noise as _noise
 from .base import STREAM_A, STREAM_B, STREAM_IN, STREAM_OUT, STREAM_SHARED, STREAM_WEIGHT, Perturbed
 
 __all__ = ["FlipoutNoise", "IIDNoise", "LowRankNoise", "PermutedNoise", "SparseNoise"]
-
-# Permuted update: elements per sub-chunk when the members' contributions are scattered directly.
-_SCATTER_ELEMENTS = 1 << 22
-_SCATTER_PENALTY = 32
 
 
 def _random_subsets(layer: Perturbed, size: int, count: int, stream: int, members: Tensor) -> Tensor:
@@ -64,8 +61,7 @@ class IIDNoise(Perturbed):
         return noise["weight"]
 
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        e = noise["weight"]
-        return (w @ e.reshape(e.shape[0], -1)).view(self.weight.shape)
+        return EF.perturbed_weighted_sum(w, noise["weight"])
 
 
 class SparseNoise(Perturbed):
@@ -95,17 +91,10 @@ class SparseNoise(Perturbed):
         return {"cols": cols, "values": vals}
 
     def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
-        cols, vals = noise["cols"], noise["values"]
-        k, m = vals.shape[:2]
-        dense = torch.zeros((k, *self.weight.shape), dtype=vals.dtype, device=vals.device)
-        return dense.scatter_(2, cols[:, None, :].expand(k, m, self.sparsity), vals)
+        return EF.sparse_dense(noise["cols"], noise["values"], self.weight.shape[1])
 
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        cols, vals = noise["cols"], noise["values"]
-        m = self.weight.shape[0]
-        contrib = (vals * w[:, None, None]).permute(1, 0, 2).reshape(m, -1)
-        g = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
-        return g.index_add_(1, cols.reshape(-1), contrib)
+        return EF.sparse_weighted_sum(w, noise["cols"], noise["values"], self.weight.shape[1])
 
 
 def _resolve_side(name: str, value: int | float, full: int) -> int:
@@ -190,74 +179,19 @@ class PermutedNoise(Perturbed):
         if self.permute_outputs:
             idx = _random_subsets(self, m, self.out_sparsity, STREAM_OUT, members)
             out["out_idx"] = idx
-            # inverse map: output row o of member k reads row inv[k, o] of the (zero-padded) shared product
-            inv = torch.full((idx.shape[0], m), self.out_sparsity, dtype=torch.int64, device=idx.device)
-            inv.scatter_(1, idx, torch.arange(self.out_sparsity, device=idx.device).expand_as(idx))
-            out["out_inv"] = inv
+            # output row o of member k reads row out_inv[k, o] of the (zero-padded) shared product
+            out["out_inv"] = EF.inverse_injection(idx, m)
         return out
 
     def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
-        e = noise["shared_weight"]
-        m, n = self.weight.shape[:2]
-        kernel = tuple(self.weight.shape[2:])
-        k = next(v.shape[0] for key, v in noise.items() if not key.startswith("shared"))
-        x = e.unsqueeze(0).expand(k, *e.shape)
-        if self.permute_inputs:
-            idx = noise["in_idx"].view(k, 1, self.in_sparsity, *([1] * len(kernel)))
-            cols = torch.zeros((k, self.out_sparsity, n, *kernel), dtype=e.dtype, device=e.device)
-            x = cols.scatter_(2, idx.expand(k, self.out_sparsity, self.in_sparsity, *kernel), x)
-        if self.permute_outputs:
-            idx = noise["out_idx"].view(k, self.out_sparsity, *([1] * (1 + len(kernel))))
-            rows = torch.zeros((k, m, n, *kernel), dtype=e.dtype, device=e.device)
-            x = rows.scatter_(1, idx.expand(k, self.out_sparsity, n, *kernel), x)
-        return x.contiguous()
+        return EF.permuted_dense(
+            noise["shared_weight"], noise.get("in_idx"), noise.get("out_idx"), tuple(self.weight.shape)
+        )
 
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        e = noise["shared_weight"]
-        m, n = self.weight.shape[:2]
-        kernel = tuple(self.weight.shape[2:])
-        if self.permute_inputs and self.permute_outputs:
-            # G[ρ_k(i), π_k(j)] += w_k E[i, j]: a scatter-add of N·m_sp·n_sp values
-            rows, cols = noise["out_idx"], noise["in_idx"]
-            flat = (rows[:, :, None] * n + cols[:, None, :]).reshape(-1)
-            vals = w[:, None, None, None] * e.reshape(self.out_sparsity, self.in_sparsity, -1)[None]
-            vals = vals.reshape(flat.numel(), -1)
-            g = torch.zeros((m * n, vals.shape[1]), dtype=e.dtype, device=e.device)
-            return g.index_add_(0, flat, vals).view(self.weight.shape)
-        k = w.shape[0]
-        if k * _SCATTER_PENALTY < (n if self.permute_inputs else m):
-            # few members: scatter w_k E directly, O(N·|E|) element updates instead of the O(|E|·n) GEMM (a scattered
-            # element update costs about as much as _SCATTER_PENALTY GEMM multiply-adds);
-            # G[:, π_k(j)] += w_k E[:, j] (inputs) or G[ρ_k(i), :] += w_k E[i, :] (outputs), in bounded sub-chunks
-            g = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
-            step = max(1, _SCATTER_ELEMENTS // e.numel())
-            for s0 in range(0, k, step):
-                wc = w[s0 : s0 + step]
-                kc = wc.shape[0]
-                if self.permute_inputs:
-                    idx = noise["in_idx"][s0 : s0 + step]
-                    src = e.unsqueeze(1) * wc.view(1, kc, *([1] * (e.dim() - 1)))
-                    g.index_add_(1, idx.reshape(-1), src.reshape(m, kc * self.in_sparsity, *kernel))
-                else:
-                    idx = noise["out_idx"][s0 : s0 + step]
-                    src = wc.view(kc, *([1] * e.dim())) * e.unsqueeze(0)
-                    g.index_add_(0, idx.reshape(-1), src.reshape(kc * self.out_sparsity, *e.shape[1:]))
-            return g
-        if self.permute_inputs:
-            idx = noise["in_idx"]  # (k, n_sp)
-            p = torch.zeros(self.in_sparsity * n, dtype=e.dtype, device=e.device)
-            flat = (idx + torch.arange(self.in_sparsity, device=idx.device) * n).reshape(-1)
-            p.index_add_(0, flat, w[:, None].expand_as(idx).reshape(-1))
-            p = p.view(self.in_sparsity, n)
-            # G[o, c, kern] = Σ_j E[o, j, kern] P[j, c]
-            et = e.movedim(1, -1)  # (m, *kernel, n_sp)
-            return (et @ p).movedim(-1, 1).contiguous()
-        idx = noise["out_idx"]  # (k, m_sp)
-        q = torch.zeros(m * self.out_sparsity, dtype=e.dtype, device=e.device)
-        flat = (idx * self.out_sparsity + torch.arange(self.out_sparsity, device=idx.device)).reshape(-1)
-        q.index_add_(0, flat, w[:, None].expand_as(idx).reshape(-1))
-        q = q.view(m, self.out_sparsity)
-        return (q @ e.reshape(self.out_sparsity, -1)).view(self.weight.shape)
+        return EF.permuted_weighted_sum(
+            w, noise["shared_weight"], noise.get("in_idx"), noise.get("out_idx"), tuple(self.weight.shape)
+        )
 
 
 class FlipoutNoise(Perturbed):
@@ -297,47 +231,22 @@ class FlipoutNoise(Perturbed):
             out["out_sign"] = _noise.sample_rademacher(m, **key, members=members, device=dev, dtype=dt)
         return out
 
-    def _in_sign_per_row(self, s: Tensor) -> Tensor:
-        """Map input signs ``(..., n_total)`` to ``(..., m, n_per_group)`` following the conv groups."""
-        m, npg = self.weight.shape[:2]
-        g = getattr(self, "groups", 1)
-        if g == 1:
-            return s.unsqueeze(-2).expand(*s.shape[:-1], m, npg)
-        grouped = s.reshape(*s.shape[:-1], g, npg)  # (..., g, npg)
-        group_of_row = torch.arange(m, device=s.device) // (m // g)
-        return grouped.index_select(-2, group_of_row)
-
     def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
-        e = noise["shared_weight"]
-        kernel = tuple(self.weight.shape[2:])
-        k = next(v.shape[0] for key, v in noise.items() if not key.startswith("shared"))
-        mult = torch.ones((k, *self.weight.shape[:2]), dtype=e.dtype, device=e.device)
-        if self.flip_inputs:
-            mult = mult * self._in_sign_per_row(noise["in_sign"])
-        if self.flip_outputs:
-            mult = mult * noise["out_sign"][:, :, None]
-        return e.unsqueeze(0) * mult.view(*mult.shape, *([1] * len(kernel)))
+        return EF.flipout_dense(
+            noise["shared_weight"],
+            noise.get("in_sign"),
+            noise.get("out_sign"),
+            groups=getattr(self, "groups", 1),
+        )
 
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        e = noise["shared_weight"]
-        kernel = tuple(self.weight.shape[2:])
-        if self.flip_inputs and self.flip_outputs:
-            mult = self._in_sign_per_row_matrix((noise["out_sign"] * w[:, None]).t() @ noise["in_sign"])
-        elif self.flip_inputs:
-            mult = self._in_sign_per_row(w @ noise["in_sign"])
-        else:
-            mult = (w @ noise["out_sign"])[:, None].expand(self.weight.shape[:2])
-        return e * mult.reshape(*mult.shape, *([1] * len(kernel)))
-
-    def _in_sign_per_row_matrix(self, mat: Tensor) -> Tensor:
-        """Select, for each output row of ``mat`` ``(m, n_total)``, the input columns of its group."""
-        m, npg = self.weight.shape[:2]
-        g = getattr(self, "groups", 1)
-        if g == 1:
-            return mat
-        group_of_row = torch.arange(m, device=mat.device) // (m // g)
-        cols = group_of_row[:, None] * npg + torch.arange(npg, device=mat.device)
-        return mat.gather(1, cols)
+        return EF.flipout_weighted_sum(
+            w,
+            noise["shared_weight"],
+            noise.get("in_sign"),
+            noise.get("out_sign"),
+            groups=getattr(self, "groups", 1),
+        )
 
 
 class LowRankNoise(Perturbed):
@@ -370,11 +279,7 @@ class LowRankNoise(Perturbed):
         return {"A": a, "B": b}
 
     def _dense_weight(self, noise: dict[str, Tensor]) -> Tensor:
-        a, b = noise["A"], noise["B"]
-        return (a @ b.transpose(1, 2)).view(a.shape[0], *self.weight.shape)
+        return EF.lowrank_dense(noise["A"], noise["B"], tuple(self.weight.shape))
 
     def _weighted_sum(self, w: Tensor, noise: dict[str, Tensor]) -> Tensor:
-        a, b = noise["A"], noise["B"]
-        k, m, r = a.shape
-        aw = (a * w[:, None, None]).permute(1, 0, 2).reshape(m, k * r)
-        return (aw @ b.transpose(1, 2).reshape(k * r, -1)).view(self.weight.shape)
+        return EF.lowrank_weighted_sum(w, noise["A"], noise["B"], tuple(self.weight.shape))
