@@ -20,6 +20,17 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 Factory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+class _Build:
+    """``params -> cls(params, **kwargs)``: a picklable optimizer factory (no lambdas, so wrappers pickle)."""
+
+    def __init__(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+        self.cls = cls
+        self.kwargs = kwargs
+
+    def __call__(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return self.cls(params, **self.kwargs)
+
+
 def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:
     """Turn ``spec`` into ``params -> Optimizer``.
 
@@ -34,15 +45,12 @@ def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:
             raise ValueError(
                 f"unknown {name} {spec!r}; expected one of {sorted(OPTIMIZERS)}, an Optimizer class or None"
             )
-        cls: Any = OPTIMIZERS[key]
         # foreach: one fused pass over a module's few tensors instead of a Python loop (same maths).
-        return lambda params: cls(params, lr=lr, foreach=True)
+        return _Build(OPTIMIZERS[key], {"lr": lr, "foreach": True})
     if isinstance(spec, torch.optim.Optimizer):
-        cls2, defaults = type(spec), dict(spec.defaults)
-        return lambda params: cls2(params, **defaults)
+        return _Build(type(spec), dict(spec.defaults))
     if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
-        cls3: Any = spec
-        return lambda params: cls3(params, lr=lr)
+        return _Build(spec, {"lr": lr})
     raise TypeError(
         f"{name} must be None, a string, an Optimizer class or instance, got {type(spec).__name__}"
     )

@@ -77,7 +77,7 @@ class _Prediction:
 
     def __del__(self) -> None:
         # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
-        if not self.consumed:
+        if not getattr(self, "consumed", True):
             with contextlib.suppress(Exception):  # interpreter shutdown
                 self.iface._pending -= 1
 
@@ -162,6 +162,9 @@ class BackwardInterface(nn.Module):
         feature_dim: Dimension holding features; defaults to ``synthesizer.feature_dim`` or ``-1``.
         diagnostics: Keep the last prediction and target and their cosine similarity.
 
+    Under ``torch.compile`` the interface's methods run eagerly (``torch.compiler.disable``, a graph break):
+    they call ``autograd.backward`` and keep Python state between the forward and backward passes.
+
     Attributes:
         last_loss: The last synthesizer loss (a detached float32 scalar tensor), or ``None``.
         last_cosine: Cosine between the last prediction and its target (``diagnostics=True``), or ``None``.
@@ -214,6 +217,12 @@ class BackwardInterface(nn.Module):
         self._pending = 0
         self._due = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """State for ``copy.deepcopy`` / pickling: predictions waiting in the original's graph stay there."""
+        state = self.__dict__.copy()
+        state["_pending"] = 0
+        return state
+
     # ------------------------------------------------------------------ configuration
     @property
     def mode(self) -> str:
@@ -242,6 +251,7 @@ class BackwardInterface(nn.Module):
         )
 
     # ------------------------------------------------------------------ public API
+    @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
     def forward(self, h: Tensor, context: Tensor | None = None) -> Tensor:
         """Put the interface on activation ``h`` (feed-forward use).
 
@@ -263,6 +273,7 @@ class BackwardInterface(nn.Module):
             return self._boundary(pred, (h.detach(),), connected=False)[0]
         return self._boundary(pred, (h,), connected=True)[0]
 
+    @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
     def trigger(self, state: S, context: Tensor | None = None) -> S:
         """Mark the start of a truncated-BPTT window (recurrent use).
 
@@ -286,6 +297,7 @@ class BackwardInterface(nn.Module):
         out = self._boundary(pred, tensors, connected=any(t.requires_grad for t in tensors), lam=lam)
         return self._restructure(state, out)
 
+    @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
     def inject(
         self, state: Tensor | Sequence[Tensor], scale: float | None = None, context: Tensor | None = None
     ) -> Tensor:

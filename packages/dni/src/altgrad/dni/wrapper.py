@@ -254,14 +254,41 @@ class DNI(nn.Module):
                 seen.update(id(p) for p in params)
                 if not params:
                     continue
-                opt = self._module_optim(params)
-                self._module_optimizers.append(opt)
-                for p in params:
-                    self._hooks.append(
-                        p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt))
-                    )
+                self._module_optimizers.append(self._module_optim(params))
+        self._param_hooks: list[Any] = []
+        self._register_param_hooks()
         if sample_input is not None:
             self._dry_run(sample_input)
+
+    def _register_param_hooks(self) -> None:
+        """Step each wrapped module's optimizer when its parameters' gradients are complete.
+
+        Tensor hooks are not carried by ``copy.deepcopy`` or pickling (a copied parameter is a new tensor), so
+        :meth:`__setstate__` calls this again on the copy's own parameters and optimizers.
+        """
+        for opt in self._module_optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    self._param_hooks.append(
+                        p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt))
+                    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """State for ``copy.deepcopy`` / pickling: everything but the parameter hook handles."""
+        state = self.__dict__.copy()
+        state["_param_hooks"] = []
+        state["_ready"] = {}
+        state["_batching"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy and hook it to its own parameters, so that it trains independently.
+
+        The forward hooks live on the (copied) submodules and are bound to the copied wrapper; the optimizers
+        are copied together with the parameters they hold, so they step the copy's parameters.
+        """
+        super().__setstate__(state)
+        self._register_param_hooks()
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -356,6 +383,9 @@ class DNI(nn.Module):
             self.network.train(was_training)
 
     # ------------------------------------------------------------------ the hook
+    # torch.compile: the hook and forward run eagerly (a graph break), because they step optimizers, call
+    # autograd.backward and keep Python state across the forward and backward passes.
+    @torch.compiler.disable
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
         if not (self.training or self._building) or (self._active_mode == "backprop" and not self._building):
             return None
@@ -415,7 +445,13 @@ class DNI(nn.Module):
         return cast(BackwardInterface, self.interfaces[key])
 
     def _on_grad(self, optimizer: torch.optim.Optimizer, param: Tensor) -> None:
-        """Post-accumulate-grad hook of a wrapped parameter: step its module's optimizer."""
+        """Post-accumulate-grad hook of a wrapped parameter: step its module's optimizer.
+
+        Only in training mode: in ``eval()`` mode gradients accumulate in ``.grad`` as in plain autograd
+        (saliency maps, adversarial examples and gradient checks must not train the model).
+        """
+        if not self.training:
+            return
         if self._batching:
             self._ready[id(optimizer)] = optimizer
             return
@@ -479,8 +515,13 @@ class DNI(nn.Module):
             )
         return context
 
+    @torch.compiler.disable
     def forward(self, *args: Any, context: Tensor | None = None, **kwargs: Any) -> Any:
         """Run the wrapped network.
+
+        Under ``torch.compile`` this method runs eagerly (``torch.compiler.disable``): compiling a wrapped
+        model, or a model that contains wrappers, trains exactly as in eager mode; the wrapped network itself
+        is not compiled.
 
         Args:
             *args: Positional arguments of the wrapped network.
@@ -587,9 +628,10 @@ class DNI(nn.Module):
         Returns:
             The wrapped network, no longer trained by this wrapper.
         """
-        for handle in self._hooks:
+        for handle in (*self._hooks, *self._param_hooks):
             handle.remove()
         self._hooks.clear()
+        self._param_hooks.clear()
         self._module_optimizers.clear()
         return self.network
 
