@@ -1,6 +1,5 @@
 """Batched (vmap) and looped population evaluation agree; chunking does not change results; auto fallback."""
 
-import warnings
 
 import pytest
 import torch
@@ -97,34 +96,6 @@ def test_random_ops_inside_function_are_allowed():
     w = torch.ones(5, requires_grad=True)
     zero_order(zo.SeededNormal(0), num_samples=8, batching="vmap")(f)(w).backward()
     assert torch.isfinite(w.grad).all()
-
-
-class _BN(ZeroOrderGradientModule, method="antithetic", num_samples=6, sigma=0.1):
-    """BatchNorm in training mode updates buffers in place: vmap fails, the loop is used."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(6, 4)
-        self.bn = torch.nn.BatchNorm1d(4)
-        self.noise = zo.SeededNormal(0)
-
-    def forward(self, x):
-        return self.bn(self.fc(x)).pow(2).mean()
-
-    def sample(self, sample_shape=()):
-        return torch.randn(sample_shape)
-
-    def zero_order_distribution(self):
-        return self.noise
-
-
-def test_module_with_inplace_buffers_falls_back():
-    net = _BN()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net(X).backward()
-    assert net._zero_order_batching[_BN] == "loop"
-    assert torch.isfinite(net.fc.weight.grad).all()
 
 
 class _MLP(ZeroOrderGradientModule, method="antithetic", num_samples=9, sigma=0.05):

@@ -13,6 +13,7 @@ replay the noise kept from the first pass.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from .directions import DIRECTIONS, Dense, Direction, LowRank
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "EstimatorOptions", "estimate_gradient"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "EstimatorOptions", "SigmaResolutionWarning", "estimate_gradient"]
 
 #: Default bound on ``rows * parameters`` held at once when ``chunk_size`` is None (2**24 floats = 64 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -152,6 +153,8 @@ def run_estimate(
         f0 = f0.detach().to(device=device, dtype=value_dtype)
     grads = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device) for p in params]
     two_pass = method in TWO_PASS_METHODS
+    check_sigma_resolution(params, plans, sigma)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     kept_noise: list[list[Any]] = []
     values_plus: list[Tensor] = []
     values_minus: list[Tensor] = []
@@ -162,6 +165,7 @@ def run_estimate(
             [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)]
         )
         values = values.detach().to(device=device, dtype=value_dtype)
+        finite &= torch.isfinite(values).all()
         f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
         if two_pass:
             assert f_minus is not None  # two-pass methods are antithetic
@@ -190,7 +194,47 @@ def run_estimate(
             for i, (plan, grad, p) in enumerate(zip(plans, grads, params)):
                 chunk_noise = kept_noise[c][i] if kept_noise else plan.draw(source, p, members, step)
                 plan.accumulate(grad, chunk_noise, w)
+    # Non-finite values never become a finite step: ranks (es), top-b selection (ars) or a zero direction
+    # element could otherwise hide them. Every element of every gradient is then NaN (see the docs).
+    if f0 is not None:
+        finite &= torch.isfinite(f0)
+    finite &= torch.isfinite(torch.as_tensor(g))
+    for grad in grads:
+        grad.masked_fill_(~finite.to(grad.device), float("nan"))
     return [grad if grad.dtype == p.dtype else grad.to(p.dtype) for grad, p in zip(grads, params)]
+
+
+class SigmaResolutionWarning(UserWarning):
+    """σ is at or below the spacing of the parameter's dtype at the parameter's scale (perturbations are lost)."""
+
+
+def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction], sigma: float) -> None:
+    """Warn when ``θ ± σz`` cannot be represented in a leaf's dtype (issue: bf16, σ = 1e-4, |θ| = 1).
+
+    A perturbation applied in the parameter's dtype is rounded to multiples of ``eps·|θ|``; when σ is at most
+    ``eps(dtype)·max|θ|`` a unit direction moves the largest elements by one ulp or less, and the estimate comes out
+    zero or shrunken. Leaves whose perturbation is applied to activations (factored low-rank) are skipped.
+
+    Raises:
+        SigmaResolutionWarning: (as a warning) naming sigma, the dtype, the leaf and its scale.
+    """
+    checked = [(i, p) for i, (p, plan) in enumerate(zip(params, plans)) if not getattr(plan, "factored", False)]
+    if not checked:
+        return
+    maxima = [p.detach().abs().amax().to(torch.float64).cpu() for _, p in checked if p.numel()]
+    scales = iter(torch.stack(maxima).tolist() if maxima else [])
+    checked = [(i, p) for i, p in checked if p.numel()]
+    for (i, p), scale in zip(checked, scales):
+        resolution = torch.finfo(p.dtype).eps * scale
+        if sigma <= resolution:
+            warnings.warn(
+                f"sigma={sigma:g} is at or below the resolution of {p.dtype} at the scale of parameter leaf {i} "
+                f"(shape {tuple(p.shape)}, max |θ| = {scale:.4g}, eps·max|θ| = {resolution:.3g}): θ ± σz rounds "
+                "to within one ulp of θ, so the gradient estimate is zero or shrunken. Use a larger sigma or a "
+                "wider parameter dtype.",
+                SigmaResolutionWarning,
+                stacklevel=4,
+            )
 
 
 def estimate_gradient(

@@ -123,7 +123,8 @@ class _ModuleCall:
         source = NoiseSource(module.zero_order_distribution(), sample_batched=self.options.sample_batched)
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
-        grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg, plans)
+        with _population_buffers(module):
+            grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg, plans)
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
@@ -141,6 +142,43 @@ def _low_rank_forward(layer: nn.Linear, a: Tensor, b: Tensor) -> Callable[[Tenso
         return base + (x @ b) @ a.transpose(-1, -2)
 
     return forward
+
+
+class _population_buffers:
+    """Population evaluations leave the module's buffers untouched.
+
+    Batch-norm layers in training mode that track running statistics are evaluated without them (each member
+    normalises with its own batch statistics, as in the plain training forward, and nothing is updated; this also
+    lets ``vmap`` run them). Every other buffer is snapshotted and restored afterwards, so in-place buffer updates
+    by perturbed members, or by a failed ``vmap`` attempt, leave no trace. The unperturbed forward of the call (the
+    returned loss) is the only one that updates buffers: one update per estimate, as a plain forward.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.detached: list[tuple[nn.Module, str, Tensor | None]] = []
+        self.saved: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+
+    def __enter__(self) -> None:
+        for m in self.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    self.detached.append((m, name, m._buffers.get(name)))
+                    m._buffers[name] = None
+        self.saved = [
+            (m, name, b, b.detach().clone())
+            for m in self.module.modules()
+            for name, b in m._buffers.items()
+            if b is not None
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, name, buffer, copy in self.saved:
+                m._buffers[name] = buffer
+                buffer.copy_(copy)
+        for m, name, buffer in self.detached:
+            m._buffers[name] = buffer
 
 
 class _active:
