@@ -117,7 +117,7 @@ def _discover() -> dict[str, Package]:
             dist=data["project"]["name"],
             module="altgrad." + name.replace("-", "_"),
             siblings=closure(name),
-            compiled=data["build-system"]["build-backend"].startswith("scikit_build_core"),
+            compiled="scikit-build" in data.get("tool", {}),
         )
         for name, data in raw.items()
     }
