@@ -270,3 +270,29 @@ def test_perturb_bad_models():
         es.perturb(nn.Sequential(nn.ReLU()), 4)
     with pytest.raises(TypeError, match="model"):
         es.perturb(None, 4)
+
+
+# ----------------------------------------------------------------------------- non-finite fitness (issue 12 item 7)
+@pytest.mark.parametrize("method", ["set_grad", "update"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_fitness_never_moves_the_weights(method, bad):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    pm = es.perturb(net, directions=8, mode="iid", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    pm.set_noise()
+    pm.set_grad(torch.linspace(-1, 1, 8))
+    grads = [p.grad.clone() for p in net.parameters()]
+    before = [p.detach().clone() for p in net.parameters()]
+    fitness = torch.full((8,), bad)
+    fitness[3] = 1.0
+    with pytest.raises(ValueError, match="finite"):
+        getattr(pm, method)(fitness)
+    with pytest.raises(ValueError, match="finite"):
+        getattr(pm, method)(es.centered_ranks(fitness))  # shaping keeps it NaN: no finite update sneaks in
+    for p, g in zip(net.parameters(), grads):
+        assert torch.equal(p.grad, g)  # .grad untouched
+    opt.step()  # the optimizer steps with the previous, finite gradient only
+    expected = [b - 0.1 * g for b, g in zip(before, grads)]
+    for p, e in zip(net.parameters(), expected):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), e)

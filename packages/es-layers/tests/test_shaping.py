@@ -65,3 +65,42 @@ def test_bad_input(fn, arg, exc, match):
 def test_z_score_bad_eps():
     with pytest.raises(ValueError, match="eps"):
         z_score(torch.ones(2), eps=-1.0)
+
+
+# ----------------------------------------------------------------------------- non-finite and low-precision fitness
+@pytest.mark.parametrize("fn", [centered_ranks, z_score])
+@pytest.mark.parametrize(
+    "fitness",
+    [
+        torch.full((6,), float("nan")),
+        torch.tensor([1.0, float("nan"), 3.0, 0.0]),
+        torch.tensor([1.0, float("inf"), 3.0, 0.0]),
+        torch.tensor([-float("inf"), 2.0]),
+    ],
+)
+def test_non_finite_fitness_stays_non_finite(fn, fitness):
+    # a NaN loss must never turn into a finite, plausible update (issue 12 item 7): every weight is NaN
+    for f in (fitness, fitness.to(torch.bfloat16), fitness.double().reshape(-1, 1)):
+        w = fn(f)
+        assert w.shape == f.shape
+        assert torch.isnan(w).all(), w
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_fitness_ranked_in_float32(dtype):
+    # bf16 holds only 256 consecutive integers exactly: ranks must be computed (and returned) in float32
+    f = torch.linspace(-3, 3, 2000).to(dtype)
+    distinct = f.unique().numel()
+    assert distinct > 400
+    r = centered_ranks(f)
+    assert r.dtype == torch.float32
+    assert r.unique().numel() == f.numel()  # every position gets its own rank (ties broken by position)
+    order = torch.argsort(f.float(), stable=True)
+    ref = torch.empty(f.numel())
+    ref[order] = torch.arange(f.numel(), dtype=torch.float32) / (f.numel() - 1) - 0.5
+    assert torch.equal(r, ref)
+    z = z_score(f)
+    assert z.dtype == torch.float32
+    ref_z = (f.double() - f.double().mean()) / (f.double().std(correction=0) + 1e-8)
+    # float32 accumulation over 2000 values: relative error of mean/std <= n·eps32 ≈ 2.4e-4 worst case, |z| <= 2
+    torch.testing.assert_close(z.double(), ref_z, rtol=0, atol=1e-3)

@@ -267,6 +267,12 @@ class Perturbed:
                 f"weights must have shape ({self.directions},) (one weight per direction), "
                 f"got {tuple(weights.shape)}"
             )
+        bad = ~torch.isfinite(weights)
+        if bool(bad.any()):
+            raise ValueError(
+                f"weights must be finite, got NaN/inf for direction(s) {bad.nonzero().flatten()[:8].tolist()}: "
+                "a non-finite fitness would move the weights by a non-finite step (nothing was changed)"
+            )
         return weights.to(device=self.weight.device, dtype=self.weight.dtype)
 
     def es_grad(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -330,7 +336,8 @@ class Perturbed:
 
         Raises:
             RuntimeError: If :meth:`set_noise` was never called.
-            ValueError: If ``weights`` does not have shape ``(directions,)``.
+            ValueError: If ``weights`` does not have shape ``(directions,)`` or holds NaN/inf (``.grad`` is then
+                left unchanged).
         """
         self._apply_grad(weights, l1, l2, accumulate=True)
 

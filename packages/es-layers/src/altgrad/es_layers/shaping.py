@@ -31,6 +31,16 @@ def _as_float_tensor(name: str, fitness: object) -> Tensor:
     return fitness
 
 
+def _all_finite(fitness: Tensor) -> bool:
+    """NaN/inf fitness is never shaped into finite weights: the callers then return all-NaN weights."""
+    return bool(torch.isfinite(fitness).all())
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (fp16/bf16 cannot hold distinct ranks beyond 2048/256)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def centered_ranks(fitness: Tensor) -> Tensor:
     """Centered ranks (OpenAI-ES): ranks scaled linearly to ``[-0.5, 0.5]``.
 
@@ -41,22 +51,29 @@ def centered_ranks(fitness: Tensor) -> Tensor:
         fitness: Real tensor (or sequence) of fitness values, any shape.
 
     Returns:
-        Float tensor of the same shape. A single value maps to ``0``.
+        Float tensor of the same shape, in float32 for fp16/bf16 input (ranks are computed in at least float32),
+        else in the input's floating dtype. A single value maps to ``0``.
 
     Raises:
         TypeError: If ``fitness`` is not real-valued.
         ValueError: If ``fitness`` is a scalar or empty.
+
+    A fitness holding NaN or inf stays non-finite: every returned weight is NaN (never a finite, plausible step;
+    the layers' ``update``/``set_grad`` refuse non-finite weights with a clear error).
 
     Example:
         >>> centered_ranks(torch.tensor([3.0, -1.0, 10.0]))
         tensor([ 0.0000, -0.5000,  0.5000])
     """
     f = _as_float_tensor("fitness", fitness)
+    dt = _work_dtype(f.dtype)
+    if not _all_finite(f):
+        return torch.full(f.shape, float("nan"), dtype=dt, device=f.device)
     flat = f.reshape(-1)
     n = flat.numel()
     order = torch.argsort(flat, stable=True)
-    ranks = torch.empty(n, dtype=f.dtype, device=f.device)
-    ranks[order] = torch.arange(n, dtype=f.dtype, device=f.device)
+    ranks = torch.empty(n, dtype=dt, device=f.device)
+    ranks[order] = torch.arange(n, dtype=dt, device=f.device)
     if n > 1:
         ranks = ranks / (n - 1) - 0.5
     else:
@@ -72,11 +89,13 @@ def z_score(fitness: Tensor, eps: float = 1e-8) -> Tensor:
         eps: Non-negative constant added to the standard deviation.
 
     Returns:
-        Float tensor of the same shape.
+        Float tensor of the same shape (float32 for fp16/bf16 input, which is standardised in float32).
 
     Raises:
         TypeError: If ``fitness`` is not real-valued.
         ValueError: If ``fitness`` is a scalar or empty, or ``eps`` is negative.
+
+    A fitness holding NaN or inf stays non-finite: every returned value is NaN.
 
     Example:
         >>> z_score(torch.tensor([1.0, 2.0, 3.0]))
@@ -84,9 +103,12 @@ def z_score(fitness: Tensor, eps: float = 1e-8) -> Tensor:
     """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps}")
     f = _as_float_tensor("fitness", fitness)
+    f = f.to(_work_dtype(f.dtype))
+    if not _all_finite(f):
+        return torch.full_like(f, float("nan"))
     mean = f.mean()
     std = f.std(correction=0)
     return (f - mean) / (std + eps)
