@@ -7,6 +7,7 @@ from typing import Any, cast
 
 from torch import nn
 
+from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d
 from .linear import FlipoutLinear, LowRankLinear, PermutedLinear, PerturbedLinear, SparsePerturbedLinear
 from .model import PerturbedModel
@@ -68,6 +69,31 @@ def _convert(module: nn.Module, cls: type[nn.Module], directions: int, options: 
     return new
 
 
+def _check_shared_parameters(model: nn.Module, targets: set[int], names: dict[int, list[str]]) -> None:
+    """Refuse a converted layer's parameter that another, unconverted module also uses.
+
+    Its perturbation would reach only the converted use, so the update would silently miss the other uses' terms.
+    Parameters tied between converted layers are fine: ``PerturbedModel`` sums their terms.
+    """
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(
+                    (f"{module_name}.{pname}" if module_name else pname, module)
+                )
+    for uses in owners.values():
+        converted = [q for q, m in uses if id(m) in targets]
+        others = [q for q, m in uses if id(m) not in targets and not isinstance(m, Perturbed)]
+        if converted and others:
+            other_module = others[0].rpartition(".")[0] or "<model>"
+            raise ValueError(
+                f"parameter {converted[0]!r} is shared with {other_module!r} ({others[0]}), which is not "
+                "converted: its perturbation would reach only one of its uses. Untie it, convert both, or exclude "
+                "the layer with include="
+            )
+
+
 def perturb(
     model: nn.Module,
     directions: int,
@@ -80,7 +106,9 @@ def perturb(
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` submodules of ``model`` by perturbed layers, in place.
 
     The new layers reuse the original ``Parameter`` objects (same values, same identity, so optimizers built
-    before the call still work). Only exact ``nn.Linear``/``nn.Conv2d`` instances are converted: subclasses (such
+    before the call still work). A module registered at several names becomes one perturbed layer at all of them
+    (every use sees the same ``W + E_k``); a ``Parameter`` tied across converted layers gets one independent
+    perturbation per layer and the update sums their terms (see :class:`~altgrad.es_layers.PerturbedModel`). Only exact ``nn.Linear``/``nn.Conv2d`` instances are converted: subclasses (such
     as the output projection of ``nn.MultiheadAttention``, whose weight is used without calling its forward) are
     left alone, as are layers already perturbed.
 
@@ -100,7 +128,9 @@ def perturb(
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
         ValueError: For an unknown mode or option, a bare layer as ``model``, a layer the mode does not support
-            (for example a convolution with ``mode="sparse"``), or no layer to convert.
+            (for example a convolution with ``mode="sparse"``), no layer to convert, an ``include`` that selects
+            a shared module at only some of its names, or a converted layer's parameter that an unconverted module
+            also uses (for example a tied ``nn.Embedding``).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -124,23 +154,40 @@ def perturb(
             "model is a bare layer: wrap it (for example nn.Sequential(layer)) so it can be replaced"
         )
     linear_cls, conv_cls = MODES[key]
+    # every name of every module (a module registered twice must be replaced at both places)
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
     targets = []
-    for name, module in model.named_modules():
+    for mid, module in modules.items():
         if type(module) not in (nn.Linear, nn.Conv2d):
             continue
-        if include is not None and not include(name, module):
-            continue
-        targets.append((name, module))
+        chosen = [include is None or bool(include(name, module)) for name in names[mid]]
+        if any(chosen) and not all(chosen):
+            both = " and ".join(repr(n) for n in names[mid])
+            raise ValueError(
+                f"include selects the shared module {both} at some of its names only; one module object "
+                "is one layer: select all its names or none"
+            )
+        if all(chosen):
+            targets.append(mid)
     if not targets:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer to convert")
+    _check_shared_parameters(model, set(targets), names)
     replacements = []
-    for name, module in targets:
+    for mid in targets:
+        module = modules[mid]
         cls = linear_cls if type(module) is nn.Linear else conv_cls
         if cls is None:
-            raise ValueError(f"mode {key!r} does not support {type(module).__name__} (layer {name!r})")
-        replacements.append((name, _convert(module, cls, directions, options)))
-    for name, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+            raise ValueError(
+                f"mode {key!r} does not support {type(module).__name__} (layer {names[mid][0]!r})"
+            )
+        replacements.append((names[mid], _convert(module, cls, directions, options)))
+    for all_names, new in replacements:
+        for name in all_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
     return PerturbedModel(model, directions, seed=seed)

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .base import Perturbed
@@ -118,27 +119,66 @@ class PerturbedModel:
         for layer in self.perturbed_layers:
             layer.set_noise(noise_scale, step=step)
 
+    def _parameter_grads(self, weights: Tensor, l1: float, l2: float) -> list[tuple[nn.Parameter, Tensor]]:
+        """``Σ_k w_k E_k`` per distinct parameter, summed over the layers that use it (tied parameters).
+
+        Everything is computed before any ``.grad`` is written, so bad weights leave every ``.grad`` unchanged.
+        """
+        sums: dict[int, tuple[nn.Parameter, Tensor, bool]] = {}
+        for layer in self.perturbed_layers:
+            g_w, g_b = layer.es_grad(weights)
+            for p, g, is_weight in ((layer.weight, g_w, True), (layer.bias, g_b, False)):
+                if p is None or g is None:
+                    continue
+                if id(p) in sums:
+                    sums[id(p)][1].add_(g)
+                else:
+                    sums[id(p)] = (p, g, is_weight)
+        out = []
+        with torch.no_grad():
+            for p, g, is_weight in sums.values():
+                if is_weight and l1:
+                    g += l1 * torch.sign(p)
+                if is_weight and l2:
+                    g += l2 * p
+                out.append((p, g))
+        return out
+
     def set_grad(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
         """Write ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (overwriting).
+
+        A parameter tied across several perturbed layers gets the sum of their terms (each layer perturbs its
+        use independently); ``l1``/``l2`` act once per parameter.
 
         Args:
             weights: One weight per direction, shape ``(directions,)``; proportional to the loss to minimise it.
             l1: Adds ``l1 * sign(weight)`` to each weight gradient.
             l2: Adds ``l2 * weight`` to each weight gradient.
+
+        Raises:
+            ValueError: If ``weights`` has the wrong shape or holds NaN/inf (no ``.grad`` is changed).
         """
-        for layer in self.perturbed_layers:
-            layer.set_grad(weights, l1, l2)
+        for p, g in self._parameter_grads(weights, l1, l2):
+            p.grad = g
 
     def update(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
         """Add ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (NESgpu HEAD's ``update``).
+
+        Tied parameters get the sum over their layers, as in :meth:`set_grad`.
 
         Args:
             weights: One weight per direction, shape ``(directions,)``.
             l1: Adds ``l1 * sign(weight)`` to each weight gradient.
             l2: Adds ``l2 * weight`` to each weight gradient.
+
+        Raises:
+            ValueError: If ``weights`` has the wrong shape or holds NaN/inf (no ``.grad`` is changed).
         """
-        for layer in self.perturbed_layers:
-            layer.update(weights, l1, l2)
+        for p, g in self._parameter_grads(weights, l1, l2):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad += g
 
     def free_memory(self) -> None:
         """Drop all stored noise (it is regenerated from the seed when needed)."""
@@ -208,17 +248,11 @@ class PerturbedModel:
             weights: One weight per direction, shape ``(directions,)``.
 
         Returns:
-            A dict mapping parameter names (as in ``base_model.named_parameters()``) to gradient estimates.
+            A dict mapping parameter names (as in ``base_model.named_parameters()``, so a tied parameter appears
+            once, with the sum over its layers) to gradient estimates.
         """
-        out: dict[str, Tensor] = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, Perturbed):
-                g_w, g_b = module.es_grad(weights)
-                prefix = f"{name}." if name else ""
-                out[prefix + "weight"] = g_w
-                if g_b is not None:
-                    out[prefix + "bias"] = g_b
-        return out
+        grads = {id(p): g for p, g in self._parameter_grads(weights, 0.0, 0.0)}
+        return {name: grads[id(p)] for name, p in self.model.named_parameters() if id(p) in grads}
 
     def __repr__(self) -> str:
         return f"PerturbedModel(directions={self.directions}, layers={len(self.perturbed_layers)}, model={self.model})"
