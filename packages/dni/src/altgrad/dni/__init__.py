@@ -3,11 +3,15 @@
 * :class:`DNI` wraps a whole model (every parameterised leaf) or one module, pytorch-dni style.
 * :class:`BackwardInterface` is the primitive it is built on: a synthetic-gradient boundary on any activation,
   with feed-forward (``iface(h)``) and truncated-BPTT (``trigger``/``inject``) use.
+* :class:`ForwardInterface` (synthetic inputs, forward unlocking) and :class:`BidirectionalInterface`
+  (synthetic inputs and gradients: the complete unlock).
+* :mod:`altgrad.dni.compat`: koz4k/dni-pytorch's API (``import altgrad.dni.compat as dni``).
 * Synthesizers: :class:`DNINetwork` (base class), :class:`LinearDNI`, :class:`LinearSigmoidDNI`,
   :class:`LinearBatchNormDNI`, :class:`RNNDNI`, :class:`Conv2dDNI`.
 """
 
 from ._version import __version__
+from .forward import BidirectionalInterface, ForwardInterface
 from .interface import MODES, BackwardInterface
 from .synthesizers import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 from .wrapper import DNI
@@ -17,8 +21,10 @@ __all__ = [
     "MODES",
     "RNNDNI",
     "BackwardInterface",
+    "BidirectionalInterface",
     "Conv2dDNI",
     "DNINetwork",
+    "ForwardInterface",
     "LinearBatchNormDNI",
     "LinearDNI",
     "LinearSigmoidDNI",
