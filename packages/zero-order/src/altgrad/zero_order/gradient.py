@@ -221,7 +221,12 @@ def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction],
     checked = [(i, p) for i, (p, plan) in enumerate(zip(params, plans)) if not getattr(plan, "factored", False)]
     if not checked:
         return
-    maxima = [p.detach().abs().amax().to(torch.float64).cpu() for _, p in checked if p.numel()]
+    # the scale is the largest finite |θ| (non-finite parameters give a NaN estimate anyway)
+    maxima = [
+        torch.nan_to_num(p.detach().abs(), nan=0.0, posinf=0.0).amax().to(torch.float64).cpu()
+        for _, p in checked
+        if p.numel()
+    ]
     scales = iter(torch.stack(maxima).tolist() if maxima else [])
     checked = [(i, p) for i, p in checked if p.numel()]
     for (i, p), scale in zip(checked, scales):
