@@ -471,6 +471,42 @@ def bench(session: nox.Session) -> None:
     session.log("benchmarks written to docs/<pkg>/bench.json and bench.png")
 
 
+# What tools/gpu_check.py builds with (no build isolation: the GPU machine has no internet) and the benchmark peers.
+GPU_REQUIREMENTS = [
+    "scikit-build-core>=0.11,<2",
+    "pybind11>=2.12,<4",
+    "setuptools-scm>=10.3.4,<11",
+    "setuptools>=77",
+    "cmake>=3.24",
+    "ninja",
+    "pytest>=8",
+    "hypothesis>=6.100,<7",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "torchopt==0.7.3",
+]
+
+
+@venv_session(default=False)
+def gpu(session: nox.Session) -> None:
+    """On a CUDA machine: build with CUDA, every CUDA test, GPU benchmarks as JSON (tools/gpu_check.py), <= 8 min.
+
+    Refuses in one line without a GPU; ``nox -s gpu -- --dry-run`` runs the same steps on the CPU. Results go to
+    ``build/gpu/``. On the GPU machine (no nox, no internet) run ``python3 tools/gpu_check.py`` directly.
+    """
+    if "--dry-run" not in session.posargs:
+        code = "import torch; print(torch.cuda.is_available())"
+        if session.run("python", "-c", code, silent=True).strip().splitlines()[-1] != "True":
+            session.error(
+                "no CUDA GPU visible to torch: nothing checked (`nox -s gpu -- --dry-run` runs on the CPU)"
+            )
+    session.install(*GPU_REQUIREMENTS)
+    session.run(
+        "python", str(ROOT / "tools" / "gpu_check.py"), "--out", str(ROOT / "build" / "gpu"), *session.posargs
+    )
+
+
 @venv_session(default=False)
 def demo(session: nox.Session) -> None:
     """The main job: install every package and run the examples, printing a summary table."""
