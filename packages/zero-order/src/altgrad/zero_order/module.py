@@ -29,7 +29,7 @@ from .distributions import Samplable
 from .gradient import EstimatorOptions, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
 
-__all__ = ["ZeroOrderGradientModule"]
+__all__ = ["ZeroOrderGradientModule", "enable_zero_order_gradients"]
 
 _ORIGINAL = "__zero_order_original_forward__"
 _CLASS_KEYWORDS = (
@@ -120,7 +120,9 @@ class _ModuleCall:
         cache = module.__dict__.setdefault("_zero_order_batching", {})
         evaluator = PopulationEvaluator(self._call_with, self.options.batching)
         evaluator.resolved = cache.get(type(module), evaluator.resolved)
-        source = NoiseSource(module.zero_order_distribution(), sample_batched=self.options.sample_batched)
+        distribution = getattr(module, "zero_order_distribution", None)
+        distribution = distribution() if distribution is not None else module.sample
+        source = NoiseSource(distribution, sample_batched=self.options.sample_batched)
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
         with _population_buffers(module):
@@ -213,6 +215,44 @@ def _make_forward(original: Callable[..., Tensor], options: EstimatorOptions) ->
     setattr(forward, _ORIGINAL, original)
     forward.__zero_order_gradients_enabled__ = True  # type: ignore[attr-defined]
     return forward
+
+
+def enable_zero_order_gradients(
+    cls: type[nn.Module],
+    method: str = "naive",
+    num_samples: int = 1,
+    sigma: float = 1.0,
+    **options: Any,
+) -> type[nn.Module]:
+    """Replace ``cls.forward`` by a zero-order estimating wrapper (TorchOpt's function of the same name).
+
+    ``cls`` is a module class with ``forward`` (returning a scalar) and ``sample(sample_shape)``. The class
+    keywords of `ZeroOrderGradientModule` do this for you; this function is the building block TorchOpt exposes
+    as ``torchopt.diff.zero_order.nn.module.enable_zero_order_gradients``.
+
+    Args:
+        cls: The module class to modify (in place).
+        method: Estimator name (see `zero_order`).
+        num_samples: Number of directions N.
+        sigma: Perturbation scale σ.
+        **options: Further estimator keywords (``chunk_size``, ``batching``, ``top_k``, ``sample_batched``,
+            ``directions``, ``rank``, ``process_group``).
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        TypeError: ``'Zero-order gradient estimation is already enabled for the `forward` method.'`` when
+            ``cls.forward`` is already wrapped (as TorchOpt), or ``cls`` is not an ``nn.Module`` subclass.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"`cls` must be a subclass of torch.nn.Module, got {cls!r}")
+    forward = cls.forward
+    if getattr(forward, "__zero_order_gradients_enabled__", False):
+        raise TypeError("Zero-order gradient estimation is already enabled for the `forward` method.")
+    settings = EstimatorOptions(method=method, num_samples=num_samples, sigma=sigma, **options)
+    cls.forward = _make_forward(forward, settings)  # type: ignore[method-assign]
+    return cls
 
 
 class ZeroOrderGradientModule(nn.Module, Samplable):

@@ -7,7 +7,7 @@ optimizer helpers the tutorial uses (``torchopt.adam``, ``torchopt.apply_updates
 Only these names are provided; the rest of TorchOpt (implicit differentiation, meta-optimizers, ...) is not.
 """
 
-from . import diff, nn
+from . import diff, nn, typing
 from ._optim import Adam, GradientTransformation, adam, apply_updates
 
-__all__ = ["Adam", "GradientTransformation", "adam", "apply_updates", "diff", "nn"]
+__all__ = ["Adam", "GradientTransformation", "adam", "apply_updates", "diff", "nn", "typing"]

@@ -7,9 +7,9 @@ from typing import Any as _Any
 from altgrad.zero_order.decorator import zero_order
 from altgrad.zero_order.module import ZeroOrderGradientModule
 
-from . import nn
+from . import decorator, nn
 
-__all__ = ["ZeroOrderGradientModule", "nn", "zero_order"]
+__all__ = ["ZeroOrderGradientModule", "decorator", "nn", "zero_order"]
 
 
 class _CallableModule(_ModuleType):

@@ -2,4 +2,6 @@
 
 from altgrad.zero_order.module import ZeroOrderGradientModule
 
-__all__ = ["ZeroOrderGradientModule"]
+from . import module
+
+__all__ = ["ZeroOrderGradientModule", "module"]
