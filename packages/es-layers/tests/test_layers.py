@@ -473,3 +473,61 @@ def test_permuted_update_scatter_and_gemm_paths(factory, monkeypatch):
         noise = {k: (v if k.startswith("shared") else v[members]) for k, v in layer._noise.items()}
         got = layer._weighted_sum(w[members], noise)
         torch.testing.assert_close(got, torch.einsum("k,k...->...", w[members], dense[members]))
+
+
+# ----------------------------------------------------------------------------- bounded update memory (issue 12 #9)
+def test_update_after_free_memory_regenerates_in_bounded_chunks(case, monkeypatch):
+    # Allocator-independent measure: record the size of every noise tensor the samplers materialise.
+    import altgrad.es_layers.base as base
+    import altgrad.es_layers.noise as noise
+
+    sizes = []
+    for fn in ("sample_normal", "sample_rademacher", "sample_bits"):
+        original = getattr(noise, fn)
+
+        def record(*args, _f=original, **kwargs):
+            out = _f(*args, **kwargs)
+            sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(noise, fn, record)
+    _, factory = case
+    layer = factory()
+    per_member = layer._per_member_elements()
+    monkeypatch.setattr(base, "_CHUNK_ELEMENTS", 2 * per_member)  # two members per chunk, N = 6 -> 3 chunks
+    layer.set_noise()
+    w = torch.linspace(-1, 1, N, dtype=torch.float64)
+    g_stored = layer.es_grad(w)
+    layer.free_memory()
+    sizes.clear()
+    layer.set_grad(w)
+    assert layer.noise_memory_bytes == 0  # nothing stored by the update
+    # a chunk holds 2 members' pieces; the shared matrix of permuted/flipout modes is member-independent
+    shared = layer.weight.numel()
+    assert sizes and max(sizes) <= max(2 * layer.weight.numel(), shared), (sizes, per_member)
+    assert torch.equal(layer.weight.grad, g_stored[0])  # same values as with the stored noise
+
+
+def test_iid_update_memory_does_not_grow_with_population(monkeypatch):
+    import altgrad.es_layers.noise as noise
+
+    largest = [0]
+    original = noise.sample_normal
+
+    def record(*args, **kwargs):
+        out = original(*args, **kwargs)
+        largest[0] = max(largest[0], out.numel())
+        return out
+
+    monkeypatch.setattr(noise, "sample_normal", record)
+    import altgrad.es_layers.base as base
+
+    # the issue's case was 512 x 512, N = 512 (+513 MiB); a 64 x 64 layer with 8-member chunks shows the same
+    monkeypatch.setattr(base, "_CHUNK_ELEMENTS", 8 * 64 * 64)
+    layer = es.PerturbedLinear(64, 64, 512, bias=False, seed=0)
+    layer.set_noise()
+    layer.free_memory()
+    largest[0] = 0
+    layer.set_grad(torch.randn(512))
+    assert largest[0] == 8 * 64 * 64  # one chunk at a time, not the population's 512 x 64 x 64
+    assert layer.noise_memory_bytes == 0

@@ -173,7 +173,12 @@ class Perturbed:
         self._noise = self._generate(self.members)
 
     def free_memory(self) -> None:
-        """Drop the stored noise. The next perturbed forward or update regenerates what it needs from the seed."""
+        """Drop the stored noise.
+
+        The next update (:meth:`update`, :meth:`set_grad`, :meth:`es_grad`) regenerates the noise from the seed in
+        bounded chunks of members and stores nothing; the next perturbed forward regenerates and stores the noise of
+        the members it evaluates.
+        """
         self._noise = {}
 
     @property
@@ -279,7 +284,8 @@ class Perturbed:
         """Return ``(Σ_k w_k E_k, Σ_k w_k ε_k)`` without touching ``.grad``.
 
         Members are processed in fixed chunks (regenerated from the seed unless this process stores the noise of
-        the whole population), so every process computes bit-identical results.
+        the whole population), so every process computes bit-identical results, and memory stays bounded by one
+        chunk (about ``2**22`` noise values) after :meth:`free_memory` or on a shard.
 
         Args:
             weights: One weight per direction, shape ``(directions,)``.
@@ -288,7 +294,12 @@ class Perturbed:
             The weight-shaped and bias-shaped (or ``None``) sums.
         """
         w = self._check_weights(weights)
-        self._current_noise()
+        if self.step is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call set_noise() before the perturbed forward or update()"
+            )
+        # stored noise of the whole population is reused; otherwise regenerate chunk by chunk and store nothing,
+        # so the update's memory is bounded by one chunk (about _CHUNK_ELEMENTS values) whatever the population
         stored = self._noise if self._stored_covers_all() else None
         shared = self._shared_noise() if stored is None else None
         g_w = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
