@@ -19,7 +19,7 @@ from torch import Tensor
 from ._errors import ArgnumsError
 from ._noise import NoiseSource, check_distribution
 from .estimators import Method
-from .gradient import EstimatorOptions, run_estimate
+from .gradient import EstimatorOptions, check_distributed_source, run_estimate
 from .population import Batching, PopulationEvaluator, check_output
 
 __all__ = ["zero_order"]
@@ -147,6 +147,7 @@ def zero_order(
     sample_batched: bool = True,
     directions: str = "dense",
     rank: int = 1,
+    process_group: Any = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Return a decorator that gives a scalar function zero-order (ES / finite-difference) gradients.
 
@@ -186,6 +187,10 @@ def zero_order(
             get rank-``rank`` directions ``A Bᵀ/√r`` (``r·(out+in)`` random numbers instead of ``out·in``; same
             mean and covariance as a standard normal direction).
         rank: Rank r of low-rank directions.
+        process_group: A ``torch.distributed`` process group to shard the population over: each rank evaluates
+            a contiguous block of the members, only the per-member values are all-gathered, and every rank
+            regenerates all directions from the seed and gets the same full gradient. Needs a seeded
+            ``distribution`` and the same function and inputs on every rank. None (default): one process.
 
     Returns:
         A decorator; the function it returns takes the same arguments as the decorated one.
@@ -194,7 +199,8 @@ def zero_order(
         TypeError: ``'`distribution` must be a callable or an instance of `Samplable`.'`` (as TorchOpt), or a wrong
             type for another argument.
         MethodError: For an unknown ``method``; it is both a ``ValueError`` and an ``AssertionError``.
-        ValueError: For out-of-range ``num_samples``, ``sigma``, ``chunk_size``, ``top_k`` or ``argnums``.
+        ValueError: For out-of-range ``num_samples``, ``sigma``, ``chunk_size``, ``top_k`` or ``argnums``, or a
+            non-seeded ``distribution`` with ``process_group``.
 
     Example:
         >>> import torch
@@ -209,11 +215,12 @@ def zero_order(
         torch.Size([3])
     """
     options = EstimatorOptions(
-        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank
+        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank, process_group
     )
     argnums_t = _normalise_argnums(argnums)
     check_distribution(distribution)
     source = NoiseSource(distribution, sample_batched=sample_batched)
+    check_distributed_source(source, options)
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         evaluator_cache: dict[str, Any] = {}

@@ -13,6 +13,7 @@ replay the noise kept from the first pass.
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class EstimatorOptions:
         directions: ``"dense"`` (full-rank noise of each leaf's shape, TorchOpt's) or ``"lowrank"`` (rank-``rank``
             directions ``A Bᵀ/√r`` for 2-D leaves; see `directions`).
         rank: Rank r of low-rank directions.
+        process_group: A ``torch.distributed`` process group to shard the population over (None: one process).
 
     Raises:
         MethodError: For an unknown ``method`` (a ``ValueError`` that is also an ``AssertionError``).
@@ -65,6 +67,7 @@ class EstimatorOptions:
     sample_batched: bool = True
     directions: str = "dense"
     rank: int = 1
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +90,29 @@ class EstimatorOptions:
         _check_positive_int("rank", self.rank)
         if not isinstance(self.sample_batched, bool):
             raise TypeError(f"`sample_batched` must be a bool, got {type(self.sample_batched).__name__}")
+        if self.process_group is not None:
+            check_process_group(self.process_group)
+
+
+def check_process_group(process_group: Any) -> None:
+    """Raise ``TypeError`` unless ``process_group`` is a ``torch.distributed.ProcessGroup``."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "`process_group` must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD after "
+            f"init_process_group) or None, got {type(process_group).__name__}"
+        )
+
+
+def check_distributed_source(source: NoiseSource, options: EstimatorOptions) -> None:
+    """With a process group, the noise must be regenerable on every rank: only seeded distributions qualify."""
+    if options.process_group is not None and not source.seeded:
+        raise ValueError(
+            "with `process_group`, `distribution` must be a seeded distribution (SeededNormal, SeededRademacher, "
+            f"NoiseTable) that every rank regenerates identically; got {type(source.distribution).__name__}, whose "
+            "samples cannot be reproduced on the other ranks"
+        )
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -141,6 +167,8 @@ def run_estimate(
     """
     if plans is None:
         plans = default_plans(options, params)
+    if options.process_group is not None:
+        return _run_distributed(evaluate, params, source, options, grad_output, f0, plans)
     method, n_dir, sigma = options.method, options.num_samples, options.sigma
     antithetic = method in ANTITHETIC_METHODS
     step = source.new_step()
@@ -194,14 +222,130 @@ def run_estimate(
             for i, (plan, grad, p) in enumerate(zip(plans, grads, params)):
                 chunk_noise = kept_noise[c][i] if kept_noise else plan.draw(source, p, members, step)
                 plan.accumulate(grad, chunk_noise, w)
-    # Non-finite values never become a finite step: ranks (es), top-b selection (ars) or a zero direction
-    # element could otherwise hide them. Every element of every gradient is then NaN (see the docs).
     if f0 is not None:
         finite &= torch.isfinite(f0)
-    finite &= torch.isfinite(torch.as_tensor(g))
+    return _finish(grads, params, finite, g)
+
+
+def _finish(grads: list[Tensor], params: Sequence[Tensor], finite: Tensor, g: Tensor) -> list[Tensor]:
+    """Non-finite values never become a finite step: ranks (es), top-b selection (ars) or a zero direction
+    element could otherwise hide them. Every element of every gradient is then NaN (see the docs)."""
+    finite = finite & torch.isfinite(g)
     for grad in grads:
         grad.masked_fill_(~finite.to(grad.device), float("nan"))
     return [grad if grad.dtype == p.dtype else grad.to(p.dtype) for grad, p in zip(grads, params)]
+
+
+def _run_distributed(
+    evaluate: PopulationEvaluator,
+    params: Sequence[Tensor],
+    source: NoiseSource,
+    options: EstimatorOptions,
+    grad_output: Tensor | float,
+    f0: Tensor | None,
+    plans: Sequence[Direction],
+) -> list[Tensor]:
+    """The estimate with the population sharded over ``options.process_group``.
+
+    Rank r evaluates the contiguous block ``shard_members(N, r, world)`` of the directions (both signs for the
+    antithetic methods), in chunks. The per-member values are all-gathered (for ``forward`` the differences
+    f(θ+σz_k) − f(θ), so a rank's baseline stays local), after a check that every rank runs the same estimate
+    (N, step, seed, method, σ). Every rank then computes all weights and regenerates every direction from the
+    seed, chunk by chunk as a single process does, so all ranks end with the same full gradient.
+    """
+    import torch.distributed as dist
+    from altgrad.es_layers.distributed import shard_members
+
+    check_distributed_source(source, options)
+    pg = options.process_group
+    method, n_dir, sigma = options.method, options.num_samples, options.sigma
+    antithetic = method in ANTITHETIC_METHODS
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    step = source.new_step()
+    header = torch.tensor(
+        [n_dir, step, getattr(source.distribution, "seed", 0), METHODS.index(method), _float_bits(sigma)],
+        dtype=torch.int64,
+        device=comm,
+    )
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=pg)
+    table = torch.stack(headers).cpu()
+    for col, name in enumerate(("num_samples", "estimate step", "seed", "method", "sigma")):
+        if not bool((table[:, col] == table[0, col]).all()):
+            shown = table[:, col].tolist()
+            if name == "method":
+                shown = [METHODS[i] for i in shown]
+            elif name == "sigma":
+                shown = [_bits_float(b) for b in shown]
+            raise ValueError(f"{name} differs across the ranks of `process_group` (rank order): {shown}")
+    block = shard_members(n_dir, rank, world) if n_dir >= world else range(0)
+    if n_dir < world:  # every rank knows: all raise together (no rank is left waiting in a collective)
+        raise ValueError(
+            f"num_samples={n_dir} leaves rank {rank} of {world} without members: use num_samples >= {world} "
+            "(the size of `process_group`)"
+        )
+    check_sigma_resolution(params, plans, sigma)
+    value_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    device = params[0].device
+    per_chunk = _directions_per_chunk(options, params)
+    local_plus: list[Tensor] = []
+    local_minus: list[Tensor] = []
+    for start in range(block.start, block.stop, per_chunk):
+        members = range(start, min(block.stop, start + per_chunk))
+        noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
+        values = evaluate(
+            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)]
+        )
+        values = values.detach().to(device=device, dtype=value_dtype)
+        del noise
+        local_plus.append(values[: len(members)])
+        if antithetic:
+            local_minus.append(values[len(members) :])
+    plus = torch.cat(local_plus)
+    if method == "forward":
+        assert f0 is not None
+        plus = plus - f0.detach().to(device=device, dtype=value_dtype)
+    width = -(-n_dir // world)  # the largest block
+    rows = 2 if antithetic else 1
+    send = torch.full((rows, width), float("nan"), dtype=value_dtype, device=comm)
+    send[0, : len(block)] = plus.to(comm)
+    if antithetic:
+        send[1, : len(block)] = torch.cat(local_minus).to(comm)
+    received = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(received, send, group=pg)
+    blocks = [shard_members(n_dir, r, world) for r in range(world)]
+    gathered = [torch.cat([received[r][i, : len(b)] for r, b in enumerate(blocks)]).to(device) for i in range(rows)]
+    f_plus, f_minus = gathered[0], (gathered[1] if antithetic else None)
+    finite = torch.isfinite(f_plus).all()
+    if f_minus is not None:
+        finite &= torch.isfinite(f_minus).all()
+    g = torch.as_tensor(grad_output, dtype=value_dtype).to(device)
+    weights = direction_weights(
+        method,
+        f_plus,
+        f_minus=f_minus,
+        f0=torch.zeros((), dtype=value_dtype, device=device),
+        sigma=sigma,
+        num_directions=n_dir,
+        top_k=options.top_k,
+    )
+    weights = weights * g
+    grads = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device) for p in params]
+    for start in range(0, n_dir, per_chunk):
+        members = range(start, min(n_dir, start + per_chunk))
+        w = weights[members.start : members.stop]
+        for plan, grad, p in zip(plans, grads, params):
+            plan.accumulate(grad, plan.draw(source, p, members, step), w)
+    return _finish(grads, params, finite, g)
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
 
 
 class SigmaResolutionWarning(UserWarning):
@@ -257,6 +401,7 @@ def estimate_gradient(
     directions: str = "dense",
     rank: int = 1,
     grad_output: Tensor | float = 1.0,
+    process_group: Any = None,
 ) -> tuple[Tensor, ...]:
     r"""Estimate $\nabla f$ at ``params`` from function values only.
 
@@ -279,13 +424,18 @@ def estimate_gradient(
         directions: ``"dense"`` or ``"lowrank"`` (rank-``rank`` directions for 2-D parameters).
         rank: Rank of low-rank directions.
         grad_output: Multiplier of the estimate (the incoming gradient in the chain rule).
+        process_group: A ``torch.distributed`` process group: each rank evaluates a contiguous block of the
+            members, only the per-member values are all-gathered, and every rank regenerates all directions from
+            the seed and returns the same full estimate. Needs a seeded ``distribution``. None: one process.
 
     Returns:
         One gradient estimate per parameter tensor.
 
     Raises:
-        TypeError: If ``distribution`` is neither Samplable nor callable, or ``params`` holds a non-tensor.
-        ValueError: For invalid settings or an empty ``params``.
+        TypeError: If ``distribution`` is neither Samplable nor callable, ``params`` holds a non-tensor, or
+            ``process_group`` is not a ProcessGroup.
+        ValueError: For invalid settings, an empty ``params``, a non-seeded distribution with ``process_group``,
+            a rank left without members (``num_samples`` < group size) or settings that differ across ranks.
 
     Example:
         >>> import torch
@@ -296,9 +446,10 @@ def estimate_gradient(
         True
     """
     options = EstimatorOptions(
-        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank
+        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank, process_group
     )
     source = NoiseSource(distribution, sample_batched=sample_batched)
+    check_distributed_source(source, options)
     params = list(params)
     if not params:
         raise ValueError("`params` must hold at least one tensor")

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._noise import NoiseSource
 from .directions import Direction, LowRank
 from .distributions import Samplable
-from .gradient import EstimatorOptions, default_plans, run_estimate
+from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
 
 __all__ = ["ZeroOrderGradientModule", "enable_zero_order_gradients"]
@@ -42,6 +42,7 @@ _CLASS_KEYWORDS = (
     "sample_batched",
     "directions",
     "rank",
+    "process_group",
 )
 
 
@@ -123,6 +124,7 @@ class _ModuleCall:
         distribution = getattr(module, "zero_order_distribution", None)
         distribution = distribution() if distribution is not None else module.sample
         source = NoiseSource(distribution, sample_batched=self.options.sample_batched)
+        check_distributed_source(source, self.options)
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
         with _population_buffers(module):
@@ -264,6 +266,9 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
     - ``method``: ``"naive"`` (default), ``"forward"``, ``"antithetic"``, ``"es"`` or ``"ars"``;
     - ``num_samples``: number of directions N (default 1);
     - ``sigma``: perturbation scale σ (default 1.0);
+    - ``process_group``: a ``torch.distributed`` process group to shard the population over (needs a seeded
+      distribution from `zero_order_distribution`); since a group exists only after ``init_process_group``,
+      set it on a subclass defined then: ``class DistNet(Net, process_group=dist.group.WORLD): pass``;
     - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``, ``directions``, ``rank``: as in
       `zero_order`. With ``directions="lowrank"`` the weights of ``nn.Linear``
       submodules are perturbed by ``σ A Bᵀ/√r`` *without materialising it*: the layer computes

@@ -1,0 +1,78 @@
+"""process_group (issue 13 §3): 2 gloo ranks give every rank the same gradient as the single-process estimate."""
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _bounds
+import _dist_worker as w
+import altgrad.zero_order as zo
+from altgrad.zero_order import estimate_gradient, zero_order
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo"
+)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(w.run, args=(2, str(tmp)), nprocs=2, join=True)  # one spawn runs every case
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _bound(method, top_k=None):
+    # Members are evaluated in different batches (rank blocks vs single-process chunks): each value is within the
+    # _bounds γ-bound of its exact value; the accumulation adds γ_{N+C+4} terms on each side.
+    params = w.mlp_params()
+    x, y = w.data()
+    z = [zo.SeededNormal(4).draw(p.shape, step=0, leaf=i, members=range(w.N)) for i, p in enumerate(params)]
+    fp, bp = _bounds.mlp_loss_and_bound([p + w.SIGMA * zi for p, zi in zip(params, z)], x, y, torch.float32)
+    fm, bm = _bounds.mlp_loss_and_bound([p - w.SIGMA * zi for p, zi in zip(params, z)], x, y, torch.float32)
+    f0, b0 = _bounds.mlp_loss_and_bound([p.unsqueeze(0) for p in params], x, y, torch.float32)
+    return _bounds.estimate_difference_bound(
+        method, params, z, w.SIGMA, fp, bp, fm, bm, num_chunks=8, top_k=top_k, f0=f0.item(), f0_bound=b0.item()
+    )
+
+
+@pytest.mark.parametrize("method", zo.METHODS)
+def test_every_method_matches_single_process(ranks, method):
+    single, multi0 = ranks[0][("estimate_gradient", method)]
+    _, multi1 = ranks[1][("estimate_gradient", method)]
+    for a, b in zip(multi0, multi1):
+        assert torch.equal(a, b)  # every rank: the same ops on the same gathered values, bit-identical
+    for a, s, bd in zip(multi0, single, _bound(method, 5 if method == "ars" else None)):
+        _bounds.assert_within(a, s, bd)
+
+
+@pytest.mark.parametrize("api", ["zero_order", "module"])
+def test_decorator_and_module(ranks, api):
+    single, _ = ranks[0][("estimate_gradient", "antithetic")]
+    g0 = ranks[0][(api, "antithetic")][1]
+    g1 = ranks[1][(api, "antithetic")][1]
+    for a, b, s, bd in zip(g0, g1, single, _bound("antithetic")):
+        assert torch.equal(a, b)
+        _bounds.assert_within(a, s, bd)
+
+
+def test_bad_input_is_refused_on_every_rank(ranks):
+    for out in ranks:
+        assert out["user-distribution"].startswith("ValueError") and "seeded distribution" in out["user-distribution"]
+        assert out["module-user-distribution"].startswith("ValueError")
+        assert out["mismatch"].startswith("ValueError") and "num_samples differs" in out["mismatch"]
+        assert "[6, 8]" in out["mismatch"]
+        assert out["empty"].startswith("ValueError") and "without members" in out["empty"]
+
+
+def test_process_group_of_the_wrong_type():
+    with pytest.raises(TypeError, match="process_group.*ProcessGroup.*got str"):
+        zero_order(zo.SeededNormal(0), process_group="world")
+    with pytest.raises(TypeError, match="process_group"):
+        estimate_gradient(lambda t: t.sum(), [torch.zeros(2)], zo.SeededNormal(0), process_group=1)
+    with pytest.raises(TypeError, match="process_group"):
+
+        class Bad(w.Net, process_group=object()):
+            pass
