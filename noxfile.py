@@ -65,6 +65,14 @@ CPU_LEVELS = {
     "default": {},
     "avx2-1thread": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
 }
+# A compiled package's kernel tests, run again once per other CPU ISA it supports (ALTGRAD_CPU_ISA=<isa>).
+ISA_TEST_FILES = [
+    "test_values.py",
+    "test_grad.py",
+    "test_isolation.py",
+    "test_propert*.py",
+    "test_differential*.py",
+]
 DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings-python>=2,<3"]
 LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
 
@@ -239,8 +247,14 @@ def _check_isolation(session: nox.Session, allowed: set[str]) -> None:
     _check_torch_reused(session)
 
 
-def _run_pytest(session: nox.Session, tests: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-    """pytest on ``tests`` from a directory where the source tree is not importable.
+def _run_pytest(
+    session: nox.Session,
+    tests: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    files: list[Path] | None = None,
+) -> None:
+    """pytest on ``tests`` (or only ``files`` in it) from a directory where the source tree is not importable.
 
     Any non-zero exit fails the session, including 5 (no test collected): a pass that runs nothing is a failure.
     """
@@ -252,7 +266,7 @@ def _run_pytest(session: nox.Session, tests: Path, *extra: str, env: dict[str, s
             "python",
             "-m",
             "pytest",
-            str(tests),
+            *(map(str, files) if files else [str(tests)]),
             "-p",
             "no:cacheprovider",
             "--rootdir",
@@ -296,15 +310,18 @@ def _package_tests(session: nox.Session, pkg: Package) -> None:
     session.install(f"{wheels[pkg.name]}[test]", *(str(wheels[s]) for s in pkg.siblings))
     _check_isolation(session, {PACKAGES[n].dist for n in wheels})
     tmp = Path(session.create_tmp()).resolve()
-    passes = {name: dict(env) for name, env in _levels(session).items()}
+    passes = {name: (dict(env), None) for name, env in _levels(session).items()}
     if pkg.compiled:
+        isa_files = sorted({f for g in ISA_TEST_FILES for f in (pkg.path / "tests").glob(g)})
         for isa in _other_isas(session, pkg):
-            passes[f"isa-{isa}"] = {"ALTGRAD_CPU_ISA": isa}
-    for name, env in passes.items():
+            passes[f"isa-{isa}"] = ({"ALTGRAD_CPU_ISA": isa}, isa_files)
+    for name, (env, files) in passes.items():
+        if files == []:
+            session.error(f"{pkg.name}: no test file matches {ISA_TEST_FILES} for the per-ISA passes")
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{name}")
-        session.log(f"{pkg.name}: pass {name} {env}")
+        session.log(f"{pkg.name}: pass {name} {env}" + (f" on {[f.name for f in files]}" if files else ""))
         start = time.monotonic()
-        _run_pytest(session, pkg.path / "tests", *session.posargs, env=env)
+        _run_pytest(session, pkg.path / "tests", *session.posargs, env=env, files=files)
         session.log(f"{pkg.name}: pass {name} took {time.monotonic() - start:.0f} s")
 
 
