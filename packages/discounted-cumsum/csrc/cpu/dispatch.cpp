@@ -1,6 +1,10 @@
 // Picks the kernels for this CPU and spreads one call over threads (compiled with baseline flags only).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -10,26 +14,74 @@ namespace altgrad_dc {
 namespace {
 
 // Below this many elements per thread, starting a thread costs more than it saves.
-constexpr int64_t kMinElementsPerThread = int64_t(1) << 16;
+int64_t g_min_elements_per_thread = int64_t(1) << 16;
 // Rows at least this long are split into chunks when there are fewer rows than threads.
-constexpr int64_t kMinChunkedRow = int64_t(1) << 18;
+int64_t g_min_chunked_row = int64_t(1) << 18;
 
-const Kernels* select_kernels() {
+struct IsaEntry {
+  const char* name;
+  const Kernels* (*get)();
+  bool (*supported)();
+};
+
+bool always() { return true; }
 #if defined(ALTGRAD_X86_DISPATCH) && (defined(__GNUC__) || defined(__clang__))
+bool has_avx2() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("fma")) {
-    return kernels_avx512();
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return kernels_avx2();
-  }
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && has_avx2();
+}
+// Best first.
+const IsaEntry kIsas[] = {{"avx512", kernels_avx512, has_avx512},
+                          {"avx2", kernels_avx2, has_avx2},
+                          {"baseline", kernels_baseline, always}};
+#else
+const IsaEntry kIsas[] = {{"baseline", kernels_baseline, always}};
 #endif
-  return kernels_baseline();
+const char* const kKnownIsas = "baseline, avx2, avx512";
+
+std::string supported_list() {
+  std::string s;
+  for (const IsaEntry& e : kIsas) {
+    if (!e.supported()) continue;
+    if (!s.empty()) s += ", ";
+    s += e.name;
+  }
+  return s;
+}
+
+// ALTGRAD_CPU_ISA=baseline|avx2|avx512 forces the kernels (used to test every compiled instruction set on one
+// machine); unset or empty picks the best one this CPU supports.
+const Kernels* select_kernels() {
+  const char* env = std::getenv("ALTGRAD_CPU_ISA");
+  if (env == nullptr || *env == '\0') {
+    for (const IsaEntry& e : kIsas) {
+      if (e.supported()) return e.get();
+    }
+  }
+  const std::string want(env);
+  for (const IsaEntry& e : kIsas) {
+    if (want != e.name) continue;
+    if (!e.supported()) {
+      throw std::runtime_error("ALTGRAD_CPU_ISA=" + want + ": this CPU does not support " + want +
+                               " (supported here: " + supported_list() + "); unset it or choose one of those");
+    }
+    return e.get();
+  }
+  if (want == "avx2" || want == "avx512") {
+    throw std::runtime_error("ALTGRAD_CPU_ISA=" + want + ": this build has no " + want +
+                             " kernels (compiled here: " + supported_list() + ")");
+  }
+  throw std::runtime_error("ALTGRAD_CPU_ISA=" + want + " is not one of " + kKnownIsas +
+                           " (supported here: " + supported_list() + ")");
 }
 
 const Kernels* kernels() {
-  static const Kernels* k = select_kernels();
+  static const Kernels* k = select_kernels();  // a throw leaves it unset, so every later call reports it again
   return k;
 }
 
@@ -47,6 +99,19 @@ void parallel_parts(int parts, const Fn& fn) {
   for (auto& w : workers) w.join();
 }
 
+// The carry c after a segment that was scanned from zero: s.last + s.prod * c, as the sequential recurrence
+// computes it. A cut (zero gate) selects s.last: the carry is never multiplied by 0, so NaN/inf cannot leak
+// through a reset. An underflowed product (long segments: 0.99^131072 < 1e-308) times an infinite carry is
+// that infinity, as in the sequential loop, not 0 * inf = NaN.
+double carry_through(const SegmentSummary& s, double c) {
+  if (s.cut) return s.last;
+  double through = s.prod * c;
+  if (std::isnan(through) && !std::isnan(c) && !std::isnan(s.prod)) {
+    through = s.prod == 0.0 ? (std::signbit(s.prod) ? -c : c) : 0.0;  // 0 * inf after underflow; inf * 0
+  }
+  return s.last + through;
+}
+
 // One long row on `parts` threads: chunk 0 is scanned with the true initial value while chunks 1.. are scanned
 // from zero; the carries are then chained serially and chunks 1.. get carry * (product of gates) added.
 // Chunk 0 is twice as long as the others because it needs no second pass.
@@ -57,15 +122,15 @@ void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts,
   bounds[0] = 0;
   bounds[1] = n - unit * (parts - 1);
   for (int k = 2; k <= parts; ++k) bounds[k] = bounds[k - 1] + unit;
-  std::vector<double> last(static_cast<std::size_t>(parts)), prod(static_cast<std::size_t>(parts));
+  std::vector<SegmentSummary> seg(static_cast<std::size_t>(parts));
   parallel_parts(parts, [&](int k) {
-    K->segment(&p, row, bounds[k], bounds[k + 1], k == 0 ? init : 0.0, k == 0 ? has_init : 0, &last[k], &prod[k]);
+    K->segment(&p, row, bounds[k], bounds[k + 1], k == 0 ? init : 0.0, k == 0 ? has_init : 0, &seg[k]);
   });
   std::vector<double> carry_in(static_cast<std::size_t>(parts));
-  double c = last[0];
+  double c = seg[0].last;
   for (int k = 1; k < parts; ++k) {
     carry_in[k] = c;
-    c = last[k] + prod[k] * c;
+    c = carry_through(seg[k], c);
   }
   parallel_parts(parts - 1, [&](int k) { K->fixup(&p, row, bounds[k + 1], bounds[k + 2], carry_in[k + 1]); });
 }
@@ -74,17 +139,29 @@ void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts,
 
 const char* cpu_isa() { return kernels()->name; }
 
+const char* supported_isas() {
+  static const std::string s = supported_list();
+  return s.c_str();
+}
+
+void set_tuning(int64_t* min_chunked_row, int64_t* min_elements_per_thread) {
+  std::swap(g_min_chunked_row, *min_chunked_row);
+  std::swap(g_min_elements_per_thread, *min_elements_per_thread);
+  g_min_chunked_row = std::max<int64_t>(g_min_chunked_row, 2);
+  g_min_elements_per_thread = std::max<int64_t>(g_min_elements_per_thread, 1);
+}
+
 void run_scan(const ScanProblem& p, int num_threads) {
   const Kernels* K = kernels();
   const int64_t numel = p.outer * p.n * p.inner;
   if (numel == 0) return;
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, 256));
-  threads = std::min<int64_t>(threads, std::max<int64_t>(1, numel / kMinElementsPerThread));
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, numel / g_min_elements_per_thread));
 
   if (p.inner == 1) {
     const int64_t rows = p.outer;
-    if (rows < threads && p.n >= kMinChunkedRow) {
-      const int parts = static_cast<int>(std::min<int64_t>(threads, p.n / (kMinChunkedRow / 2)));
+    if (rows < threads && p.n >= g_min_chunked_row) {
+      const int parts = static_cast<int>(std::min<int64_t>(threads, p.n / (g_min_chunked_row / 2)));
       for (int64_t r = 0; r < rows; ++r) {
         const double init = p.init ? p.init[r] : 0.0;
         chunked_row(K, p, r, std::max(parts, 1), init, p.init != nullptr);

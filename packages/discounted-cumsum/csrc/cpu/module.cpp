@@ -51,5 +51,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gate"), py::arg("gate_value"), py::arg("gate_per_elem"), py::arg("done"), py::arg("init"),
         py::arg("reverse"), py::arg("num_threads"),
         "y[t] = x[t] + a[t] * y[t -/+ 1] along n of a contiguous [outer, n, inner] buffer (see problem.h).");
-  m.def("isa", &altgrad_dc::cpu_isa, "The instruction set the kernels were selected for on this CPU.");
+  m.def("isa", &altgrad_dc::cpu_isa,
+        "The instruction set of the kernels in use (ALTGRAD_CPU_ISA, else the best one this CPU supports).");
+  m.def("supported_isas", &altgrad_dc::supported_isas,
+        "Comma-separated instruction sets that are compiled in and supported by this CPU, best first.");
+  m.def(
+      "_set_tuning",
+      [](int64_t min_chunked_row, int64_t min_elements_per_thread) {
+        altgrad_dc::set_tuning(&min_chunked_row, &min_elements_per_thread);
+        return py::make_tuple(min_chunked_row, min_elements_per_thread);
+      },
+      py::arg("min_chunked_row"), py::arg("min_elements_per_thread"),
+      "Test hook: thresholds of the chunked long-row path; returns the previous values.");
 }

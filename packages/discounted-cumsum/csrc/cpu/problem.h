@@ -10,7 +10,8 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 // The input is a contiguous tensor viewed as [outer, n, inner]; the scan runs along n:
 //   forward (reverse == false): y[t] = x[t] + a[t] * y[t-1],   y[-1] = init (0 when absent)
 //   reverse (reverse == true):  y[t] = x[t] + a[t] * y[t+1],   y[n]  = init (0 when absent)
-// where a[t] = 0 when done[t] is set, else gate[t]. Per-element gates are in the compute type (double for
+// where a[t] = 0 when done[t] is set, else gate[t]. A zero gate (a reset, or a discount of exactly 0) cuts the
+// recurrence: y[t] = x[t], and nothing from before it, not even a NaN or an infinity, reaches y[t] or later. Per-element gates are in the compute type (double for
 // float64 inputs, float otherwise); gates that are constant along the scan and init values are always double,
 // so that a Python-float discount such as 0.99 is not rounded to float32 (that alone costs 1e-4 on 10 000 ones).
 struct ScanProblem {
@@ -27,6 +28,13 @@ struct ScanProblem {
   int dtype;             // DType of x and y
 };
 
+// What a segment of a row contributes to the chain of chunk carries (see dispatch.cpp, chunked_row).
+struct SegmentSummary {
+  double last;  // the segment's last value in scan order, computed from the carry it was given
+  double prod;  // product of the gates over the segment (may underflow to 0 without a zero gate)
+  int cut;      // 1 if some gate in the segment is zero (a reset): the carry before it never reaches its end
+};
+
 // Building blocks implemented once per instruction set (kernel_impl.h). They hold no state and use no
 // C++ standard-library templates, so that the per-ISA translation units cannot leak instructions into each other.
 struct Kernels {
@@ -36,10 +44,11 @@ struct Kernels {
   // Work items [i0, i1) of an inner > 1 problem; item = (outer index, block of kColumnBlock columns).
   void (*columns)(const ScanProblem* p, int64_t i0, int64_t i1);
   // Scan-order positions [s0, s1) of row `row` (inner == 1) starting from `carry` (ignored unless has_carry).
-  // Writes the local result and returns the last value and the product of the gates over the segment.
+  // Writes the local result and its summary (last value, product of the gates, whether a gate is zero).
   void (*segment)(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
-                  double* last, double* gate_product);
-  // Adds carry * (product of gates from s0 up to and including s) to every y[s], s in [s0, s1).
+                  SegmentSummary* out);
+  // Adds carry * (product of gates from s0 up to and including s) to every y[s], s in [s0, s1), stopping at the
+  // first zero gate (a reset cuts the carry: it is never multiplied by 0, so a NaN or inf carry cannot leak).
   void (*fixup)(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry);
 };
 
@@ -49,8 +58,14 @@ const Kernels* kernels_baseline();
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
 
-// Chooses the best kernels for this CPU and runs the whole problem on up to `num_threads` threads.
+// Chooses the best kernels for this CPU (or the ones named by the environment variable ALTGRAD_CPU_ISA) and runs
+// the whole problem on up to `num_threads` threads. Throws std::runtime_error if ALTGRAD_CPU_ISA names an
+// instruction set that is unknown, not compiled in, or not supported by this CPU.
 void run_scan(const ScanProblem& p, int num_threads);
 const char* cpu_isa();
+// Comma-separated names of the instruction sets that are compiled in and that this CPU supports.
+const char* supported_isas();
+// Test hook: the thresholds of the chunked long-row path; returns the previous values through the pointers.
+void set_tuning(int64_t* min_chunked_row, int64_t* min_elements_per_thread);
 
 }  // namespace altgrad_dc

@@ -14,6 +14,9 @@
 // Column kernel (inner > 1, e.g. time-major [T, B] with dim=0): one thread per column walks the scan dim; loads
 // are coalesced across columns.
 //
+// Zero gates (resets, row starts, discounts of exactly 0) cut the recurrence by selection, never by multiplying
+// the carry by 0: a NaN or inf in one episode never reaches another one.
+//
 // Accumulation is in double (inputs and gates are converted on load), which makes float32 results accurate to
 // well below the float32 rounding of a long sum.
 #include <cuda_bf16.h>
@@ -56,13 +59,19 @@ template <> __device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* 
 }
 
 // The affine map y -> a*y + b. combine(first, second) applies `first`, then `second`.
+// A map with a == 0 (a reset, a row start or a zero discount) is constant: it SELECTS its b and ignores what came
+// before, so a NaN or inf from an earlier episode never reaches it (0 * NaN would be NaN). This matches the CPU
+// kernels and the pure-torch reference.
 struct Affine {
   double a, b;
 };
 __device__ __forceinline__ Affine identity() { return {1.0, 0.0}; }
 __device__ __forceinline__ Affine combine(Affine first, Affine second) {
+  if (second.a == 0.0) return second;
   return {first.a * second.a, fma(second.a, first.b, second.b)};
 }
+// The map applied to a value.
+__device__ __forceinline__ double apply(Affine m, double y) { return m.a == 0.0 ? m.b : fma(m.a, y, m.b); }
 __device__ __forceinline__ Affine shfl_up(Affine v, int d) {
   return {__shfl_up_sync(kFull, v.a, d), __shfl_up_sync(kFull, v.b, d)};
 }
@@ -136,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(Problem p, Workspace w, i
       double a = reset ? 0.0 : g, b = xv;
       const bool start = p.reverse ? (t == n - 1) : (t == 0);
       if (start) {
-        if (p.init != nullptr && !reset) b = fma(a, p.init[row], xv);
+        if (p.init != nullptr) b = apply(Affine{a, xv}, p.init[row]);  // a == 0 (reset): b = x, init is cut
         a = 0.0;
       }
       av[i] = a;
@@ -216,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(Problem p, Workspace w, i
       carry = run.b;  // the window ended at a prefix or a row start, so run.a == 0
     }
     if (lane == 0) {
-      w.prefix[tile] = fma(total_map.a, carry, total_map.b);
+      w.prefix[tile] = apply(total_map, carry);
       __threadfence();
       atomicExch(&w.status[tile], (epoch << 2) | kFlagPrefix);
       s_carry = carry;
@@ -225,12 +234,12 @@ __global__ void __launch_bounds__(kThreads) row_kernel(Problem p, Workspace w, i
   __syncthreads();
 
   // 4. Apply the carry and write the outputs.
-  double yv = fma(exclusive.a, s_carry, exclusive.b);
+  double yv = apply(exclusive, s_carry);
   m = p.reverse ? total - 1 - s0 : s0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (s0 + i < total) {
-      yv = fma(av[i], yv, bv[i]);
+      yv = apply(Affine{av[i], bv[i]}, yv);
       store<T>(y, m, yv);
       m += p.reverse ? -1 : 1;
     }
@@ -265,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) column_kernel(Problem p) {
     const int64_t m = (o * n + t) * p.inner + c;
     const double xv = load<T>(x, m);
     const double a = p.gate_per_elem ? load<G>(static_cast<const G*>(p.gate), m) : gc;
-    if (!has || (p.done != nullptr && p.done[m] != 0)) {
+    if (!has || a == 0.0 || (p.done != nullptr && p.done[m] != 0)) {  // a cut selects x (never 0 * carry)
       carry = xv;
     } else {
       carry = fma(a, carry, xv);

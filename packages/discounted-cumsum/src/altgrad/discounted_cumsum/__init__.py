@@ -5,7 +5,7 @@
 ``discounted_returns`` and ``generalized_advantage_estimate`` are the RL helpers built on it.
 """
 
-from ._native import cpu_available, cpu_isa, cuda_available
+from ._native import cpu_available, cpu_isa, cuda_available, supported_cpu_isas
 from ._version import __version__
 from .core import discounted_cumsum, discounted_cumsum_left, discounted_cumsum_right
 from .reference import discounted_cumsum_reference
@@ -22,4 +22,5 @@ __all__ = [
     "discounted_cumsum_right",
     "discounted_returns",
     "generalized_advantage_estimate",
+    "supported_cpu_isas",
 ]

@@ -130,7 +130,8 @@ def normalize(
     initial_t: torch.Tensor | None = None
     if initial is not None:
         if isinstance(initial, (int, float)) and not isinstance(initial, bool):
-            initial_t = torch.full(row_shape, float(initial), dtype=compute_dtype(x.dtype), device=x.device)
+            # 0-d: it broadcasts, and an empty x with a huge row shape allocates nothing
+            initial_t = torch.tensor(float(initial), dtype=compute_dtype(x.dtype), device=x.device)
         elif isinstance(initial, torch.Tensor):
             if not (initial.dtype.is_floating_point or initial.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"`initial` must be a real tensor, got {initial.dtype}")

@@ -35,8 +35,21 @@ def cuda_available() -> bool:
 
 
 def cpu_isa() -> str | None:
-    """The instruction set the CPU kernels selected (``"avx512"``, ``"avx2"`` or ``"baseline"``)."""
+    """The instruction set of the CPU kernels in use: ``"avx512"``, ``"avx2"`` or ``"baseline"``.
+
+    The best one this CPU supports, unless the environment variable ``ALTGRAD_CPU_ISA`` (read at the first call)
+    names one. ``None`` if the compiled CPU module is missing.
+
+    Raises:
+        RuntimeError: If ``ALTGRAD_CPU_ISA`` names an instruction set that is unknown, not compiled in or not
+            supported by this CPU.
+    """
     return _cpu.isa() if _cpu is not None else None
+
+
+def supported_cpu_isas() -> list[str]:
+    """The instruction sets ``ALTGRAD_CPU_ISA`` may name on this machine (compiled in and supported), best first."""
+    return _cpu.supported_isas().split(", ") if _cpu is not None else []
 
 
 def _require(module: ModuleType | None, error: str | None, device: str) -> ModuleType:
@@ -62,6 +75,9 @@ def _prepare(
     dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None, torch.Tensor | None, int, int, int]:
     """Makes every buffer contiguous in the [outer, n, inner] layout the kernels expect."""
+    # Lazily negated or conjugated views (z.conj().imag, neg-bit tensors) keep their sign in a flag, not in
+    # memory: resolve it before the kernels read raw memory.
+    x, gamma, initial = _plain(x), _plain(gamma), _plain(initial)
     shape = x.shape
     outer = math.prod(shape[:dim])
     n = shape[dim]
@@ -83,6 +99,11 @@ def _prepare(
     if initial is not None:
         init = initial.to(torch.float64).expand(shape[:dim] + shape[dim + 1 :]).contiguous()
     return xc, gate, per_elem, done, init, outer, n, inner
+
+
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with its lazy conjugate/negative bits applied to memory (no copy when it has none)."""
+    return None if t is None else t.resolve_conj().resolve_neg()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -115,10 +136,10 @@ def native_scan(
     Raises:
         RuntimeError: If the native module for the device is missing or a CUDA launch fails.
     """
+    if x.numel() == 0:  # before _prepare: broadcasting gamma/initial to a (2^28, 0) input would allocate GBs
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     xc, gate, per_elem, done, init, outer, n, inner = _prepare(x, gamma, gamma_value, dones, initial, dim)
     y = torch.empty_like(xc)
-    if xc.numel() == 0:
-        return y
     # Arguments shared by the CPU and CUDA entry points; each appends its own execution context.
     args = (
         _ptr(xc),

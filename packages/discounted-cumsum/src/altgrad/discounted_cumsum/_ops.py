@@ -4,8 +4,11 @@ Gradients (scan order s = 0..N-1, gates a_s = gamma_s (1 - d_s), y_{-1} = initia
 
 * lambda_s = g_s + a_{s+1} lambda_{s+1}: the same scan in the opposite direction with the gates moved one step,
 * dL/dx_s = lambda_s,
-* dL/dgamma_s = lambda_s y_{s-1} (1 - d_s), summed over the broadcast dimensions of gamma,
-* dL/dinitial = a_0 lambda_0.
+* dL/dgamma_s = lambda_s y_{s-1} (0 where d_s), summed over the broadcast dimensions of gamma,
+* dL/dinitial = a_0 lambda_0 (0 where a_0 = 0).
+
+Zero gates cut the recurrence in both directions, so masks are applied with ``where``, never by multiplying
+with 0 (which would turn a NaN or inf from another episode into NaN).
 """
 
 from typing import Optional
@@ -107,7 +110,7 @@ def _gates(x: torch.Tensor, gamma, gamma_value: float, dones) -> torch.Tensor:
     cd = compute_dtype(x.dtype)
     a = gamma.to(cd) if gamma is not None else torch.full((), gamma_value, dtype=cd, device=x.device)
     if dones is not None:
-        a = a * (~dones).to(cd)
+        a = torch.where(dones, torch.zeros((), dtype=cd, device=x.device), a)
     return a.expand(x.shape)
 
 
@@ -147,15 +150,15 @@ def _backward(ctx, grad):
         prev = _shift(y.to(cd), dim, reverse, initial)
         g = lam.to(cd) * prev
         if dones is not None:
-            g = g * (~dones).to(cd)
+            g = torch.where(dones, torch.zeros((), dtype=cd, device=g.device), g)
         grad_gamma = g.sum_to_size(ctx.gamma_shape).to(gamma.dtype)
     if need_initial:
         first = n - 1 if reverse else 0
         if gates is None:
             gates = _gates(grad, gamma, gv, dones)
-        g0 = (gates.select(dim, first) * lam.select(dim, first).to(gates.dtype)).sum_to_size(
-            ctx.initial_shape
-        )
+        a0 = gates.select(dim, first)
+        g0 = torch.where(a0 == 0, torch.zeros((), dtype=a0.dtype, device=a0.device), a0 * lam.select(dim, first).to(a0.dtype))
+        g0 = g0.sum_to_size(ctx.initial_shape)
         grad_initial = g0.to(initial.dtype)
     return lam, grad_gamma, None, None, grad_initial, None, None
 

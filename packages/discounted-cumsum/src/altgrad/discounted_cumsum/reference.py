@@ -5,7 +5,8 @@ Along ``dim`` (length N), with discounts gamma_t, resets d_t and an initial valu
     forward (left):   y_t = x_t + gamma_t * (1 - d_t) * y_{t-1},   y_{-1} = y_init
     reverse (right):  y_t = x_t + gamma_t * (1 - d_t) * y_{t+1},   y_N    = y_init
 
-A reset $d_t = 1$ means that $y_t$ receives nothing from the element before it in scan order.
+A reset $d_t = 1$ (or a discount of exactly 0) means that $y_t$ receives nothing from the element before it in
+scan order: $y_t = x_t$ even when that element is NaN or infinite (no $0 \cdot \infty$).
 This module is the test oracle for the native kernels and the implementation used on devices that have no
 native kernel. It is differentiable through ordinary autograd.
 """
@@ -40,23 +41,27 @@ def scan_reference(
     Returns:
         The discounted cumulative sum, same shape and dtype as ``x``.
     """
-    cd = compute_dtype(x.dtype)
     n = x.shape[dim]
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    cd = compute_dtype(x.dtype)
     xs = x.to(cd).movedim(dim, 0)
     a = (gamma.to(cd) if gamma is not None else torch.tensor(gamma_value, dtype=cd, device=x.device)).expand(
         x.shape
     )
     if dones is not None:
-        a = a * (~dones.expand(x.shape)).to(cd)
+        a = torch.where(dones.expand(x.shape), torch.zeros((), dtype=cd, device=x.device), a)
     a = a.movedim(dim, 0)
     prev = None if initial is None else initial.to(cd).expand(xs.shape[1:])
     out: list[torch.Tensor] = [xs[0]] * n
     order = range(n - 1, -1, -1) if reverse else range(n)
     for t in order:
+        if prev is not None:
+            # A zero gate cuts: a non-finite prev is replaced by 0 there (0 * inf would be NaN), while the
+            # derivative w.r.t. the gate stays prev wherever prev is finite.
+            prev = torch.where((a[t] == 0) & ~prev.isfinite(), torch.zeros((), dtype=cd, device=x.device), prev)
         prev = xs[t] if prev is None else xs[t] + a[t] * prev
         out[t] = prev
-    if n == 0:
-        return torch.empty_like(x)
     return torch.stack(out, 0).movedim(0, dim).to(x.dtype)
 
 

@@ -13,6 +13,45 @@ from ._args import compute_dtype
 from .core import discounted_cumsum
 
 
+def _bootstrap(bootstrap, rewards: torch.Tensor, d: int):
+    """Checks ``bootstrap`` (None, a number, or a tensor broadcastable to ``rewards`` without dim ``d``)."""
+    if bootstrap is None or (isinstance(bootstrap, (int, float)) and not isinstance(bootstrap, bool)):
+        return None if bootstrap is None else torch.tensor(float(bootstrap), device=rewards.device)
+    if isinstance(bootstrap, torch.Tensor) and bootstrap.device != rewards.device and bootstrap.dim() > 0:
+        raise ValueError(f"`bootstrap` is on {bootstrap.device} but `rewards` is on {rewards.device}")
+    row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
+    if not isinstance(bootstrap, torch.Tensor) or not (bootstrap.is_floating_point() or bootstrap.dtype in (torch.int32, torch.int64)):
+        kind = bootstrap.dtype if isinstance(bootstrap, torch.Tensor) else type(bootstrap).__name__
+        raise TypeError(f"`bootstrap` must be a number or a real tensor, got {kind}")
+    if bootstrap.dim() > len(row_shape) or any(
+        s not in (1, t) for s, t in zip(reversed(bootstrap.shape), reversed(row_shape))
+    ):
+        raise ValueError(
+            f"`bootstrap` of shape {tuple(bootstrap.shape)} does not broadcast to the shape of `rewards` without "
+            f"the time dim, {tuple(row_shape)}"
+        )
+    return bootstrap
+
+
+def _rate(name: str, v, rewards: torch.Tensor, d: int):
+    """Checks a discount-like argument (``gamma``, ``lam``) and aligns a per-row tensor with ``rewards``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, torch.Tensor) or v.dtype.is_complex or v.dtype == torch.bool:
+        kind = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
+        raise TypeError(f"`{name}` must be a number or a real tensor, got {kind}")
+    v = v.to(compute_dtype(rewards.dtype))
+    row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
+    if rewards.dim() > 1 and v.dim() == rewards.dim() - 1 and v.shape == row_shape:
+        return v.unsqueeze(d)  # per-row, as accepted by discounted_cumsum
+    if v.dim() > rewards.dim() or any(s not in (1, t) for s, t in zip(reversed(v.shape), reversed(rewards.shape))):
+        raise ValueError(
+            f"`{name}` of shape {tuple(v.shape)} does not broadcast to `rewards` of shape {tuple(rewards.shape)} "
+            f"and is not per-row (expected {tuple(row_shape)})"
+        )
+    return v
+
+
 def discounted_returns(
     rewards: torch.Tensor,
     gamma: float | torch.Tensor,
@@ -33,12 +72,18 @@ def discounted_returns(
     Returns:
         The returns, shaped like ``rewards``. Differentiable w.r.t. ``rewards``, ``gamma`` and ``bootstrap``.
 
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``gamma``, ``dones`` or ``bootstrap`` does not fit the shape of ``rewards``.
+
     Example:
         >>> import torch
         >>> r = torch.tensor([1.0, 1.0, 1.0, 1.0])
         >>> discounted_returns(r, 0.5, dones=torch.tensor([False, True, False, False]))
         tensor([1.5000, 1.0000, 1.5000, 1.0000])
     """
+    if isinstance(rewards, torch.Tensor) and rewards.dim() > 0 and -rewards.dim() <= dim < rewards.dim():
+        _bootstrap(bootstrap, rewards, dim % rewards.dim())  # errors name `bootstrap`, not `initial`
     return discounted_cumsum(rewards, gamma, dim=dim, reverse=True, dones=dones, initial=bootstrap)
 
 
@@ -70,8 +115,10 @@ def generalized_advantage_estimate(
         The advantages, shaped like ``rewards``.
 
     Raises:
-        TypeError: If ``rewards`` is not a floating tensor with at least one dimension.
-        ValueError: If ``values`` does not have the shape of ``rewards``.
+        TypeError: If ``rewards`` is not a floating tensor with at least one dimension, or ``gamma``, ``lam``,
+            ``dones`` or ``bootstrap`` has the wrong type.
+        ValueError: If ``values`` does not have the shape of ``rewards``, or ``gamma``, ``lam``, ``dones`` or
+            ``bootstrap`` does not fit it.
         IndexError: If ``dim`` is out of range.
 
     Example:
@@ -92,30 +139,25 @@ def generalized_advantage_estimate(
     n = rewards.shape[d]
     cd = compute_dtype(rewards.dtype)
     row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
-    if bootstrap is None:
-        last = torch.zeros(row_shape, dtype=cd, device=rewards.device)
-    else:
-        last = torch.as_tensor(bootstrap, dtype=cd, device=rewards.device).expand(row_shape)
+    last = _bootstrap(bootstrap, rewards, d)
+    last = torch.zeros((), dtype=cd, device=rewards.device) if last is None else last.to(cd)
+    last = last.expand(row_shape)
     v = values.to(cd)
     next_values = torch.cat([v.narrow(d, 1, n - 1), last.unsqueeze(d)], d) if n > 0 else v
-    not_done = 1.0 if dones is None else (dones == 0).to(cd)
-    g = gamma.to(cd) if isinstance(gamma, torch.Tensor) else gamma
-    if (
-        isinstance(g, torch.Tensor)
-        and g.dim() == rewards.dim() - 1
-        and g.shape == row_shape
-        and rewards.dim() > 1
-    ):
-        g = g.unsqueeze(d)  # per-row discount, as accepted by discounted_cumsum
-    lm = lam.to(cd) if isinstance(lam, torch.Tensor) else lam
-    if (
-        isinstance(lm, torch.Tensor)
-        and lm.dim() == rewards.dim() - 1
-        and lm.shape == row_shape
-        and rewards.dim() > 1
-    ):
-        lm = lm.unsqueeze(d)
-    delta = rewards.to(cd) + g * not_done * next_values - v
+    if dones is not None:
+        if not isinstance(dones, torch.Tensor):
+            raise TypeError(f"`dones` must be a tensor or None, got {type(dones).__name__}")
+        if dones.dim() > rewards.dim() or any(
+            s not in (1, t) for s, t in zip(reversed(dones.shape), reversed(rewards.shape))
+        ):
+            raise ValueError(
+                f"`dones` of shape {tuple(dones.shape)} does not broadcast to `rewards` of shape {tuple(rewards.shape)}"
+            )
+        # where, not (1 - d) * V: a NaN/inf value of the next episode's first state must not leak back
+        next_values = torch.where(dones != 0, torch.zeros((), dtype=cd, device=v.device), next_values)
+    g = _rate("gamma", gamma, rewards, d)
+    lm = _rate("lam", lam, rewards, d)
+    delta = rewards.to(cd) + g * next_values - v
     gl = g * lm
     adv = discounted_cumsum(delta, gl, dim=d, reverse=True, dones=dones)
     return adv.to(rewards.dtype)
