@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -77,36 +78,70 @@ def _decay_values(
     return values
 
 
+def _in_dtype(x: Any, dtype: torch.dtype) -> Any:
+    """A Python-float factor rounded to ``dtype`` (as TF casts its scalars to the variable's dtype).
+
+    ``torch._foreach_mul_`` by a Python scalar rounds the scalar to a half-precision tensor's dtype
+    first, while ``Tensor.mul_`` keeps it in float32: a factor that is already representable makes
+    the two paths do the same arithmetic. Tensors (compiled / capturable mode) pass through.
+    """
+    if isinstance(x, Tensor) or dtype == torch.float64:
+        return x
+    fmt = _STRUCT_FORMATS.get(dtype)
+    if fmt is not None:
+        try:
+            return struct.unpack(fmt, struct.pack(fmt, x))[0]
+        except OverflowError:  # beyond the dtype's range: torch rounds to +-inf
+            pass
+    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
+_STRUCT_FORMATS = {torch.float32: "f", torch.float16: "e"}
+
+
 def _multiplier_(s: Tensor, d: Any, rule: Rule, alpha: float) -> None:
     """Turn ``s = sign(g) * sign(m)`` into the update multiplier, in place (single tensor)."""
     if rule == "add":
         if d is not None:
-            s.mul_(d)
+            s.mul_(_in_dtype(d, s.dtype))
         s.add_(alpha)
     else:
         c = math.log(alpha) if d is None else d * math.log(alpha)
         if isinstance(c, Tensor) or c != 1.0:
-            s.mul_(c)
+            s.mul_(_in_dtype(c, s.dtype))
         s.exp_()
 
 
 def _foreach_multiplier_(signs: list[Tensor], ds: list[Any] | None, rule: Rule, alpha: float) -> None:
     """Turn each ``s`` into the update multiplier, in place (foreach); the same ops as `_multiplier_`."""
+    dtype = signs[0].dtype
     if rule == "add":
         if ds is not None:
-            torch._foreach_mul_(signs, ds)
+            torch._foreach_mul_(signs, [_in_dtype(d, dtype) for d in ds])
         torch._foreach_add_(signs, alpha)
     else:
         logbase = math.log(alpha)
         if ds is None:
             if logbase != 1.0:
-                torch._foreach_mul_(signs, logbase)
+                torch._foreach_mul_(signs, _in_dtype(logbase, dtype))
         else:
             cs = [d * logbase for d in ds]
             if any(isinstance(c, Tensor) or c != 1.0 for c in cs):
                 # Mirror the single-tensor path: multiplying by exactly 1.0 is skipped there, and is exact here.
-                torch._foreach_mul_(signs, cs)
+                torch._foreach_mul_(signs, [_in_dtype(c, dtype) for c in cs])
         torch._foreach_exp_(signs)
+
+
+def _decoupled_decay_(param: Tensor, lr: float | Tensor, weight_decay: float) -> None:
+    """``param <- param * (1 - lr * weight_decay)``, computed as ``param - (lr * weight_decay) * param``.
+
+    ``add_(param, alpha=...)`` keeps the scalar in the op's compute precision on both paths, where a
+    foreach multiply by a Python scalar would round ``1 - lr * weight_decay`` to fp16/bf16 first.
+    """
+    if isinstance(lr, Tensor):
+        param.mul_(1 - lr * weight_decay)
+    else:
+        param.add_(param, alpha=-lr * weight_decay)
 
 
 def _check_capturable(params: list[Tensor], state_steps: list[Tensor]) -> None:
@@ -149,16 +184,18 @@ def _single_tensor_sign_update(
 
         step_t += 1
 
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
-
+        # Complex parameters are updated as (real, imag) pairs: the views come first, so that the
+        # weight decay is the same real arithmetic as on the foreach path.
         if torch.is_complex(param):
             grad = torch.view_as_real(grad)
             exp_avg = torch.view_as_real(exp_avg)
             param = torch.view_as_real(param)
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                _decoupled_decay_(param, lr, weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
 
         exp_avg.lerp_(grad, 1 - beta)
         # sign(sign(m) * g) == sign(g) * sign(m) exactly, with one temporary instead of two.
@@ -271,7 +308,10 @@ def _foreach_update_(
 
     if weight_decay != 0:
         if decoupled_weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            if isinstance(lr, Tensor):
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            else:
+                torch._foreach_add_(params, params, alpha=-lr * weight_decay)
         elif maximize:
             torch._foreach_add_(grads, params, alpha=weight_decay)
         else:

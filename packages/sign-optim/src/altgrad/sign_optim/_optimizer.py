@@ -257,7 +257,11 @@ class SignOptimizer(Optimizer):
                 )
             has_complex |= torch.is_complex(p)
             params.append(p)
-            grads.append(p.grad)
+            grad = p.grad
+            if grad.is_conj() or grad.is_neg():
+                # Lazily conjugated / negated views: the update reads them through view_as_real.
+                grad = grad.resolve_conj().resolve_neg()
+            grads.append(grad)
             state = self.state[p]
             if len(state) == 0:
                 # Like torch.optim.Adam: the step lives on the CPU unless capturable.
