@@ -14,6 +14,7 @@ from ._version import __version__
 from .forward import BidirectionalInterface, ForwardInterface
 from .interface import MODES, BackwardInterface
 from .synthesizers import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .util import detach_all, get_padding
 from .wrapper import DNI
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "LinearDNI",
     "LinearSigmoidDNI",
     "__version__",
+    "detach_all",
+    "get_padding",
 ]

@@ -7,7 +7,8 @@ target ``g`` (the true loss gradient at the top interface, a bootstrapped one be
 * Synthesizer loss: ``ℓ = ‖ŝ − g‖² / B`` (summed over features, averaged over the batch), so
   ``∂ℓ/∂ŝ = 2 (ŝ − g) / B``.
 * Gradient sent into the block below the interface (BP(λ) mixture): ``λ·g + (1 − λ)·scale·ŝ``.
-  ``λ = 0`` is pure DNI (update-unlocked), ``λ = 1`` is backprop.
+  ``λ = 0`` is pure DNI (update-unlocked), ``λ = 1`` is backprop. ``λ = −1`` (pytorch-dni HEAD's meaning) is
+  ``g + scale·ŝ``: the true gradient plus the synthetic one.
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ def sg_loss_grad(pred: Tensor, target: Tensor, batch_size: int) -> Tensor:
     return (pred.detach() - target.detach().to(pred.dtype)) * (2.0 / batch_size)
 
 
+def synthetic_weight(lam: float) -> float:
+    """Weight of the synthetic gradient in :func:`mix_gradient`: ``1 − λ``, or 1 for ``λ = −1``."""
+    return 1.0 if lam == -1.0 else 1.0 - lam
+
+
 def mix_gradient(true_grad: Tensor | None, synthetic: Tensor, lam: float, scale: float) -> Tensor:
     """BP(λ) mixture ``λ·g + (1 − λ)·scale·ŝ`` sent to the block below an interface.
 
-    ``lam == 1`` returns ``true_grad`` itself (bit-identical to backprop); ``lam == 0`` never reads it.
+    ``lam == 1`` returns ``true_grad`` itself (bit-identical to backprop); ``lam == 0`` never reads it;
+    ``lam == -1`` returns ``g + scale·ŝ`` (pytorch-dni HEAD's "DNI + BP").
     """
+    if lam == -1.0:
+        sg = synthetic if scale == 1.0 else synthetic * scale
+        return sg if true_grad is None else true_grad + sg
     if lam == 1.0:
         if true_grad is None:
             return torch.zeros_like(synthetic)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._functional import broadcast_context, cosine_similarity, mix_gradient, sg_loss, sg_loss_grad
+from ._functional import (
+    broadcast_context,
+    cosine_similarity,
+    mix_gradient,
+    sg_loss,
+    sg_loss_grad,
+    synthetic_weight,
+)
 
 __all__ = ["MODES", "BackwardInterface"]
 
@@ -120,6 +127,16 @@ def _check_float(name: str, value: Any, lo: float, hi: float | None = None) -> f
     return value
 
 
+def _check_lam(lam: Any) -> float:
+    """``lam`` in [0, 1], or exactly -1 (pytorch-dni HEAD's "true + synthetic gradient")."""
+    if not isinstance(lam, bool) and isinstance(lam, (int, float)) and float(lam) == -1.0:
+        return -1.0
+    try:
+        return _check_float("lam", lam, 0.0, 1.0)
+    except ValueError:
+        raise ValueError(f"lam (λ) must be in [0, 1] or exactly -1 (true + synthetic gradient), got {lam}") from None
+
+
 class BackwardInterface(nn.Module):
     """A decoupled neural interface (backward direction) on one activation.
 
@@ -149,7 +166,8 @@ class BackwardInterface(nn.Module):
             (the :class:`~altgrad.dni.DNINetwork` interface) or just ``grad``.
         context_size: Number of context features (for example classes of a one-hot label, cDNI); 0 for none.
         lam: BP(λ) mixing in ``"dni"`` mode: the block below receives ``lam·g + (1 − lam)·scale·ŝ``. Only
-            ``lam=0`` is update-unlocked; ``lam=1`` equals backprop.
+            ``lam=0`` is update-unlocked; ``lam=1`` equals backprop. ``lam=-1`` (pytorch-dni HEAD's
+            "DNI + BP") sends ``g + scale·ŝ``.
         scale: Factor applied to the synthetic gradient before it is used.
         inject: ``"immediate"`` back-propagates the synthetic gradient at forward time; ``"deferred"`` returns it
             from the boundary during the ordinary backward pass (same maths, one backward; needed when a path
@@ -199,7 +217,7 @@ class BackwardInterface(nn.Module):
             )
         self.synthesizer = synthesizer
         self.context_size = context_size
-        self.lam = _check_float("lam", lam, 0.0, 1.0)
+        self.lam = _check_lam(lam)
         self.scale = _check_float("scale", scale, 0.0)
         self.inject_mode = inject
         self.mode = mode
@@ -317,7 +335,7 @@ class BackwardInterface(nn.Module):
         if not self.training or self._mode != "dni" or not any(t.requires_grad for t in tensors):
             return tensors[0].new_zeros(())
         with torch.no_grad():
-            sg = self._predict(tensors, context) * (factor * (1.0 - self.lam))
+            sg = self._predict(tensors, context) * (factor * synthetic_weight(self.lam))
         parts = sg.split([t.shape[self.feature_dim] for t in tensors], dim=self.feature_dim)
         return _Inject.apply(tuple(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True)), *tensors)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
@@ -22,6 +24,7 @@ from .synthesizers import LinearDNI
 __all__ = ["DNI"]
 
 _CONTEXT = threading.local()  # per-thread {id(DNI): context tensor}
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # module -> weakref(DNI)
 
 # Parameter-free modules that keep the feature size, skipped when inferring a block's output features.
 _SHAPE_PRESERVING = (
@@ -90,6 +93,29 @@ def _key(name: str) -> str:
     return name.replace(".", "/") if name else "root"
 
 
+def _find(output: Any, target: Tensor) -> list[int] | None:
+    """Index path of ``target`` (by identity) inside nested tuples/lists ``output``, or ``None``."""
+    if output is target:
+        return []
+    if isinstance(output, (tuple, list)):
+        for i, item in enumerate(output):
+            path = _find(item, target)
+            if path is not None:
+                return [i, *path]
+    return None
+
+
+def _replace(output: Any, path: list[int], new: Tensor, detach_rest: bool) -> Any:
+    """``output`` with the element at ``path`` replaced by ``new`` (others detached if ``detach_rest``)."""
+    if not path:
+        return new
+    items = [
+        _replace(item, path[1:], new, detach_rest) if i == path[0] else (_detach_all(item) if detach_rest else item)
+        for i, item in enumerate(output)
+    ]
+    return type(output)(items)
+
+
 def _detach_all(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
@@ -138,6 +164,7 @@ class DNI(nn.Module):
         context_size: Number of context features for conditional DNI (cDNI): pass ``context=`` (one-hot or
             integer labels) to :meth:`forward` or use :meth:`context`. 0 disables conditioning.
         lam: BP(λ) mixing: wrapped modules receive ``lam·g + (1 − lam)·ŝ``; only ``lam=0`` is unlocked.
+            ``lam=-1`` (pytorch-dni HEAD's meaning) sends ``g + ŝ``, the true plus the synthetic gradient.
         λ: Alias of ``lam`` (pytorch-dni's spelling).
         scale: Factor applied to synthetic gradients.
         inject: ``"immediate"`` (apply synthetic gradients at forward time) or ``"deferred"`` (during the
@@ -151,6 +178,16 @@ class DNI(nn.Module):
         diagnostics: Keep each interface's last prediction, target and their cosine similarity.
         modules: Names of the submodules to wrap (as in ``net.named_modules()``, any module, not only leaves);
             overrides ``recursive`` and ``skip_last_layer``. For example the hidden blocks of a model.
+        format_fn: pytorch-dni's hook: ``format_fn(output)`` picks the tensor of a wrapped module's output that
+            gets the interface, e.g. ``lambda out: out[0]`` for an LSTM's ``(output, (h, c))``. It must return
+            one of the tensors in the output (found by identity), so that it can be replaced. ``None`` uses the
+            output itself, or the first element of a tuple output.
+        gpu_id: pytorch-dni's device argument: ``-1`` (default) leaves devices alone; ``k >= 0`` moves the
+            wrapper (network and synthesizers) to ``cuda:k``.
+
+    A module can be driven by one wrapper at a time: wrapping modules that another live ``DNI`` wraps detaches
+    that wrapper (with a warning), so re-wrapping the same network in a loop (as pytorch-dni's tests do) gives
+    the newest wrapper's behaviour only.
 
     Raises:
         TypeError: If ``net`` is not an ``nn.Module`` or an argument has the wrong type.
@@ -160,8 +197,8 @@ class DNI(nn.Module):
     def __init__(
         self,
         net: nn.Module,
-        hidden_size: int = 256,
-        dni_network: type[nn.Module] = LinearDNI,
+        hidden_size: int | None = 256,
+        dni_network: type[nn.Module] | None = LinearDNI,
         dni_params: Mapping[str, Any] | None = None,
         optim: Any = None,
         grad_optim: Any = "adam",
@@ -180,8 +217,16 @@ class DNI(nn.Module):
         sample_input: Any = None,
         diagnostics: bool = False,
         modules: Iterable[str] | None = None,
+        format_fn: Any = None,
+        gpu_id: int = -1,
     ) -> None:
         super().__init__()
+        hidden_size = 256 if hidden_size is None else hidden_size
+        dni_network = LinearDNI if dni_network is None else dni_network
+        if format_fn is not None and not callable(format_fn):
+            raise TypeError(f"format_fn must be callable or None, got {type(format_fn).__name__}")
+        if isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < -1:
+            raise ValueError(f"gpu_id must be -1 (no move) or a CUDA device index >= 0, got {gpu_id!r}")
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
@@ -217,6 +262,7 @@ class DNI(nn.Module):
         self.scale = float(scale)
         self.inject = inject
         self.warmup_steps = warmup_steps
+        self.format_fn = format_fn
         self.diagnostics_enabled = bool(diagnostics)
         self.num_steps = 0
         self._mode = mode
@@ -232,6 +278,7 @@ class DNI(nn.Module):
         )
 
         self._wrapped = self._select(net, recursive, skip_last_layer, modules)
+        self._claim()
         self._hooks: list[Any] = []
         self._module_optimizers: list[torch.optim.Optimizer] = []
         self._ready: dict[int, torch.optim.Optimizer] = {}
@@ -259,6 +306,23 @@ class DNI(nn.Module):
         self._register_param_hooks()
         if sample_input is not None:
             self._dry_run(sample_input)
+        if gpu_id >= 0:
+            self.to(torch.device("cuda", gpu_id))
+
+    def _claim(self) -> None:
+        """Become the only wrapper that drives the wrapped modules (detach any other live wrapper)."""
+        for module in self._wrapped.values():
+            ref = _OWNERS.get(module)
+            other = ref() if ref is not None else None
+            if other is not None and other is not self and other._hooks:
+                warnings.warn(
+                    f"{type(module).__name__} modules of this network were already wrapped by another DNI; that "
+                    "wrapper has been detached (its hooks removed) so that only the new one trains them",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                other.remove()
+            _OWNERS[module] = weakref.ref(self)
 
     def _register_param_hooks(self) -> None:
         """Step each wrapped module's optimizer when its parameters' gradients are complete.
@@ -289,6 +353,8 @@ class DNI(nn.Module):
         """
         super().__setstate__(state)
         self._register_param_hooks()
+        for module in self._wrapped.values():
+            _OWNERS[module] = weakref.ref(self)
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -389,7 +455,20 @@ class DNI(nn.Module):
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
         if not (self.training or self._building) or (self._active_mode == "backprop" and not self._building):
             return None
-        if isinstance(output, Tensor):
+        if self.format_fn is not None:
+            h = self.format_fn(output)
+            path = _find(output, h) if isinstance(h, Tensor) else None
+            if path is None:
+                raise ValueError(
+                    f"format_fn must return one of the tensors in the output of DNI-wrapped module "
+                    f"{name or type(module).__name__!r} (for example lambda out: out[0]), got "
+                    f"{'a new tensor' if isinstance(h, Tensor) else type(h).__name__}: its gradient could not be routed"
+                )
+            if not path:
+                h, rest = output, None
+            else:
+                rest = path
+        elif isinstance(output, Tensor):
             h, rest = output, None
         elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
             h, rest = output[0], output[1:]
@@ -418,6 +497,8 @@ class DNI(nn.Module):
                 opt.zero_grad(set_to_none=True)
         if rest is None:
             return out
+        if self.format_fn is not None:
+            return _replace(output, rest, out, iface.unlocked)
         if iface.unlocked:
             rest = _detach_all(rest)  # the module is cut off: only the synthetic gradient trains it
         return type(output)((out, *rest))
@@ -603,6 +684,15 @@ class DNI(nn.Module):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def step_optimizers(self) -> None:
+        """pytorch-dni HEAD's name: apply every pending update now (call it after ``loss.backward()``).
+
+        The wrapped modules are already stepped when their gradients are complete, so this applies the
+        synthesizers' pending update (:meth:`step_synthesizers`), which otherwise happens at the next training
+        forward. Calling it twice, or without a backward pass in between, changes nothing.
+        """
+        self.step_synthesizers()
+
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Last synthesizer loss (and cosine to the target, with ``diagnostics=True``) per wrapped module.
 
@@ -665,4 +755,10 @@ class DNI(nn.Module):
             network = self.__dict__.get("_modules", {}).get("network")
             if network is None or name.startswith("_"):
                 raise
-            return getattr(network, name)
+            try:
+                return getattr(network, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"'DNI' object (wrapping {type(network).__name__}) has no attribute {name!r}, and neither has "
+                    "the wrapped network"
+                ) from None
