@@ -194,15 +194,6 @@ def test_grad_is_never_mutated(cls, foreach):
             assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_sparse_gradients_are_rejected(cls):
-    p = torch.zeros(4, requires_grad=True)
-    opt = cls([p])
-    p.grad = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,), check_invariants=True)
-    with pytest.raises(RuntimeError, match="sparse gradients"):
-        opt.step()
-
-
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_zero_grad_is_a_noop_for_params_and_decays_m(cls, foreach):

@@ -329,6 +329,57 @@ def _foreach_update_(
         torch._foreach_addcmul_(params, grads, signs, value=-lr)
 
 
+def sparse_sign_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    rule: Rule,
+    lr: float | Tensor,
+    beta: float,
+    alpha: float,
+    sign_decay: DecayFn | None,
+    maximize: bool,
+) -> None:
+    """AddSign / PowerSign step for sparse COO gradients, with TensorFlow's ``_apply_sparse`` semantics.
+
+    TensorFlow first sums the slices of duplicate indices (``_apply_sparse_duplicate_indices``),
+    then computes ``m <- m * beta + grad * (1 - beta)`` with the gradient densified (so the ``m`` of
+    every row decays, untouched rows by ``beta``), and moves only the touched rows of the variable
+    (``scatter_sub``). Here: ``coalesce()``, the same ``lerp`` as the dense path (untouched rows with
+    a zero gradient), and the dense path's element-wise ops on the gathered rows. The result equals
+    the dense update on the coalesced gradient, except that untouched rows are never written.
+    Memory is O(touched rows) beyond ``m`` itself. foreach and the loop both use this function.
+    """
+    if not torch.compiler.is_compiling() and not isinstance(lr, Tensor):
+        lr = cast(float, _get_value(lr))
+    decay_cache: dict[float, float] = {}
+    for param, grad, exp_avg, step_t in zip(params, grads, exp_avgs, state_steps):
+        step_t += 1
+        grad = grad.coalesce()  # duplicate indices are summed, as TensorFlow does first
+        index = tuple(grad.indices())
+        values = grad.values()
+        if maximize:
+            values = -values
+        if torch.is_complex(param):
+            param, exp_avg, values = (torch.view_as_real(t) for t in (param, exp_avg, values))
+        # m of every row: lerp(m, 0, 1 - beta) where untouched, lerp(m, g, 1 - beta) where touched.
+        m_rows = exp_avg[index]
+        exp_avg.lerp_(torch.zeros((), dtype=exp_avg.dtype, device=exp_avg.device), 1 - beta)
+        m_rows.lerp_(values, 1 - beta)
+        exp_avg.index_put_(index, m_rows)
+        s = torch.sign(m_rows).mul_(values).sign_()
+        ds = _decay_values(sign_decay, [step_t], False, decay_cache)
+        _multiplier_(s, None if ds is None else ds[0], rule, alpha)
+        p_rows = param[index]
+        if isinstance(lr, Tensor):
+            p_rows.addcmul_(values, s.mul_(lr), value=-1)
+        else:
+            p_rows.addcmul_(values, s, value=-lr)
+        param.index_put_(index, p_rows)
+
+
 @_disable_dynamo_if_unsupported(single_tensor_fn=_single_tensor_sign_update)
 def sign_update(
     params: list[Tensor],

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _use_grad_for_differentiable
 
-from ._functional import Rule, sign_update
+from ._functional import Rule, sign_update, sparse_sign_update
 from .sign_internal_decay import SignInternalDecay, _is_serializable, decay_from_dict
 
 __all__: list[str] = []
@@ -238,6 +238,30 @@ class SignOptimizer(Optimizer):
             f"got {type(value).__name__}"
         )
 
+    def _check_sparse(self, index: int, group: dict[str, Any], grad: Tensor) -> None:
+        """Refuse, with the reason, what the sparse (TensorFlow ``_apply_sparse``) path does not do."""
+        name = type(self).__name__
+        if grad.layout != torch.sparse_coo:
+            raise RuntimeError(
+                f"{name} supports sparse gradients in the sparse COO layout only (e.g. nn.Embedding(sparse=True)), "
+                f"got layout {grad.layout}; convert the gradient with .to_sparse() or .to_dense()"
+            )
+        for option, value, why in (
+            (
+                "weight_decay",
+                group["weight_decay"] != 0,
+                "TensorFlow's sparse update has none and it would touch every row",
+            ),
+            ("differentiable", group["differentiable"], "autograd through a sparse step is not supported"),
+            ("capturable", group["capturable"], "coalescing a sparse gradient syncs with the host"),
+        ):
+            if value:
+                raise RuntimeError(
+                    f"{name}: param group {index} has {option}={group[option]!r}, which sparse gradients do "
+                    f"not support ({why}); set {option} to its default for the parameters with sparse "
+                    "gradients (a separate param group), or use dense gradients"
+                )
+
     def _init_group(
         self,
         group: dict[str, Any],
@@ -245,23 +269,29 @@ class SignOptimizer(Optimizer):
         grads: list[Tensor],
         exp_avgs: list[Tensor],
         state_steps: list[Tensor],
+        sparse: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None,
+        index: int = 0,
     ) -> bool:
+        """Collect the group's parameters with a gradient and their state (created lazily).
+
+        Parameters whose gradient is sparse go to the four ``sparse`` lists instead (params, grads,
+        exp_avgs, steps); without them, a sparse gradient raises.
+        """
         has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients; call .to_dense() on the "
-                    "gradient or use torch.optim.SparseAdam"
-                )
-            has_complex |= torch.is_complex(p)
-            params.append(p)
             grad = p.grad
-            if grad.is_conj() or grad.is_neg():
-                # Lazily conjugated / negated views: the update reads them through view_as_real.
-                grad = grad.resolve_conj().resolve_neg()
-            grads.append(grad)
+            is_sparse = grad.layout != torch.strided
+            if is_sparse:
+                self._check_sparse(index, group, grad)
+                if sparse is None:
+                    raise RuntimeError(f"{type(self).__name__}._init_group got a sparse gradient")
+            else:
+                has_complex |= torch.is_complex(p)
+                if grad.is_conj() or grad.is_neg():
+                    # Lazily conjugated / negated views: the update reads them through view_as_real.
+                    grad = grad.resolve_conj().resolve_neg()
             state = self.state[p]
             if len(state) == 0:
                 # Like torch.optim.Adam: the step lives on the CPU unless capturable.
@@ -273,8 +303,11 @@ class SignOptimizer(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-            exp_avgs.append(state["exp_avg"])
-            state_steps.append(state["step"])
+            lists = sparse if is_sparse and sparse is not None else (params, grads, exp_avgs, state_steps)
+            lists[0].append(p)
+            lists[1].append(grad)
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["step"])
         return has_complex
 
     @_use_grad_for_differentiable
@@ -296,12 +329,29 @@ class SignOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Refuse unsupported sparse settings before any group is updated (no half-done step).
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    self._check_sparse(index, group, p.grad)
+
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
             state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, state_steps)
+            sparse: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
+            has_complex = self._init_group(group, params, grads, exp_avgs, state_steps, sparse, index)
+            if sparse[0]:
+                sparse_sign_update(
+                    *sparse,
+                    rule=self._rule,
+                    lr=group["lr"],
+                    beta=group["beta"],
+                    alpha=group["alpha"],
+                    sign_decay=self._group_decay(index, group),
+                    maximize=group["maximize"],
+                )
             sign_update(
                 params,
                 grads,

@@ -29,6 +29,11 @@ class AddSign(SignOptimizer):
     With ``alpha=1`` and no decay, a coordinate whose gradient disagrees with ``m`` does not move at
     all; with ``alpha < 1`` it moves along ``m`` (against ``-g``).
 
+    Sparse COO gradients (``nn.Embedding(sparse=True)``) follow TensorFlow's ``_apply_sparse``:
+    duplicate indices are summed first, ``m`` decays on every row, and only the touched rows of the
+    parameter are written. ``weight_decay``, ``differentiable`` and ``capturable`` are refused for
+    them with a ``RuntimeError`` at ``step()``.
+
     The step counter ``t`` is kept per parameter (a 0-dim tensor, as in `torch.optim.Adam`).
     It equals TensorFlow's global step as long as every parameter receives a gradient at every step;
     a parameter that skips steps (``grad is None``) keeps its own count for the decay.

@@ -30,6 +30,11 @@ class PowerSign(SignOptimizer):
     the (new) running average, by ``1 / alpha`` when it disagrees and by 1 when either is 0.
     ``alpha = 1`` gives plain SGD.
 
+    Sparse COO gradients (``nn.Embedding(sparse=True)``) follow TensorFlow's ``_apply_sparse``:
+    duplicate indices are summed first, ``m`` decays on every row, and only the touched rows of the
+    parameter are written. ``weight_decay``, ``differentiable`` and ``capturable`` are refused for
+    them with a ``RuntimeError`` at ``step()``.
+
     The step counter ``t`` is kept per parameter (a 0-dim tensor, as in `torch.optim.Adam`).
     It equals TensorFlow's global step as long as every parameter receives a gradient at every step;
     a parameter that skips steps (``grad is None``) keeps its own count for the decay.
