@@ -40,7 +40,10 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-#if defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__aarch64__))
+// C++ _Float16: clang, GCC >= 12 on x86-64, GCC >= 13 on aarch64 (GCC 12 defines __FLT16_MANT_DIG__ there but
+// rejects _Float16 in C++). Elsewhere (MSVC too) the bit-exact portable conversions below are used.
+#if defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__aarch64__)) && \
+    (defined(__clang__) || defined(__x86_64__) || __GNUC__ >= 13)
 inline float half_to_float(uint16_t h) {
   _Float16 v;
   std::memcpy(&v, &h, 2);
