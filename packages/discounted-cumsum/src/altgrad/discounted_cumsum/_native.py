@@ -52,6 +52,15 @@ def supported_cpu_isas() -> list[str]:
     return _cpu.supported_isas().split(", ") if _cpu is not None else []
 
 
+def _set_chunk_tuning(min_chunked_row: int, min_elements_per_thread: int) -> tuple[int, int]:
+    """Test hook: thresholds of the CPU kernel's chunked long-row path; returns the previous values.
+
+    The defaults (rows of at least 2^18 steps, 2^16 elements per thread) are what makes threading pay; tests lower
+    them so that short rows exercise the chunk carries and fix-ups.
+    """
+    return tuple(_require(_cpu, _cpu_error, "cpu")._set_tuning(min_chunked_row, min_elements_per_thread))
+
+
 def _require(module: ModuleType | None, error: str | None, device: str) -> ModuleType:
     if module is None:
         hint = (
