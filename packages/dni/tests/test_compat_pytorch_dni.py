@@ -220,5 +220,9 @@ def test_missing_attribute_names_the_wrapper():
 
 
 def test_pytorch_dni_defaults_accept_none():
-    dni = DNI(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), dni_network=None, hidden_size=None)
-    assert isinstance(dni.interface("0").synthesizer, LinearDNI)
+    dni = DNI(network=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), dni_network=None, hidden_size=None)
+    assert isinstance(dni.interface("0").synthesizer, LinearDNI) and dni.interface("0").synthesizer.hidden_size == 256
+    with pytest.raises(TypeError, match="hidden_size"):
+        DNI(nn.Linear(3, 4), LinearDNI, recursive=False)  # pytorch-dni's positional order: a clear error
+    with pytest.raises(TypeError, match="once"):
+        DNI(nn.Linear(3, 4), network=nn.Linear(3, 4))

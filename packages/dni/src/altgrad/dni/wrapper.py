@@ -182,6 +182,7 @@ class DNI(nn.Module):
             gets the interface, e.g. ``lambda out: out[0]`` for an LSTM's ``(output, (h, c))``. It must return
             one of the tensors in the output (found by identity), so that it can be replaced. ``None`` uses the
             output itself, or the first element of a tuple output.
+        network: pytorch-dni's name for ``net`` (keyword only).
         gpu_id: pytorch-dni's device argument: ``-1`` (default) leaves devices alone; ``k >= 0`` moves the
             wrapper (network and synthesizers) to ``cuda:k``.
 
@@ -196,7 +197,7 @@ class DNI(nn.Module):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | None = None,
         hidden_size: int | None = 256,
         dni_network: type[nn.Module] | None = LinearDNI,
         dni_params: Mapping[str, Any] | None = None,
@@ -219,8 +220,13 @@ class DNI(nn.Module):
         modules: Iterable[str] | None = None,
         format_fn: Any = None,
         gpu_id: int = -1,
+        network: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if network is not None:
+            if net is not None:
+                raise TypeError("pass the network once: net= or its pytorch-dni alias network=, not both")
+            net = network
         hidden_size = 256 if hidden_size is None else hidden_size
         dni_network = LinearDNI if dni_network is None else dni_network
         if format_fn is not None and not callable(format_fn):
