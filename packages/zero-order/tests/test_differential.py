@@ -102,7 +102,7 @@ shapes = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=shapes,
     method=st.sampled_from(zo.METHODS),

@@ -19,6 +19,7 @@ from torch import Tensor
 from ._errors import ArgnumsError
 from ._noise import NoiseSource, check_distribution
 from .estimators import Method
+from .directions import Workspace
 from .gradient import EstimatorOptions, check_distributed_source, run_estimate
 from .population import Batching, PopulationEvaluator, check_output
 
@@ -102,7 +103,8 @@ class _Call:
         # The vmap/loop decision is remembered per decorated function (shared cache), not per call.
         evaluator = PopulationEvaluator(fn_of_leaves, self.options.batching)
         evaluator.resolved = self.evaluator_cache.get("resolved", evaluator.resolved)
-        grads = run_estimate(evaluator, params, self.source, self.options, grad_output, f0)
+        workspace = self.evaluator_cache.setdefault("workspace", Workspace())
+        grads = run_estimate(evaluator, params, self.source, self.options, grad_output, f0, workspace=workspace)
         if self.options.batching == "auto" and evaluator.resolved is not None:
             self.evaluator_cache["resolved"] = evaluator.resolved
         return grads

@@ -23,10 +23,31 @@ from torch import Tensor
 
 from ._noise import NoiseSource, compute_dtype
 
-__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "Direction", "LowRank"]
+__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "Direction", "LowRank", "Workspace"]
 
 #: Accepted values of ``directions=``.
 DIRECTIONS: tuple[str, ...] = ("dense", "lowrank")
+
+
+class Workspace:
+    """Buffers for the stacked perturbed leaves, kept between chunks and estimates.
+
+    A fresh ``(rows, *leaf.shape)`` buffer per chunk costs more than the additions that fill it (large allocations
+    are new pages from the OS every time: on a 2-core CPU 117 ms against 27 ms for the MLP's 2 x 100 members). The
+    buffers hold at most one chunk (``rows * parameters`` ≤ the chunk bound); the module API keeps one workspace per
+    module, the decorator one per decorated function.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, leaf: int, rows: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A ``(rows, *shape)`` tensor (uninitialised) for leaf ``leaf``, reused when one large enough exists."""
+        key = (leaf, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[1:] != shape or buf.shape[0] < rows:
+            buf = self.buffers[key] = torch.empty((rows, *shape), dtype=dtype, device=device)
+        return buf[:rows]
 
 
 class Direction(Protocol):
@@ -36,7 +57,9 @@ class Direction(Protocol):
         """Draw the noise of ``members`` for leaf ``p``."""
         ...
 
-    def inputs(self, p: Tensor, noise: Any, sigma: float, antithetic: bool) -> list[Tensor]:
+    def inputs(
+        self, p: Tensor, noise: Any, sigma: float, antithetic: bool, workspace: Workspace | None = None
+    ) -> list[Tensor]:
         """Stacked tensors handed to the population function."""
         ...
 
@@ -79,7 +102,9 @@ class Dense:
         """Noise of ``members``: directions of shape ``(n, *p.shape)``."""
         return DenseNoise(*source.draw_fresh(self.leaf, p.shape, p.device, p.dtype, members, step))
 
-    def inputs(self, p: Tensor, noise: DenseNoise, sigma: float, antithetic: bool) -> list[Tensor]:
+    def inputs(
+        self, p: Tensor, noise: DenseNoise, sigma: float, antithetic: bool, workspace: Workspace | None = None
+    ) -> list[Tensor]:
         """Stacked perturbed leaf ``p + σ z_k`` (then ``p - σ z_k``), in ``p``'s dtype.
 
         A one-sided chunk whose noise is fresh is perturbed in place (no second ``(n, *p.shape)`` buffer); the
@@ -91,7 +116,7 @@ class Dense:
             torch.add(base, z, alpha=sigma, out=z)
             noise.shift = (base, sigma)
             return [z]
-        return [_perturbed(p, z, sigma, antithetic)]
+        return [_perturbed(p, z, sigma, antithetic, workspace, self.leaf)]
 
     def accumulate(self, grad: Tensor, noise: DenseNoise, weights: Tensor) -> None:
         """``grad += Σ_k w_k z_k``."""
@@ -124,7 +149,14 @@ class LowRank:
         b = source.draw(self.leaf + self.num_leaves, (in_f, self.rank), p.device, p.dtype, members, step)
         return a, b
 
-    def inputs(self, p: Tensor, noise: tuple[Tensor, ...], sigma: float, antithetic: bool) -> list[Tensor]:
+    def inputs(
+        self,
+        p: Tensor,
+        noise: tuple[Tensor, ...],
+        sigma: float,
+        antithetic: bool,
+        workspace: Workspace | None = None,
+    ) -> list[Tensor]:
         """``[p ± σ A Bᵀ/√r]`` or, factored, ``[±σ A/√r, B]`` (cast to ``p``'s dtype)."""
         a, b = noise
         scale = sigma / math.sqrt(self.rank)
@@ -133,7 +165,7 @@ class LowRank:
             b_rep = torch.cat([b, b]) if antithetic else b
             return [a_scaled.to(p.dtype), b_rep.to(p.dtype)]
         e = torch.bmm(a, b.transpose(1, 2))
-        return [_perturbed(p, e, scale, antithetic)]
+        return [_perturbed(p, e, scale, antithetic, workspace, self.leaf)]
 
     def accumulate(self, grad: Tensor, noise: tuple[Tensor, ...], weights: Tensor) -> None:
         """``grad += Σ_k w_k A_k B_kᵀ / √r``."""
@@ -143,12 +175,18 @@ class LowRank:
         grad.add_(aw.reshape(out_f, n * r) @ b.transpose(1, 2).reshape(n * r, -1))
 
 
-def _perturbed(p: Tensor, z: Tensor, sigma: float, antithetic: bool) -> Tensor:
+def _perturbed(
+    p: Tensor, z: Tensor, sigma: float, antithetic: bool, workspace: Workspace | None = None, leaf: int = 0
+) -> Tensor:
     """Stack ``p + σ z_k`` (then ``p - σ z_k``) for the chunk, computed in at least float32."""
     n = z.shape[0]
     work = compute_dtype(p.dtype)
     base = p.detach().to(work)
-    out = torch.empty(((2 if antithetic else 1) * n, *p.shape), dtype=work, device=p.device)
+    rows = (2 if antithetic else 1) * n
+    if workspace is not None and work == p.dtype:
+        out = workspace.get(leaf, rows, p.shape, work, p.device)
+    else:
+        out = torch.empty((rows, *p.shape), dtype=work, device=p.device)
     torch.add(base, z, alpha=sigma, out=out[:n])
     if antithetic:
         torch.add(base, z, alpha=-sigma, out=out[n:])

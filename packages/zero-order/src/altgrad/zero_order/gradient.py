@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
-from .directions import DIRECTIONS, Dense, Direction, LowRank
+from .directions import DIRECTIONS, Dense, Direction, LowRank, Workspace
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
@@ -150,6 +150,7 @@ def run_estimate(
     grad_output: Tensor | float = 1.0,
     f0: Tensor | None = None,
     plans: Sequence[Direction] | None = None,
+    workspace: Workspace | None = None,
 ) -> list[Tensor]:
     """Core loop shared by every entry point (the arguments are already validated).
 
@@ -161,14 +162,18 @@ def run_estimate(
         grad_output: Incoming gradient (chain rule), a scalar.
         f0: Unperturbed value, needed by ``forward``.
         plans: Direction type per leaf (default: `default_plans`).
+        workspace: Buffers for the perturbed leaves, reused across chunks (and across calls when the caller
+            keeps it); None: one for this call.
 
     Returns:
         One gradient per leaf, in the leaf's dtype and on its device.
     """
     if plans is None:
         plans = default_plans(options, params)
+    if workspace is None:
+        workspace = Workspace()
     if options.process_group is not None:
-        return _run_distributed(evaluate, params, source, options, grad_output, f0, plans)
+        return _run_distributed(evaluate, params, source, options, grad_output, f0, plans, workspace)
     method, n_dir, sigma = options.method, options.num_samples, options.sigma
     antithetic = method in ANTITHETIC_METHODS
     step = source.new_step()
@@ -190,7 +195,7 @@ def run_estimate(
     for members in chunks:
         noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
         values = evaluate(
-            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)]
+            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic, workspace)]
         )
         values = values.detach().to(device=device, dtype=value_dtype)
         finite &= torch.isfinite(values).all()
@@ -244,6 +249,7 @@ def _run_distributed(
     grad_output: Tensor | float,
     f0: Tensor | None,
     plans: Sequence[Direction],
+    workspace: Workspace,
 ) -> list[Tensor]:
     """The estimate with the population sharded over ``options.process_group``.
 
@@ -295,7 +301,7 @@ def _run_distributed(
         members = range(start, min(block.stop, start + per_chunk))
         noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
         values = evaluate(
-            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic)]
+            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic, workspace)]
         )
         values = values.detach().to(device=device, dtype=value_dtype)
         del noise

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._noise import NoiseSource
-from .directions import Direction, LowRank
+from .directions import Direction, LowRank, Workspace
 from .distributions import Samplable
 from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
@@ -127,8 +127,11 @@ class _ModuleCall:
         check_distributed_source(source, self.options)
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
+        workspace = module.__dict__.setdefault("_zero_order_workspace", Workspace())
         with _population_buffers(module):
-            grads = run_estimate(evaluator, list(params), source, self.options, grad_output, f0_arg, plans)
+            grads = run_estimate(
+                evaluator, list(params), source, self.options, grad_output, f0_arg, plans, workspace
+            )
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
@@ -328,6 +331,13 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
         if getattr(forward, "__isabstractmethod__", False):
             return
         cls.forward = _make_forward(forward, options)  # type: ignore[method-assign]
+
+    def zero_order_release_workspace(self) -> None:
+        """Free the buffers of perturbed parameters kept between estimates (at most one chunk, see `zero_order`).
+
+        They are allocated again by the next estimate.
+        """
+        self.__dict__.pop("_zero_order_workspace", None)
 
     def zero_order_distribution(self) -> Any:
         """The distribution the estimator draws from; by default the module's own `sample`.
