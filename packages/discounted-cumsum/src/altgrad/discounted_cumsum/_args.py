@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ def normalize(
                 f"and is not per-row (expected {tuple(row_shape)})"
             )
         gamma_t = gamma
-    elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+    elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):  # also numpy scalars
         gamma_value = float(gamma)
     else:
         raise TypeError(f"`gamma` must be a float or a tensor, got {type(gamma).__name__}")
@@ -129,7 +130,7 @@ def normalize(
 
     initial_t: torch.Tensor | None = None
     if initial is not None:
-        if isinstance(initial, (int, float)) and not isinstance(initial, bool):
+        if isinstance(initial, numbers.Real) and not isinstance(initial, bool):
             # 0-d: it broadcasts, and an empty x with a huge row shape allocates nothing
             initial_t = torch.tensor(float(initial), dtype=compute_dtype(x.dtype), device=x.device)
         elif isinstance(initial, torch.Tensor):

@@ -65,6 +65,8 @@ def discounted_cumsum(
 
 
 def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.Tensor:
+    if isinstance(gamma, (list, tuple)):  # the peer accepts anything torch.tensor() takes
+        gamma = torch.tensor(gamma, dtype=torch.float64, device=x.device if isinstance(x, torch.Tensor) else None)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
@@ -77,50 +79,50 @@ def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.T
     return gamma
 
 
-def discounted_cumsum_right(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+def discounted_cumsum_right(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:  # noqa: A002
     r"""Discounted cumulative sum to the right of each position: $y_t = x_t + \gamma\, y_{t+1}$.
 
-    Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_right``: ``x`` is ``[B, N]`` and the sum
+    Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_right``: ``input`` is ``[B, N]`` and the sum
     runs along dim 1. Use [`discounted_cumsum`][altgrad.discounted_cumsum.discounted_cumsum] for other shapes,
     resets or an initial value.
 
     Args:
-        x: A ``[B, N]`` floating tensor.
-        gamma: A number, a 0-d tensor, or a 1-D tensor with 1 or ``B`` elements (one discount per row).
+        input: A ``[B, N]`` floating tensor (named as in the peer, so ``input=`` keywords keep working).
+        gamma: A number, a 0-d tensor, or a 1-D tensor (or list) with 1 or ``B`` elements (one discount per row).
 
     Returns:
-        A ``[B, N]`` tensor like ``x``.
+        A ``[B, N]`` tensor like ``input``.
 
     Raises:
-        ValueError: If ``x`` is not 2-D or ``gamma`` has the wrong number of elements.
+        ValueError: If ``input`` is not 2-D or ``gamma`` has the wrong number of elements.
 
     Example:
         >>> import torch
         >>> discounted_cumsum_right(torch.ones(1, 3), 0.5)
         tensor([[1.7500, 1.5000, 1.0000]])
     """
-    return discounted_cumsum(x, _peer_gamma(x, gamma), dim=1, reverse=True)
+    return discounted_cumsum(input, _peer_gamma(input, gamma), dim=1, reverse=True)
 
 
-def discounted_cumsum_left(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+def discounted_cumsum_left(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:  # noqa: A002
     r"""Discounted cumulative sum to the left of each position: $y_t = x_t + \gamma\, y_{t-1}$.
 
-    Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_left`` (``x`` is ``[B, N]``, the sum runs
-    along dim 1).
+    Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_left`` (``input`` is ``[B, N]``, the sum
+    runs along dim 1).
 
     Args:
-        x: A ``[B, N]`` floating tensor.
-        gamma: A number, a 0-d tensor, or a 1-D tensor with 1 or ``B`` elements (one discount per row).
+        input: A ``[B, N]`` floating tensor.
+        gamma: A number, a 0-d tensor, or a 1-D tensor (or list) with 1 or ``B`` elements (one discount per row).
 
     Returns:
-        A ``[B, N]`` tensor like ``x``.
+        A ``[B, N]`` tensor like ``input``.
 
     Raises:
-        ValueError: If ``x`` is not 2-D or ``gamma`` has the wrong number of elements.
+        ValueError: If ``input`` is not 2-D or ``gamma`` has the wrong number of elements.
 
     Example:
         >>> import torch
         >>> discounted_cumsum_left(torch.ones(1, 3), 0.5)
         tensor([[1.0000, 1.5000, 1.7500]])
     """
-    return discounted_cumsum(x, _peer_gamma(x, gamma), dim=1, reverse=False)
+    return discounted_cumsum(input, _peer_gamma(input, gamma), dim=1, reverse=False)
