@@ -183,7 +183,9 @@ class RNNModel(nn.Module):
         self.rnn = nn.LSTM(ninp, nhid, nlayers)
         self.decoder = nn.Linear(nhid, ntoken)
         self.nhid, self.nlayers = nhid, nlayers
-        self.backward_interface = dni.BackwardInterface(dni.BasicSynthesizer(2 * nhid, n_hidden=2)) if use_dni else None
+        self.backward_interface = (
+            dni.BackwardInterface(dni.BasicSynthesizer(2 * nhid, n_hidden=2)) if use_dni else None
+        )
 
     def join_hidden(self, hidden):
         return torch.cat(hidden, dim=2)
@@ -206,7 +208,10 @@ class RNNModel(nn.Module):
 
     def init_hidden(self, bsz):
         weight = next(self.parameters())
-        return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
+        return (
+            weight.new_zeros(self.nlayers, bsz, self.nhid),
+            weight.new_zeros(self.nlayers, bsz, self.nhid),
+        )
 
 
 def repackage_hidden(h):
@@ -224,7 +229,7 @@ def test_rnn_example_trains_and_saves():
     model.train()
     hidden = model.init_hidden(batch_size)
     losses = []
-    for epoch in range(3):
+    for _epoch in range(3):
         for i in range(0, train_data.size(0) - 1, bptt):
             seq_len = min(bptt, len(train_data) - 1 - i)
             data, targets = train_data[i : i + seq_len], train_data[i + 1 : i + 1 + seq_len].reshape(-1)
@@ -269,11 +274,15 @@ def test_backward_interface_values():
     out = iface(h)
     s = h.detach() @ iface.synthesizer.input_trigger.weight.T + iface.synthesizer.input_trigger.bias
     torch.testing.assert_close(lower.weight.grad, s.T @ x, rtol=0, atol=1e-6)  # fp32 sums of 5 O(1) terms
-    assert torch.equal(out, h) and out.requires_grad and out.grad_fn is not h.grad_fn
+    assert torch.equal(out, h)
+    assert out.requires_grad
+    assert out.grad_fn is not h.grad_fn
     upper(out).pow(2).sum().backward()
     g = 2 * upper(h.detach()) @ upper.weight  # true gradient at h
     d = 2 * (s - g) / 5
-    torch.testing.assert_close(iface.synthesizer.input_trigger.weight.grad, d.T @ h.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        iface.synthesizer.input_trigger.weight.grad, d.T @ h.detach(), rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(iface.synthesizer.input_trigger.bias.grad, d.sum(0), rtol=0, atol=1e-5)
     torch.testing.assert_close(lower.weight.grad, s.T @ x, rtol=0, atol=1e-6)  # the true gradient stopped
 
@@ -312,7 +321,9 @@ def test_forward_interface_trains_on_the_message_and_returns_a_detached_synthesi
     W, b = fwd.synthesizer.input_trigger.weight, fwd.synthesizer.input_trigger.bias
     pred = trigger.detach() @ W.T + b
     torch.testing.assert_close(out, pred.detach())
-    assert not out.requires_grad and message.grad is None and trigger.grad is None
+    assert not out.requires_grad
+    assert message.grad is None
+    assert trigger.grad is None
     torch.testing.assert_close(b.grad, (2 * (pred - message) / 20).sum(0).detach(), rtol=0, atol=1e-6)
     fwd.eval()
     assert fwd(message, trigger) is message
@@ -321,7 +332,8 @@ def test_forward_interface_trains_on_the_message_and_returns_a_detached_synthesi
 def test_eval_mode_is_a_pass_through():
     h = torch.randn(2, 4, requires_grad=True)
     b = dni.BackwardInterface(linear_synth(4)).eval()
-    assert b(h) is h and b.make_trigger(h) is h
+    assert b(h) is h
+    assert b.make_trigger(h) is h
     b.backward(h)
     assert h.grad is None
     bi = dni.BidirectionalInterface(linear_synth(4), linear_synth(4)).eval()
@@ -336,15 +348,17 @@ def test_defer_backward_runs_one_combined_backward():
         dni.backward((w * 3).sum())
         assert w.grad is None  # nothing ran yet
     assert torch.equal(w.grad, torch.full((3,), 5.0))
-    with pytest.raises(RuntimeError, match="nested"):
-        with dni.defer_backward():
-            with dni.defer_backward():
-                pass
+    with pytest.raises(RuntimeError, match="nested"), dni.defer_backward(), dni.defer_backward():
+        pass
     w.grad = None
-    with pytest.raises(KeyError):
+
+    def failing_block():
         with dni.defer_backward():
             dni.backward((w * 3).sum())
             raise KeyError
+
+    with pytest.raises(KeyError):
+        failing_block()
     assert w.grad is None  # the block raised: nothing was back-propagated
     with pytest.raises(ValueError, match="shape"):
         dni.backward(w, torch.ones(2))
@@ -376,7 +390,8 @@ def test_synthesizer_context_nests_pops_on_error_and_is_per_thread():
 def test_basic_synthesizer_shapes_zero_init_and_errors():
     s = dni.BasicSynthesizer(6, n_hidden=2, hidden_dim=5, trigger_dim=3, context_dim=4)
     out = s(torch.randn(7, 3), torch.randn(7, 4))
-    assert out.shape == (7, 6) and torch.count_nonzero(out) == 0  # zero weights and bias: exactly zero
+    assert out.shape == (7, 6)
+    assert torch.count_nonzero(out) == 0
     assert [tuple(m.weight.shape) for m in s.layers] == [(5, 5), (6, 5)]
     with pytest.raises(ValueError, match="synthesizer_context"):
         s(torch.randn(7, 3))
@@ -384,6 +399,5 @@ def test_basic_synthesizer_shapes_zero_init_and_errors():
         dni.BasicSynthesizer(4, n_hidden=-1)
     with pytest.raises(TypeError, match="synthesizer"):
         dni.BackwardInterface(lambda t, c: t)
-    with pytest.raises(ValueError, match="no_grad"):
-        with torch.no_grad():
-            dni.BackwardInterface(dni.BasicSynthesizer(2)).make_trigger(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="no_grad"), torch.no_grad():
+        dni.BackwardInterface(dni.BasicSynthesizer(2)).make_trigger(torch.zeros(1, 2))

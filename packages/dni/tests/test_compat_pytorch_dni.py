@@ -67,7 +67,8 @@ def test_rnn_with_format_fn(lam):  # test/test_rnn_dni.py, test_comprehensive_dn
     dni_rnn.train()
     input_data = torch.randn(5, 10, 20, requires_grad=True)
     output, hidden = dni_rnn(input_data)
-    assert output.shape == (5, 10, 30) and hidden[0].shape == (2, 5, 30)
+    assert output.shape == (5, 10, 30)
+    assert hidden[0].shape == (2, 5, 30)
     output.sum().backward()
     dni_rnn.step_optimizers()
     # λ=0: the zero-initialised synthesizer sends 0, Adam's first step on a zero gradient is 0: unchanged.
@@ -114,7 +115,8 @@ def test_step_optimizers_applies_pending_synthesizer_updates_once():
     assert torch.equal(synth.final.weight, w0)  # pending until the next forward or step_optimizers()
     dni_net.step_optimizers()
     w1 = synth.final.weight.detach().clone()
-    assert not torch.equal(w1, w0) and synth.final.weight.grad is None
+    assert not torch.equal(w1, w0)
+    assert synth.final.weight.grad is None
     dni_net.step_optimizers()
     assert torch.equal(synth.final.weight, w1)
 
@@ -127,7 +129,7 @@ def test_demo_lambda_comparison_with_an_outer_optimizer():  # examples/complete_
         dni_net = DNI(net, hidden_size=16, λ=lam, recursive=True, skip_last_layer=True)
         optimizer = optim.Adam(dni_net.parameters(), lr=0.01)
         losses = []
-        for epoch in range(150):
+        for _epoch in range(150):
             x = torch.randn(16, 10)
             y = torch.sum(x, dim=1, keepdim=True)
             optimizer.zero_grad()
@@ -137,7 +139,9 @@ def test_demo_lambda_comparison_with_an_outer_optimizer():  # examples/complete_
             optimizer.step()
             losses.append(loss.item())
         finals[lam] = sum(losses[-10:]) / sum(losses[:10])
-    assert all(r < 0.5 for r in finals.values()), finals  # every λ learns the linear target (loss at least halves)
+    assert all(r < 0.5 for r in finals.values()), (
+        finals
+    )  # every λ learns the linear target (loss at least halves)
 
 
 image_size = 8
@@ -151,7 +155,7 @@ class FCNNet(nn.Module):  # tasks/mnist/fcn.py, with 8x8 digits-sized inputs and
             self.dni(self.layer(image_size * image_size if l == 0 else hidden_size, hidden_size))
             if l in dni_layers
             else self.layer(image_size * image_size if l == 0 else hidden_size, hidden_size)
-            for l in range(self.num_layers)
+            for l in range(self.num_layers)  # noqa: E741 (the peer's name)
         ]
         self.final = self.layer(hidden_size, 10)
         for ctr, n in enumerate(self.net):
@@ -161,8 +165,16 @@ class FCNNet(nn.Module):  # tasks/mnist/fcn.py, with 8x8 digits-sized inputs and
         return nn.Sequential(nn.Linear(input_size, hidden_size), nn.BatchNorm1d(hidden_size))
 
     def dni(self, layer):
-        return DNI(layer, hidden_size=64, dni_network=LinearBatchNormDNI, λ=self.lam, grad_optim="adam",
-                   grad_lr=1e-3, gpu_id=-1, recursive=False)
+        return DNI(
+            layer,
+            hidden_size=64,
+            dni_network=LinearBatchNormDNI,
+            λ=self.lam,
+            grad_optim="adam",
+            grad_lr=1e-3,
+            gpu_id=-1,
+            recursive=False,
+        )
 
     def forward(self, x):
         output = x.view(-1, image_size * image_size)
@@ -183,7 +195,7 @@ def test_mnist_fcn_task_logic():
     non_dni_layers_opt = [optim.Adam(model.net[layer].parameters(), lr=1e-3) for layer in non_dni_layers]
     model.train()
     losses = []
-    for step in range(150):
+    for _step in range(150):
         i = torch.randint(0, 512, (64,))
         data, target = data_all[i], target_all[i]
         final_layer_opt.zero_grad()
@@ -196,7 +208,8 @@ def test_mnist_fcn_task_logic():
     model.eval()
     with torch.no_grad():
         accuracy = (model(data_all).argmax(1) == target_all).float().mean().item()
-    assert sum(losses[-10:]) < 0.5 * sum(losses[:10]) and accuracy > 0.9  # 10 separable clusters
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert accuracy > 0.9
 
 
 def test_get_padding_and_detach_all_have_pytorch_dni_values():
@@ -207,13 +220,15 @@ def test_get_padding_and_detach_all_have_pytorch_dni_values():
         get_padding(28, 0, 1, 1)
     t = torch.ones(2, requires_grad=True) * 2
     out = detach_all({"a": [t, (t, 3)], "b": t})
-    assert not out["a"][0].requires_grad and not out["a"][1][0].requires_grad and out["a"][1][1] == 3
+    assert not out["a"][0].requires_grad
+    assert not out["a"][1][0].requires_grad
+    assert out["a"][1][1] == 3
 
 
 def test_missing_attribute_names_the_wrapper():
     dni = DNI(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
     with pytest.raises(AttributeError, match=r"'DNI' object \(wrapping Sequential\) has no attribute 'nope'"):
-        dni.nope
+        dni.nope  # noqa: B018
     assert dni.network[0].in_features == 3
     with pytest.raises(ValueError, match="gpu_id"):
         DNI(nn.Linear(3, 4), recursive=False, gpu_id=-2)
@@ -221,7 +236,8 @@ def test_missing_attribute_names_the_wrapper():
 
 def test_pytorch_dni_defaults_accept_none():
     dni = DNI(network=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), dni_network=None, hidden_size=None)
-    assert isinstance(dni.interface("0").synthesizer, LinearDNI) and dni.interface("0").synthesizer.hidden_size == 256
+    assert isinstance(dni.interface("0").synthesizer, LinearDNI)
+    assert dni.interface("0").synthesizer.hidden_size == 256
     with pytest.raises(TypeError, match="hidden_size"):
         DNI(nn.Linear(3, 4), LinearDNI, recursive=False)  # pytorch-dni's positional order: a clear error
     with pytest.raises(TypeError, match="once"):

@@ -32,7 +32,9 @@ def test_forward_interface_regresses_on_h_and_returns_the_detached_prediction():
     out = iface(h, trigger)
     pred = trigger.detach() @ synth.final.weight.T + synth.final.bias
     torch.testing.assert_close(out, pred.detach(), **TOL)
-    assert not out.requires_grad and h.grad is None and trigger.grad is None
+    assert not out.requires_grad
+    assert h.grad is None
+    assert trigger.grad is None
     d = 2 * (pred - h) / 5  # gradient of ‖ĥ − h‖² / B
     torch.testing.assert_close(synth.final.weight.grad, (d.T @ trigger).detach(), **TOL)
     torch.testing.assert_close(iface.last_loss, ((pred - h) ** 2).sum().detach() / 5, **TOL)
@@ -52,7 +54,8 @@ def test_forward_interface_steps_its_optimizer_and_reads_context():
     before = synth.final.weight.clone()
     first = iface(h, trigger, labels).clone()
     assert torch.count_nonzero(first) == 0  # zero-initialised last layer
-    assert not torch.equal(before, synth.final.weight) and synth.final.weight.grad is None  # stepped, cleared
+    assert not torch.equal(before, synth.final.weight)
+    assert synth.final.weight.grad is None
     for _ in range(200):
         iface(h, trigger, labels)
     assert iface.last_loss < 0.05 * ((h**2).sum() / 6)  # learns to reproduce h from (trigger, label)
@@ -115,11 +118,13 @@ def test_complete_unlock_trains_a_classifier():
     centres = torch.randn(4, 16) * 2
     y = torch.randint(0, 4, (512,))
     x = centres[y] + torch.randn(512, 16)
-    lower = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32))
+    lower = nn.Sequential(
+        nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32)
+    )
     upper = nn.Sequential(nn.ReLU(), nn.Linear(32, 4))
     iface = BidirectionalInterface(LinearDNI(16 + 4, 64, 32), LinearDNI(32 + 4, 64, 32), context_size=4)
     opt = torch.optim.Adam([*lower.parameters(), *upper.parameters(), *iface.parameters()], lr=3e-3)
-    for step in range(150):
+    for _step in range(150):
         i = torch.randint(0, 512, (64,))
         opt.zero_grad()
         F.cross_entropy(upper(iface(lower(x[i]), x[i], y[i])), y[i]).backward()

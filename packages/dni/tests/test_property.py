@@ -50,8 +50,15 @@ def wrapper(x, y, A, a, W, w, M, m):
     head = torch.nn.Linear(W.shape[1], W.shape[0], dtype=dtype)
     with torch.no_grad():
         layer.weight.copy_(A), layer.bias.copy_(a), head.weight.copy_(W), head.bias.copy_(w)
-    dni = DNI(layer, hidden_size=1, dni_params={"num_layers": 0}, grad_optim="sgd", grad_lr=LR_S, lr=LR,
-              recursive=False)
+    dni = DNI(
+        layer,
+        hidden_size=1,
+        dni_params={"num_layers": 0},
+        grad_optim="sgd",
+        grad_lr=LR_S,
+        lr=LR,
+        recursive=False,
+    )
     synth = dni.interface("").synthesizer.final
     with torch.no_grad():
         synth.weight.copy_(M), synth.bias.copy_(m)
@@ -77,8 +84,14 @@ def problems(draw):
     x = [u(B, d_in) for _ in range(STEPS)]
     y = [u(B, k) for _ in range(STEPS)]
     # PyTorch's default init scale 1/sqrt(fan_in) keeps every intermediate O(1).
-    weights = (u(d_h, d_in, bound=d_in**-0.5), u(d_h, bound=d_in**-0.5), u(k, d_h, bound=d_h**-0.5),
-               u(k, bound=d_h**-0.5), u(d_h, d_h, bound=d_h**-0.5), u(d_h, bound=d_h**-0.5))
+    weights = (
+        u(d_h, d_in, bound=d_in**-0.5),
+        u(d_h, bound=d_in**-0.5),
+        u(k, d_h, bound=d_h**-0.5),
+        u(k, bound=d_h**-0.5),
+        u(d_h, d_h, bound=d_h**-0.5),
+        u(d_h, bound=d_h**-0.5),
+    )
     bad = draw(st.sampled_from([None, float("nan"), float("inf"), float("-inf")]))
     if bad is not None:
         step = draw(st.integers(0, STEPS - 1))

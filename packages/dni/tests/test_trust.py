@@ -149,8 +149,14 @@ class Outer(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = nn.ModuleList(
-            DNI(nn.Sequential(nn.Linear(6 if i == 0 else 8, 8), nn.Tanh()), hidden_size=4, grad_optim="sgd",
-                grad_lr=0.1, lr=0.2, recursive=False)
+            DNI(
+                nn.Sequential(nn.Linear(6 if i == 0 else 8, 8), nn.Tanh()),
+                hidden_size=4,
+                grad_optim="sgd",
+                grad_lr=0.1,
+                lr=0.2,
+                recursive=False,
+            )
             for i in range(2)
         )
         self.final = nn.Linear(8, 3)

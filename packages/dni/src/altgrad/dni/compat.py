@@ -339,11 +339,20 @@ class BasicSynthesizer(nn.Module):
         context_dim: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("output_dim", output_dim), ("hidden_dim", hidden_dim), ("trigger_dim", trigger_dim),
-                            ("context_dim", context_dim), ("n_hidden", n_hidden)):
+        for name, value in (
+            ("output_dim", output_dim),
+            ("hidden_dim", hidden_dim),
+            ("trigger_dim", trigger_dim),
+            ("context_dim", context_dim),
+            ("n_hidden", n_hidden),
+        ):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_hidden" else 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "n_hidden" else 1)
+            ):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'n_hidden' else 1}, got {value!r}")
         hidden_dim = output_dim if hidden_dim is None else hidden_dim
         trigger_dim = output_dim if trigger_dim is None else trigger_dim

@@ -63,7 +63,11 @@ class ForwardInterface(nn.Module):
         # The backward interface's argument checks and context handling are reused for the trigger; it is
         # kept out of the module tree so that the synthesizer's state_dict keys are ``synthesizer.*``.
         io = BackwardInterface(
-            synthesizer, context_size=context_size, mode=mode, optimizer=optimizer, batch_dim=batch_dim,
+            synthesizer,
+            context_size=context_size,
+            mode=mode,
+            optimizer=optimizer,
+            batch_dim=batch_dim,
             feature_dim=feature_dim,
         )
         object.__setattr__(self, "_io", io)
@@ -188,12 +192,22 @@ class BidirectionalInterface(nn.Module):
     ) -> None:
         super().__init__()
         self.forward_interface = ForwardInterface(
-            forward_synthesizer, context_size=context_size, mode=mode, optimizer=forward_optimizer,
-            batch_dim=batch_dim, feature_dim=feature_dim,
+            forward_synthesizer,
+            context_size=context_size,
+            mode=mode,
+            optimizer=forward_optimizer,
+            batch_dim=batch_dim,
+            feature_dim=feature_dim,
         )
         self.backward_interface = BackwardInterface(
-            backward_synthesizer, context_size=context_size, scale=scale, mode=mode, optimizer=backward_optimizer,
-            batch_dim=batch_dim, feature_dim=feature_dim, diagnostics=diagnostics,
+            backward_synthesizer,
+            context_size=context_size,
+            scale=scale,
+            mode=mode,
+            optimizer=backward_optimizer,
+            batch_dim=batch_dim,
+            feature_dim=feature_dim,
+            diagnostics=diagnostics,
         )
         self._mode = mode
 

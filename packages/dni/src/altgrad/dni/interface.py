@@ -134,7 +134,9 @@ def _check_lam(lam: Any) -> float:
     try:
         return _check_float("lam", lam, 0.0, 1.0)
     except ValueError:
-        raise ValueError(f"lam (λ) must be in [0, 1] or exactly -1 (true + synthetic gradient), got {lam}") from None
+        raise ValueError(
+            f"lam (λ) must be in [0, 1] or exactly -1 (true + synthetic gradient), got {lam}"
+        ) from None
 
 
 class BackwardInterface(nn.Module):

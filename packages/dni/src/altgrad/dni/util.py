@@ -27,7 +27,12 @@ def get_padding(input_dim: int, kernel_size: int, dilation: int, stride: int) ->
     Returns:
         pytorch-dni's padding value.
     """
-    for name, value in (("input_dim", input_dim), ("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
+    for name, value in (
+        ("input_dim", input_dim),
+        ("kernel_size", kernel_size),
+        ("dilation", dilation),
+        ("stride", stride),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "input_dim" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'input_dim' else 1}, got {value!r}")
     return math.floor((input_dim * stride + (kernel_size - 1) * dilation + 1) / 2)

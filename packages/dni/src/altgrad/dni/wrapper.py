@@ -110,7 +110,9 @@ def _replace(output: Any, path: list[int], new: Tensor, detach_rest: bool) -> An
     if not path:
         return new
     items = [
-        _replace(item, path[1:], new, detach_rest) if i == path[0] else (_detach_all(item) if detach_rest else item)
+        _replace(item, path[1:], new, detach_rest)
+        if i == path[0]
+        else (_detach_all(item) if detach_rest else item)
         for i, item in enumerate(output)
     ]
     return type(output)(items)
@@ -461,6 +463,8 @@ class DNI(nn.Module):
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
         if not (self.training or self._building) or (self._active_mode == "backprop" and not self._building):
             return None
+        rest: Any = None
+        path: list[int] | None = None
         if self.format_fn is not None:
             h = self.format_fn(output)
             path = _find(output, h) if isinstance(h, Tensor) else None
@@ -471,9 +475,7 @@ class DNI(nn.Module):
                     f"{'a new tensor' if isinstance(h, Tensor) else type(h).__name__}: its gradient could not be routed"
                 )
             if not path:
-                h, rest = output, None
-            else:
-                rest = path
+                h = output
         elif isinstance(output, Tensor):
             h, rest = output, None
         elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -501,10 +503,10 @@ class DNI(nn.Module):
             for opt in ready.values():
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        if path:
+            return _replace(output, path, out, iface.unlocked)
         if rest is None:
             return out
-        if self.format_fn is not None:
-            return _replace(output, rest, out, iface.unlocked)
         if iface.unlocked:
             rest = _detach_all(rest)  # the module is cut off: only the synthetic gradient trains it
         return type(output)((out, *rest))
