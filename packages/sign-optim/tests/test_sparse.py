@@ -9,6 +9,7 @@ TensorFlow (``optimizer.py`` / ``addsign.py`` / ``powersign.py``):
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -235,7 +236,7 @@ def test_sparse_equals_dense_on_the_summed_gradient(cls, dtype):
     for _ in range(4):
         rows = torch.cat([torch.randperm(6, generator=gen), torch.randint(0, 6, (4,), generator=gen)])
         values = torch.randn(len(rows), 3, generator=gen, dtype=torch.float64).to(dtype)
-        grad = torch.sparse_coo_tensor(rows[None], values, shape)
+        grad = torch.sparse_coo_tensor(rows[None], values, shape, check_invariants=True)
         p_sparse.grad = grad
         p_dense.grad = grad.coalesce().to_dense()
         opt_sparse.step()
@@ -249,7 +250,9 @@ def test_duplicate_indices_are_summed_first():
     # so sign(g) = +1 (applying the slices one by one would give one step of each sign).
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     opt = AddSign([p], lr=0.1, alpha=1.0, beta=0.9)
-    p.grad = torch.sparse_coo_tensor([[1, 1]], torch.tensor([0.5, -0.2], dtype=torch.float64), (3,))
+    p.grad = torch.sparse_coo_tensor(
+        [[1, 1]], torch.tensor([0.5, -0.2], dtype=torch.float64), (3,), check_invariants=True
+    )
     opt.step()
     # m = 0.1 * 0.3 = 0.03 > 0, s = +1, multiplier 2: p[1] = 2 - 0.1 * 2 * 0.3 = 1.94.
     assert p.tolist() == pytest.approx([1.0, 1.94, 3.0], abs=1e-15)
@@ -280,7 +283,9 @@ def test_tensor_lr_sparse_matches_float_lr(cls):
         p = torch.nn.Parameter(torch.arange(8.0).reshape(4, 2))
         opt = cls([p], lr=lr)
         for step in range(3):
-            p.grad = torch.sparse_coo_tensor([[step, 3]], torch.tensor([[1.0, -2.0], [0.5, 0.25]]), (4, 2))
+            p.grad = torch.sparse_coo_tensor(
+                [[step, 3]], torch.tensor([[1.0, -2.0], [0.5, 0.25]]), (4, 2), check_invariants=True
+            )
             opt.step()
         out.append(p.detach().clone())
     assert torch.equal(*out)
@@ -294,7 +299,7 @@ def test_sparse_with_unsupported_option_raises_before_any_update(option, value):
     emb = torch.nn.Parameter(torch.ones(4, 2))
     opt = AddSign([{"params": [dense]}, {"params": [emb], option: value}], lr=0.1)
     dense.grad = torch.ones(3)
-    emb.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (4, 2))
+    emb.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (4, 2), check_invariants=True)
     with pytest.raises(RuntimeError, match=f"param group 1 has {option}={value!r}.*sparse"):
         opt.step()
     assert torch.equal(dense.detach(), torch.ones(3))  # group 0 was not stepped either
@@ -306,6 +311,10 @@ def test_sparse_layouts_other_than_coo_are_refused():
     # should one arrive (e.g. through a tensor subclass).
     p = torch.nn.Parameter(torch.zeros(2, 3))
     opt = PowerSign([p])
-    csr = torch.sparse_csr_tensor(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(2), (2, 3))
+    with warnings.catch_warnings():  # CSR is a beta feature of torch
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(
+            torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(2), (2, 3), check_invariants=True
+        )
     with pytest.raises(RuntimeError, match=r"sparse COO layout only.*sparse_csr"):
         opt._check_sparse(0, opt.param_groups[0], csr)
