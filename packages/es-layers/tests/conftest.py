@@ -53,13 +53,21 @@ CONV_CASES = {
     "conv-lowrank2": lambda: es.LowRankConv2d(4, 6, 3, N, rank=2, dilation=2, padding=2, dtype=DT, seed=5),
 }
 
-ALL_CASES = {**LINEAR_CASES, **CONV_CASES}
+AFFINE_CASES = {
+    "affine": lambda: es.PerturbedAffine((4, 1, 1), N, dtype=DT, seed=6),
+    "affine-vector": lambda: es.PerturbedAffine(5, N, dtype=DT, seed=6, options={"direct": True}),
+}
+
+ALL_CASES = {**LINEAR_CASES, **CONV_CASES, **AFFINE_CASES}
 
 
 def make_input(layer: nn.Module, repeats: int, n: int = N, gen_seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(gen_seed)
     if isinstance(layer, nn.Linear):
         return torch.randn(repeats * n, layer.in_features, generator=g, dtype=DT)
+    if isinstance(layer, es.PerturbedAffine):
+        shape = layer.normalized_shape
+        return torch.randn(repeats * n, *shape[:1], *(3 for _ in shape[1:]), generator=g, dtype=DT)
     return torch.randn(repeats * n, layer.in_channels, 7, 6, generator=g, dtype=DT)
 
 
@@ -79,6 +87,8 @@ def reference_forward(layer, x: torch.Tensor, members=None) -> torch.Tensor:
         xi = x[i : i + 1]
         if isinstance(layer, nn.Linear):
             rows.append(F.linear(xi, w, b))
+        elif isinstance(layer, es.PerturbedAffine):
+            rows.append(xi * w + b)
         else:
             if layer.padding_mode != "zeros":
                 xi = F.pad(xi, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)

@@ -7,6 +7,7 @@ any ``torch.optim`` optimizer can take the step.
 
 from . import distributed, functional, noise, shaping
 from ._version import __version__
+from .affine import PerturbedAffine
 from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
 from .convert import MODES, perturb
@@ -32,6 +33,7 @@ __all__ = [
     "PermutedConv2d",
     "PermutedLinear",
     "Perturbed",
+    "PerturbedAffine",
     "PerturbedConv2d",
     "PerturbedLinear",
     "PerturbedModel",

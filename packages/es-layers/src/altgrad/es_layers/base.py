@@ -52,6 +52,22 @@ def _check_scale(name: str, value: object) -> float:
     return float(value)
 
 
+#: NESgpu's layer ``options`` (all speed hints there): accepted for compatibility, the values never change.
+NESGPU_OPTIONS = ("allow_repeats", "combined", "direct")
+
+
+def _check_options(options: object) -> dict[str, Any]:
+    """NESgpu's ``options=`` dict: known keys only (``direct``, ``combined``, ``allow_repeats``)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(NESGPU_OPTIONS))
+    if unknown:
+        raise ValueError(f"options: unknown key(s) {unknown}; NESgpu's keys are {list(NESGPU_OPTIONS)}")
+    return dict(options)
+
+
 class Perturbed:
     """Mixin giving an ``nn.Module`` with ``weight``/``bias`` a population of perturbations.
 
@@ -68,6 +84,9 @@ class Perturbed:
         perturbed_flag: If false (default) the layer is the ordinary, unperturbed layer.
         members: The member indices this process evaluates (default ``range(directions)``).
         step: The step of the current noise (``None`` before the first :meth:`set_noise`).
+        options: NESgpu's ``options`` dict (``direct``, ``combined``, ``allow_repeats``). They select
+            implementations in NESgpu; here every layer has one implementation, so they are accepted and ignored
+            (``allow_repeats`` never allows repeated indices: sampling without replacement is vectorised here).
     """
 
     weight: Tensor
@@ -80,8 +99,10 @@ class Perturbed:
         antithetic: bool = True,
         noise_scale: float = 0.01,
         seed: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.directions = _check_positive_int("directions", directions)
+        self.options = _check_options(options)
         if not isinstance(antithetic, bool):
             raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__}")
         self.antithetic = antithetic
@@ -171,6 +192,10 @@ class Perturbed:
         self._next_step = step + 1
         self._sigma = self.noise_scale
         self._noise = self._generate(self.members)
+
+    def allocate_memory(self) -> None:
+        """NESgpu compatibility: a no-op. Noise is allocated and drawn by :meth:`set_noise` (and regenerated on
+        demand after :meth:`free_memory`), so there is nothing to reserve beforehand."""
 
     def free_memory(self) -> None:
         """Drop the stored noise.
@@ -316,7 +341,7 @@ class Perturbed:
             wc = w[chunk.start : chunk.stop]
             g_w += self._weighted_sum(wc, noise)
             if g_b is not None:
-                g_b += wc @ noise["bias"]
+                g_b += (wc @ noise["bias"].reshape(wc.shape[0], -1)).view(g_b.shape)
         return g_w, g_b
 
     def _apply_grad(self, weights: Tensor, l1: float, l2: float, accumulate: bool) -> None:

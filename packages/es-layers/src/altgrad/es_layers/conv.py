@@ -38,6 +38,7 @@ class _PerturbedConvBase(Perturbed, nn.Conv2d):
         seed,
         device,
         dtype,
+        options,
     ):
         nn.Conv2d.__init__(
             self,
@@ -53,7 +54,7 @@ class _PerturbedConvBase(Perturbed, nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        self._init_perturbed(directions, antithetic, noise_scale, seed)
+        self._init_perturbed(directions, antithetic, noise_scale, seed, options)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._perturbed_repr()}"
@@ -103,8 +104,9 @@ class PerturbedConv2d(IIDNoise, _PerturbedConvBase):
         dilation: Spacing between kernel elements.
         groups: Number of blocked connections from input to output channels.
         bias: If true, the layer has a (perturbed) bias.
-        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         noise_scale: ``σ``.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -122,8 +124,9 @@ class PerturbedConv2d(IIDNoise, _PerturbedConvBase):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
         antithetic: bool = True,
+        options: dict | None = None,
+        padding_mode: str = "zeros",
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -131,7 +134,7 @@ class PerturbedConv2d(IIDNoise, _PerturbedConvBase):
     ) -> None:
         self._setup(
             in_channels, out_channels, kernel_size, directions, stride, padding, dilation, groups, bias,
-            padding_mode, antithetic, noise_scale, seed, device, dtype,
+            padding_mode, antithetic, noise_scale, seed, device, dtype, options,
         )  # fmt: skip
 
     def _population_forward(self, x, noise, conv):
@@ -157,8 +160,9 @@ class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
         dilation: Spacing between kernel elements.
         groups: Must be 1.
         bias: If true, the layer has a (perturbed) bias.
-        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         permutation: ``"in"``, ``"out"``, ``"both"`` or ``"auto"`` (channels; NESgpu's rule).
         in_sparsity: Input channels kept per member: ``0`` = all, a float = fraction, an int = count.
         out_sparsity: Output channels kept per member, as ``in_sparsity``.
@@ -179,8 +183,9 @@ class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
         antithetic: bool = True,
+        options: dict | None = None,
+        padding_mode: str = "zeros",
         permutation: str = "auto",
         in_sparsity: int | float = 0,
         out_sparsity: int | float = 0,
@@ -191,7 +196,7 @@ class PermutedConv2d(PermutedNoise, _PerturbedConvBase):
     ) -> None:
         self._setup(
             in_channels, out_channels, kernel_size, directions, stride, padding, dilation, groups, bias,
-            padding_mode, antithetic, noise_scale, seed, device, dtype,
+            padding_mode, antithetic, noise_scale, seed, device, dtype, options,
         )  # fmt: skip
         self._init_permuted(permutation, in_sparsity, out_sparsity)
 
@@ -224,9 +229,12 @@ class FlipoutConv2d(FlipoutNoise, _PerturbedConvBase):
         dilation: Spacing between kernel elements.
         groups: Number of blocked connections from input to output channels.
         bias: If true, the layer has a (perturbed) bias.
-        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         flip: ``"in"``, ``"out"``, ``"both"`` or ``"auto"`` (channels; NESgpu's rule).
+        in_sparsity: Must be 0 (NESgpu's signature; sparse sign flips are refused there too).
+        out_sparsity: Must be 0.
         noise_scale: ``σ``.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -244,9 +252,12 @@ class FlipoutConv2d(FlipoutNoise, _PerturbedConvBase):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
         antithetic: bool = True,
+        options: dict | None = None,
+        padding_mode: str = "zeros",
         flip: str = "auto",
+        in_sparsity: int | float = 0,
+        out_sparsity: int | float = 0,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -254,9 +265,9 @@ class FlipoutConv2d(FlipoutNoise, _PerturbedConvBase):
     ) -> None:
         self._setup(
             in_channels, out_channels, kernel_size, directions, stride, padding, dilation, groups, bias,
-            padding_mode, antithetic, noise_scale, seed, device, dtype,
+            padding_mode, antithetic, noise_scale, seed, device, dtype, options,
         )  # fmt: skip
-        self._init_flipout(flip)
+        self._init_flipout(flip, in_sparsity, out_sparsity)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, flip={self.flip!r}"
@@ -288,9 +299,10 @@ class LowRankConv2d(LowRankNoise, _PerturbedConvBase):
         dilation: Spacing between kernel elements.
         groups: Must be 1.
         bias: If true, the layer has a (perturbed) bias.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         rank: Rank ``r`` of each perturbation.
-        antithetic: Negate the noise in the second half of an even number of repeats.
         noise_scale: ``σ``.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -308,9 +320,10 @@ class LowRankConv2d(LowRankNoise, _PerturbedConvBase):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
+        antithetic: bool = True,
+        options: dict | None = None,
         padding_mode: str = "zeros",
         rank: int = 1,
-        antithetic: bool = True,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -318,7 +331,7 @@ class LowRankConv2d(LowRankNoise, _PerturbedConvBase):
     ) -> None:
         self._setup(
             in_channels, out_channels, kernel_size, directions, stride, padding, dilation, groups, bias,
-            padding_mode, antithetic, noise_scale, seed, device, dtype,
+            padding_mode, antithetic, noise_scale, seed, device, dtype, options,
         )  # fmt: skip
         self._init_lowrank(rank)
 

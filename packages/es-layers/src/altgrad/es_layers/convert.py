@@ -30,7 +30,7 @@ _MODE_OPTIONS = {
     "flipout": {"flip"},
     "lowrank": {"rank"},
 }
-_COMMON_OPTIONS = {"antithetic", "noise_scale"}
+_COMMON_OPTIONS = {"antithetic", "noise_scale", "options"}
 
 
 def _convert(module: nn.Module, cls: type[nn.Module], directions: int, options: dict[str, Any]) -> nn.Module:

@@ -17,19 +17,13 @@ even when ``bias`` is ``None``).
 
 ``E_k`` per mode (``m`` outputs, ``n_in`` inputs, ``kernel`` the conv kernel dims):
 
-============  ==========================================================  ========================================
-mode          ``E_k``                                                     noise arguments
-============  ==========================================================  ========================================
-perturbed     ``noise_w[k]`` (dense, IID)                                 ``noise_w (n, m, n_in, *kernel)``
-sparse        zero except columns ``cols[k]``: ``E_k[:, cols[k]]``        ``cols (n, s)`` int64, ``values (n, m, s)``
-              ``= values[k]`` (Linear only)
-permuted      ``E_k[ρ_k(i), π_k(j)] = shared[i, j]``, zero elsewhere       ``shared (m_sp, n_sp, *kernel)``,
-              (``π_k = in_idx[k]``, ``ρ_k = out_idx[k]``; a missing       ``in_idx (n, n_sp)``, ``out_idx (n, m_sp)``
-              side is the identity)                                       int64, distinct entries per row
-flipout       ``diag(out_sign[k]) · shared · diag(in_sign[k])``           ``shared (m, n_in/groups, *kernel)``,
-              (a missing side is all ones)                                ``in_sign (n, n_in)``, ``out_sign (n, m)``
-lowrank       ``a[k] @ b[k]ᵀ`` reshaped to the weight's shape             ``a (n, m, r)``, ``b (n, n_in·|kernel|, r)``
-============  ==========================================================  ========================================
+| mode | ``E_k`` | noise arguments |
+|---|---|---|
+| perturbed | ``noise_w[k]`` (dense, IID) | ``noise_w (n, m, n_in, *kernel)`` |
+| sparse (Linear only) | zero except columns ``cols[k]``: ``E_k[:, cols[k]] = values[k]`` | ``cols (n, s)`` int64, ``values (n, m, s)`` |
+| permuted | ``E_k[ρ_k(i), π_k(j)] = shared[i, j]``, zero elsewhere (``π_k = in_idx[k]``, ``ρ_k = out_idx[k]``; a missing side is the identity) | ``shared (m_sp, n_sp, *kernel)``, ``in_idx (n, n_sp)``, ``out_idx (n, m_sp)`` int64, distinct entries per row |
+| flipout | ``diag(out_sign[k]) · shared · diag(in_sign[k])`` (a missing side is all ones) | ``shared (m, n_in/groups, *kernel)``, ``in_sign (n, n_in)``, ``out_sign (n, m)`` |
+| lowrank | ``a[k] @ b[k]ᵀ`` reshaped to the weight's shape | ``a (n, m, r)``, ``b (n, n_in·prod(kernel), r)`` |
 
 Each mode has a forward (``<mode>_linear``, ``<mode>_conv2d``), the dense perturbations (``<mode>_dense``,
 shape ``(n, *weight.shape)``, for checks) and the ES update ``Σ_k w_k σ E_k`` (``<mode>_weighted_sum``).
@@ -60,6 +54,7 @@ __all__ = [
     "permuted_dense",
     "permuted_linear",
     "permuted_weighted_sum",
+    "perturbed_affine",
     "perturbed_conv2d",
     "perturbed_dense",
     "perturbed_linear",
@@ -229,6 +224,53 @@ def perturbed_linear(
     sigma = _check_sigma(sigma)
     out, x4, out4 = _linear_base(x, weight, bias, n, antithetic)
     out4 += _scale_(_bmm_members(x4, noise_w.transpose(1, 2), noise_b), antithetic, sigma)
+    return out
+
+
+def perturbed_affine(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    noise_w: Tensor,
+    noise_b: Tensor | None = None,
+    *,
+    sigma: float = 1.0,
+    antithetic: bool = False,
+) -> Tensor:
+    """Population forward of an elementwise affine layer ``x ∘ W + b`` with dense per-member noise.
+
+    Row ``i`` is ``x_i ∘ (W + c σ E_k) + b + c σ ε_k`` with ``k = i % n``; ``W`` (and ``b``) broadcast against the
+    trailing dimensions of a row (NESgpu's ``PerturbedAffine``, for example ``(C, 1, 1)`` after a normalisation).
+
+    Args:
+        x: ``(R * n, *rest)``, member index fastest.
+        weight: Shape ``S`` broadcastable to ``rest``.
+        bias: Shape ``S`` or ``None``.
+        noise_w: ``(n, *S)``.
+        noise_b: ``(n, *S)`` or ``None``.
+        sigma: Scale ``σ``.
+        antithetic: Negate the noise in the second half of an even number of repeats.
+
+    Returns:
+        ``(R * n, *rest)`` (the broadcast shape).
+    """
+    n = noise_w.shape[0]
+    _check_noise("noise_w", noise_w, (n, *weight.shape))
+    _check_noise("noise_b", noise_b, (n, *weight.shape))
+    sigma = _check_sigma(sigma)
+    if not isinstance(x, Tensor) or x.dim() < 1 + weight.dim():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"x must have shape (repeats * n, ..., {', '.join(map(str, weight.shape))}), got {shape}"
+        )
+    reps = _repeats(x.shape[0], n, antithetic)
+    out = x * weight if bias is None else torch.addcmul(bias, x, weight)
+    x5 = x.reshape(reps, n, *x.shape[1:])
+    pad = [1] * (x.dim() - 1 - weight.dim())
+    e = noise_w.view(1, n, *pad, *weight.shape)
+    p = x5 * e if noise_b is None else torch.addcmul(noise_b.view(1, n, *pad, *weight.shape), x5, e)
+    out = out.contiguous()
+    out.view(reps, n, *out.shape[1:]).add_(_scale_(p, antithetic, sigma))
     return out
 
 

@@ -30,10 +30,20 @@ class _PerturbedLinearBase(Perturbed, nn.Linear):
     """Shared forward plumbing for the perturbed Linear layers."""
 
     def _setup(
-        self, in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype
+        self,
+        in_features,
+        out_features,
+        directions,
+        bias,
+        antithetic,
+        noise_scale,
+        seed,
+        device,
+        dtype,
+        options,
     ):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_perturbed(directions, antithetic, noise_scale, seed)
+        self._init_perturbed(directions, antithetic, noise_scale, seed, options)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._perturbed_repr()}"
@@ -74,6 +84,7 @@ class PerturbedLinear(IIDNoise, _PerturbedLinearBase):
         directions: Population size ``N``.
         bias: If true, the layer has a (perturbed) bias.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         noise_scale: ``σ``, the standard deviation of the noise entries.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -94,12 +105,15 @@ class PerturbedLinear(IIDNoise, _PerturbedLinearBase):
         directions: int,
         bias: bool = True,
         antithetic: bool = True,
+        options: dict | None = None,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._setup(
+            in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype, options
+        )
 
     def _population_forward(self, x, noise):
         return EF.perturbed_linear(
@@ -120,6 +134,7 @@ class SparsePerturbedLinear(SparseNoise, _PerturbedLinearBase):
         bias: If true, the layer has a (perturbed) bias.
         sparsity: Non-zero input columns per member (``k``); ``"auto"`` = ``max(1, in // directions)``.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         noise_scale: ``σ``.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -134,12 +149,15 @@ class SparsePerturbedLinear(SparseNoise, _PerturbedLinearBase):
         bias: bool = True,
         sparsity: int | str = "auto",
         antithetic: bool = True,
+        options: dict | None = None,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._setup(
+            in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype, options
+        )
         self._init_sparse(sparsity)
 
     def extra_repr(self) -> str:
@@ -169,6 +187,7 @@ class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
         directions: Population size ``N``.
         bias: If true, the layer has a (perturbed) bias.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         permutation: ``"in"``, ``"out"``, ``"both"`` or ``"auto"`` (NESgpu's rule: both if 1 < in, out < 32,
             else the larger side).
         in_sparsity: Inputs kept per member: ``0`` = all, a float = that fraction, an int = that many (forces
@@ -187,6 +206,7 @@ class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
         directions: int,
         bias: bool = True,
         antithetic: bool = True,
+        options: dict | None = None,
         permutation: str = "auto",
         in_sparsity: int | float = 0,
         out_sparsity: int | float = 0,
@@ -195,7 +215,9 @@ class PermutedLinear(PermutedNoise, _PerturbedLinearBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._setup(
+            in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype, options
+        )
         self._init_permuted(permutation, in_sparsity, out_sparsity)
 
     def extra_repr(self) -> str:
@@ -223,8 +245,11 @@ class FlipoutLinear(FlipoutNoise, _PerturbedLinearBase):
         directions: Population size ``N``.
         bias: If true, the layer has a (perturbed) bias.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         flip: ``"in"``, ``"out"``, ``"both"`` (Flipout) or ``"auto"`` (NESgpu's rule: both if 1 < in, out < 32,
             else the larger side).
+        in_sparsity: Must be 0 (NESgpu's signature; sparse sign flips are refused there too).
+        out_sparsity: Must be 0.
         noise_scale: ``σ``.
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -238,14 +263,19 @@ class FlipoutLinear(FlipoutNoise, _PerturbedLinearBase):
         directions: int,
         bias: bool = True,
         antithetic: bool = True,
+        options: dict | None = None,
         flip: str = "auto",
+        in_sparsity: int | float = 0,
+        out_sparsity: int | float = 0,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
-        self._init_flipout(flip)
+        self._setup(
+            in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype, options
+        )
+        self._init_flipout(flip, in_sparsity, out_sparsity)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, flip={self.flip!r}"
@@ -274,6 +304,7 @@ class LowRankLinear(LowRankNoise, _PerturbedLinearBase):
         bias: If true, the layer has a (perturbed) bias.
         rank: Rank ``r`` of each perturbation.
         antithetic: Negate the noise in the second half of an even number of repeats.
+        options: NESgpu's implementation hints (``direct``, ``combined``, ``allow_repeats``); accepted, no effect.
         noise_scale: ``σ`` (each entry of ``E_k`` has variance ``σ²``).
         seed: Base seed (``None``: a fresh one from the operating system).
         device: Device of the parameters.
@@ -288,12 +319,15 @@ class LowRankLinear(LowRankNoise, _PerturbedLinearBase):
         bias: bool = True,
         rank: int = 1,
         antithetic: bool = True,
+        options: dict | None = None,
         noise_scale: float = 0.01,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._setup(in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype)
+        self._setup(
+            in_features, out_features, directions, bias, antithetic, noise_scale, seed, device, dtype, options
+        )
         self._init_lowrank(rank)
 
     def extra_repr(self) -> str:

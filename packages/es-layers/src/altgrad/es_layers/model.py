@@ -180,6 +180,11 @@ class PerturbedModel:
             else:
                 p.grad += g
 
+    def allocate_memory(self) -> None:
+        """NESgpu compatibility: a no-op on every layer (noise is drawn by :meth:`set_noise`)."""
+        for layer in self.perturbed_layers:
+            layer.allocate_memory()
+
     def free_memory(self) -> None:
         """Drop all stored noise (it is regenerated from the seed when needed)."""
         for layer in self.perturbed_layers:

@@ -201,7 +201,13 @@ class FlipoutNoise(Perturbed):
     flip_inputs: bool
     flip_outputs: bool
 
-    def _init_flipout(self, flip: str) -> None:
+    def _init_flipout(self, flip: str, in_sparsity: int | float = 0, out_sparsity: int | float = 0) -> None:
+        for name, value in (("in_sparsity", in_sparsity), ("out_sparsity", out_sparsity)):
+            if value:
+                raise ValueError(
+                    f"{name} must be 0 for sign-flip (Flipout) layers, got {value!r}; use a permuted layer for "
+                    "sparse perturbations (NESgpu refuses it as well)"
+                )
         m, n_per_group = self.weight.shape[:2]
         n = n_per_group * getattr(self, "groups", 1)
         self.flip_inputs, self.flip_outputs = _resolve_auto("flip", flip, n, m)
