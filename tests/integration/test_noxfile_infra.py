@@ -160,3 +160,22 @@ def test_pytest_without_tests_exits_5(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 5
+
+
+def test_ci_runs_the_readme_test_command_from_a_venv():
+    """CI runs exactly the README's test command, from inside a fresh, activated venv (the usual user set-up)."""
+    command = "pip install nox && nox -s tests"
+    assert f"```bash\n{command}\n```" in (ROOT / "README.md").read_text()
+    lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines[-1] == command
+    assert "set -euo pipefail" in lines
+    venv = next(i for i, line in enumerate(lines) if " -m venv " in line)
+    activate = next(
+        i for i, line in enumerate(lines) if line.startswith("source ") and "bin/activate" in line
+    )
+    torch = next(i for i, line in enumerate(lines) if '"torch==2.13.0"' in line)
+    assert venv < activate < torch < len(lines) - 1
