@@ -8,10 +8,21 @@ Compares, on the same inputs and in the same run:
 * ``lfilter``: ``scipy.signal.lfilter([1], [1, -gamma], x[:, ::-1])[:, ::-1]`` (CPU only, numpy input),
 * ``loop``: a Python loop over time with torch ops (the REINFORCE/CleanRL pattern; short rows only),
 * ``clone``: ``x.clone()``, the copy-bandwidth limit (reads and writes the same bytes as a scan).
+* ``hillis_steele``: the peer's algorithm reimplemented in torch (one pass per doubling distance, ceil(log2 N)
+  passes of two kernel launches each: ``t = gamma^d * y[:, d:]`` then ``y[:, :-d] += t``), so that the comparison
+  with the peer's algorithm exists on machines where the peer cannot be installed (e.g. the offline GPU machine).
+
+Besides the table of shapes it measures, per device, what issue 16 asks for:
+
+* ``bandwidth``: one row of 2^24, 2^26, 2^28 elements (CUDA; 2^18..2^22 on the CPU, 2^16..2^20 with ``--quick``),
+  scalar gamma and with ``dones``: GB/s moved and the fraction of ``clone()``'s bandwidth (goal >= 0.75 on CUDA);
+* ``latency``: shape (1, 100 000): time of one call divided by the time of one ``clone()`` (goal <= 1.5 on CUDA),
+  and the Hillis-Steele time.
 
 Times are medians from ``torch.utils.benchmark`` (which synchronises CUDA). Usage::
 
     python packages/discounted-cumsum/benchmarks/run.py --out bench.json --plot bench.png [--quick] [--device cuda]
+    python packages/discounted-cumsum/benchmarks/run.py --device cpu --quick --out /tmp/dry.json   # seconds
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 
-from altgrad.discounted_cumsum import __version__, cpu_isa, discounted_cumsum_right
+from altgrad.discounted_cumsum import __version__, cpu_isa, discounted_cumsum, discounted_cumsum_right
 
 GAMMA = 0.99
 SHAPES = [(1, 100_000), (64, 10_000), (1024, 1000), (16, 1_000_000), (1, 2**24), (4096, 256), (8, 128)]
@@ -64,6 +75,18 @@ def python_loop(x: torch.Tensor, gamma: float) -> torch.Tensor:
     for t in range(x.shape[1] - 1, -1, -1):
         running = x[:, t] + gamma * running
         y[:, t] = running
+    return y
+
+
+def hillis_steele(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Right discounted cumsum of a [B, N] tensor by ceil(log2 N) doubling passes (the peer's parallel scheme)."""
+    y = x.clone()
+    n = x.shape[1]
+    d = 1
+    while d < n:
+        t = y[:, d:] * gamma**d  # a temporary, so the pass reads the previous pass's values (double buffering)
+        y[:, : n - d] += t
+        d *= 2
     return y
 
 
@@ -106,6 +129,78 @@ def bench_shape(shape, device, peer, lfilter, min_run_time) -> dict:
         if other in t:
             row[f"speedup_vs_{other}"] = t[other] / t["ours"]
     return row
+
+
+GOAL_BANDWIDTH_FRACTION = 0.75  # issue 16: >= 75 % of copy bandwidth at 2^24..2^28 elements (CUDA)
+GOAL_LATENCY_RATIO = 1.5  # issue 16: <= 1.5 x a clone() launch at (1, 1e5) (CUDA)
+
+
+def bench_bandwidth(device: str, sizes, min_run_time: float) -> list[dict]:
+    """One long row per size: bytes moved per second and the fraction of clone()'s bandwidth."""
+    out = []
+    for numel in sizes:
+        x = torch.randn(1, numel, device=device)
+        dones = torch.rand(1, numel, device=device) < 1e-3
+        t_clone = _time("x.clone()", {"x": x}, min_run_time)
+        env = {"f": discounted_cumsum, "x": x, "d": dones}
+        t_ours = _time("f(x, 0.99, reverse=True)", env, min_run_time)
+        t_dones = _time("f(x, 0.99, reverse=True, dones=d)", env, min_run_time)
+        ref = discounted_cumsum(x.double(), 0.99, reverse=True)
+        err = ((discounted_cumsum(x, 0.99, reverse=True).double() - ref).abs().max() / ref.abs().max()).item()
+        del ref
+        row = {
+            "device": device,
+            "numel": numel,
+            "times_s": {"ours": t_ours, "ours_dones": t_dones, "clone": t_clone},
+            # bytes: x read + y written (4 + 4), plus the 1-byte dones mask
+            "gb_per_s": {"ours": 8 * numel / t_ours / 1e9, "ours_dones": 9 * numel / t_dones / 1e9,
+                         "clone": 8 * numel / t_clone / 1e9},
+            "fraction_of_clone_bandwidth": {"ours": t_clone / t_ours, "ours_dones": 9 / 8 * t_clone / t_dones},
+            "max_rel_err_vs_float64": err,
+        }
+        out.append(row)
+        print(f"[{device} bandwidth 2^{int(math.log2(numel))}] ours {row['gb_per_s']['ours']:.1f} GB/s = "
+              f"{row['fraction_of_clone_bandwidth']['ours']:.2f} x clone", file=sys.stderr)
+        del x, dones
+    return out
+
+
+def bench_latency(device: str, peer, min_run_time: float) -> dict:
+    """Shape (1, 100 000): one call vs one clone() launch, vs the Hillis-Steele scheme and the peer."""
+    x = torch.randn(1, 100_000, device=device) + 1.0
+    env = {"f": discounted_cumsum_right, "h": hillis_steele, "x": x, "g": GAMMA}
+    t = {
+        "ours": _time("f(x, g)", env, min_run_time),
+        "clone": _time("x.clone()", env, min_run_time),
+        "hillis_steele": _time("h(x, g)", env, min_run_time),
+    }
+    if peer is not None:
+        t["peer"] = _time("p(x, g)", {"p": peer, "x": x, "g": GAMMA}, min_run_time)
+    ref = discounted_cumsum_right(x.double(), GAMMA)
+    hs_err = ((hillis_steele(x, GAMMA).double() - ref).abs().max() / ref.abs().max()).item()
+    return {
+        "device": device,
+        "shape": [1, 100_000],
+        "times_s": t,
+        "ours_over_clone": t["ours"] / t["clone"],
+        "hillis_steele_over_ours": t["hillis_steele"] / t["ours"],
+        "hillis_steele_launches": 1 + 2 * math.ceil(math.log2(100_000)),
+        "max_rel_err_hillis_steele": hs_err,
+        **({"peer_over_ours": t["peer"] / t["ours"]} if "peer" in t else {}),
+    }
+
+
+def goals(bandwidth: list[dict], latency: dict) -> dict:
+    """Issue 16's goals, evaluated on the measured numbers (meaningful on CUDA; reported for any device)."""
+    worst = min((r["fraction_of_clone_bandwidth"]["ours"] for r in bandwidth), default=float("nan"))
+    return {
+        "bandwidth_fraction_min": worst,
+        "bandwidth_goal": GOAL_BANDWIDTH_FRACTION,
+        "bandwidth_met": worst >= GOAL_BANDWIDTH_FRACTION,
+        "latency_ratio": latency["ours_over_clone"],
+        "latency_goal": GOAL_LATENCY_RATIO,
+        "latency_met": latency["ours_over_clone"] <= GOAL_LATENCY_RATIO,
+    }
 
 
 def print_table(rows) -> None:
@@ -159,6 +254,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("run.py: --device cuda needs a CUDA GPU and torch with CUDA; none is available", file=sys.stderr)
+        return 2
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "all" and torch.cuda.is_available():
         devices.append("cuda")
@@ -173,6 +271,21 @@ def main(argv=None) -> int:
             rows.append(bench_shape(shape, device, peer, lfilter, min_run_time))
             print(f"[{device} {shape}] {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     print_table(rows)
+    extra = {}
+    for device in devices:
+        if device == "cuda":
+            sizes = [2**24, 2**26, 2**28] if not args.quick else [2**20, 2**24]
+        else:
+            sizes = [2**18, 2**20, 2**22] if not args.quick else [2**16, 2**18, 2**20]
+        bw = bench_bandwidth(device, sizes, min_run_time)
+        lat = bench_latency(device, peer, min_run_time)
+        extra[device] = {"bandwidth": bw, "latency": lat, "goals": goals(bw, lat)}
+        g = extra[device]["goals"]
+        print(
+            f"{device}: worst fraction of clone bandwidth {g['bandwidth_fraction_min']:.2f} (goal >= "
+            f"{GOAL_BANDWIDTH_FRACTION}); (1, 1e5) ours/clone {g['latency_ratio']:.2f} (goal <= {GOAL_LATENCY_RATIO}); "
+            f"Hillis-Steele/ours {lat['hillis_steele_over_ours']:.2f}"
+        )
     meta = {
         "altgrad_discounted_cumsum": __version__,
         "torch": torch.__version__,
@@ -189,7 +302,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps(_finite({"meta": meta, "results": rows}), indent=2, allow_nan=False) + "\n"
+            json.dumps(_finite({"meta": meta, "results": rows, "devices": extra}), indent=2, allow_nan=False) + "\n"
         )
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,14 @@
-"""CUDA kernels against the CPU results (skipped without a GPU)."""
+"""CUDA kernels against the CPU results (skipped without a GPU).
+
+Run on a CUDA machine with ``pytest packages/discounted-cumsum/tests/test_cuda.py`` (``nox -s gpu`` does). The
+largest case allocates about 9 GiB of host memory and 3 GiB of GPU memory (a 2^28-element float32 row, its float64
+copies for the CPU reference). Tolerances: ``close`` (conftest) compares with TOL[dtype] * (max|ref| + 1), the
+output dtype's rounding plus the float32 accumulation of a scan (see conftest and test_differential's bound).
+"""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -61,10 +69,170 @@ def test_matches_cpu(dtype, shape, dim, reverse, close):
         close(got, _cpu64(x, g, dim=dim, reverse=reverse, dones=dn, initial=ini), dtype)
 
 
-@pytest.mark.parametrize("n", [2**20 + 3, 2**24])
+@pytest.mark.parametrize("n", [2**20 + 3, 2**24, 2**28])
 def test_one_huge_row(n, close):
     x = torch.randn(1, n, device="cuda")
-    close(discounted_cumsum_right(x, 0.999), _cpu64(x, 0.999, dim=1, reverse=True), torch.float32)
+    got = discounted_cumsum_right(x, 0.999)
+    want = _cpu64(x, 0.999, dim=1, reverse=True)
+    close(got, want, torch.float32)
+    del got, want, x
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_long_float32_row_accuracy(reverse):
+    """Ones at gamma = 0.999999, 2^24 steps: exact value (1 - g^(k+1)) / (1 - g); the kernel accumulates in double,
+    so the only error is the final rounding to float32 (u = 2^-24 relative) plus double error (n * 2^-53)."""
+    n, g = 2**24, 0.999999
+    k = torch.arange(n, dtype=torch.float64, device="cuda")
+    want = -torch.expm1((k + 1) * math.log(g)) / (1 - g)
+    if reverse:
+        want = want.flip(0)
+    y = discounted_cumsum(torch.ones(n, device="cuda"), g, reverse=reverse)
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() <= 2 * 2.0**-24
+
+
+@pytest.mark.parametrize("rows", [65_536, 131_073])
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_many_rows(rows, n, close):
+    """More rows than CUDA's 65 535 grid-y limit (the peer's limit), short and medium rows."""
+    x = torch.randn(rows, n, device="cuda")
+    g = torch.rand(rows, dtype=torch.float64, device="cuda") * 0.2 + 0.8
+    dones = torch.rand(rows, n, device="cuda") < 0.05
+    init = torch.randn(rows, device="cuda")
+    close(
+        discounted_cumsum(x, g, reverse=True, dones=dones, initial=init),
+        _cpu64(x, g, reverse=True, dones=dones, initial=init),
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n", [100, 2**20])
+def test_nan_and_inf_never_cross_a_reset(reverse, n):
+    """A NaN/inf early in scan order, a reset later (often in another tile): the same NaN/inf positions as the
+    CPU kernel, and finite values equal to the CPU's within float32 accuracy."""
+    x = torch.rand(4, n, device="cuda")
+    early = [n - 3, n - 2, n - 1] if reverse else [0, 1, 2]
+    x[0, early[0]], x[1, early[1]], x[2, early[2]] = float("nan"), float("inf"), -float("inf")
+    dones = torch.zeros(4, n, dtype=torch.bool, device="cuda")
+    dones[:, n // 3 if reverse else 2 * n // 3] = True
+    gam = torch.full((4, n), 0.9, device="cuda")
+    gam[3, n // 2] = 0.0  # a zero discount cuts too
+    x[3, early[0]] = float("nan")
+    for g in (0.9, gam):
+        got = discounted_cumsum(x, g, reverse=reverse, dones=dones, initial=float("nan")).double().cpu()
+        want = _cpu64(x, g, reverse=reverse, dones=dones, initial=float("nan"))
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isinf(), want.isinf())
+        fin = want.isfinite()
+        assert fin.sum() > 0
+        assert (got[fin] - want[fin]).abs().max().item() <= 2e-5 * (want[fin].abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_and_lazy_views(dtype, close):
+    base = torch.randn(40, 30, 6, device="cuda", dtype=dtype)
+    views = {
+        "transposed": base.transpose(0, 1),
+        "sliced": base[::2, 3:, ::3],
+        "expanded": base[:, :1].expand(40, 30, 6),
+        "neg-bit": (-base.float()).to(dtype)._neg_view(),
+    }
+    if dtype in (torch.float32, torch.float64):
+        z = torch.complex(torch.zeros_like(base), -base)
+        views["conj-imag"] = z.conj().imag
+    for name, x in views.items():
+        for dim in (0, 1, -1):
+            got = discounted_cumsum(x, 0.95, dim=dim, reverse=True, initial=1.0)
+            close(got, _cpu64(x, 0.95, dim=dim, reverse=True, initial=1.0), dtype)
+
+
+def test_streams_and_events(close):
+    """Two non-default streams running concurrently (each its own workspace), and ordering through events."""
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    xs = [torch.randn(3, 200_000, device="cuda") for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            y1 = discounted_cumsum(xs[0], 0.99)
+        with torch.cuda.stream(s2):
+            y2 = discounted_cumsum(xs[1], 0.98, reverse=True)
+        outs.append((y1, y2))
+    torch.cuda.synchronize()
+    for y1, y2 in outs:
+        close(y1, _cpu64(xs[0], 0.99), torch.float32)
+        close(y2, _cpu64(xs[1], 0.98, reverse=True), torch.float32)
+    # produced on one stream, consumed on another after an event
+    ev = torch.cuda.Event()
+    with torch.cuda.stream(s1):
+        x = torch.randn(2, 50_000, device="cuda") * 2
+        ev.record()
+    with torch.cuda.stream(s2):
+        s2.wait_event(ev)
+        y = discounted_cumsum(x, 0.9)
+    s2.synchronize()
+    close(y, _cpu64(x, 0.9), torch.float32)
+
+
+def test_cuda_graph_capture_and_replay(close):
+    x = torch.randn(8, 10_000, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        discounted_cumsum(x, 0.97, reverse=True)  # warm-up: allocates this stream's workspace
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = discounted_cumsum(x, 0.97, reverse=True)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        close(y, _cpu64(x, 0.97, reverse=True), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_per_row_and_per_element_match_cpu(dtype):
+    for g_shape in [(5,), (5, 700), (1, 700)]:
+        x = torch.randn(5, 700, dtype=dtype, device="cuda", requires_grad=True)
+        g = (torch.rand(g_shape, dtype=dtype, device="cuda") * 0.5 + 0.5).requires_grad_()
+        init = torch.randn(5, dtype=dtype, device="cuda", requires_grad=True)
+        dones = torch.rand(5, 700, device="cuda") < 0.02
+        w = torch.randn(5, 700, dtype=dtype, device="cuda")
+        got = torch.autograd.grad(
+            (discounted_cumsum(x, g, reverse=True, dones=dones, initial=init) * w).sum(), (x, g, init)
+        )
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (x, g, init)]
+        want = torch.autograd.grad(
+            (discounted_cumsum_reference(leaves[0], leaves[1], reverse=True, dones=dones.cpu(), initial=leaves[2])
+             * w.cpu().double()).sum(),
+            leaves,
+        )
+        for a, b in zip(got, want):
+            # float32: a sum of <= 700 * 5 terms |lambda y| <= ~1e3 each, accumulated in double then rounded:
+            # relative 2^-24 of the largest gradient plus 4e-6 absolute slack per unit of it
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            assert (a.double().cpu() - b).abs().max().item() <= tol * (b.abs().max().item() + 1)
+
+
+def test_compile_with_dones_initial_and_backward():
+    def f(r, g, d, b):
+        return discounted_cumsum(r, g, dim=0, reverse=True, dones=d, initial=b)
+
+    cf = torch.compile(f, fullgraph=True)
+    r = torch.randn(128, 16, device="cuda", requires_grad=True)
+    g = torch.full((16,), 0.97, device="cuda", requires_grad=True)
+    d = torch.rand(128, 16, device="cuda") < 0.05
+    b = torch.randn(16, device="cuda")
+    y = cf(r, g, d, b)
+    ye = f(r, g, d, b)
+    torch.testing.assert_close(y, ye, rtol=0, atol=0)  # the same kernel on the same inputs
+    # gradients: the compiled graph may sum grad_gamma = sum_t lambda_t y_(t-1) (128 terms) in another order, so the
+    # two float32 sums differ by at most 2 * 128 u of their magnitude (u = 2^-24)
+    for a, b in zip(torch.autograd.grad(y.sum(), (r, g)), torch.autograd.grad(ye.sum(), (r, g))):
+        assert (a - b).abs().max().item() <= 256 * 2.0**-24 * (b.abs().max().item() + 1)
 
 
 def test_precision_against_the_peers_figure():
