@@ -84,7 +84,9 @@ def hillis_steele(x: torch.Tensor, gamma: float) -> torch.Tensor:
     n = x.shape[1]
     d = 1
     while d < n:
-        t = y[:, d:] * gamma**d  # a temporary, so the pass reads the previous pass's values (double buffering)
+        t = (
+            y[:, d:] * gamma**d
+        )  # a temporary, so the pass reads the previous pass's values (double buffering)
         y[:, : n - d] += t
         d *= 2
     return y
@@ -153,14 +155,23 @@ def bench_bandwidth(device: str, sizes, min_run_time: float) -> list[dict]:
             "numel": numel,
             "times_s": {"ours": t_ours, "ours_dones": t_dones, "clone": t_clone},
             # bytes: x read + y written (4 + 4), plus the 1-byte dones mask
-            "gb_per_s": {"ours": 8 * numel / t_ours / 1e9, "ours_dones": 9 * numel / t_dones / 1e9,
-                         "clone": 8 * numel / t_clone / 1e9},
-            "fraction_of_clone_bandwidth": {"ours": t_clone / t_ours, "ours_dones": 9 / 8 * t_clone / t_dones},
+            "gb_per_s": {
+                "ours": 8 * numel / t_ours / 1e9,
+                "ours_dones": 9 * numel / t_dones / 1e9,
+                "clone": 8 * numel / t_clone / 1e9,
+            },
+            "fraction_of_clone_bandwidth": {
+                "ours": t_clone / t_ours,
+                "ours_dones": 9 / 8 * t_clone / t_dones,
+            },
             "max_rel_err_vs_float64": err,
         }
         out.append(row)
-        print(f"[{device} bandwidth 2^{int(math.log2(numel))}] ours {row['gb_per_s']['ours']:.1f} GB/s = "
-              f"{row['fraction_of_clone_bandwidth']['ours']:.2f} x clone", file=sys.stderr)
+        print(
+            f"[{device} bandwidth 2^{int(math.log2(numel))}] ours {row['gb_per_s']['ours']:.1f} GB/s = "
+            f"{row['fraction_of_clone_bandwidth']['ours']:.2f} x clone",
+            file=sys.stderr,
+        )
         del x, dones
     return out
 
@@ -255,7 +266,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("run.py: --device cuda needs a CUDA GPU and torch with CUDA; none is available", file=sys.stderr)
+        print(
+            "run.py: --device cuda needs a CUDA GPU and torch with CUDA; none is available", file=sys.stderr
+        )
         return 2
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "all" and torch.cuda.is_available():
@@ -302,7 +315,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps(_finite({"meta": meta, "results": rows, "devices": extra}), indent=2, allow_nan=False) + "\n"
+            json.dumps(_finite({"meta": meta, "results": rows, "devices": extra}), indent=2, allow_nan=False)
+            + "\n"
         )
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def test_non_contiguous_and_lazy_views(dtype, close):
     if dtype in (torch.float32, torch.float64):
         z = torch.complex(torch.zeros_like(base), -base)
         views["conj-imag"] = z.conj().imag
-    for name, x in views.items():
+    for _name, x in views.items():
         for dim in (0, 1, -1):
             got = discounted_cumsum(x, 0.95, dim=dim, reverse=True, initial=1.0)
             close(got, _cpu64(x, 0.95, dim=dim, reverse=True, initial=1.0), dtype)
@@ -206,8 +206,12 @@ def test_gradients_per_row_and_per_element_match_cpu(dtype):
         )
         leaves = [t.detach().cpu().double().requires_grad_() for t in (x, g, init)]
         want = torch.autograd.grad(
-            (discounted_cumsum_reference(leaves[0], leaves[1], reverse=True, dones=dones.cpu(), initial=leaves[2])
-             * w.cpu().double()).sum(),
+            (
+                discounted_cumsum_reference(
+                    leaves[0], leaves[1], reverse=True, dones=dones.cpu(), initial=leaves[2]
+                )
+                * w.cpu().double()
+            ).sum(),
             leaves,
         )
         for a, b in zip(got, want):

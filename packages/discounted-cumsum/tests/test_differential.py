@@ -89,7 +89,7 @@ def layout(draw, vals: torch.Tensor, dtype, allowed):
         return vals.narrow(d, 0, 1).to(dtype).expand(shape)
     if kind == "sliced" and vals.dim() >= 1:
         d = draw(st.integers(0, vals.dim() - 1))
-        big = torch.zeros(shape[:d] + (2 * shape[d],) + shape[d + 1 :], dtype=dtype)
+        big = torch.zeros((*shape[:d], 2 * shape[d], *shape[d + 1 :]), dtype=dtype)
         big.narrow(d, 0, 2 * shape[d])[(slice(None),) * d + (slice(None, None, 2),)] = vals.to(dtype)
         return big[(slice(None),) * d + (slice(None, None, 2),)]
     if kind == "flipped" and vals.dim() >= 1:
@@ -134,24 +134,42 @@ def problems(draw, nonfinite: bool, grad: bool):
         gamma = torch.tensor(draw(gate), dtype=g_dtype)
         gates = gamma.double().expand(shape)
     elif kind == "per-row":
-        gv = torch.tensor(draw(st.lists(gate, min_size=len(torch.zeros(row_shape).reshape(-1)),
-                                         max_size=len(torch.zeros(row_shape).reshape(-1)))), dtype=torch.float64)
+        gv = torch.tensor(
+            draw(
+                st.lists(
+                    gate,
+                    min_size=len(torch.zeros(row_shape).reshape(-1)),
+                    max_size=len(torch.zeros(row_shape).reshape(-1)),
+                )
+            ),
+            dtype=torch.float64,
+        )
         gamma = layout(draw, gv.reshape(row_shape), g_dtype, layouts[:2] + (["negated"] if not grad else []))
         gates = gamma.double().unsqueeze(d).expand(shape)
     else:
         gshape = broadcast_shape(draw, shape)
-        gv = torch.tensor(draw(st.lists(gate, min_size=torch.Size(gshape).numel(),
-                                         max_size=torch.Size(gshape).numel())), dtype=torch.float64)
+        gv = torch.tensor(
+            draw(st.lists(gate, min_size=torch.Size(gshape).numel(), max_size=torch.Size(gshape).numel())),
+            dtype=torch.float64,
+        )
         gamma = layout(draw, gv.reshape(gshape), g_dtype, layouts[:2] + (["negated"] if not grad else []))
         gates = gamma.double().expand(shape)
-        if gshape[d] != 1:  # per-element gates are stored in the compute dtype (values drawn exact in float32)
+        if (
+            gshape[d] != 1
+        ):  # per-element gates are stored in the compute dtype (values drawn exact in float32)
             gates = gates.to(cd).double()
 
     dones = None
     if draw(st.booleans()):
         dshape = broadcast_shape(draw, shape)
-        dv = torch.tensor(draw(st.lists(st.booleans(), min_size=torch.Size(dshape).numel(),
-                                         max_size=torch.Size(dshape).numel())), dtype=torch.bool).reshape(dshape)
+        dv = torch.tensor(
+            draw(
+                st.lists(
+                    st.booleans(), min_size=torch.Size(dshape).numel(), max_size=torch.Size(dshape).numel()
+                )
+            ),
+            dtype=torch.bool,
+        ).reshape(dshape)
         dones = dv if draw(st.booleans()) else dv.to(draw(st.sampled_from([torch.float32, torch.int64])))
         gates = torch.where(dv.expand(shape), torch.zeros((), dtype=torch.float64), gates)
 
@@ -162,15 +180,29 @@ def problems(draw, nonfinite: bool, grad: bool):
         init_vals = torch.full(row_shape, initial, dtype=torch.float64)
     elif ikind == "tensor":
         ishape = broadcast_shape(draw, row_shape)
-        iv = torch.tensor(draw(values(torch.Size(ishape).numel(), nonfinite)), dtype=torch.float64).reshape(ishape)
-        initial = layout(draw, iv, draw(st.sampled_from([torch.float32, torch.float64])), layouts[:2] + ["negated"])
+        iv = torch.tensor(draw(values(torch.Size(ishape).numel(), nonfinite)), dtype=torch.float64).reshape(
+            ishape
+        )
+        initial = layout(
+            draw, iv, draw(st.sampled_from([torch.float32, torch.float64])), [*layouts[:2], "negated"]
+        )
         init_vals = initial.double().expand(row_shape)
 
     reverse = draw(st.booleans())
     nthreads = draw(st.sampled_from([1, 2, 3]))
     return {
-        "x": x, "gamma": gamma, "dim": dim, "reverse": reverse, "dones": dones, "initial": initial,
-        "gates": gates, "init_vals": init_vals, "nthreads": nthreads, "dtype": dtype, "n": n, "d": d,
+        "x": x,
+        "gamma": gamma,
+        "dim": dim,
+        "reverse": reverse,
+        "dones": dones,
+        "initial": initial,
+        "gates": gates,
+        "init_vals": init_vals,
+        "nthreads": nthreads,
+        "dtype": dtype,
+        "n": n,
+        "d": d,
     }
 
 
@@ -209,9 +241,11 @@ def check(got: torch.Tensor, ref: torch.Tensor, abs_sum: torch.Tensor, factor: f
 @given(problems(nonfinite=True, grad=False))
 def test_forward_matches_the_slow_loop(p):
     with Threads(p["nthreads"]):
-        y = discounted_cumsum(p["x"], p["gamma"], dim=p["dim"], reverse=p["reverse"], dones=p["dones"],
-                              initial=p["initial"])
-    assert y.shape == p["x"].shape and y.dtype == p["dtype"]
+        y = discounted_cumsum(
+            p["x"], p["gamma"], dim=p["dim"], reverse=p["reverse"], dones=p["dones"], initial=p["initial"]
+        )
+    assert y.shape == p["x"].shape
+    assert y.dtype == p["dtype"]
     if y.numel() == 0:
         return
     xv, d = p["x"].double(), p["d"]
@@ -229,11 +263,18 @@ def test_gradients_match_the_slow_loop(p, data):
     g_leaf = gamma.detach().clone().requires_grad_() if isinstance(gamma, torch.Tensor) else None
     init = p["initial"]
     i_leaf = init.detach().clone().requires_grad_() if isinstance(init, torch.Tensor) else None
-    w = torch.tensor(data.draw(st.lists(finite32, min_size=x.numel(), max_size=x.numel())),
-                     dtype=torch.float64).reshape(x.shape)
+    w = torch.tensor(
+        data.draw(st.lists(finite32, min_size=x.numel(), max_size=x.numel())), dtype=torch.float64
+    ).reshape(x.shape)
     with Threads(p["nthreads"]):
-        y = discounted_cumsum(x, g_leaf if g_leaf is not None else gamma, dim=p["dim"], reverse=p["reverse"],
-                              dones=p["dones"], initial=i_leaf if i_leaf is not None else init)
+        y = discounted_cumsum(
+            x,
+            g_leaf if g_leaf is not None else gamma,
+            dim=p["dim"],
+            reverse=p["reverse"],
+            dones=p["dones"],
+            initial=i_leaf if i_leaf is not None else init,
+        )
         leaves = [t for t in (x, g_leaf, i_leaf) if t is not None]
         grads = torch.autograd.grad((y.double() * w).sum(), leaves, allow_unused=True)
 
@@ -250,7 +291,9 @@ def test_gradients_match_the_slow_loop(p, data):
             gg = gr.unsqueeze(d) if (p["x"].dim() > 1 and gr.dim() == p["x"].dim() - 1) else gr
             gates = gg.expand(x.shape)
             if p["dones"] is not None:
-                gates = torch.where(p["dones"].expand(x.shape) != 0, torch.zeros((), dtype=torch.float64), gates)
+                gates = torch.where(
+                    p["dones"].expand(x.shape) != 0, torch.zeros((), dtype=torch.float64), gates
+                )
         init_vals = None
         if ir is not None:
             init_vals = ir.expand(p["init_vals"].shape)

@@ -68,8 +68,7 @@ G = 127 / 128  # exact in every dtype, so per-element gates (stored in the compu
 
 
 @functools.lru_cache(maxsize=None)
-def _long_row_case(reverse: bool, bad: float):
-    n = 2**19
+def _long_row_case(n: int, reverse: bool, bad: float):
     first = n - 10 if reverse else 10  # early in scan order
     reset = n // 6 if reverse else n - n // 6  # in the last chunk
     x = [1.0] * n
@@ -79,14 +78,21 @@ def _long_row_case(reverse: bool, bad: float):
     return torch.tensor([x], dtype=torch.float64), torch.tensor([dones]), loop64(x, G, dones, reverse=reverse)
 
 
-@pytest.mark.parametrize("nthreads", [2, 4])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("bad", [NAN, -INF])
-@pytest.mark.parametrize("gamma_kind", ["scalar", "per-element"])
-def test_non_finite_does_not_cross_a_reset_on_long_rows(nthreads, reverse, bad, gamma_kind):
-    """One row of 2^19 steps (chunked over threads): the bad value sits in the first chunk in scan order and the
-    reset in a later chunk, so the chunk carry is non-finite while the episode after the reset must stay finite."""
-    x, dones, want = _long_row_case(reverse, bad)
+class chunking:
+    """Forces the chunked long-row path onto rows of >= `min_row` steps (the default threshold is 2^18)."""
+
+    def __init__(self, min_row):
+        self.min_row = min_row
+
+    def __enter__(self):
+        self.old = _native._set_chunk_tuning(self.min_row, 1)
+
+    def __exit__(self, *exc):
+        _native._set_chunk_tuning(*self.old)
+
+
+def _check_long_row(n, nthreads, reverse, bad, gamma_kind):
+    x, dones, want = _long_row_case(n, reverse, bad)
     g = G if gamma_kind == "scalar" else torch.full(x.shape, G, dtype=torch.float64)
     for dtype in (torch.float64, torch.float32):
         with threads(nthreads):
@@ -96,6 +102,24 @@ def test_non_finite_does_not_cross_a_reset_on_long_rows(nthreads, reverse, bad, 
         # Error bound of a float32 scan (inputs and G exact in float32): <= 10 u of max|y| = 1 / (1 - G) = 128,
         # u = 2^-24 (see test_long_float32_row_is_thread_independent); float64 is far inside it.
         assert (gd[fin] - w[fin]).abs().max().item() <= 10 * 2.0**-24 * 128
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_non_finite_does_not_cross_a_reset_on_long_rows(reverse):
+    """The issue's case: one row of 2^19 steps on 2 threads (chunked). The NaN sits in the first chunk in scan
+    order and the reset in a later chunk, so the chunk carry is NaN while the episode after the reset must stay
+    finite (before the fix the fix-up multiplied the NaN carry by 0)."""
+    _check_long_row(2**19, 2, reverse, NAN, "scalar")
+
+
+@pytest.mark.parametrize("nthreads", [2, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+@pytest.mark.parametrize("gamma_kind", ["scalar", "per-element"])
+def test_non_finite_does_not_cross_a_reset_in_chunks(nthreads, reverse, bad, gamma_kind):
+    """The same with the chunked path forced onto 6000-step rows (2-4 chunks, so the carry chain is used too)."""
+    with chunking(64):
+        _check_long_row(6000, nthreads, reverse, bad, gamma_kind)
 
 
 @pytest.mark.parametrize("nthreads", [2, 4])
@@ -120,7 +144,11 @@ def test_resets_and_zero_discounts_cut_nan_on_every_path(reverse, layout):
     dones = [t % 5 == 3 for t in range(n)]
     gam = [0.0 if t % 7 == 2 else 0.5 for t in range(n)]
     want = loop64(x, gam, dones, initial=NAN, reverse=reverse)
-    xt, dt, gt = torch.tensor(x, dtype=torch.float64), torch.tensor(dones), torch.tensor(gam, dtype=torch.float64)
+    xt, dt, gt = (
+        torch.tensor(x, dtype=torch.float64),
+        torch.tensor(dones),
+        torch.tensor(gam, dtype=torch.float64),
+    )
     kw = {"reverse": reverse, "initial": NAN}
     if layout == "rows":
         got = discounted_cumsum(xt, gt, dones=dt, **kw)
@@ -137,7 +165,8 @@ def test_resets_and_zero_discounts_cut_nan_on_every_path(reverse, layout):
 def test_scalar_zero_discount_cuts(reverse):
     x = torch.tensor([[1.0, NAN, 2.0, INF] + [3.0] * 60])
     y = discounted_cumsum(x, 0.0, reverse=reverse, initial=INF)
-    assert torch.equal(y.isnan(), x.isnan()) and torch.equal(y[x.isfinite()], x[x.isfinite()])
+    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y[x.isfinite()], x[x.isfinite()])
 
 
 def test_gae_does_not_leak_a_nan_value_through_a_terminal_step():
@@ -183,7 +212,8 @@ def test_long_float32_row_is_thread_independent(n, reverse):
 def _neg_view(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor whose values are -t but whose memory holds t (neg bit set)."""
     v = t._neg_view()
-    assert v.is_neg() and v.is_contiguous()
+    assert v.is_neg()
+    assert v.is_contiguous()
     return v
 
 
@@ -213,7 +243,9 @@ def test_conjugate_imag_views():
     # and through autograd (the incoming gradient may itself be a lazily negated view)
     xr = x.clone().requires_grad_()
     (discounted_cumsum(xr, 0.9) * 1.0).sum().backward()
-    torch.testing.assert_close(xr.grad, discounted_cumsum(torch.ones(4, 50, dtype=torch.float64), 0.9, reverse=True))
+    torch.testing.assert_close(
+        xr.grad, discounted_cumsum(torch.ones(4, 50, dtype=torch.float64), 0.9, reverse=True)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +281,9 @@ def test_empty_input_with_huge_rows_allocates_nothing():
     """(2^22, 0) with `initial`: the result is empty, so nothing of size 2^22 may be allocated (3 GB at 2^28)."""
     x = torch.empty(2**22, 0)
     g_tensor = torch.tensor(0.9)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         y1 = discounted_cumsum(x, 0.9, initial=1.0)
         y2 = discounted_cumsum(x, g_tensor, initial=2.0, reverse=True)
     assert y1.shape == y2.shape == x.shape
@@ -262,7 +296,8 @@ def test_empty_input_with_huge_rows_allocates_nothing():
 # ---------------------------------------------------------------------------------------------------------------
 def test_forced_isa_is_the_one_in_use():
     supported = supported_cpu_isas()
-    assert supported and supported[-1] == "baseline"
+    assert supported
+    assert supported[-1] == "baseline"
     forced = os.environ.get("ALTGRAD_CPU_ISA")
     assert cpu_isa() == (forced if forced else supported[0])
 
@@ -287,8 +322,10 @@ def test_unknown_or_unsupported_isa_is_a_clear_error():
     missing = [isa for isa in ("avx2", "avx512") if isa not in supported_cpu_isas()]
     for isa in missing:  # only on CPUs (or builds) without them
         out = _run(code, isa)
-        assert out.returncode == 0 and f"ERROR ALTGRAD_CPU_ISA={isa}" in out.stdout, out
+        assert out.returncode == 0, out.stderr
+        assert f"ERROR ALTGRAD_CPU_ISA={isa}" in out.stdout, out
 
 
 def test_native_isa_helpers_exist():
-    assert _native.cpu_isa is cpu_isa and _native.supported_cpu_isas is supported_cpu_isas
+    assert _native.cpu_isa is cpu_isa
+    assert _native.supported_cpu_isas is supported_cpu_isas

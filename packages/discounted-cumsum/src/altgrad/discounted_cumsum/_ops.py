@@ -157,7 +157,11 @@ def _backward(ctx, grad):
         if gates is None:
             gates = _gates(grad, gamma, gv, dones)
         a0 = gates.select(dim, first)
-        g0 = torch.where(a0 == 0, torch.zeros((), dtype=a0.dtype, device=a0.device), a0 * lam.select(dim, first).to(a0.dtype))
+        g0 = torch.where(
+            a0 == 0,
+            torch.zeros((), dtype=a0.dtype, device=a0.device),
+            a0 * lam.select(dim, first).to(a0.dtype),
+        )
         g0 = g0.sum_to_size(ctx.initial_shape)
         grad_initial = g0.to(initial.dtype)
     return lam, grad_gamma, None, None, grad_initial, None, None

@@ -66,7 +66,9 @@ def discounted_cumsum(
 
 def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.Tensor:
     if isinstance(gamma, (list, tuple)):  # the peer accepts anything torch.tensor() takes
-        gamma = torch.tensor(gamma, dtype=torch.float64, device=x.device if isinstance(x, torch.Tensor) else None)
+        gamma = torch.tensor(
+            gamma, dtype=torch.float64, device=x.device if isinstance(x, torch.Tensor) else None
+        )
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
@@ -79,7 +81,7 @@ def _peer_gamma(x: torch.Tensor, gamma: float | torch.Tensor) -> float | torch.T
     return gamma
 
 
-def discounted_cumsum_right(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:  # noqa: A002
+def discounted_cumsum_right(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
     r"""Discounted cumulative sum to the right of each position: $y_t = x_t + \gamma\, y_{t+1}$.
 
     Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_right``: ``input`` is ``[B, N]`` and the sum
@@ -104,7 +106,7 @@ def discounted_cumsum_right(input: torch.Tensor, gamma: float | torch.Tensor) ->
     return discounted_cumsum(input, _peer_gamma(input, gamma), dim=1, reverse=True)
 
 
-def discounted_cumsum_left(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:  # noqa: A002
+def discounted_cumsum_left(input: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
     r"""Discounted cumulative sum to the left of each position: $y_t = x_t + \gamma\, y_{t-1}$.
 
     Drop-in replacement for ``torch_discounted_cumsum.discounted_cumsum_left`` (``input`` is ``[B, N]``, the sum

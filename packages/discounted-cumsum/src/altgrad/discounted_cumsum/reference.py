@@ -59,7 +59,9 @@ def scan_reference(
         if prev is not None:
             # A zero gate cuts: a non-finite prev is replaced by 0 there (0 * inf would be NaN), while the
             # derivative w.r.t. the gate stays prev wherever prev is finite.
-            prev = torch.where((a[t] == 0) & ~prev.isfinite(), torch.zeros((), dtype=cd, device=x.device), prev)
+            prev = torch.where(
+                (a[t] == 0) & ~prev.isfinite(), torch.zeros((), dtype=cd, device=x.device), prev
+            )
         prev = xs[t] if prev is None else xs[t] + a[t] * prev
         out[t] = prev
     return torch.stack(out, 0).movedim(0, dim).to(x.dtype)

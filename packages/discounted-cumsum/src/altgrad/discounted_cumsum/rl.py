@@ -20,7 +20,9 @@ def _bootstrap(bootstrap, rewards: torch.Tensor, d: int):
     if isinstance(bootstrap, torch.Tensor) and bootstrap.device != rewards.device and bootstrap.dim() > 0:
         raise ValueError(f"`bootstrap` is on {bootstrap.device} but `rewards` is on {rewards.device}")
     row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
-    if not isinstance(bootstrap, torch.Tensor) or not (bootstrap.is_floating_point() or bootstrap.dtype in (torch.int32, torch.int64)):
+    if not isinstance(bootstrap, torch.Tensor) or not (
+        bootstrap.is_floating_point() or bootstrap.dtype in (torch.int32, torch.int64)
+    ):
         kind = bootstrap.dtype if isinstance(bootstrap, torch.Tensor) else type(bootstrap).__name__
         raise TypeError(f"`bootstrap` must be a number or a real tensor, got {kind}")
     if bootstrap.dim() > len(row_shape) or any(
@@ -44,7 +46,9 @@ def _rate(name: str, v, rewards: torch.Tensor, d: int):
     row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
     if rewards.dim() > 1 and v.dim() == rewards.dim() - 1 and v.shape == row_shape:
         return v.unsqueeze(d)  # per-row, as accepted by discounted_cumsum
-    if v.dim() > rewards.dim() or any(s not in (1, t) for s, t in zip(reversed(v.shape), reversed(rewards.shape))):
+    if v.dim() > rewards.dim() or any(
+        s not in (1, t) for s, t in zip(reversed(v.shape), reversed(rewards.shape))
+    ):
         raise ValueError(
             f"`{name}` of shape {tuple(v.shape)} does not broadcast to `rewards` of shape {tuple(rewards.shape)} "
             f"and is not per-row (expected {tuple(row_shape)})"
