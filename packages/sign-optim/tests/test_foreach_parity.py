@@ -31,17 +31,17 @@ def _bits(t):
     return t.contiguous().view(view)
 
 
-def _params(dtype, gen):
+def _params(dtype, gen, device):
     shapes = [(37, 5), (3,), ()]
-    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
     # A non-contiguous parameter (transposed storage).
-    params.append(torch.randn(6, 4, generator=gen, dtype=torch.float64).to(dtype).t())
+    params.append(torch.randn(6, 4, generator=gen, dtype=torch.float64).to(device, dtype).t())
     return [torch.nn.Parameter(p) for p in params]
 
 
-def _run(cls, dtype, config, foreach):
+def _run(cls, dtype, config, foreach, device):
     gen = torch.Generator().manual_seed(1234)
-    params = _params(dtype, gen)
+    params = _params(dtype, gen, device)
     opt = cls(params, foreach=foreach, **config)
     for t in range(5):
         for i, p in enumerate(params):
@@ -50,21 +50,28 @@ def _run(cls, dtype, config, foreach):
                 # Steer m to within rounding of zero: m_new = 0.9 m - 0.9 m = 0 in exact arithmetic.
                 m = opt.state[p]["exp_avg"].detach()
                 m = torch.view_as_real(m) if m.is_complex() else m
-                g = (-9.0 * m.double()).reshape(g.shape) if not p.is_complex() else g
-            p.grad = g.to(dtype) if not (i == 2 and t == 1) else None
+                g = (-9.0 * m.double().cpu()).reshape(g.shape) if not p.is_complex() else g
+            p.grad = g.to(device, dtype) if not (i == 2 and t == 1) else None
         opt.step()
     return [_bits(p) for p in params] + [_bits(opt.state[p]["exp_avg"]) for p in params]
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("cls", [AddSign, PowerSign])
-def test_foreach_matches_forloop_bitwise_all_dtypes(cls, dtype):
+def test_foreach_matches_forloop_bitwise_all_dtypes(cls, dtype, device):
     alpha = 0.7 if cls is AddSign else 2.5
     failures = []
     for wd, maximize, decay in itertools.product(WEIGHT_DECAY, (False, True), DECAYS):
         config = {"lr": 0.013, "alpha": alpha, "maximize": maximize, "sign_internal_decay": decay, **wd}
-        loop = _run(cls, dtype, config, foreach=False)
-        fe = _run(cls, dtype, config, foreach=True)
+        loop = _run(cls, dtype, config, False, device)
+        fe = _run(cls, dtype, config, True, device)
         n_diff = sum(int((a != b).sum()) for a, b in zip(loop, fe))
         if n_diff:
             failures.append(f"{wd} maximize={maximize} decay={decay!r}: {n_diff} elements differ")

@@ -171,6 +171,31 @@ def test_complex_params_match_view_as_real(cls, foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_lazily_conjugated_and_negated_grad_views(cls, foreach):
+    # A conj-bit (or neg-bit) gradient used to reach view_as_real unresolved and raise.
+    torch.manual_seed(0)
+    z = torch.randn(5, dtype=torch.complex64)
+    x = torch.randn(4)
+    lazy = [z.conj(), torch._neg_view(x)]
+    plain = [z.conj().resolve_conj(), -x]
+    for weight_decay in (0.0, 0.1):
+        results = []
+        for grads in (lazy, plain):
+            params = [
+                torch.nn.Parameter(torch.ones(5, dtype=torch.complex64)),
+                torch.nn.Parameter(torch.ones(4)),
+            ]
+            opt = cls(params, lr=0.1, weight_decay=weight_decay, foreach=foreach)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            results.append([torch.view_as_real(params[0].detach()), params[1].detach()])
+        for a, b in zip(*results):
+            _bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_grad_is_never_mutated(cls, foreach):
     torch.manual_seed(0)
     params = [
