@@ -213,8 +213,18 @@ def _check(layer, x):
     assert got.shape == ref.shape
     got64 = got.double()
     finite = torch.isfinite(ref)
-    # non-finite input never turns into a finite output, and never leaks into other rows
-    assert torch.equal(torch.isfinite(got64), finite)
+    got_finite = torch.isfinite(got64)
+    # non-finite input never turns into a finite output ...
+    assert not (got_finite & ~finite).any()
+    # ... and never leaks into other rows (members, examples). Within one image, torch's own bf16/fp16 CPU
+    # convolution spreads a NaN to neighbouring outputs (F.conv2d alone does it), so that much is tolerated.
+    leaked = (~got_finite & finite).reshape(x.shape[0], -1).any(1)
+    if leaked.any():
+        bad_rows = ~torch.isfinite(x.resolve_neg().double()).reshape(x.shape[0], -1).all(1)
+        half_conv = isinstance(layer, nn.Conv2d) and layer.weight.dtype in (torch.bfloat16, torch.float16)
+        assert half_conv, "a non-finite value leaked into finite outputs"
+        assert not (leaked & ~bad_rows).any(), "a non-finite input leaked into another row"
+    finite &= got_finite
     err = (got64 - ref).abs()[finite]
     allowed = 2 * gamma * mag[finite] + 1e-300
     assert (err <= allowed).all(), (err.max().item(), (err - allowed).max().item(), layer)
@@ -237,7 +247,7 @@ def test_linear_matches_per_member_reference(data):
         _check(layer, x)
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=25)
 @given(data=st.data())
 def test_conv_matches_per_member_reference(data):
     draw = data.draw
@@ -245,7 +255,8 @@ def test_conv_matches_per_member_reference(data):
     layer = _conv_layer(draw, dtype)
     n = layer.directions
     reps = draw(st.sampled_from([1, 2] if layer.antithetic else [1, 3]))
-    h, w = draw(st.integers(4, 7)), draw(st.integers(4, 7))
+    eff = [layer.dilation[i] * (layer.kernel_size[i] - 1) + 1 for i in range(2)]  # the kernel's extent
+    h, w = draw(st.integers(eff[0], eff[0] + 3)), draw(st.integers(eff[1], eff[1] + 3))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     x = torch.randn(reps * n, layer.in_channels, h, w, generator=g).to(dtype)
     x = _view(draw, _poison(draw, x))
