@@ -66,6 +66,22 @@ def test_eval_mode_backward_is_plain_autograd(mode):
         assert torch.equal(p.grad, q.grad)  # accumulated exactly as in plain autograd
 
 
+@pytest.mark.parametrize("mode", ["dni", "observe"])
+def test_gradients_from_eval_mode_do_not_leak_into_training(mode):
+    data = batches(3)
+    clean, used = make(mode=mode), make(mode=mode)
+    train(clean, data[:1])
+    train(used, data[:1])
+    used.eval()
+    x = data[1][0].clone().requires_grad_(True)
+    used(x).sum().backward()  # a saliency map: fills the wrapped layers' .grad
+    used.train()
+    train(clean, data[1:])
+    train(used, data[1:])
+    for a, b in zip(params(clean.network), params(used.network)):
+        assert torch.equal(a, b)
+
+
 def test_backprop_mode_steps_wrapped_layers_from_the_true_gradient():
     """mode="backprop": interfaces bypassed, the wrapper still owns the hidden layers' SGD update (lr 0.2)."""
     dni = make(mode="backprop")

@@ -625,6 +625,11 @@ class DNI(nn.Module):
             self._active_mode = "observe" if self.num_steps < self.warmup_steps else self._mode
             self.num_steps += 1
             self.step_synthesizers()
+            # The wrapper owns the wrapped modules' updates and consumes their gradients as it steps, so any
+            # gradient found here was left by a backward pass in eval mode (a saliency map, say): drop it,
+            # or it would leak into this training step.
+            for opt in self._module_optimizers:
+                opt.zero_grad(set_to_none=True)
         if context is None:
             return self.network(*args, **kwargs)
         with self.context(context):
