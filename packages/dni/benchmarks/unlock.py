@@ -97,13 +97,47 @@ def run(layers: int, method: str, seed: int, steps: int, data, width: int, sg_hi
         return (net(xte).argmax(1) == yte).float().mean().item()
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Combine split runs (``--depths``/``--seeds`` in several processes) into one result and print the table."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = {k: v for k, v in parts[0].items() if k not in ("accuracy", "seeds")}
+    result["seeds"], result["accuracy"] = sorted({s for p in parts for s in p["seeds"]}), {}
+    for part in parts:
+        for layers, row in part["accuracy"].items():
+            dest = result["accuracy"].setdefault(layers, {})
+            for method, cell in row.items():
+                d = dest.setdefault(method, {"per_seed": {}, "seconds": 0.0})
+                d["per_seed"].update(
+                    {str(s): a for s, a in zip(part["seeds"], cell["per_seed"], strict=True)}
+                )
+                d["seconds"] += cell["seconds"]
+    print(f"{'layers':>6} " + " ".join(f"{m:>16}" for m in METHODS))
+    for layers, row in sorted(result["accuracy"].items()):
+        for cell in row.values():
+            cell["mean"] = statistics.fmean(cell["per_seed"].values())
+        print(f"{layers:>6} " + " ".join(f"{row[m]['mean']:>16.3f}" for m in METHODS))
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="unlock.json")
     parser.add_argument("--quick", action="store_true", help="a smoke run (few steps, one seed)")
+    parser.add_argument("--depths", type=int, nargs="+", default=[3, 4], help="numbers of layers")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="merge result files of split runs into --out"
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(1)
-    steps, seeds, depths = (100, [0], [3]) if args.quick else (2000, [0, 1, 2], [3, 4])
+    steps, seeds, depths = (100, [0], [3]) if args.quick else (2000, args.seeds, args.depths)
     data = load_digits_split()
     result = {
         "steps": steps,
