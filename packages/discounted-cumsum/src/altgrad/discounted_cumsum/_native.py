@@ -86,7 +86,8 @@ def _prepare(
     """Makes every buffer contiguous in the [outer, n, inner] layout the kernels expect."""
     # Lazily negated or conjugated views (z.conj().imag, neg-bit tensors) keep their sign in a flag, not in
     # memory: resolve it before the kernels read raw memory.
-    x, gamma, initial = _plain(x), _plain(gamma), _plain(initial)
+    x = x.resolve_conj().resolve_neg()
+    gamma, initial = _plain(gamma), _plain(initial)
     shape = x.shape
     outer = math.prod(shape[:dim])
     n = shape[dim]
