@@ -479,3 +479,13 @@ def test_positional_arguments_follow_nesgpu():
     assert (lin.permutation, lin.in_sparsity, lin.antithetic) == ("in", 4, False)
     syn = base.SyntheticConv2d(4, 6, 3, 2, 1, 0, 1, 1, True, True, {}, "zeros", "out", 0, 0)
     assert syn.flip == "out"
+
+
+def test_perturb_passes_options_through():
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Conv2d(1, 2, 1))
+    pm = base.perturb(net, 4, mode="permuted", options={"combined": True, "allow_repeats": True}, seed=0)
+    assert net[0].options == {"combined": True, "allow_repeats": True}
+    assert net[2].options == net[0].options
+    pm.allocate_memory()  # the script's call on the model wrapper
+    with pytest.raises(ValueError, match="unknown key"):
+        base.perturb(nn.Sequential(nn.Linear(2, 2)), 4, options={"fused": True})
