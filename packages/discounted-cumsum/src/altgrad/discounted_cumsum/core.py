@@ -39,7 +39,9 @@ def discounted_cumsum(
         dones: Optional episode resets, a tensor broadcastable to ``x`` (bool, or numbers where non-zero means
             True). Where ``dones[t]`` is True, ``y[t]`` receives nothing from the element before it in scan order,
             i.e. from ``y[t+1]`` when ``reverse=True`` (the episode ended at step ``t``) and from ``y[t-1]`` when
-            ``reverse=False`` (an episode starts at step ``t``).
+            ``reverse=False`` (an episode starts at step ``t``). A discount of exactly 0 cuts the same way. A cut
+            selects ``y[t] = x[t]``: a NaN or inf before it never reaches it (no ``0 * inf``), on every device and
+            thread count.
         initial: Optional value before the first element in scan order (the bootstrap value when
             ``reverse=True``): a number or a tensor broadcastable to the shape of ``x`` without ``dim``.
 
