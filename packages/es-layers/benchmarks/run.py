@@ -347,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(
+            2, "es-layers benchmark: --device cuda needs a CUDA GPU (torch.cuda.is_available() is False)\n"
+        )
     dtype = torch.float32
     torch.manual_seed(0)
     if args.headline:
