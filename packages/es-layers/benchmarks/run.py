@@ -424,8 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(results, fh, indent=2)
         log(f"wrote {args.out}")
     if args.plot and not args.headline:
-        _plot(results, args.plot)
-        log(f"wrote {args.plot}")
+        try:
+            _plot(results, args.plot)
+            log(f"wrote {args.plot}")
+        except ImportError as exc:  # the JSON above has every number; the plot is optional
+            log(f"no plot: {exc} (pip install matplotlib)")
     return results
 
 
