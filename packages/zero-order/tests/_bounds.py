@@ -14,6 +14,9 @@ import math
 import torch
 from torch import Tensor
 
+import altgrad.zero_order as zo
+from altgrad.es_layers.functional import flipout_dense
+
 F64 = torch.float64
 
 
@@ -188,3 +191,53 @@ def float64_sum_bound(w: Tensor, z: Tensor, terms: int, weight_rel: float = 0.0)
     w64, z64 = w.to(F64).abs(), z.to(F64).abs().reshape(w.numel(), -1)
     out = 2 * gamma(terms, F64) * (w64 @ z64) + weight_rel * w64.max() * z64.sum(0)
     return out.reshape(z.shape[1:])
+
+
+def lowrank_estimate_bound(params, x, y, n, sigma, rank, seed, num_chunks):
+    """Bound of estimate_difference_bound for an antithetic MLP estimate with rank-r directions on 2-D leaves."""
+    dist, leaves, f64 = zo.SeededNormal(seed), len(params), torch.float64
+    z, z_mag, plus, minus, extra = [], [], [], [], []
+    for i, p in enumerate(params):
+        if p.ndim == 2:
+            a = dist.draw((p.shape[0], rank), step=0, leaf=i, members=range(n)).to(f64)
+            b = dist.draw((p.shape[1], rank), step=0, leaf=i + leaves, members=range(n)).to(f64)
+            e = a @ b.transpose(1, 2) / rank**0.5
+            mag = a.abs() @ b.abs().transpose(1, 2) / rank**0.5
+            plus.append(p.to(f64) + sigma * e)
+            minus.append(p.to(f64) - sigma * e)
+            extra.append(torch.cat([sigma * mag, sigma * mag]))
+        else:
+            e = dist.draw(p.shape, step=0, leaf=i, members=range(n))
+            mag = None
+            plus.append(p + sigma * e)
+            minus.append(p - sigma * e)
+        z.append(e)
+        z_mag.append(mag)
+    fp, bp = mlp_loss_and_bound(plus, x, y, torch.float32, extra[0][:n], extra[1][:n])
+    fm, bm = mlp_loss_and_bound(minus, x, y, torch.float32, extra[0][:n], extra[1][:n])
+    return estimate_difference_bound(
+        "antithetic", params, z, sigma, fp, bp, fm, bm, num_chunks, z_mag=z_mag, terms=n * rank
+    )
+
+
+def flipout_estimate_bound(params, x, y, n, sigma, seed, num_chunks):
+    """Bound of estimate_difference_bound for an antithetic MLP estimate with Flipout directions on 2-D leaves."""
+    dist, leaves, f64 = zo.SeededNormal(seed), len(params), torch.float64
+    z, plus, minus, extra = [], [], [], []
+    for i, p in enumerate(params):
+        if p.ndim == 2:
+            s = dist.draw(p.shape, step=0, leaf=i, members=range(1))[0]
+            out_s = torch.where(dist.draw((p.shape[0],), step=0, leaf=i + leaves, members=range(n)) < 0, -1.0, 1.0)
+            in_s = torch.where(dist.draw((p.shape[1],), step=0, leaf=i + 2 * leaves, members=range(n)) < 0, -1.0, 1.0)
+            e = flipout_dense(s.to(f64), in_s.to(f64), out_s.to(f64))
+            plus.append(p.to(f64) + sigma * e)
+            minus.append(p.to(f64) - sigma * e)
+            extra.append(sigma * s.abs().to(f64).expand(n, *p.shape))
+        else:
+            e = dist.draw(p.shape, step=0, leaf=i, members=range(n))
+            plus.append(p + sigma * e)
+            minus.append(p - sigma * e)
+        z.append(e)
+    fp, bp = mlp_loss_and_bound(plus, x, y, torch.float32, extra[0], extra[1])
+    fm, bm = mlp_loss_and_bound(minus, x, y, torch.float32, extra[0], extra[1])
+    return estimate_difference_bound("antithetic", params, z, sigma, fp, bp, fm, bm, num_chunks)

@@ -70,6 +70,13 @@ def run(rank, world, tmp):
             fn, params, zo.SeededNormal(4), method, N, SIGMA, chunk_size=CHUNK, process_group=pg, **kw
         )
         out[("estimate_gradient", method)] = (single, multi)
+    for directions in ("lowrank", "flipout"):
+        kw = {"directions": directions, "rank": 2}
+        single = estimate_gradient(fn, params, zo.SeededNormal(4), "antithetic", N, SIGMA, chunk_size=CHUNK, **kw)
+        multi = estimate_gradient(
+            fn, params, zo.SeededNormal(4), "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg, **kw
+        )
+        out[("estimate_gradient", directions)] = (single, multi)
     # the decorator and the module (antithetic), through autograd
     leaves = tuple(p.clone().requires_grad_() for p in params)
     deco = zero_order(zo.SeededNormal(4), "antithetic", 0, N, SIGMA, chunk_size=CHUNK, process_group=pg)(

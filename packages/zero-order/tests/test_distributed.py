@@ -48,6 +48,22 @@ def test_every_method_matches_single_process(ranks, method):
         _bounds.assert_within(a, s, bd)
 
 
+@pytest.mark.parametrize("directions", ["lowrank", "flipout"])
+def test_structured_directions_match_single_process(ranks, directions):
+    # Flipout's shared S and the low-rank factors are regenerated identically by every rank and every chunk.
+    single, multi0 = ranks[0][("estimate_gradient", directions)]
+    _, multi1 = ranks[1][("estimate_gradient", directions)]
+    x, y = w.data()
+    params = w.mlp_params()
+    if directions == "lowrank":
+        bound = _bounds.lowrank_estimate_bound(params, x, y, w.N, w.SIGMA, 2, 4, num_chunks=8)
+    else:
+        bound = _bounds.flipout_estimate_bound(params, x, y, w.N, w.SIGMA, 4, num_chunks=8)
+    for a, b, s, bd in zip(multi0, multi1, single, bound):
+        assert torch.equal(a, b)
+        _bounds.assert_within(a, s, bd)
+
+
 @pytest.mark.parametrize("api", ["zero_order", "module"])
 def test_decorator_and_module(ranks, api):
     single, _ = ranks[0][("estimate_gradient", "antithetic")]

@@ -1,6 +1,7 @@
 """How the direction of one parameter leaf is represented, applied and accumulated.
 
 * `Dense` (the default, TorchOpt's): a full tensor ``z`` of the leaf's shape per member.
+* `Flipout` (es-layers' Flipout mode, for 2-D leaves): shared ``S`` with per-member sign flips.
 * `LowRank` (EGGROLL-style, for 2-D leaves): ``E = A Bᵀ / √r`` with ``A`` of shape ``(out, r)`` and ``B`` of
   shape ``(in, r)`` drawn from the distribution. ``E`` has zero mean, unit variance per element and identity
   covariance, like a Gaussian direction, but costs ``r·(out + in)`` random numbers instead of ``out·in``.
@@ -18,15 +19,16 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+import altgrad.es_layers.functional as EF
 import torch
 from torch import Tensor
 
 from ._noise import NoiseSource, compute_dtype
 
-__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "Direction", "LowRank", "Workspace"]
+__all__ = ["DIRECTIONS", "Dense", "DenseNoise", "Direction", "Flipout", "LowRank", "Workspace"]
 
 #: Accepted values of ``directions=``.
-DIRECTIONS: tuple[str, ...] = ("dense", "lowrank")
+DIRECTIONS: tuple[str, ...] = ("dense", "lowrank", "flipout")
 
 
 class Workspace:
@@ -168,11 +170,70 @@ class LowRank:
         return [_perturbed(p, e, scale, antithetic, workspace, self.leaf)]
 
     def accumulate(self, grad: Tensor, noise: tuple[Tensor, ...], weights: Tensor) -> None:
-        """``grad += Σ_k w_k A_k B_kᵀ / √r``."""
+        """``grad += Σ_k w_k A_k B_kᵀ / √r`` (es-layers' low-rank update, one GEMM)."""
         a, b = noise
-        n, out_f, r = a.shape
-        aw = (a * (weights.to(a.dtype) / math.sqrt(self.rank)).view(n, 1, 1)).permute(1, 0, 2)
-        grad.add_(aw.reshape(out_f, n * r) @ b.transpose(1, 2).reshape(n * r, -1))
+        w = weights.to(a.dtype)
+        grad.add_(EF.lowrank_weighted_sum(w, a, b, grad.shape, sigma=1.0 / math.sqrt(self.rank)))
+
+
+class Flipout:
+    """Flipout directions for a 2-D leaf ``(out, in)``: ``E_k = diag(r_k) S diag(s_k)`` (es-layers' Flipout mode).
+
+    ``S`` (``out × in``) is shared by the members: a seeded distribution regenerates it once per estimate (member 0's
+    draw, the same in every chunk and on every rank); another distribution is asked for it once per chunk. The signs
+    ``r_k`` (``out``) and ``s_k`` (``in``) are the signs of per-member draws (Rademacher for any symmetric
+    distribution). Each ``E_k`` has zero mean; given ``S``, its covariance is ``diag(S∘S)``, so for Gaussian ``S``
+    the estimate is ``S∘S ∘ ∇f`` in expectation over the signs and unbiased over ``S`` (with
+    `SeededRademacher`, ``S∘S = 1``: unbiased for every ``S``). Random numbers: ``out·in`` per chunk plus
+    ``out + in`` per member. With ``factored=True`` (``nn.Linear`` weights in `ZeroOrderGradientModule`) the
+    perturbation is never materialised: the layer runs ``es_layers.functional.flipout_linear``, one shared GEMM
+    with ``S`` for all members.
+
+    Args:
+        leaf: Index of the leaf.
+        num_leaves: Total number of leaves (signs use leaf ids ``leaf + num_leaves`` and ``leaf + 2 num_leaves``).
+        factored: Hand ``(out signs, in signs)`` to the population function and keep ``σS`` for the layer.
+    """
+
+    def __init__(self, leaf: int, num_leaves: int, factored: bool = False) -> None:
+        self.leaf, self.num_leaves, self.factored = leaf, num_leaves, factored
+        self.shared: Tensor | None = None  # σS of the chunk being evaluated (factored layers read it)
+
+    def draw(self, source: NoiseSource, p: Tensor, members: range, step: int) -> tuple[Tensor, ...]:
+        """``(S, out_signs (n, out), in_signs (n, in))``."""
+        out_f, in_f = p.shape
+        shared = source.draw(self.leaf, (out_f, in_f), p.device, p.dtype, range(1), step)[0]
+        out_s = _signs(source.draw(self.leaf + self.num_leaves, (out_f,), p.device, p.dtype, members, step))
+        in_s = _signs(source.draw(self.leaf + 2 * self.num_leaves, (in_f,), p.device, p.dtype, members, step))
+        return shared, out_s, in_s
+
+    def inputs(
+        self,
+        p: Tensor,
+        noise: tuple[Tensor, ...],
+        sigma: float,
+        antithetic: bool,
+        workspace: Workspace | None = None,
+    ) -> list[Tensor]:
+        """``[p ± σ E_k]`` or, factored, ``[±out_signs, in_signs]`` (``σS`` kept in `shared`)."""
+        shared, out_s, in_s = noise
+        if self.factored:
+            self.shared = (shared * sigma).to(p.dtype)
+            out_rows = torch.cat([out_s, -out_s]) if antithetic else out_s
+            in_rows = torch.cat([in_s, in_s]) if antithetic else in_s
+            return [out_rows.to(p.dtype), in_rows.to(p.dtype)]
+        e = EF.flipout_dense(shared, in_s, out_s)
+        return [_perturbed(p, e, sigma, antithetic, workspace, self.leaf)]
+
+    def accumulate(self, grad: Tensor, noise: tuple[Tensor, ...], weights: Tensor) -> None:
+        """``grad += Σ_k w_k E_k = S ∘ (Σ_k w_k r_k s_kᵀ)`` (es-layers' Flipout update, one GEMM)."""
+        shared, out_s, in_s = noise
+        grad.add_(EF.flipout_weighted_sum(weights.to(shared.dtype), shared, in_s, out_s))
+
+
+def _signs(z: Tensor) -> Tensor:
+    """±1 with the sign of ``z`` (0 maps to +1)."""
+    return torch.where(z < 0, -1.0, 1.0).to(z.dtype)
 
 
 def _perturbed(

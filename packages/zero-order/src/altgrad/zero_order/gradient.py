@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
-from .directions import DIRECTIONS, Dense, Direction, LowRank, Workspace
+from .directions import DIRECTIONS, Dense, Direction, Flipout, LowRank, Workspace
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
@@ -133,12 +133,16 @@ def _directions_per_chunk(options: EstimatorOptions, params: Sequence[Tensor]) -
 
 
 def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[Direction]:
-    """Direction type per leaf: dense, or low-rank (materialised) for 2-D leaves when asked."""
-    lowrank = options.directions == "lowrank"
-    return [
-        LowRank(i, len(params), options.rank) if lowrank and p.ndim == 2 else Dense(i)
-        for i, p in enumerate(params)
-    ]
+    """Direction type per leaf: dense, or low-rank / Flipout (materialised) for 2-D leaves when asked."""
+    plans: list[Direction] = []
+    for i, p in enumerate(params):
+        if options.directions == "lowrank" and p.ndim == 2:
+            plans.append(LowRank(i, len(params), options.rank))
+        elif options.directions == "flipout" and p.ndim == 2:
+            plans.append(Flipout(i, len(params)))
+        else:
+            plans.append(Dense(i))
+    return plans
 
 
 @torch.no_grad()

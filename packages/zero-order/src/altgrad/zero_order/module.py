@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import altgrad.es_layers.functional as EF
 from torch import Tensor
 
 from ._noise import NoiseSource
-from .directions import Direction, LowRank, Workspace
+from .directions import Direction, Flipout, LowRank, Workspace
 from .distributions import Samplable
 from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
@@ -85,16 +85,19 @@ class _ModuleCall:
     def _plans(self, params: Sequence[Tensor]) -> list[Direction]:
         """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
         plans = default_plans(self.options, params)
-        self.factored: dict[int, nn.Linear] = {}
-        if self.options.directions != "lowrank":
+        self.factored: dict[int, tuple[nn.Linear, Direction]] = {}
+        if self.options.directions not in ("lowrank", "flipout"):
             return plans
         modules = dict(self.module.named_modules())
         for i, name in enumerate(self.names):
             owner_name, _, attr = name.rpartition(".")
             owner = modules.get(owner_name)
             if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
-                plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
-                self.factored[i] = owner
+                if self.options.directions == "lowrank":
+                    plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
+                else:
+                    plans[i] = Flipout(i, len(params), factored=True)
+                self.factored[i] = (owner, plans[i])
         return plans
 
     def _call_with(self, *inputs: Tensor) -> Tensor:
@@ -103,12 +106,13 @@ class _ModuleCall:
         it = iter(inputs)
         try:
             for i, name in enumerate(self.names):
-                layer = self.factored.get(i)
-                if layer is None:
+                entry = self.factored.get(i)
+                if entry is None:
                     dense[name] = next(it)
                     continue
-                a, b = next(it), next(it)
-                layer.forward = _low_rank_forward(layer, a, b)  # type: ignore[method-assign,assignment]
+                layer, plan = entry
+                first, second = next(it), next(it)
+                layer.forward = _factored_forward(layer, plan, first, second)  # type: ignore[method-assign]
                 patched.append(layer)
             with _active(self.module):
                 return torch.func.functional_call(self.module, dense, self.args, self.kwargs, strict=False)
@@ -137,16 +141,23 @@ class _ModuleCall:
         return grads
 
 
-def _low_rank_forward(layer: nn.Linear, a: Tensor, b: Tensor) -> Callable[[Tensor], Tensor]:
-    """``x (W + a bᵀ)ᵀ + bias`` without forming ``a bᵀ``: one shared GEMM plus a rank-r correction."""
+def _factored_forward(layer: nn.Linear, plan: Direction, first: Tensor, second: Tensor) -> Callable[[Tensor], Tensor]:
+    """One member's ``nn.Linear`` forward with a factored perturbation, computed by ``altgrad.es_layers.functional``
+    (``lowrank_linear``: ``x Wᵀ + (x B)(σA/√r)ᵀ``; ``flipout_linear``: ``x Wᵀ + ((x ∘ s) (σS)ᵀ) ∘ r``), never
+    forming ``W + σE``. Under ``vmap`` the member is a population of one (``n = 1``, the batch rows as repeats)."""
 
     def forward(x: Tensor) -> Tensor:
-        base = F.linear(x, layer.weight, layer.bias)
-        if a.shape[-1] == 1:  # rank 1: the correction is an outer product, fused into one pass
-            return torch.addcmul(base, x @ b, a.transpose(-1, -2))
-        if x.ndim == 2:
-            return torch.addmm(base, x @ b, a.transpose(-1, -2))
-        return base + (x @ b) @ a.transpose(-1, -2)
+        # A zero bias with the member's batch dimension keeps the output batched under vmap even when the input
+        # and the bias are shared by all members (the functional forwards add their term in place).
+        zero = torch.zeros_like(first) if isinstance(plan, Flipout) else torch.zeros_like(first[:, 0])
+        bias = zero if layer.bias is None else layer.bias + zero
+        flat = x.reshape(1, -1) if x.dim() == 1 else x
+        if isinstance(plan, Flipout):
+            assert plan.shared is not None
+            out = EF.flipout_linear(flat, layer.weight, bias, plan.shared, second.unsqueeze(0), first.unsqueeze(0))
+        else:
+            out = EF.lowrank_linear(flat, layer.weight, bias, first.unsqueeze(0), second.unsqueeze(0))
+        return out.reshape(layer.out_features) if x.dim() == 1 else out
 
     return forward
 
