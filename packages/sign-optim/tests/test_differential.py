@@ -12,7 +12,8 @@ float64, element by element (a complex parameter is its (real, imag) pairs)::
 with ``d = decay(t - 1)`` at the t-th step. Every step starts the reference from the optimizer's own
 state (converted exactly to float64), so rounding does not compound and each step is checked
 against a per-element error bound (derived below). Random shapes, parameter layouts (transposed,
-sliced), gradient layouts (transposed, expanded, conjugated / negated views), dtypes,
+sliced), gradient layouts (transposed, expanded, conjugated / negated views, sparse COO with
+duplicate indices), dtypes,
 hyper-parameters, NaN / inf gradients and 1 or 2 intra-op threads.
 
 Non-finite semantics (TF's arithmetic, where NaN propagates): an element whose gradient is NaN or
@@ -52,7 +53,7 @@ def _linear_decay(T, step):
     return max(0.0, (T - min(step, T)) / T)
 
 
-def _reference_step(p, m, g, h, d, m_ours):
+def _reference_step(p, m, g, h, d, m_ours, e_sum=0.0):
     """One TF step in float64; returns (p_new, m_new, error bound on p_new, error bound on m_new).
 
     Error bound: with u the unit roundoff of the parameter dtype (half types compute in float32,
@@ -65,7 +66,8 @@ def _reference_step(p, m, g, h, d, m_ours):
                    PowerSign |e_k| <= k (u |d ln base| + 3u)
       p = p - lr wd p          : 2u |p|
       p = p + (-lr) g' k       : u |p_new| + 3u (|p| + lr |g' k|) + lr (|k| |e_g| + |g'| |e_k|) + eta
-    plus 2 lr k_max |e_g| when sign(g') is within e_g of zero. These are first-order bounds; the
+    plus 2 lr k_max |e_g| when sign(g') is within e_g of zero. A sparse gradient's duplicate slices
+    are summed first: ``e_sum`` (2u x count x sum of |slices| per row) adds to e_g. These are first-order bounds; the
     factor 2 applied to them covers the second-order terms (products of two roundoffs).
     Where |m_new| <= e_m the sign of m is not determined by the arithmetic: the optimizer's own
     m (checked to be within e_m) decides it.
@@ -75,7 +77,7 @@ def _reference_step(p, m, g, h, d, m_ours):
     with np.errstate(all="ignore"):
         if h["maximize"]:
             g = -g
-        e_g = np.zeros_like(g) + eta
+        e_g = np.zeros_like(g) + eta + e_sum
         p0 = p
         if wd and h["decoupled"]:
             p = p - lr * wd * p
@@ -123,8 +125,7 @@ def _check_close(name, ours, ref, bound, extra=""):
 
 
 @st.composite
-def problems(draw):
-    dtype = draw(st.sampled_from(DTYPES))
+def problems(draw, dtype):
     rule = draw(st.sampled_from(["add", "power"]))
     big = draw(st.integers(0, 9)) == 0  # sometimes large enough for 2 threads to split the work
     rows = draw(st.integers(1, 300 if big else 9))
@@ -154,6 +155,8 @@ def problems(draw):
         "steps": draw(st.integers(1, 3)),
         "nonfinite": draw(st.sampled_from([0, 0, 1, 3])),
         "seed": draw(st.integers(0, 2**31 - 1)),
+        # Sparse COO gradients (TF's _apply_sparse): no weight decay there.
+        "sparse": len(shape) >= 1 and draw(st.integers(0, 3)) == 0,
     }
 
 
@@ -206,9 +209,42 @@ def _make_grad(h, shape, gen, step):
     return g
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
-@given(problems())
-def test_matches_float64_reference(h):
+def _make_sparse_grad(h, shape, gen, step):
+    """A sparse COO gradient over random rows (with duplicates), plus its float64 row sums.
+
+    Returns (grad, dense float64 sum, per-element summation error bound, touched-row mask).
+    """
+    dtype = h["dtype"]
+    nnz = int(torch.randint(0, 2 * shape[0] + 1, (), generator=gen))
+    rows = torch.randint(0, shape[0], (nnz,), generator=gen)
+    values = torch.randn((nnz, *shape[1:]), generator=gen, dtype=torch.float64)
+    if dtype.is_complex:
+        values = torch.complex(values, torch.randn(values.shape, generator=gen, dtype=torch.float64))
+    values = (torch.tensor([1e-2, 1.0, 30.0])[torch.randint(0, 3, (), generator=gen)] * values).to(dtype)
+    if h["nonfinite"] and values.numel() and step == 0:
+        flat = torch.view_as_real(values).view(-1) if values.is_complex() else values.view(-1)
+        idx = torch.randint(0, flat.numel(), (h["nonfinite"],), generator=gen)
+        flat[idx] = torch.tensor([math.nan, math.inf, -math.inf])[torch.arange(len(idx)) % 3].to(flat.dtype)
+    grad = torch.sparse_coo_tensor(rows[None], values, shape, check_invariants=True)
+    # Sum in float64 over the (real, imag) view: complex index_add multiplies by alpha = 1 + 0j, which
+    # turns a NaN imaginary part into a NaN real part.
+    real_values = torch.view_as_real(values).double() if dtype.is_complex else values.double()
+    real_shape = real_values.shape[1:]
+    dense = torch.zeros((shape[0], *real_shape), dtype=torch.float64).index_add_(0, rows, real_values)
+    abs_sum = torch.zeros_like(dense).index_add_(0, rows, real_values.abs())
+    count = torch.bincount(rows, minlength=shape[0]).double().reshape(-1, *([1] * (abs_sum.dim() - 1)))
+    touched = count.reshape(-1) > 0
+    u = torch.finfo(_real_dtype(dtype)).eps / 2
+    with np.errstate(invalid="ignore"):
+        e_sum = (2 * u * count * abs_sum).numpy()
+    return grad, dense.numpy(), np.nan_to_num(e_sum, nan=0.0, posinf=0.0), touched.numpy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_matches_float64_reference(dtype, data):
+    h = data.draw(problems(dtype))
     real = _real_dtype(h["dtype"])
     fi = torch.finfo(real)
     h = {**h, "u": fi.eps / 2, "eta": fi.smallest_normal * fi.eps}
@@ -216,6 +252,8 @@ def test_matches_float64_reference(h):
     p = _make_param(h, gen)
     cls = AddSign if h["rule"] == "add" else PowerSign
     decay = None if h["decay"] is None else LinearInternalDecay(h["decay"])
+    if h["sparse"]:
+        h["wd"] = 0.0
     kwargs = {
         "lr": h["lr"],
         "beta": h["beta"],
@@ -232,7 +270,11 @@ def test_matches_float64_reference(h):
     torch.set_num_threads(h["threads"])
     try:
         for t in range(1, h["steps"] + 1):
-            g = _make_grad(h, p.shape, gen, t - 1)
+            if h["sparse"]:
+                g, g64, e_sum, touched = _make_sparse_grad(h, tuple(p.shape), gen, t - 1)
+            else:
+                g = _make_grad(h, p.shape, gen, t - 1)
+                g64, e_sum = _np64(g), 0.0
             p_before = _np64(p)
             m_before = _np64(opt.state[p]["exp_avg"]) if opt.state[p] else np.zeros_like(p_before)
             p.grad = g
@@ -241,8 +283,13 @@ def test_matches_float64_reference(h):
             opt_twin.step()
             d = 1.0 if h["decay"] is None else _linear_decay(h["decay"], t - 1)
             m_ours = _np64(opt.state[p]["exp_avg"])
-            p_ref, m_ref, e_p, e_m, g_eff = _reference_step(p_before, m_before, _np64(g), h, d, m_ours)
+            p_ref, m_ref, e_p, e_m, g_eff = _reference_step(p_before, m_before, g64, h, d, m_ours, e_sum)
             extra = f"at step {t} with {h}"
+            if h["sparse"]:
+                # TF's scatter_sub writes only the touched rows: the others keep their exact values.
+                untouched = ~touched
+                assert np.array_equal(_np64(p)[untouched], p_before[untouched], equal_nan=True), extra
+                p_ref[untouched], e_p[untouched] = p_before[untouched], 0.0
             _check_close("m", m_ours, m_ref, e_m, extra)
             _check_close("param", _np64(p), p_ref, e_p, extra)
             # A non-finite gradient never becomes a finite step.

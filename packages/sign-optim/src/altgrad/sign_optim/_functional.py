@@ -357,13 +357,17 @@ def sparse_sign_update(
     decay_cache: dict[float, float] = {}
     for param, grad, exp_avg, step_t in zip(params, grads, exp_avgs, state_steps):
         step_t += 1
+        if torch.is_complex(param):
+            # Sum duplicates on the (real, imag) view: complex coalesce() lets a NaN in one part
+            # spread to the other, where TensorFlow's segment sum adds the parts separately.
+            values = torch.view_as_real(grad._values().resolve_conj().resolve_neg())
+            grad = torch.sparse_coo_tensor(grad._indices(), values, (*grad.shape, 2), is_coalesced=False)
+            param, exp_avg = torch.view_as_real(param), torch.view_as_real(exp_avg)
         grad = grad.coalesce()  # duplicate indices are summed, as TensorFlow does first
         index = tuple(grad.indices())
         values = grad.values()
         if maximize:
             values = -values
-        if torch.is_complex(param):
-            param, exp_avg, values = (torch.view_as_real(t) for t in (param, exp_avg, values))
         # m of every row: lerp(m, 0, 1 - beta) where untouched, lerp(m, g, 1 - beta) where touched.
         m_rows = exp_avg[index]
         exp_avg.lerp_(torch.zeros((), dtype=exp_avg.dtype, device=exp_avg.device), 1 - beta)
