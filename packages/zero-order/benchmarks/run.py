@@ -14,7 +14,13 @@ N = 100 and 1000 directions, methods ``naive`` and ``antithetic``. For every cas
 Each estimate is split into sampling, population forward and the rest (perturbation, weights, accumulation,
 autograd and Python overhead), each timed on its own with ``torch.utils.benchmark``.
 
-Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]``.
+First it prints issue 13's floor case (module API, antithetic, N = 100, MLP, the user's ``Normal(0, 1)`` through
+``sample``): our time, the floor (sampling the N·P normals from the user's distribution + one plain forward of the
+2N·64 rows) and the ratio to it. Without TorchOpt installed (e.g. on the GPU machine), the ``torchopt`` column is a
+re-implementation of TorchOpt 0.7.3's backward loop (same Python structure).
+
+Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]``; the GPU check
+is ``python run.py --device cuda --quick``.
 """
 
 from __future__ import annotations
@@ -111,35 +117,36 @@ def _case(kind: str, n: int, method: str, device: str, min_run_time: float) -> l
     with torch.no_grad():
         record("plain-forward", _timeit(lambda: F.mse_loss(model(x_rows), y_rows), min_run_time, device))
 
-    # --- TorchOpt 0.7.3 ---------------------------------------------------------------------------------
+    # --- TorchOpt 0.7.3 (or, when it is not installed, a reimplementation of its loop) ------------------
+    dist = _normal(device)
     if torchopt is not None:
-        dist = _normal(device)
         peer = torchopt.diff.zero_order(
             distribution=dist, method=method, argnums=0, num_samples=n, sigma=SIGMA
         )(loss_fn)
+    else:
+        peer = _torchopt_loop(dist, method, n, SIGMA)(loss_fn)
+    def peer_step() -> None:
+        torch.autograd.grad(peer(params, x, y), params)
 
-        def peer_step() -> None:
-            torch.autograd.grad(peer(params, x, y), params)
+    def peer_sampling() -> None:
+        for _ in range(n):
+            [dist.sample(sample_shape=p.shape) for p in params]
 
-        def peer_sampling() -> None:
-            for _ in range(n):
-                [dist.sample(sample_shape=p.shape) for p in params]
+    perturbed = [
+        tuple(p.detach() + SIGMA * dist.sample(p.shape) for p in params) for _ in range(min(n, 8))
+    ]
 
-        perturbed = [
-            tuple(p.detach() + SIGMA * dist.sample(p.shape) for p in params) for _ in range(min(n, 8))
-        ]
+    def peer_forward() -> None:
+        with torch.no_grad():
+            for k in range(rows):
+                loss_fn(perturbed[k % len(perturbed)], x, y)
 
-        def peer_forward() -> None:
-            with torch.no_grad():
-                for k in range(rows):
-                    loss_fn(perturbed[k % len(perturbed)], x, y)
-
-        record(
-            "torchopt",
-            _timeit(peer_step, min_run_time, device),
-            _timeit(peer_sampling, min_run_time, device),
-            _timeit(peer_forward, min_run_time, device),
-        )
+    record(
+        "torchopt",
+        _timeit(peer_step, min_run_time, device),
+        _timeit(peer_sampling, min_run_time, device),
+        _timeit(peer_forward, min_run_time, device),
+    )
 
     # --- ours: decorator with the user's distribution, and with the noise table -------------------------
     for variant, dist in (("ours", _normal(device)), ("ours-table", zo.NoiseTable(0))):
@@ -165,6 +172,91 @@ def _case(kind: str, n: int, method: str, device: str, min_run_time: float) -> l
         *_split_lowrank(net, x, y, min_run_time, device),
     )
     return out
+
+
+def _torchopt_loop(dist: Any, method: str, n: int, sigma: float) -> Callable[..., Any]:
+    """TorchOpt 0.7.3's zero-order backward re-implemented (for machines without TorchOpt, e.g. the GPU check).
+
+    Same structure as ``torchopt/diff/zero_order/decorator.py``: a new ``autograd.Function`` per call, and in
+    ``backward`` a Python loop over the N samples drawing ``dist.sample(p.shape)`` per leaf and evaluating f at
+    ``θ + σz`` (and ``θ − σz`` for antithetic) one member at a time.
+    """
+
+    def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def apply(params: tuple[torch.Tensor, ...], *rest: Any) -> torch.Tensor:
+            class ZeroOrder(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx: Any, *flat: torch.Tensor) -> torch.Tensor:
+                    ctx.save_for_backward(*flat)
+                    return fn(flat, *rest)
+
+                @staticmethod
+                def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    flat = ctx.saved_tensors
+                    grads = [torch.zeros_like(p) for p in flat]
+                    for _ in range(n):
+                        noises = [dist.sample(sample_shape=p.shape) for p in flat]
+                        plus = fn(tuple(p.add(z, alpha=sigma) for p, z in zip(flat, noises)), *rest)
+                        if method == "antithetic":
+                            minus = fn(tuple(p.sub(z, alpha=sigma) for p, z in zip(flat, noises)), *rest)
+                            weight = grad_output * (plus - minus) * (0.5 / sigma)
+                        else:
+                            weight = grad_output * plus * (1.0 / sigma)
+                        for g, z in zip(grads, noises):
+                            g.add_(weight * z)
+                    return tuple(g.div_(n) for g in grads)
+
+            return ZeroOrder.apply(*params)
+
+        return apply
+
+    return decorator
+
+
+def floor_case(device: str, min_run_time: float, n: int = 100) -> dict[str, Any]:
+    """Issue 13's case: module API, antithetic, N = 100, σ = 0.01, batch 64, MLP 32-256-256-1, the user's
+    ``Normal(0, 1)`` through the class's ``sample``; floor = drawing the N·P normals from that distribution
+    (``sample((N, *p.shape))`` per leaf) + one plain forward of the 2N·64 rows."""
+    torch.manual_seed(0)
+    model = _model("mlp").to(device)
+    distribution = _normal(device)
+
+    class Net(zo.ZeroOrderGradientModule, method="antithetic", num_samples=n, sigma=SIGMA):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(self.model(x), y)
+
+        def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+            return distribution.sample(sample_shape)
+
+    net = Net()
+    x = torch.randn(BATCH, 32, device=device)
+    y = torch.randn(BATCH, 1, device=device)
+
+    def step() -> None:
+        net(x, y).backward()
+        for p in net.parameters():
+            p.grad = None
+
+    shapes = [p.shape for p in net.parameters()]
+    sampling = _timeit(lambda: [distribution.sample((n, *s)) for s in shapes], min_run_time, device)
+    x_rows, y_rows = x.repeat(2 * n, 1), y.repeat(2 * n, 1)
+    with torch.no_grad():
+        forward = _timeit(lambda: F.mse_loss(model(x_rows), y_rows), min_run_time, device)
+    ours = _timeit(step, min_run_time, device)
+    floor = sampling + forward
+    return {
+        "device": device,
+        "case": f"module antithetic N={n} sigma={SIGMA} batch={BATCH} MLP 32-256-256-1, user's Normal via sample",
+        "ours_ms": ours * 1e3,
+        "sampling_ms": sampling * 1e3,
+        "plain_forward_ms": forward * 1e3,
+        "floor_ms": floor * 1e3,
+        "ratio_to_floor": ours / floor,
+    }
 
 
 def _split_dense(loss_fn, params, dist, method, n, x, y, min_run_time, device) -> tuple[float, float]:
@@ -324,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     ns = [100] if args.quick else [100, 1000]
     min_run_time = 0.1 if args.quick else 0.5
     results: list[dict[str, Any]] = []
+    floors = []
+    for device in devices:
+        f = floor_case(device, min_run_time)
+        floors.append(f)
+        print(
+            f"[floor] {device}: {f['case']}\n"
+            f"        ours {f['ours_ms']:.2f} ms; floor {f['floor_ms']:.2f} ms = sampling {f['sampling_ms']:.2f} ms "
+            f"+ plain forward {f['plain_forward_ms']:.2f} ms; ratio {f['ratio_to_floor']:.2f} (goal <= 1.2)",
+            flush=True,
+        )
     for device in devices:
         for kind in ("linear", "mlp"):
             for n in ns:
@@ -334,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     meta = {
         "torch": torch.__version__,
-        "torchopt": getattr(torchopt, "__version__", None),
+        "torchopt": getattr(torchopt, "__version__", None) or "not installed: TorchOpt's loop re-implemented",
         "altgrad_zero_order": zo.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -345,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "results": results, "table": table}, fh, indent=2)
+            json.dump({"meta": meta, "floor": floors, "results": results, "table": table}, fh, indent=2)
     if args.plot:
         _plot(results, args.plot)
     return 0
