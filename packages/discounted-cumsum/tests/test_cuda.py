@@ -184,7 +184,7 @@ def test_cuda_graph_capture_and_replay(close):
         discounted_cumsum(x, 0.97, reverse=True)  # warm-up: allocates this stream's workspace
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=s):  # capture on the warmed-up stream: its workspace is reused
         y = discounted_cumsum(x, 0.97, reverse=True)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
