@@ -67,7 +67,7 @@ def same_nonfinite(got: torch.Tensor, want: list[float]):
 G = 127 / 128  # exact in every dtype, so per-element gates (stored in the compute dtype) are not rounded
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _long_row_case(n: int, reverse: bool, bad: float):
     first = n - 10 if reverse else 10  # early in scan order
     reset = n // 6 if reverse else n - n // 6  # in the last chunk
