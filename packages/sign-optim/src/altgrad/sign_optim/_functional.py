@@ -361,7 +361,9 @@ def sparse_sign_update(
             # Sum duplicates on the (real, imag) view: complex coalesce() lets a NaN in one part
             # spread to the other, where TensorFlow's segment sum adds the parts separately.
             values = torch.view_as_real(grad._values().resolve_conj().resolve_neg())
-            grad = torch.sparse_coo_tensor(grad._indices(), values, (*grad.shape, 2), is_coalesced=False)
+            grad = torch.sparse_coo_tensor(
+                grad._indices(), values, (*grad.shape, 2), is_coalesced=False, check_invariants=False
+            )
             param, exp_avg = torch.view_as_real(param), torch.view_as_real(exp_avg)
         grad = grad.coalesce()  # duplicate indices are summed, as TensorFlow does first
         index = tuple(grad.indices())
