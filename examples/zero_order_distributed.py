@@ -58,7 +58,9 @@ class ZeroOrderMLP(zo.ZeroOrderGradientModule, method="antithetic", num_samples=
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         rank, world = dist.get_rank(), dist.get_world_size()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
         group = dist.group.WORLD
     else:
         rank, world, device, group = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
@@ -107,8 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
         copies = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(copies, flat)
         identical = all(torch.equal(c, copies[0]) for c in copies)
-    result = {"ranks": world, "steps": steps, "ms_per_step": 1e3 * seconds / steps, "test_acc": acc,
-              "identical_replicas": identical}
+    result = {
+        "ranks": world,
+        "steps": steps,
+        "ms_per_step": 1e3 * seconds / steps,
+        "test_acc": acc,
+        "identical_replicas": identical,
+    }
     if rank == 0:
         print(
             f"{world} rank(s): {result['ms_per_step']:.1f} ms/step, test accuracy {acc:.3f}, "

@@ -125,6 +125,7 @@ def _case(kind: str, n: int, method: str, device: str, min_run_time: float) -> l
         )(loss_fn)
     else:
         peer = _torchopt_loop(dist, method, n, SIGMA)(loss_fn)
+
     def peer_step() -> None:
         torch.autograd.grad(peer(params, x, y), params)
 
@@ -132,9 +133,7 @@ def _case(kind: str, n: int, method: str, device: str, min_run_time: float) -> l
         for _ in range(n):
             [dist.sample(sample_shape=p.shape) for p in params]
 
-    perturbed = [
-        tuple(p.detach() + SIGMA * dist.sample(p.shape) for p in params) for _ in range(min(n, 8))
-    ]
+    perturbed = [tuple(p.detach() + SIGMA * dist.sample(p.shape) for p in params) for _ in range(min(n, 8))]
 
     def peer_forward() -> None:
         with torch.no_grad():

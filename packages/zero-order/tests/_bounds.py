@@ -116,7 +116,8 @@ def estimate_difference_bound(
         w = (f_plus - f0) / (sigma * n)
         dw = 2 * (fb_plus + f0_bound) / (sigma * n) + 6 * u * w.abs()
     else:
-        assert f_minus is not None and fb_minus is not None
+        assert f_minus is not None
+        assert fb_minus is not None
         d = f_plus - f_minus
         if method == "antithetic":
             w = d / (2 * sigma * n)
@@ -134,7 +135,9 @@ def estimate_difference_bound(
             m, mb = torch.minimum(f_plus, f_minus), torch.maximum(fb_plus, fb_minus)
             order = m.argsort()
             if b < n:
-                assert m[order[b]] - m[order[b - 1]] > 2 * (mb[order[b]] + mb[order[b - 1]]), "top-b not stable"
+                assert m[order[b]] - m[order[b - 1]] > 2 * (mb[order[b]] + mb[order[b - 1]]), (
+                    "top-b not stable"
+                )
             keep = order[:b]
             kept = torch.cat([f_plus[keep], f_minus[keep]])
             s = kept.std(unbiased=False)
@@ -170,7 +173,9 @@ def sqrt_var_bound(var: float, r: int, k: float = 5.0) -> float:
     return k * math.sqrt(var / r)
 
 
-def linear_loss_and_bound(w: Tensor, b: Tensor, x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def linear_loss_and_bound(
+    w: Tensor, b: Tensor, x: Tensor, y: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Exact value and rounding bound of mean((x Wᵀ + b − y)²) in ``dtype`` for a stack of members (leading dim M)."""
     w, b, x, y = (t.to(F64) for t in (w, b, x, y))
     u = unit_roundoff(dtype)
@@ -227,8 +232,12 @@ def flipout_estimate_bound(params, x, y, n, sigma, seed, num_chunks):
     for i, p in enumerate(params):
         if p.ndim == 2:
             s = dist.draw(p.shape, step=0, leaf=i, members=range(1))[0]
-            out_s = torch.where(dist.draw((p.shape[0],), step=0, leaf=i + leaves, members=range(n)) < 0, -1.0, 1.0)
-            in_s = torch.where(dist.draw((p.shape[1],), step=0, leaf=i + 2 * leaves, members=range(n)) < 0, -1.0, 1.0)
+            out_s = torch.where(
+                dist.draw((p.shape[0],), step=0, leaf=i + leaves, members=range(n)) < 0, -1.0, 1.0
+            )
+            in_s = torch.where(
+                dist.draw((p.shape[1],), step=0, leaf=i + 2 * leaves, members=range(n)) < 0, -1.0, 1.0
+            )
             e = flipout_dense(s.to(f64), in_s.to(f64), out_s.to(f64))
             plus.append(p.to(f64) + sigma * e)
             minus.append(p.to(f64) - sigma * e)

@@ -72,7 +72,9 @@ def run(rank, world, tmp):
         out[("estimate_gradient", method)] = (single, multi)
     for directions in ("lowrank", "flipout"):
         kw = {"directions": directions, "rank": 2}
-        single = estimate_gradient(fn, params, zo.SeededNormal(4), "antithetic", N, SIGMA, chunk_size=CHUNK, **kw)
+        single = estimate_gradient(
+            fn, params, zo.SeededNormal(4), "antithetic", N, SIGMA, chunk_size=CHUNK, **kw
+        )
         multi = estimate_gradient(
             fn, params, zo.SeededNormal(4), "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg, **kw
         )
@@ -91,13 +93,17 @@ def run(rank, world, tmp):
         lambda: zero_order(torch.distributions.Normal(0.0, 1.0), process_group=pg)
     )
     out["mismatch"] = _error(
-        lambda: estimate_gradient(fn, params, zo.SeededNormal(4), "naive", 6 + 2 * rank, SIGMA, process_group=pg)
+        lambda: estimate_gradient(
+            fn, params, zo.SeededNormal(4), "naive", 6 + 2 * rank, SIGMA, process_group=pg
+        )
     )
-    out["empty"] = _error(lambda: estimate_gradient(fn, params, zo.SeededNormal(4), "naive", 1, SIGMA, process_group=pg))
+    out["empty"] = _error(
+        lambda: estimate_gradient(fn, params, zo.SeededNormal(4), "naive", 1, SIGMA, process_group=pg)
+    )
     out["module-user-distribution"] = _error(
-        lambda: type("UserDist", (Net,), {"zero_order_distribution": lambda self: self.sample}, process_group=pg)()(
-            x, y
-        ).backward()
+        lambda: type(
+            "UserDist", (Net,), {"zero_order_distribution": lambda self: self.sample}, process_group=pg
+        )()(x, y).backward()
     )
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -1,12 +1,11 @@
 """Batched (vmap) and looped population evaluation agree; chunking does not change results; auto fallback."""
 
-
+import _bounds
 import pytest
 import torch
 import torch.nn.functional as F
 
 import altgrad.zero_order as zo
-import _bounds
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order
 from altgrad.zero_order.population import PopulationEvaluator
 
@@ -54,7 +53,9 @@ def test_vmap_and_loop_agree(method, chunk_size):
     # Tolerance: the rounding-error bound of _bounds.estimate_difference_bound, evaluated on this data: each
     # member's loss is within γ-bounds of its exact value (batched GEMMs may sum in any order), the weights
     # inherit that, and each side's accumulation Σ w_k z_k (with the in-place recovery) adds γ_{N+C+4} terms.
-    chunks = 1 if chunk_size is None else -(-(2 * n if method in ("antithetic", "es", "ars") else n) // chunk_size)
+    chunks = (
+        1 if chunk_size is None else -(-(2 * n if method in ("antithetic", "es", "ars") else n) // chunk_size)
+    )
     bound = _bound_for(method, params, n, sigma, 4, chunks + 1, kw.get("top_k"))
     for a, b, c, bd in zip(got["vmap"], got["loop"], one_chunk, bound):
         _bounds.assert_within(a, b, bd)

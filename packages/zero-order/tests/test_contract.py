@@ -2,11 +2,11 @@
 
 import collections
 
+import _bounds
 import pytest
 import torch
 
 import altgrad.zero_order as zo
-import _bounds
 from altgrad.zero_order import zero_order
 from altgrad.zero_order._errors import ArgnumsError, MethodError, OutputTypeError
 

@@ -10,12 +10,12 @@ dtype); for es/ars, draws whose ranking is not stable under that bound are skipp
 
 import math
 
+import _bounds
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import _bounds
 import altgrad.zero_order as zo
 from altgrad.zero_order import estimate_gradient
 
@@ -44,7 +44,10 @@ def _reference(method, leaves, coefs, sigma, n, seed, top_k):
     """Python loop over members, the estimator formula in float64; also returns the rounding bound."""
     dtype = leaves[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    z = [zo.SeededNormal(seed).draw(p.shape, step=0, leaf=i, members=range(n), dtype=work) for i, p in enumerate(leaves)]
+    z = [
+        zo.SeededNormal(seed).draw(p.shape, step=0, leaf=i, members=range(n), dtype=work)
+        for i, p in enumerate(leaves)
+    ]
     numel = sum(p.numel() for p in leaves)
 
     def f_exact_and_bound(ts):
@@ -87,8 +90,19 @@ def _reference(method, leaves, coefs, sigma, n, seed, top_k):
     grads = [sum(w[k] * zi[k].to(F64) for k in range(n)) for zi in z]
     try:
         bounds = _bounds.estimate_difference_bound(
-            method, leaves, z, sigma, fp, bp, fm, bm, num_chunks=2 * n, top_k=top_k, dtype=dtype,
-            f0=f0.item(), f0_bound=b0.item(),
+            method,
+            leaves,
+            z,
+            sigma,
+            fp,
+            bp,
+            fm,
+            bm,
+            num_chunks=2 * n,
+            top_k=top_k,
+            dtype=dtype,
+            f0=f0.item(),
+            f0_bound=b0.item(),
         )
     except AssertionError:  # ranking not stable under rounding: the comparison would be meaningless
         assume(False)
@@ -97,9 +111,7 @@ def _reference(method, leaves, coefs, sigma, n, seed, top_k):
     return grads, bounds
 
 
-shapes = st.lists(
-    st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3
-)
+shapes = st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -122,12 +134,17 @@ def test_matches_reference(shapes, method, n, sigma, dtype, views, poison, threa
     gen = torch.Generator().manual_seed(seed)
     leaves = [_leaf(s, dtype, v, gen) for s, v in zip(shapes, views)]
     coefs = [
-        ((torch.rand(s, generator=gen, dtype=F64) * 2 - 1).to(dtype), torch.rand(s, generator=gen, dtype=F64).to(dtype))
+        (
+            (torch.rand(s, generator=gen, dtype=F64) * 2 - 1).to(dtype),
+            torch.rand(s, generator=gen, dtype=F64).to(dtype),
+        )
         for s in shapes
     ]
     if poison is not None:
         i = seed % len(leaves)
-        bad = leaves[i].clone(memory_format=torch.contiguous_format)  # keep the view kinds of the others; poisoning needs a writable leaf
+        bad = leaves[i].clone(
+            memory_format=torch.contiguous_format
+        )  # keep the view kinds of the others; poisoning needs a writable leaf
         bad.view(-1)[seed % bad.numel()] = float(poison)
         leaves[i] = bad
 
@@ -139,12 +156,21 @@ def test_matches_reference(shapes, method, n, sigma, dtype, views, poison, threa
     torch.set_num_threads(threads)
     try:
         got = estimate_gradient(
-            f, leaves, zo.SeededNormal(seed), method, n, sigma, chunk_size=chunk, batching=batching, top_k=top_k
+            f,
+            leaves,
+            zo.SeededNormal(seed),
+            method,
+            n,
+            sigma,
+            chunk_size=chunk,
+            batching=batching,
+            top_k=top_k,
         )
     finally:
         torch.set_num_threads(old)
     for g, p in zip(got, leaves):
-        assert g.shape == p.shape and g.dtype == p.dtype
+        assert g.shape == p.shape
+        assert g.dtype == p.dtype
     if poison is not None:
         assert all(torch.isnan(g).all() for g in got)
         return
@@ -157,6 +183,15 @@ def test_matches_reference(shapes, method, n, sigma, dtype, views, poison, threa
 def test_reference_agrees_on_a_fixed_case(dtype):
     # A fixed, readable instance of the property (fails loudly without hypothesis' shrinking).
     test_matches_reference.hypothesis.inner_test(
-        shapes=[(3, 2), (4,)], method="antithetic", n=5, sigma=0.3, dtype=dtype,
-        views=["transposed", "strided", "contiguous"], poison=None, threads=2, chunk=3, batching="auto", seed=7,
+        shapes=[(3, 2), (4,)],
+        method="antithetic",
+        n=5,
+        sigma=0.3,
+        dtype=dtype,
+        views=["transposed", "strided", "contiguous"],
+        poison=None,
+        threads=2,
+        chunk=3,
+        batching="auto",
+        seed=7,
     )

@@ -2,13 +2,13 @@
 
 import sys
 
+import _bounds
+import _dist_worker as w
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import _bounds
-import _dist_worker as w
 import altgrad.zero_order as zo
 from altgrad.zero_order import estimate_gradient, zero_order
 
@@ -34,7 +34,18 @@ def _bound(method, top_k=None):
     fm, bm = _bounds.mlp_loss_and_bound([p - w.SIGMA * zi for p, zi in zip(params, z)], x, y, torch.float32)
     f0, b0 = _bounds.mlp_loss_and_bound([p.unsqueeze(0) for p in params], x, y, torch.float32)
     return _bounds.estimate_difference_bound(
-        method, params, z, w.SIGMA, fp, bp, fm, bm, num_chunks=8, top_k=top_k, f0=f0.item(), f0_bound=b0.item()
+        method,
+        params,
+        z,
+        w.SIGMA,
+        fp,
+        bp,
+        fm,
+        bm,
+        num_chunks=8,
+        top_k=top_k,
+        f0=f0.item(),
+        f0_bound=b0.item(),
     )
 
 
@@ -76,15 +87,18 @@ def test_decorator_and_module(ranks, api):
 
 def test_bad_input_is_refused_on_every_rank(ranks):
     for out in ranks:
-        assert out["user-distribution"].startswith("ValueError") and "seeded distribution" in out["user-distribution"]
+        assert out["user-distribution"].startswith("ValueError")
+        assert "seeded distribution" in out["user-distribution"]
         assert out["module-user-distribution"].startswith("ValueError")
-        assert out["mismatch"].startswith("ValueError") and "num_samples differs" in out["mismatch"]
+        assert out["mismatch"].startswith("ValueError")
+        assert "num_samples differs" in out["mismatch"]
         assert "[6, 8]" in out["mismatch"]
-        assert out["empty"].startswith("ValueError") and "without members" in out["empty"]
+        assert out["empty"].startswith("ValueError")
+        assert "without members" in out["empty"]
 
 
 def test_process_group_of_the_wrong_type():
-    with pytest.raises(TypeError, match="process_group.*ProcessGroup.*got str"):
+    with pytest.raises(TypeError, match=r"process_group.*ProcessGroup.*got str"):
         zero_order(zo.SeededNormal(0), process_group="world")
     with pytest.raises(TypeError, match="process_group"):
         estimate_gradient(lambda t: t.sum(), [torch.zeros(2)], zo.SeededNormal(0), process_group=1)

@@ -1,11 +1,11 @@
 """Low-rank (EGGROLL-style) directions: unbiased, factored layers equal the materialised perturbation."""
 
+import _bounds
 import pytest
 import torch
 import torch.nn.functional as F
 
 import altgrad.zero_order as zo
-import _bounds
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient
 
 
@@ -103,7 +103,9 @@ def test_flipout_unbiased_with_rademacher_shared_matrix():
     dist = zo.SeededRademacher(3)
     est = torch.stack(
         [
-            estimate_gradient(lambda t: (a * t).sum(), [theta], dist, "antithetic", 32, 0.3, directions="flipout")[0]
+            estimate_gradient(
+                lambda t: (a * t).sum(), [theta], dist, "antithetic", 32, 0.3, directions="flipout"
+            )[0]
             for _ in range(300)
         ]
     )
@@ -124,7 +126,9 @@ def test_flipout_factored_module_matches_materialised_and_loop():
     params = [p.detach() for p in ref.parameters()]
     plain = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     grads = estimate_gradient(
-        lambda *p: F.mse_loss(torch.func.functional_call(plain, dict(zip([n[2:] for n in names], p)), (x,)), y),
+        lambda *p: F.mse_loss(
+            torch.func.functional_call(plain, dict(zip([n[2:] for n in names], p)), (x,)), y
+        ),
         params,
         zo.SeededNormal(8),
         "antithetic",

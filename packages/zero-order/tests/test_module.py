@@ -1,11 +1,11 @@
 """ZeroOrderGradientModule: TorchOpt behaviour plus keyword args, sub-subclasses and frozen parameters."""
 
+import _bounds
 import pytest
 import torch
 import torch.nn.functional as F
 
 import altgrad.zero_order as zo
-import _bounds
 from altgrad.zero_order import ZeroOrderGradientModule, zero_order
 
 

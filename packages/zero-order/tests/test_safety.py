@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import altgrad.zero_order as zo
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order

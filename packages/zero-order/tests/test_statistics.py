@@ -11,11 +11,11 @@ the summed sample variance must be within 25% of the closed form (its relative s
 sqrt(2/R) ≈ 8% for R = 300, so 25% is a ≥ 3σ bound).
 """
 
+import _bounds
 import pytest
 import torch
 
 import altgrad.zero_order as zo
-import _bounds
 from altgrad.zero_order import estimate_gradient
 
 D = 8

@@ -8,6 +8,7 @@ where TorchOpt only checks that nothing raises, we also check values.
 """
 
 import importlib
+import re
 import warnings
 
 import pytest
@@ -36,7 +37,9 @@ def _data():
 
 
 def _cos(a, b):
-    return F.cosine_similarity(torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b]), dim=0)
+    return F.cosine_similarity(
+        torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b]), dim=0
+    )
 
 
 @pytest.mark.parametrize("method", ["naive", "forward", "antithetic"])
@@ -85,7 +88,9 @@ def test_zero_order_functional_as_torchopt_tests(method, sigma):
 def test_zero_order_module_as_torchopt_tests(method):
     torch.manual_seed(42)
 
-    class FcNetWithLoss(torchopt.nn.ZeroOrderGradientModule, method=method, sigma=0.1, num_samples=NUM_SAMPLES):
+    class FcNetWithLoss(
+        torchopt.nn.ZeroOrderGradientModule, method=method, sigma=0.1, num_samples=NUM_SAMPLES
+    ):
         def __init__(self, dim, out):
             super().__init__()
             self.net = FcNet(dim, out)
@@ -119,7 +124,10 @@ def test_module_enable_zero_order_gradients_twice():
 
     from altgrad.zero_order.compat.diff.zero_order.nn.module import enable_zero_order_gradients
 
-    with pytest.raises(TypeError, match="Zero-order gradient estimation is already enabled for the `forward` method."):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("Zero-order gradient estimation is already enabled for the `forward` method."),
+    ):
         enable_zero_order_gradients(MyModule)
 
 
@@ -148,7 +156,7 @@ def test_enable_zero_order_gradients_on_a_plain_module():
     assert ((net.w.grad - a).abs() <= tol).all()
     with pytest.raises(TypeError, match="already enabled"):
         enable_zero_order_gradients(Plain)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=re.escape("nn.Module")):
         enable_zero_order_gradients(object)
 
 
@@ -160,7 +168,7 @@ def test_module_empty_parameters():
         def sample(self, sample_shape):
             return torch.tensor(0.0)
 
-    with pytest.raises(RuntimeError, match="The module has no parameters."):
+    with pytest.raises(RuntimeError, match=re.escape("The module has no parameters.")):
         MyModule()()
 
 
@@ -185,7 +193,10 @@ def test_module_abstract_methods():
     [
         ("altgrad.zero_order.compat", ["diff", "nn", "adam", "Adam", "apply_updates", "typing"]),
         ("altgrad.zero_order.compat.diff", ["zero_order"]),
-        ("altgrad.zero_order.compat.diff.zero_order", ["zero_order", "ZeroOrderGradientModule", "nn", "decorator"]),
+        (
+            "altgrad.zero_order.compat.diff.zero_order",
+            ["zero_order", "ZeroOrderGradientModule", "nn", "decorator"],
+        ),
         ("altgrad.zero_order.compat.diff.zero_order.decorator", ["zero_order"]),
         ("altgrad.zero_order.compat.diff.zero_order.nn", ["ZeroOrderGradientModule", "module"]),
         (

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ._errors import ArgnumsError
 from ._noise import NoiseSource, check_distribution
-from .estimators import Method
 from .directions import Workspace
+from .estimators import Method
 from .gradient import EstimatorOptions, check_distributed_source, run_estimate
 from .population import Batching, PopulationEvaluator, check_output
 
@@ -104,7 +104,9 @@ class _Call:
         evaluator = PopulationEvaluator(fn_of_leaves, self.options.batching)
         evaluator.resolved = self.evaluator_cache.get("resolved", evaluator.resolved)
         workspace = self.evaluator_cache.setdefault("workspace", Workspace())
-        grads = run_estimate(evaluator, params, self.source, self.options, grad_output, f0, workspace=workspace)
+        grads = run_estimate(
+            evaluator, params, self.source, self.options, grad_output, f0, workspace=workspace
+        )
         if self.options.batching == "auto" and evaluator.resolved is not None:
             self.evaluator_cache["resolved"] = evaluator.resolved
         return grads
@@ -217,7 +219,16 @@ def zero_order(
         torch.Size([3])
     """
     options = EstimatorOptions(
-        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank, process_group
+        method,
+        num_samples,
+        sigma,
+        chunk_size,
+        batching,
+        top_k,
+        sample_batched,
+        directions,
+        rank,
+        process_group,
     )
     argnums_t = _normalise_argnums(argnums)
     check_distribution(distribution)

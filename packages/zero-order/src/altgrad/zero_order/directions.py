@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-import altgrad.es_layers.functional as EF
 import torch
 from torch import Tensor
+
+import altgrad.es_layers.functional as EF
 
 from ._noise import NoiseSource, compute_dtype
 
@@ -43,7 +44,9 @@ class Workspace:
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
-    def get(self, leaf: int, rows: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def get(
+        self, leaf: int, rows: int, shape: torch.Size, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
         """A ``(rows, *shape)`` tensor (uninitialised) for leaf ``leaf``, reused when one large enough exists."""
         key = (leaf, dtype, device)
         buf = self.buffers.get(key)

@@ -199,7 +199,11 @@ def run_estimate(
     for members in chunks:
         noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
         values = evaluate(
-            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic, workspace)]
+            [
+                x
+                for plan, p, z in zip(plans, params, noise)
+                for x in plan.inputs(p, z, sigma, antithetic, workspace)
+            ]
         )
         values = values.detach().to(device=device, dtype=value_dtype)
         finite &= torch.isfinite(values).all()
@@ -264,6 +268,7 @@ def _run_distributed(
     seed, chunk by chunk as a single process does, so all ranks end with the same full gradient.
     """
     import torch.distributed as dist
+
     from altgrad.es_layers.distributed import shard_members
 
     check_distributed_source(source, options)
@@ -271,7 +276,11 @@ def _run_distributed(
     method, n_dir, sigma = options.method, options.num_samples, options.sigma
     antithetic = method in ANTITHETIC_METHODS
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    comm = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(pg) == "nccl"
+        else torch.device("cpu")
+    )
     step = source.new_step()
     header = torch.tensor(
         [n_dir, step, getattr(source.distribution, "seed", 0), METHODS.index(method), _float_bits(sigma)],
@@ -305,7 +314,11 @@ def _run_distributed(
         members = range(start, min(block.stop, start + per_chunk))
         noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
         values = evaluate(
-            [x for plan, p, z in zip(plans, params, noise) for x in plan.inputs(p, z, sigma, antithetic, workspace)]
+            [
+                x
+                for plan, p, z in zip(plans, params, noise)
+                for x in plan.inputs(p, z, sigma, antithetic, workspace)
+            ]
         )
         values = values.detach().to(device=device, dtype=value_dtype)
         del noise
@@ -325,7 +338,9 @@ def _run_distributed(
     received = [torch.empty_like(send) for _ in range(world)]
     dist.all_gather(received, send, group=pg)
     blocks = [shard_members(n_dir, r, world) for r in range(world)]
-    gathered = [torch.cat([received[r][i, : len(b)] for r, b in enumerate(blocks)]).to(device) for i in range(rows)]
+    gathered = [
+        torch.cat([received[r][i, : len(b)] for r, b in enumerate(blocks)]).to(device) for i in range(rows)
+    ]
     f_plus, f_minus = gathered[0], (gathered[1] if antithetic else None)
     finite = torch.isfinite(f_plus).all()
     if f_minus is not None:
@@ -372,7 +387,9 @@ def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction],
     Raises:
         SigmaResolutionWarning: (as a warning) naming sigma, the dtype, the leaf and its scale.
     """
-    checked = [(i, p) for i, (p, plan) in enumerate(zip(params, plans)) if not getattr(plan, "factored", False)]
+    checked = [
+        (i, p) for i, (p, plan) in enumerate(zip(params, plans)) if not getattr(plan, "factored", False)
+    ]
     if not checked:
         return
     # the scale is the largest finite |θ| (non-finite parameters give a NaN estimate anyway)
@@ -456,7 +473,16 @@ def estimate_gradient(
         True
     """
     options = EstimatorOptions(
-        method, num_samples, sigma, chunk_size, batching, top_k, sample_batched, directions, rank, process_group
+        method,
+        num_samples,
+        sigma,
+        chunk_size,
+        batching,
+        top_k,
+        sample_batched,
+        directions,
+        rank,
+        process_group,
     )
     source = NoiseSource(distribution, sample_batched=sample_batched)
     check_distributed_source(source, options)

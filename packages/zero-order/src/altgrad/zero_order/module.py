@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import altgrad.es_layers.functional as EF
 from torch import Tensor
+
+import altgrad.es_layers.functional as EF
 
 from ._noise import NoiseSource
 from .directions import Direction, Flipout, LowRank, Workspace
@@ -141,7 +142,9 @@ class _ModuleCall:
         return grads
 
 
-def _factored_forward(layer: nn.Linear, plan: Direction, first: Tensor, second: Tensor) -> Callable[[Tensor], Tensor]:
+def _factored_forward(
+    layer: nn.Linear, plan: Direction, first: Tensor, second: Tensor
+) -> Callable[[Tensor], Tensor]:
     """One member's ``nn.Linear`` forward with a factored perturbation, computed by ``altgrad.es_layers.functional``
     (``lowrank_linear``: ``x Wᵀ + (x B)(σA/√r)ᵀ``; ``flipout_linear``: ``x Wᵀ + ((x ∘ s) (σS)ᵀ) ∘ r``), never
     forming ``W + σE``. Under ``vmap`` the member is a population of one (``n = 1``, the batch rows as repeats)."""
@@ -154,7 +157,9 @@ def _factored_forward(layer: nn.Linear, plan: Direction, first: Tensor, second: 
         flat = x.reshape(1, -1) if x.dim() == 1 else x
         if isinstance(plan, Flipout):
             assert plan.shared is not None
-            out = EF.flipout_linear(flat, layer.weight, bias, plan.shared, second.unsqueeze(0), first.unsqueeze(0))
+            out = EF.flipout_linear(
+                flat, layer.weight, bias, plan.shared, second.unsqueeze(0), first.unsqueeze(0)
+            )
         else:
             out = EF.lowrank_linear(flat, layer.weight, bias, first.unsqueeze(0), second.unsqueeze(0))
         return out.reshape(layer.out_features) if x.dim() == 1 else out
