@@ -68,3 +68,17 @@ def test_cpu_distribution_with_cuda_params():
     assert g.device.type == "cuda"
     # Antithetic, linear f with gradient 1: Var[g_i] = (5 + 1)/16; 5 standard deviations.
     torch.testing.assert_close(g, torch.ones(5, device="cuda"), atol=5 * (6 / 16) ** 0.5, rtol=0)
+
+
+@pytest.mark.parametrize(("loc", "scale"), [(0.0, 1.0), (0.5, 2.0)])
+def test_scalar_normal_fast_path_is_bit_identical_to_normal_sample(loc, scale):
+    # A scalar torch.distributions.Normal is drawn with one torch.randn on the parameter's device: the same
+    # generator stream, the same values as Normal.sample (bit for bit, so results do not depend on the path).
+    from altgrad.zero_order._noise import NoiseSource
+
+    dist = torch.distributions.Normal(loc, scale)
+    torch.manual_seed(3)
+    want = dist.sample((6, 5, 4))
+    torch.manual_seed(3)
+    got = NoiseSource(dist).draw(0, (5, 4), torch.device("cpu"), torch.float32, range(6), 0)
+    assert torch.equal(got, want)
