@@ -166,3 +166,23 @@ def test_default_sample_is_used_and_called_with_batched_shape():
 
     N2()(torch.ones(3)).backward()
     assert shapes == [(5, 3)]
+
+
+def test_workspace_is_reused_and_not_pickled():
+    import io
+
+    x, y = _data()
+    net = Net()
+    net(x, y).backward()
+    buffers = dict(net._zero_order_workspace.buffers)
+    assert buffers  # the stacked perturbed parameters of the chunk are kept for the next estimate
+    net(x, y).backward()
+    assert all(net._zero_order_workspace.buffers[k] is v for k, v in buffers.items())
+    blob = io.BytesIO()
+    torch.save(net, blob)
+    blob.seek(0)
+    copy = torch.load(blob, weights_only=False)
+    assert "_zero_order_workspace" not in copy.__dict__
+    copy(x, y).backward()  # a new workspace is made on demand
+    net.zero_order_release_workspace()
+    assert "_zero_order_workspace" not in net.__dict__

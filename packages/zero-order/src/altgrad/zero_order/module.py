@@ -348,6 +348,13 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
             return
         cls.forward = _make_forward(forward, options)  # type: ignore[method-assign]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the reusable buffers of perturbed parameters (``torch.save`` of the whole module)."""
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_zero_order_workspace", None)
+        return state
+
     def zero_order_release_workspace(self) -> None:
         """Free the buffers of perturbed parameters kept between estimates (at most one chunk, see `zero_order`).
 
