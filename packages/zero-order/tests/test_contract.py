@@ -60,7 +60,7 @@ def test_returns_unperturbed_value_with_backward_node(method):
     f = zero_order(NORMAL, method=method, num_samples=5, sigma=0.1)(lambda w, x: (w * x).sum() ** 2)
     x = torch.tensor([2.0, 3.0])
     loss = f(w, x)
-    assert loss.item() == pytest.approx(((w.detach() * x).sum() ** 2).item())
+    assert loss.item() == ((w.detach() * x).sum() ** 2).item()  # the same ops: bit-identical
     assert loss.grad_fn is not None
     assert "ZeroOrderBackward" in type(loss.grad_fn).__name__
     (g,) = torch.autograd.grad(loss, w)
@@ -253,11 +253,11 @@ def test_user_noise_tensors_are_never_modified():
 
     w = torch.ones(3, requires_grad=True)
     zero_order(Cached(), method="naive", num_samples=4, sigma=0.5)(lambda w: (w**2).sum())(w).backward()
-    torch.testing.assert_close(cached, snapshot)
+    assert torch.equal(cached, snapshot)
     table = zo.NoiseTable(0, size=1 << 12)
     before = table.table().clone()
     zero_order(table, method="forward", num_samples=4)(lambda w: (w**2).sum())(w).backward()
-    torch.testing.assert_close(table.table(), before)
+    assert torch.equal(table.table(), before)
 
 
 @pytest.mark.parametrize(
