@@ -382,7 +382,7 @@ def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction],
 
     A perturbation applied in the parameter's dtype is rounded to multiples of ``eps·|θ|``; when σ is at most
     ``eps(dtype)·max|θ|`` a unit direction moves the largest elements by one ulp or less, and the estimate comes out
-    zero or shrunken. Leaves whose perturbation is applied to activations (factored low-rank) are skipped.
+    zero or shrunken. Leaves whose perturbation is applied to activations (factored low-rank, Flipout) are skipped.
 
     Raises:
         SigmaResolutionWarning: (as a warning) naming sigma, the dtype, the leaf and its scale.
@@ -392,14 +392,16 @@ def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction],
     ]
     if not checked:
         return
-    # the scale is the largest finite |θ| (non-finite parameters give a NaN estimate anyway)
-    maxima = [
-        torch.nan_to_num(p.detach().abs(), nan=0.0, posinf=0.0).amax().to(torch.float64).cpu()
-        for _, p in checked
-        if p.numel()
-    ]
-    scales = iter(torch.stack(maxima).tolist() if maxima else [])
+    # the scale is the largest finite |θ| (non-finite parameters give a NaN estimate anyway): one reduction per
+    # leaf and one host sync; leaves holding inf/NaN are reduced again without them
     checked = [(i, p) for i, p in checked if p.numel()]
+    if not checked:
+        return
+    maxima = torch.stack([p.detach().abs().amax().to(torch.float64).cpu() for _, p in checked]).tolist()
+    for k, (_, p) in enumerate(checked):
+        if not math.isfinite(maxima[k]):
+            maxima[k] = torch.nan_to_num(p.detach().abs(), nan=0.0, posinf=0.0).amax().item()
+    scales = iter(maxima)
     for (i, p), scale in zip(checked, scales):
         resolution = torch.finfo(p.dtype).eps * scale
         if sigma <= resolution:
