@@ -15,7 +15,7 @@ from ._version import __version__
 from .decorator import zero_order
 from .distributions import NoiseTable, Samplable, SeededDistribution, SeededNormal, SeededRademacher
 from .estimators import METHODS, direction_weights
-from .gradient import estimate_gradient
+from .gradient import SigmaResolutionWarning, estimate_gradient
 from .module import ZeroOrderGradientModule
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "SeededDistribution",
     "SeededNormal",
     "SeededRademacher",
+    "SigmaResolutionWarning",
     "ZeroOrderGradientModule",
     "__version__",
     "direction_weights",
