@@ -9,9 +9,11 @@ Sessions (``nox -l`` lists them):
 * ``integration``   all packages installed together; ``tests/integration`` (composition, layout and
   dependency checks, short versions of the examples).
 * ``build``         sdist + wheel of every package into ``dist/``; checks archive contents and versions, then
-  installs each wheel alone into a clean venv and imports it.
+  installs each wheel alone into a clean venv and imports it; auditwheel-repairs the compiled wheel into a
+  manylinux tag; ``twine check --strict`` and ``tools/release_check.py`` on every artifact.
+* ``release -- <name> <version>``  dry run of a tag release in a temporary clone (docs/releasing.md).
 * ``docs``          ``mkdocs build --strict`` of the shared site into ``site/``.
-* ``lint``          ``ruff format --check``, ``ruff check``, ``mypy`` on each package's public API.
+* ``lint``          workflow files against GitHub's schema, ``ruff format --check``, ``ruff check``, ``mypy``.
 * ``demo``          installs every package and runs ``examples/`` (the main job).
 * ``bench-<pkg>`` / ``bench``  the benchmarks; results land in ``docs/<pkg>/bench.{json,png}``.
 
