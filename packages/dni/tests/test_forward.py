@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import BidirectionalInterface, ForwardInterface, LinearDNI
+from altgrad.dni import DNI, BidirectionalInterface, ForwardInterface, LinearDNI
 
 
 def linear(n_in, n_out, seed):
@@ -134,3 +134,66 @@ def test_complete_unlock_trains_a_classifier():
     with torch.no_grad():
         accuracy = (upper(iface(lower(x), x)).argmax(1) == y).float().mean()
     assert accuracy > 0.9  # four separable clusters; chance is 0.25
+
+
+# ---------------------------------------------------------------- the wrapper: DNI(..., synthetic_inputs=True)
+def test_wrapper_synthetic_inputs_feed_the_layers_above():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    dni = DNI(net, hidden_size=16, grad_optim="sgd", grad_lr=0.1, lr=0.1, synthetic_inputs=True)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    for _ in range(3):
+        net[2].zero_grad()
+        F.cross_entropy(dni(x), y).backward()
+    dni.step_optimizers()  # apply pending synthesizer updates now, so the next forward uses these weights
+    fwd = dni.forward_interfaces["0"]
+    expected = net[2](F.relu(fwd.synthetic_input(x, torch.empty(10, 8))))
+    w0 = net[0].weight.detach().clone()
+    out = dni(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the head ran on I(x), not on net[0](x)
+    assert not torch.equal(w0, net[0].weight)  # net[0] was updated from M(h) during the forward pass
+    assert len(list(dni.synthesizer_parameters())) == 6 + 6  # M (LinearDNI: 3 Linear) and I
+    dni.eval()
+    with torch.no_grad():
+        plain = net[2](F.relu(net[0](x)))
+        assert torch.equal(dni(x), plain)  # eval: real activations
+
+
+def test_wrapper_synthetic_inputs_checkpoint_and_errors(tmp_path):
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    dni = DNI(net(), hidden_size=4, synthetic_inputs=True)
+    dni(torch.randn(4, 1, 2, 3)).sum().backward()  # the trigger is flattened to (B, 6)
+    state = dni.state_dict()
+    assert dni.forward_interfaces["1"].synthesizer.input_size == 6
+    assert any(k.startswith("forward_interfaces.1.synthesizer.") for k in state)
+    fresh = DNI(net(), hidden_size=4, synthetic_inputs=True)
+    fresh.load_state_dict(state)  # the forward synthesizer is rebuilt from the saved trigger size
+    for k, v in fresh.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="lam=0"):
+        DNI(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), lam=0.5, synthetic_inputs=True)
+    with pytest.raises(TypeError, match="first positional argument"):
+        dni(input=torch.randn(4, 1, 2, 3))
+
+
+def test_wrapper_complete_unlock_trains_a_classifier():
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 2
+    y = torch.randint(0, 4, (512,))
+    x = centres[y] + torch.randn(512, 16)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    dni = DNI(net, hidden_size=64, context_size=4, synthetic_inputs=True, lr=3e-3, grad_lr=3e-3)
+    opt = torch.optim.Adam(net[4].parameters(), 3e-3)
+    for _ in range(150):
+        i = torch.randint(0, 512, (64,))
+        opt.zero_grad()
+        F.cross_entropy(dni(x[i], context=y[i]), y[i]).backward()
+        opt.step()
+    dni.eval()
+    with torch.no_grad():
+        assert (dni(x).argmax(1) == y).float().mean() > 0.9  # four separable clusters; chance is 0.25

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._optim import optimizer_factory
+from .forward import ForwardInterface
 from .interface import MODES, BackwardInterface
 from .synthesizers import LinearDNI
 
@@ -184,6 +185,13 @@ class DNI(nn.Module):
             gets the interface, e.g. ``lambda out: out[0]`` for an LSTM's ``(output, (h, c))``. It must return
             one of the tensors in the output (found by identity), so that it can be replaced. ``None`` uses the
             output itself, or the first element of a tuple output.
+        synthetic_inputs: Complete unlock (paper §3.3): the layers above each wrapped module run on a synthetic
+            input ``ĥ = I(x [, c])`` predicted from the wrapper's first positional argument ``x`` (flattened
+            to ``(B, -1)``) instead of the module's real output, which only trains ``I``
+            (:class:`~altgrad.dni.ForwardInterface`); the module itself is updated from ``M(h)`` and ``M`` is
+            trained on the gradient arriving at ``ĥ``. Needs ``lam=0``, ``inject="immediate"``, a feature-last
+            ``dni_network`` and ``(B, features)`` activations; applies in ``"dni"`` mode (warm-up and other modes
+            use the real activations). ``I`` is built at the first training forward.
         network: pytorch-dni's name for ``net`` (keyword only).
         gpu_id: pytorch-dni's device argument: ``-1`` (default) leaves devices alone; ``k >= 0`` moves the
             wrapper (network and synthesizers) to ``cuda:k``.
@@ -222,6 +230,7 @@ class DNI(nn.Module):
         modules: Iterable[str] | None = None,
         format_fn: Any = None,
         gpu_id: int = -1,
+        synthetic_inputs: bool = False,
         network: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -259,9 +268,22 @@ class DNI(nn.Module):
             lam = λ
         # Validate lam/scale/inject once, with the interface's own checks.
         BackwardInterface(nn.Identity(), lam=lam, scale=scale, inject=inject)
+        if synthetic_inputs and (float(lam) != 0.0 or inject != "immediate"):
+            raise ValueError(
+                f"synthetic_inputs=True is the complete unlock: it needs lam=0 and inject='immediate', got "
+                f"lam={lam}, inject={inject!r}"
+            )
+        if synthetic_inputs and int(getattr(dni_network, "feature_dim", -1)) != -1:
+            raise ValueError(
+                f"synthetic_inputs=True needs a feature-last dni_network (e.g. LinearDNI), got {dni_network.__name__}"
+            )
 
         self.network = net
         self.interfaces = nn.ModuleDict()
+        self.forward_interfaces = nn.ModuleDict()  # synthetic inputs (synthetic_inputs=True), by module key
+        self.synthetic_inputs = bool(synthetic_inputs)
+        self._trigger: Tensor | None = None
+        self._trigger_features: dict[str, int] = {}
         self.hidden_size = hidden_size
         self.dni_network = dni_network
         self.dni_params = dict(dni_params or {})
@@ -413,9 +435,9 @@ class DNI(nn.Module):
                 )
         return leaves
 
-    def _build(self, name: str, features: int, module: nn.Module) -> BackwardInterface:
+    def _synthesizer(self, input_size: int, features: int, module: nn.Module) -> nn.Module:
         synth = self.dni_network(
-            input_size=features + self.context_size,
+            input_size=input_size,
             hidden_size=self.hidden_size,
             output_size=features,
             **self.dni_params,
@@ -430,6 +452,18 @@ class DNI(nn.Module):
                 self._synth_optimizer = self._grad_optim(params)
             else:
                 self._synth_optimizer.add_param_group({"params": params})
+        return synth
+
+    def _build_forward(self, name: str, trigger_features: int, module: nn.Module) -> ForwardInterface:
+        key = _key(name)
+        features = self._features[key]
+        synth = self._synthesizer(trigger_features + self.context_size, features, module)
+        self._trigger_features[key] = trigger_features
+        self.forward_interfaces[key] = ForwardInterface(synth, context_size=self.context_size)
+        return cast(ForwardInterface, self.forward_interfaces[key])
+
+    def _build(self, name: str, features: int, module: nn.Module) -> BackwardInterface:
+        synth = self._synthesizer(features + self.context_size, features, module)
         iface = BackwardInterface(
             synth,
             context_size=self.context_size,
@@ -496,7 +530,10 @@ class DNI(nn.Module):
         # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
         self._batching = True
         try:
-            out = iface(h, context=self._current_context())
+            if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
+                out = self._complete_unlock(name, module, iface, h)
+            else:
+                out = iface(h, context=self._current_context())
         finally:
             self._batching = False
             ready, self._ready = self._ready, {}
@@ -510,6 +547,25 @@ class DNI(nn.Module):
         if iface.unlocked:
             rest = _detach_all(rest)  # the module is cut off: only the synthetic gradient trains it
         return type(output)((out, *rest))
+
+    def _complete_unlock(self, name: str, module: nn.Module, iface: BackwardInterface, h: Tensor) -> Tensor:
+        """Synthetic gradient into ``module`` now; the layers above get the synthetic input, tapped for ``M``."""
+        trigger = cast(Tensor, self._trigger)
+        if h.dim() != 2:
+            raise ValueError(
+                f"synthetic_inputs=True needs (B, features) activations; module {name or 'net'!r} produced shape "
+                f"{tuple(h.shape)}"
+            )
+        key = _key(name)
+        fwd = (
+            cast(ForwardInterface, self.forward_interfaces[key])
+            if key in self.forward_interfaces
+            else self._build_forward(name, trigger.shape[1], module)
+        )
+        context = self._current_context()
+        synthetic = fwd(h, trigger.to(h.dtype), context)
+        torch.autograd.backward(iface.inject(h, context=context))
+        return iface.trigger(synthetic, context=context)
 
     def _interface_for(self, name: str, module: nn.Module, h: Tensor) -> BackwardInterface:
         fd = self._feature_dim
@@ -630,10 +686,21 @@ class DNI(nn.Module):
             # or it would leak into this training step.
             for opt in self._module_optimizers:
                 opt.zero_grad(set_to_none=True)
-        if context is None:
-            return self.network(*args, **kwargs)
-        with self.context(context):
-            return self.network(*args, **kwargs)
+            if self.synthetic_inputs:
+                x = args[0] if args else None
+                if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+                    raise TypeError(
+                        "synthetic_inputs=True predicts activations from the first positional argument, which must "
+                        f"be a floating-point tensor with a batch dimension, got {type(x).__name__}"
+                    )
+                self._trigger = x.detach().reshape(x.shape[0], -1)
+        try:
+            if context is None:
+                return self.network(*args, **kwargs)
+            with self.context(context):
+                return self.network(*args, **kwargs)
+        finally:
+            self._trigger = None
 
     def synthesizer_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of all synthesizers (separate from the model's).
@@ -652,6 +719,8 @@ class DNI(nn.Module):
             )
         for key in self.interfaces:
             yield from self._iface(key).synthesizer.parameters()
+        for fwd in self.forward_interfaces.values():
+            yield from fwd.synthesizer.parameters()
 
     def model_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the wrapped network (without the synthesizers).
@@ -745,7 +814,12 @@ class DNI(nn.Module):
         Pending synthesizer updates are applied first, so a checkpoint holds the up-to-date synthesizers.
         """
         self.step_synthesizers()
-        return {"version": 1, "num_steps": self.num_steps, "features": dict(self._features)}
+        return {
+            "version": 1,
+            "num_steps": self.num_steps,
+            "features": dict(self._features),
+            "trigger_features": dict(self._trigger_features),
+        }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore :meth:`get_extra_state`'s data, creating synthesizers that do not exist yet.
@@ -760,6 +834,9 @@ class DNI(nn.Module):
             key = _key(name)
             if key not in self.interfaces and key in state["features"]:
                 self._build(name, int(state["features"][key]), module)
+            trigger_features = state.get("trigger_features", {})
+            if key not in self.forward_interfaces and key in trigger_features:
+                self._build_forward(name, int(trigger_features[key]), module)
 
     def __getattr__(self, name: str) -> Any:
         try:
