@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -362,7 +362,9 @@ class BasicSynthesizer(nn.Module):
         self.layers = nn.ModuleList(
             nn.Linear(hidden_dim, hidden_dim if i < n_hidden - 1 else output_dim) for i in range(n_hidden)
         )
-        last = [self.layers[-1]] if n_hidden else [self.input_trigger, self.input_context]
+        last: list[nn.Linear | None] = (
+            [cast(nn.Linear, self.layers[-1])] if n_hidden else [self.input_trigger, self.input_context]
+        )
         with torch.no_grad():
             for layer in last:
                 if layer is not None:

@@ -49,6 +49,8 @@ class ForwardInterface(nn.Module):
         last_loss: The last regression loss (detached float32 scalar), or ``None``.
     """
 
+    _io: BackwardInterface  # set with object.__setattr__ so it stays out of the module tree
+
     def __init__(
         self,
         synthesizer: nn.Module,

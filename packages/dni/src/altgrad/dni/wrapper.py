@@ -720,7 +720,7 @@ class DNI(nn.Module):
         for key in self.interfaces:
             yield from self._iface(key).synthesizer.parameters()
         for fwd in self.forward_interfaces.values():
-            yield from fwd.synthesizer.parameters()
+            yield from cast(ForwardInterface, fwd).synthesizer.parameters()
 
     def model_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the wrapped network (without the synthesizers).
