@@ -77,7 +77,7 @@ class _PerturbedConvBase(Perturbed, nn.Conv2d):
             )
         noise = self._current_noise()
         self._repeats(input.shape)
-        padding = self.padding
+        padding: str | tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0

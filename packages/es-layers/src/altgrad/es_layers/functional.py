@@ -85,7 +85,7 @@ def _check_noise(name: str, t: Tensor | None, shape: tuple[int | None, ...]) -> 
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
-def _check_index(name: str, t: Tensor | None, n: int, size: int) -> None:
+def _check_index(name: str, t: Tensor | None, n: int | None, size: int) -> None:
     if t is None:
         return
     _check_noise(name, t, (n, None))
@@ -401,7 +401,7 @@ def sparse_linear(
     m, k_in = weight.shape
     n = cols.shape[0] if isinstance(cols, Tensor) and cols.dim() == 2 else None
     _check_index("cols", cols, n, k_in)
-    s = cols.shape[1]
+    n, s = cols.shape  # checked: (n, s)
     _check_noise("values", values, (n, m, s))
     _check_noise("noise_b", noise_b, (n, m))
     sigma = _check_sigma(sigma)
@@ -616,8 +616,9 @@ def permuted_weighted_sum(
                 src = e.unsqueeze(1) * wc.view(1, kc, *([1] * (e.dim() - 1)))
                 g.index_add_(1, in_idx[s0 : s0 + step].reshape(-1), src.reshape(m, kc * n_sp, *kernel))
             else:
+                assert out_idx is not None  # both None returned above
                 src = wc.view(kc, *([1] * e.dim())) * e.unsqueeze(0)
-                g.index_add_(0, out_idx[s0 : s0 + step].reshape(-1), src.reshape(kc * m_sp, *e.shape[1:]))  # type: ignore[index]
+                g.index_add_(0, out_idx[s0 : s0 + step].reshape(-1), src.reshape(kc * m_sp, *e.shape[1:]))
         return _scale_(g, False, sigma)
     if in_idx is not None:
         p = torch.zeros(n_sp * n_in, dtype=e.dtype, device=e.device)
@@ -626,9 +627,10 @@ def permuted_weighted_sum(
         # G[o, c, kern] = Σ_j E[o, j, kern] P[j, c]
         g = (e.movedim(1, -1) @ p.view(n_sp, n_in)).movedim(-1, 1).contiguous()
         return _scale_(g, False, sigma)
+    assert out_idx is not None  # both None returned above
     q = torch.zeros(m * m_sp, dtype=e.dtype, device=e.device)
-    flat = (out_idx * m_sp + torch.arange(m_sp, device=out_idx.device)).reshape(-1)  # type: ignore[operator]
-    q.index_add_(0, flat, w[:, None].expand_as(out_idx).reshape(-1))  # type: ignore[arg-type]
+    flat = (out_idx * m_sp + torch.arange(m_sp, device=out_idx.device)).reshape(-1)
+    q.index_add_(0, flat, w[:, None].expand_as(out_idx).reshape(-1))
     g = (q.view(m, m_sp) @ e.reshape(m_sp, -1)).view(*weight_shape)
     return _scale_(g, False, sigma)
 
@@ -922,6 +924,7 @@ def lowrank_linear(
     m, k_in = weight.shape
     n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
     _check_noise("a", a, (n, m, None))
+    n = a.shape[0]  # checked: a is (n, m, r)
     _check_noise("b", b, (n, k_in, a.shape[2]))
     _check_noise("noise_b", noise_b, (n, m))
     sigma = _check_sigma(sigma)
@@ -1010,7 +1013,7 @@ def lowrank_conv2d(
     kernel = tuple(weight.shape[2:])
     n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
     _check_noise("a", a, (n, m, None))
-    r = a.shape[2]
+    n, _, r = a.shape  # checked: (n, m, r)
     _check_noise("b", b, (n, weight[0].numel(), r))
     _check_noise("noise_b", noise_b, (n, m))
     sigma = _check_sigma(sigma)

@@ -113,7 +113,7 @@ class _ModuleCall:
                     continue
                 layer, plan = entry
                 first, second = next(it), next(it)
-                layer.forward = _factored_forward(layer, plan, first, second)  # type: ignore[method-assign]
+                layer.forward = _factored_forward(layer, plan, first, second)  # type: ignore[method-assign,assignment]
                 patched.append(layer)
             with _active(self.module):
                 return torch.func.functional_call(self.module, dense, self.args, self.kwargs, strict=False)
@@ -200,8 +200,8 @@ class _population_buffers:
             for m, name, buffer, copy in self.saved:
                 m._buffers[name] = buffer
                 buffer.copy_(copy)
-        for m, name, buffer in self.detached:
-            m._buffers[name] = buffer
+        for m, name, detached in self.detached:
+            m._buffers[name] = detached
 
 
 class _active:
