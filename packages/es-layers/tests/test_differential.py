@@ -40,6 +40,17 @@ UNIT_ROUNDOFF = {
 }
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+# Torch < 2.6 has no float16 reflection_pad2d on CPU (added by pytorch/pytorch#135931): a float16 layer with
+# padding_mode="reflect" raises torch's own `"reflection_pad2d" not implemented for 'Half'` there. The property test
+# does not draw that combination on such torch, and its fixed-example test below is skipped.
+HALF_REFLECT_PAD = _torch_version() >= (2, 6)
+
+
 def _threads(k: int):
     class _Ctx:
         def __enter__(self):
@@ -86,13 +97,16 @@ def _conv_layer(draw, dtype):
     c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     n = draw(st.integers(1, 4))
+    padding_modes = ["zeros", "reflect", "circular"]
+    if dtype == torch.float16 and not HALF_REFLECT_PAD:
+        padding_modes.remove("reflect")
     common = {
         "stride": draw(st.sampled_from([1, 2])),
         "padding": draw(st.integers(0, 1)),
         "dilation": draw(st.sampled_from([1, 2])),
         "groups": groups,
         "bias": draw(st.booleans()),
-        "padding_mode": draw(st.sampled_from(["zeros", "reflect", "circular"])),
+        "padding_mode": draw(st.sampled_from(padding_modes)),
         "antithetic": draw(st.booleans()),
         "dtype": dtype,
         "seed": 11,
@@ -263,6 +277,20 @@ def test_conv_matches_per_member_reference(data):
     layer.set_noise(draw(st.sampled_from([0.01, 0.5])))
     with _threads(draw(st.sampled_from([1, 2]))):
         _check(layer, x)
+
+
+@pytest.mark.skipif(
+    not HALF_REFLECT_PAD, reason="torch < 2.6 has no float16 reflection_pad2d on CPU (pytorch/pytorch#135931)"
+)
+@pytest.mark.parametrize("cls", [es.PerturbedConv2d, es.PermutedConv2d, es.FlipoutConv2d, es.LowRankConv2d])
+def test_conv_float16_reflect_matches_per_member_reference(cls):
+    layer = cls(
+        2, 3, (3, 2), 2, padding=1, padding_mode="reflect", antithetic=True, dtype=torch.float16, seed=11
+    )
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2 * 2, 2, 5, 4, generator=g).to(torch.float16)
+    layer.set_noise(0.5)
+    _check(layer, x)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
