@@ -144,6 +144,19 @@ def _decoupled_decay_(param: Tensor, lr: float | Tensor, weight_decay: float) ->
         param.add_(param, alpha=-lr * weight_decay)
 
 
+def _sign_step_(
+    param: Tensor, grad: Tensor, m: Tensor, d: Any, rule: Rule, alpha: float, lr: float | Tensor
+) -> None:
+    """``param -= lr * grad * multiplier(sign(m) * sign(grad))`` for one tensor (``d``: the sign decay or None)."""
+    # sign(sign(m) * g) == sign(g) * sign(m) exactly, with one temporary instead of two.
+    s = torch.sign(m).mul_(grad).sign_()
+    _multiplier_(s, d, rule, alpha)
+    if isinstance(lr, Tensor):
+        param.addcmul_(grad, s.mul_(lr), value=-1)
+    else:
+        param.addcmul_(grad, s, value=-lr)
+
+
 def _check_capturable(params: list[Tensor], state_steps: list[Tensor]) -> None:
     supported = _get_capturable_supported_devices()
     for p, step in zip(params, state_steps):
@@ -198,14 +211,8 @@ def _single_tensor_sign_update(
                 grad = grad.add(param, alpha=weight_decay)
 
         exp_avg.lerp_(grad, 1 - beta)
-        # sign(sign(m) * g) == sign(g) * sign(m) exactly, with one temporary instead of two.
-        s = torch.sign(exp_avg).mul_(grad).sign_()
         ds = _decay_values(sign_decay, [step_t], capturable, decay_cache)
-        _multiplier_(s, None if ds is None else ds[0], rule, alpha)
-        if isinstance(lr, Tensor):
-            param.addcmul_(grad, s.mul_(lr), value=-1)
-        else:
-            param.addcmul_(grad, s, value=-lr)
+        _sign_step_(param, grad, exp_avg, None if ds is None else ds[0], rule, alpha, lr)
 
 
 def _multi_tensor_sign_update(
@@ -375,14 +382,9 @@ def sparse_sign_update(
         exp_avg.lerp_(torch.zeros((), dtype=exp_avg.dtype, device=exp_avg.device), 1 - beta)
         m_rows.lerp_(values, 1 - beta)
         exp_avg.index_put_(index, m_rows)
-        s = torch.sign(m_rows).mul_(values).sign_()
         ds = _decay_values(sign_decay, [step_t], False, decay_cache)
-        _multiplier_(s, None if ds is None else ds[0], rule, alpha)
         p_rows = param[index]
-        if isinstance(lr, Tensor):
-            p_rows.addcmul_(values, s.mul_(lr), value=-1)
-        else:
-            p_rows.addcmul_(values, s, value=-lr)
+        _sign_step_(p_rows, values, m_rows, None if ds is None else ds[0], rule, alpha, lr)
         param.index_put_(index, p_rows)
 
 
