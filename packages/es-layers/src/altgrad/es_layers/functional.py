@@ -103,6 +103,14 @@ def _check_sigma(sigma: float) -> float:
     return float(sigma)
 
 
+def _members(mode: str, **named: Tensor | None) -> int:
+    """Member count ``n`` from the first of ``named`` that is a tensor (mode needs at least one of them)."""
+    n = next((t.shape[0] for t in named.values() if isinstance(t, Tensor) and t.dim() >= 1), None)
+    if n is None:
+        raise ValueError(f"{mode}: give at least one of {', '.join(named)} (they set the members)")
+    return n
+
+
 def _repeats(rows: int, n: int, antithetic: bool) -> int:
     """Number of repeats ``R`` of ``rows = R * n``; checks the antithetic rule."""
     if n < 1:
@@ -154,15 +162,19 @@ def _bmm_members(x4: Tensor, mats: Tensor, noise_b: Tensor | None) -> Tensor:
     return p.view(n, reps, t, -1).permute(1, 0, 2, 3)
 
 
-def _add_bias_noise(out4: Tensor, noise_b: Tensor | None, antithetic: bool, sigma: float) -> None:
-    if noise_b is None:
-        return
-    eps = noise_b[None, :, None, :].expand(out4.shape[0], *noise_b.shape[:1], 1, noise_b.shape[1]).clone()
-    out4 += _scale_(eps, antithetic, sigma)
+def _add_member_noise_(
+    out4: Tensor, p: Tensor, noise_b: Tensor | None, antithetic: bool, sigma: float
+) -> None:
+    """``out4 += σ c_r (p + ε_k)`` for ``p`` of ``out4``'s ``(R, n, T, m)`` shape."""
+    if noise_b is not None:
+        p += noise_b[None, :, None, :]
+    out4 += _scale_(p, antithetic, sigma)
 
 
-def _addmm_scaled(x4: Tensor, mat_t: Tensor, out4: Tensor, antithetic: bool, sigma: float) -> None:
-    """``out += σ c_r (x @ mat_t)`` using the GEMM's accumulation (no extra pass over the output)."""
+def _addmm_scaled(
+    x4: Tensor, mat_t: Tensor, out4: Tensor, noise_b: Tensor | None, antithetic: bool, sigma: float
+) -> None:
+    """``out += σ c_r (x @ mat_t + ε_k)`` using the GEMM's accumulation (no extra pass over the output)."""
     out2 = out4.view(-1, out4.shape[-1])
     x2 = x4.reshape(-1, x4.shape[-1])
     reps = out4.shape[0]
@@ -172,6 +184,9 @@ def _addmm_scaled(x4: Tensor, mat_t: Tensor, out4: Tensor, antithetic: bool, sig
         out2[half:].addmm_(x2[half:], mat_t, alpha=-sigma)
     else:
         out2.addmm_(x2, mat_t, alpha=sigma)
+    if noise_b is not None:
+        eps = noise_b[None, :, None, :].expand(reps, *noise_b.shape[:1], 1, noise_b.shape[1]).clone()
+        out4 += _scale_(eps, antithetic, sigma)
 
 
 def inverse_injection(idx: Tensor, size: int) -> Tensor:
@@ -364,9 +379,14 @@ def _conv_base(x, weight, bias, n, antithetic, stride, padding, dilation, groups
     return out, x.reshape(reps, n, *x.shape[1:])
 
 
-def _add_conv_bias_noise(v: Tensor, noise_b: Tensor | None) -> Tensor:
-    """``v (R, n, C_out, H', W') + ε_k``."""
-    return v if noise_b is None else v.add_(noise_b[None, :, :, None, None])
+def _add_conv_noise_(
+    out: Tensor, v: Tensor, noise_b: Tensor | None, antithetic: bool, sigma: float
+) -> Tensor:
+    """``out += σ c_r (v + ε_k)`` for ``v`` of shape ``(R, n, C_out, H', W')``; returns ``out``."""
+    if noise_b is not None:
+        v.add_(noise_b[None, :, :, None, None])
+    out.view(v.shape).add_(_scale_(v, antithetic, sigma))
+    return out
 
 
 # ----------------------------------------------------------------------------- sparse
@@ -456,9 +476,7 @@ def sparse_weighted_sum(
 # ----------------------------------------------------------------------------- permuted
 def _permuted_checks(weight, shared, in_idx, out_idx, noise_b):
     m, k_in = weight.shape[:2]
-    n = next((t.shape[0] for t in (in_idx, out_idx, noise_b) if isinstance(t, Tensor) and t.dim() >= 1), None)
-    if n is None:
-        raise ValueError("permuted: give at least one of in_idx, out_idx, noise_b (they set the members)")
+    n = _members("permuted", in_idx=in_idx, out_idx=out_idx, noise_b=noise_b)
     _check_index("in_idx", in_idx, n, k_in)
     _check_index("out_idx", out_idx, n, m)
     m_sp = m if out_idx is None else out_idx.shape[1]
@@ -516,17 +534,14 @@ def permuted_linear(
     else:
         xg = x4
     if out_idx is None:
-        _addmm_scaled(xg, shared.t(), out4, antithetic, sigma)
-        _add_bias_noise(out4, noise_b, antithetic, sigma)
+        _addmm_scaled(xg, shared.t(), out4, noise_b, antithetic, sigma)
         return out
     if out_inv is None:
         out_inv = inverse_injection(out_idx, weight.shape[0])
     v = xg.reshape(-1, n_sp) @ shared.t()  # (R*n*t, m_sp)
     v = F.pad(v, (0, 1)).view(reps, n, t, m_sp + 1)
     p = torch.gather(v, 3, out_inv.view(1, n, 1, -1).expand(reps, n, t, weight.shape[0]))
-    if noise_b is not None:
-        p += noise_b[None, :, None, :]
-    out4 += _scale_(p, antithetic, sigma)
+    _add_member_noise_(out4, p, noise_b, antithetic, sigma)
     return out
 
 
@@ -692,18 +707,12 @@ def permuted_conv2d(
         v = F.pad(v.view(reps, n, m_sp, -1), (0, 0, 0, 1))  # a zero channel at the end
         offsets = out_inv + torch.arange(n, device=x5.device)[:, None] * (m_sp + 1)
         v = v.view(reps, n * (m_sp + 1), -1).index_select(1, offsets.reshape(-1))
-    v = _add_conv_bias_noise(v.view(reps, n, weight.shape[0], *out_hw), noise_b)
-    out.view(v.shape).add_(_scale_(v, antithetic, sigma))
-    return out
+    return _add_conv_noise_(out, v.view(reps, n, weight.shape[0], *out_hw), noise_b, antithetic, sigma)
 
 
 # ----------------------------------------------------------------------------- flipout (sign flips)
 def _flip_checks(weight, shared, in_sign, out_sign, noise_b, groups):
-    n = next(
-        (t.shape[0] for t in (in_sign, out_sign, noise_b) if isinstance(t, Tensor) and t.dim() >= 1), None
-    )
-    if n is None:
-        raise ValueError("flipout: give at least one of in_sign, out_sign, noise_b (they set the members)")
+    n = _members("flipout", in_sign=in_sign, out_sign=out_sign, noise_b=noise_b)
     _check_noise("shared", shared, tuple(weight.shape))
     _check_noise("in_sign", in_sign, (n, weight.shape[1] * groups))
     _check_noise("out_sign", out_sign, (n, weight.shape[0]))
@@ -747,14 +756,11 @@ def flipout_linear(
     out, x4, out4 = _linear_base(x, weight, bias, n, antithetic)
     xs = x4 * in_sign[None, :, None, :] if in_sign is not None else x4
     if out_sign is None:
-        _addmm_scaled(xs, shared.t(), out4, antithetic, sigma)
-        _add_bias_noise(out4, noise_b, antithetic, sigma)
+        _addmm_scaled(xs, shared.t(), out4, noise_b, antithetic, sigma)
         return out
     p = (xs.reshape(-1, weight.shape[1]) @ shared.t()).view(out4.shape)
     p *= out_sign[None, :, None, :]
-    if noise_b is not None:
-        p += noise_b[None, :, None, :]
-    out4 += _scale_(p, antithetic, sigma)
+    _add_member_noise_(out4, p, noise_b, antithetic, sigma)
     return out
 
 
@@ -886,12 +892,20 @@ def flipout_conv2d(
     v = v.view(reps, n, *v.shape[1:])
     if out_sign is not None:
         v *= out_sign[None, :, :, None, None]
-    v = _add_conv_bias_noise(v, noise_b)
-    out.view(v.shape).add_(_scale_(v, antithetic, sigma))
-    return out
+    return _add_conv_noise_(out, v, noise_b, antithetic, sigma)
 
 
 # ----------------------------------------------------------------------------- low rank (EGGROLL)
+def _lowrank_checks(weight, a, b, noise_b):
+    m = weight.shape[0]
+    n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
+    _check_noise("a", a, (n, m, None))
+    n, _, r = a.shape  # checked: (n, m, r)
+    _check_noise("b", b, (n, weight[0].numel(), r))
+    _check_noise("noise_b", noise_b, (n, m))
+    return n, r
+
+
 def lowrank_linear(
     x: Tensor,
     weight: Tensor,
@@ -922,11 +936,7 @@ def lowrank_linear(
         ``(R * n, *, out_features)``.
     """
     m, k_in = weight.shape
-    n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
-    _check_noise("a", a, (n, m, None))
-    n = a.shape[0]  # checked: a is (n, m, r)
-    _check_noise("b", b, (n, k_in, a.shape[2]))
-    _check_noise("noise_b", noise_b, (n, m))
+    n, _ = _lowrank_checks(weight, a, b, noise_b)
     sigma = _check_sigma(sigma)
     out, x4, out4 = _linear_base(x, weight, bias, n, antithetic)
     reps, _, t, _ = x4.shape
@@ -1011,11 +1021,7 @@ def lowrank_conv2d(
     """
     m, c = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
-    n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
-    _check_noise("a", a, (n, m, None))
-    n, _, r = a.shape  # checked: (n, m, r)
-    _check_noise("b", b, (n, weight[0].numel(), r))
-    _check_noise("noise_b", noise_b, (n, m))
+    n, r = _lowrank_checks(weight, a, b, noise_b)
     sigma = _check_sigma(sigma)
     out, x5 = _conv_base(x, weight, bias, n, antithetic, stride, padding, dilation, 1)
     reps = x5.shape[0]
@@ -1027,6 +1033,4 @@ def lowrank_conv2d(
     else:
         hm = h.view(reps, n, r, -1).permute(1, 2, 0, 3).reshape(n, r, -1)  # (n, r, R*L)
         v = torch.bmm(a, hm).view(n, m, reps, *out_hw).permute(2, 0, 1, 3, 4)
-    v = _add_conv_bias_noise(v, noise_b)
-    out.view(v.shape).add_(_scale_(v, antithetic, sigma))
-    return out
+    return _add_conv_noise_(out, v, noise_b, antithetic, sigma)
