@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .interface import MODES, BackwardInterface
+from .interface import BackwardInterface, check_mode
 
 __all__ = ["BidirectionalInterface", "ForwardInterface"]
 
@@ -220,9 +220,7 @@ class BidirectionalInterface(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = self.forward_interface.mode = self.backward_interface.mode = value
+        self._mode = self.forward_interface.mode = self.backward_interface.mode = check_mode(value)
 
     @torch.compiler.disable  # runs eagerly under torch.compile (it calls autograd.backward)
     def forward(self, h: Tensor, trigger: Tensor, context: Tensor | None = None) -> Tensor:

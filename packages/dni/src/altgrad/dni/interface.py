@@ -35,6 +35,13 @@ _INJECT = ("immediate", "deferred")
 S = TypeVar("S", Tensor, tuple[Tensor, ...], list[Tensor])
 
 
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`; raise ``ValueError`` naming it otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
 class _Prediction:
     """One synthesizer prediction waiting for its target gradient (lives on the autograd node)."""
 
@@ -251,9 +258,7 @@ class BackwardInterface(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
+        self._mode = check_mode(value)
 
     @property
     def unlocked(self) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._optim import optimizer_factory
 from .forward import ForwardInterface
-from .interface import MODES, BackwardInterface
+from .interface import BackwardInterface, check_mode
 from .synthesizers import LinearDNI
 
 __all__ = ["DNI"]
@@ -262,8 +262,7 @@ class DNI(nn.Module):
             raise ValueError(f"grad_lr must be a positive float, got {grad_lr!r}")
         if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
             raise ValueError(f"lr must be a positive float or None, got {lr!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         if λ is not None:
             lam = λ
         # Validate lam/scale/inject once, with the interface's own checks.
@@ -614,10 +613,7 @@ class DNI(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
-        self._active_mode = value
+        self._mode = self._active_mode = check_mode(value)
 
     @contextlib.contextmanager
     def context(self, context: Tensor | None) -> Iterator[None]:
