@@ -166,9 +166,7 @@ class LowRank:
         a, b = noise
         scale = sigma / math.sqrt(self.rank)
         if self.factored:
-            a_scaled = torch.cat([a, -a]) * scale if antithetic else a * scale
-            b_rep = torch.cat([b, b]) if antithetic else b
-            return [a_scaled.to(p.dtype), b_rep.to(p.dtype)]
+            return _factored(a * scale, b, antithetic, p.dtype)
         e = torch.bmm(a, b.transpose(1, 2))
         return [_perturbed(p, e, scale, antithetic, workspace, self.leaf)]
 
@@ -222,9 +220,7 @@ class Flipout:
         shared, out_s, in_s = noise
         if self.factored:
             self.shared = (shared * sigma).to(p.dtype)
-            out_rows = torch.cat([out_s, -out_s]) if antithetic else out_s
-            in_rows = torch.cat([in_s, in_s]) if antithetic else in_s
-            return [out_rows.to(p.dtype), in_rows.to(p.dtype)]
+            return _factored(out_s, in_s, antithetic, p.dtype)
         e = EF.flipout_dense(shared, in_s, out_s)
         return [_perturbed(p, e, sigma, antithetic, workspace, self.leaf)]
 
@@ -237,6 +233,13 @@ class Flipout:
 def _signs(z: Tensor) -> Tensor:
     """±1 with the sign of ``z`` (0 maps to +1)."""
     return torch.where(z < 0, -1.0, 1.0).to(z.dtype)
+
+
+def _factored(signed: Tensor, kept: Tensor, antithetic: bool, dtype: torch.dtype) -> list[Tensor]:
+    """``[signed, kept]``, antithetic: ``[cat(signed, -signed), cat(kept, kept)]`` (cast to ``dtype``)."""
+    if antithetic:
+        signed, kept = torch.cat([signed, -signed]), torch.cat([kept, kept])
+    return [signed.to(dtype), kept.to(dtype)]
 
 
 def _perturbed(
