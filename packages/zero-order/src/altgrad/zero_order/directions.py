@@ -98,10 +98,15 @@ class Dense:
 
     Args:
         leaf: Index of the leaf (distinct leaves draw independent noise).
+        deferred: Hand the population function the member rows ``arange(rows)`` instead of the perturbed leaf
+            and keep ``(p, z, σ)`` in `pending`: the layer that owns the leaf (an ``nn.Linear`` weight in
+            `ZeroOrderGradientModule`) builds ``p ± σ z_k`` itself, a few members at a time, while they are hot
+            in the cache. The perturbed values are the same as `_perturbed`'s.
     """
 
-    def __init__(self, leaf: int) -> None:
-        self.leaf = leaf
+    def __init__(self, leaf: int, deferred: bool = False) -> None:
+        self.leaf, self.deferred = leaf, deferred
+        self.pending: tuple[Tensor, Tensor, float] | None = None  # (p, z, σ) of the chunk being evaluated
 
     def draw(self, source: NoiseSource, p: Tensor, members: range, step: int) -> DenseNoise:
         """Noise of ``members``: directions of shape ``(n, *p.shape)``."""
@@ -116,6 +121,9 @@ class Dense:
         accumulation then uses ``Σ w_k z_k = (Σ w_k (p + σ z_k) - (Σ w_k) p) / σ``.
         """
         z = noise.z
+        if self.deferred:
+            self.pending = (p.detach(), z, sigma)
+            return [torch.arange((2 if antithetic else 1) * z.shape[0], device=p.device)]
         if not antithetic and noise.fresh and z.dtype == p.dtype and z.is_contiguous():
             base = p.detach()
             torch.add(base, z, alpha=sigma, out=z)

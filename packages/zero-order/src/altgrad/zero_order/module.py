@@ -8,7 +8,9 @@ Subclass it with class keywords, implement ``forward`` (returning a scalar) and 
 
 Calling the module returns the unperturbed loss; its backward estimates gradients for every parameter with
 ``requires_grad=True`` (frozen parameters are neither perturbed nor given a gradient). The population is evaluated
-with ``torch.func.functional_call`` under ``torch.func.vmap`` over stacked perturbed parameters, in chunks.
+with ``torch.func.functional_call`` under ``torch.func.vmap`` over stacked perturbed parameters, in chunks. On the
+CPU, the dense-perturbed weight of an ``nn.Linear`` that no other code reads (checked on the unperturbed forward of
+each call) is not stacked: the layer builds ``W ± σ z_k`` a few members at a time, in the cache, next to its GEMMs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 import altgrad.es_layers.functional as EF
 
 from ._noise import NoiseSource
-from .directions import Direction, Flipout, LowRank, Workspace
+from .directions import Dense, Direction, Flipout, LowRank, Workspace
 from .distributions import Samplable
 from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
@@ -78,22 +80,50 @@ class _ModuleCall:
     ) -> None:
         self.module, self.forward, self.names = module, forward, names
         self.args, self.kwargs, self.options = args, kwargs, options
+        self.layer_only: set[int] = set()  # ids of nn.Linear layers whose weight only their forward uses
 
     def center(self) -> Any:
-        with _active(self.module):
-            return self.forward(self.module, *self.args, **self.kwargs)
+        """The unperturbed forward; it also finds the dense ``nn.Linear`` weights used only by their layer."""
+        modules = dict(self.module.named_modules())
+        layers: dict[int, nn.Linear] = {}
+        for name in self.names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules.get(owner_name)
+            if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+                layers[id(owner.weight)] = owner
+        if not layers:
+            with _active(self.module):
+                return self.forward(self.module, *self.args, **self.kwargs)
+        watch = _WeightUse(set(layers))
+        for layer in layers.values():
+            layer.forward = functools.partial(_trusted_forward, layer, watch)  # type: ignore[method-assign]
+        try:
+            with _active(self.module), watch:
+                return self.forward(self.module, *self.args, **self.kwargs)
+        finally:
+            for layer in layers.values():
+                del layer.forward
+            self.layer_only = {id(layer) for key, layer in layers.items() if key not in watch.used}
 
     def _plans(self, params: Sequence[Tensor]) -> list[Direction]:
         """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
         plans = default_plans(self.options, params)
         self.factored: dict[int, tuple[nn.Linear, Direction]] = {}
-        if self.options.directions not in ("lowrank", "flipout"):
-            return plans
         modules = dict(self.module.named_modules())
         for i, name in enumerate(self.names):
             owner_name, _, attr = name.rpartition(".")
             owner = modules.get(owner_name)
             if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+                if isinstance(plans[i], Dense):
+                    p = params[i]
+                    if (
+                        p.device.type == "cpu"
+                        and p.dtype in (torch.float32, torch.float64)
+                        and id(owner) in self.layer_only
+                    ):
+                        plans[i] = Dense(i, deferred=True)
+                        self.factored[i] = (owner, plans[i])
+                    continue
                 if self.options.directions == "lowrank":
                     plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
                 else:
@@ -112,6 +142,10 @@ class _ModuleCall:
                     dense[name] = next(it)
                     continue
                 layer, plan = entry
+                if isinstance(plan, Dense):
+                    layer.forward = functools.partial(_dense_forward, layer, plan, next(it))  # type: ignore[method-assign]
+                    patched.append(layer)
+                    continue
                 first, second = next(it), next(it)
                 layer.forward = _factored_forward(layer, plan, first, second)  # type: ignore[method-assign,assignment]
                 patched.append(layer)
@@ -140,6 +174,109 @@ class _ModuleCall:
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
+
+
+#: Bytes of perturbed weights built at once by `_DenseLinear` (a few members, kept hot in the cache).
+_BLOCK_BYTES = 1 << 21
+
+
+class _WeightUse(torch.overrides.TorchFunctionMode):
+    """Records which watched tensors (by id) a forward passes to any torch function outside `_trusted_forward`."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched, self.used, self.trusted = watched, set[int](), 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not self.trusted and self.watched:
+            stack: list[Any] = [*args, *kwargs.values()]
+            while stack:
+                a = stack.pop()
+                if isinstance(a, (list, tuple)):
+                    stack.extend(a)
+                elif isinstance(a, dict):
+                    stack.extend(a.values())
+                elif id(a) in self.watched and isinstance(a, Tensor):
+                    self.used.add(id(a))
+        return func(*args, **kwargs)
+
+
+def _trusted_forward(layer: nn.Linear, watch: _WeightUse, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` of ``layer`` during the unperturbed forward: its own use of the weight is not counted."""
+    watch.trusted += 1
+    try:
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+    finally:
+        watch.trusted -= 1
+
+
+class _DenseLinear(torch.autograd.Function):
+    """An ``nn.Linear`` with a dense-perturbed weight: member ``k`` computes ``F.linear(x, W ± σ z_k, b)``.
+
+    The member's input is its row ``k`` of the chunk (rows ``< n`` take ``+σ z_k``, the others ``-σ z_{k-n}``).
+    Under ``vmap`` the batching rule builds ``W ± σ z`` for a few members at a time into a small buffer (still in
+    the cache when the GEMM reads it) and runs one ``baddbmm`` per block, instead of writing all perturbed
+    weights to memory and reading them back. Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under
+    ``no_grad`` only (population evaluations), so no backward is defined.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, row: Tensor, weight: Tensor, bias: Tensor | None, plan: Dense) -> Tensor:
+        assert plan.pending is not None
+        p, z, sigma = plan.pending
+        k, n = int(row), z.shape[0]
+        return torch.nn.functional.linear(x, torch.add(p, z[k % n], alpha=sigma if k < n else -sigma), bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        row: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        plan: Dense,
+    ) -> tuple[Tensor, int]:
+        assert plan.pending is not None  # set by Dense.inputs for this chunk
+        assert in_dims[1] == 0  # the member rows are batched; the weight (not substituted) is not
+        p, z, sigma = plan.pending
+        m, n = info.batch_size, z.shape[0]
+        if in_dims[0] is None:
+            x = x.expand(m, *x.shape)
+        else:
+            x = x.movedim(in_dims[0], 0)
+        lead = x.shape[1:-1]
+        rows = x.reshape(m, -1, x.shape[-1])
+        if bias is not None and in_dims[3] is not None:
+            bias = bias.movedim(in_dims[3], 0).unsqueeze(1)
+        elif bias is None:
+            bias = torch.zeros((), dtype=p.dtype, device=p.device)
+        out = torch.empty((m, rows.shape[1], p.shape[0]), dtype=p.dtype, device=p.device)
+        block = max(1, _BLOCK_BYTES // (p.numel() * p.element_size()))
+        perturbed = torch.empty((min(block, m), *p.shape), dtype=p.dtype, device=p.device)
+        # the rows of the chunk in order (row k: +σ z_k for k < n, then -σ z_{k-n}): blocks never straddle n
+        start = 0
+        while start < m:
+            stop = min(m, start + block, n if start < n else m)
+            alpha = sigma if start < n else -sigma
+            w = perturbed[: stop - start]
+            torch.add(p, z[start % n : (stop - 1) % n + 1], alpha=alpha, out=w)
+            b = bias if bias.dim() < 3 else bias[start:stop]
+            torch.baddbmm(b, rows[start:stop], w.transpose(1, 2), out=out[start:stop])
+            start = stop
+        return out.reshape(m, *lead, out.shape[-1]), 0
+
+
+def _dense_forward(layer: nn.Linear, plan: Dense, row: Tensor, x: Tensor) -> Tensor:
+    """``layer.forward`` of a member during population evaluations (see `_DenseLinear`)."""
+    return _DenseLinear.apply(x, row, layer.weight, layer.bias, plan)  # type: ignore[no-any-return]
 
 
 def _factored_forward(
