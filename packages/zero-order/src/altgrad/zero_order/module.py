@@ -68,6 +68,18 @@ class ZeroOrder(torch.autograd.Function):
         return (None, *grads)
 
 
+def _linear_weights(module: nn.Module, names: Sequence[str]) -> dict[int, nn.Linear]:
+    """Index in ``names`` -> the plain ``nn.Linear`` (its forward not overridden) whose ``weight`` that name is."""
+    modules = dict(module.named_modules())
+    found: dict[int, nn.Linear] = {}
+    for i, name in enumerate(names):
+        owner_name, _, attr = name.rpartition(".")
+        owner = modules.get(owner_name)
+        if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+            found[i] = owner
+    return found
+
+
 class _ModuleCall:
     def __init__(
         self,
@@ -84,13 +96,7 @@ class _ModuleCall:
 
     def center(self) -> Any:
         """The unperturbed forward; it also finds the dense ``nn.Linear`` weights used only by their layer."""
-        modules = dict(self.module.named_modules())
-        layers: dict[int, nn.Linear] = {}
-        for name in self.names:
-            owner_name, _, attr = name.rpartition(".")
-            owner = modules.get(owner_name)
-            if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
-                layers[id(owner.weight)] = owner
+        layers = {id(owner.weight): owner for owner in _linear_weights(self.module, self.names).values()}
         if not layers:
             with _active(self.module):
                 return self.forward(self.module, *self.args, **self.kwargs)
@@ -109,26 +115,22 @@ class _ModuleCall:
         """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
         plans = default_plans(self.options, params)
         self.factored: dict[int, tuple[nn.Linear, Direction]] = {}
-        modules = dict(self.module.named_modules())
-        for i, name in enumerate(self.names):
-            owner_name, _, attr = name.rpartition(".")
-            owner = modules.get(owner_name)
-            if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
-                if isinstance(plans[i], Dense):
-                    p = params[i]
-                    if (
-                        p.device.type == "cpu"
-                        and p.dtype in (torch.float32, torch.float64)
-                        and id(owner) in self.layer_only
-                    ):
-                        plans[i] = Dense(i, deferred=True)
-                        self.factored[i] = (owner, plans[i])
-                    continue
-                if self.options.directions == "lowrank":
-                    plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
-                else:
-                    plans[i] = Flipout(i, len(params), factored=True)
-                self.factored[i] = (owner, plans[i])
+        for i, owner in _linear_weights(self.module, self.names).items():
+            if isinstance(plans[i], Dense):
+                p = params[i]
+                if (
+                    p.device.type == "cpu"
+                    and p.dtype in (torch.float32, torch.float64)
+                    and id(owner) in self.layer_only
+                ):
+                    plans[i] = Dense(i, deferred=True)
+                    self.factored[i] = (owner, plans[i])
+                continue
+            if self.options.directions == "lowrank":
+                plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
+            else:
+                plans[i] = Flipout(i, len(params), factored=True)
+            self.factored[i] = (owner, plans[i])
         return plans
 
     def _call_with(self, *inputs: Tensor) -> Tensor:
