@@ -430,6 +430,35 @@ def _repair_wheel(session: nox.Session, wheel: Path) -> Path:
     return repaired
 
 
+def _install_alone(
+    session: nox.Session, pkg: Package, version: str, venv: Path, find_links: Path, target: str, source: Path
+) -> None:
+    """Install ``target`` (``pkg``'s wheel or name) alone into a clean ``venv``, import it and check ``version``.
+
+    Siblings resolve from ``find_links`` only (``--no-index``), torch and its dependencies from the interpreter
+    running nox. A compiled package also runs ``source/ci/wheel_smoke.py``: the compiled module loads and computes
+    right values (no pure-torch fallback).
+    """
+    shutil.rmtree(venv, ignore_errors=True)
+    # --without-pip: pip and setuptools come, with torch, from the interpreter running nox (the .pth), so
+    # an old bundled setuptools cannot shadow the one torch needs.
+    session.run(sys.executable, "-m", "venv", "--without-pip", str(venv), external=True)
+    py = str(venv / "bin" / "python")
+    _expose_outer_site(session, py)
+    session.run(
+        py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(find_links), target, external=True
+    )
+    _check_torch_reused(session, py)
+    code = (
+        f"import importlib.metadata as m; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
+        f"assert p.__version__ == v == '{version}', (p.__version__, v); print('{pkg.dist}', v, 'from', p.__file__)"
+    )
+    with session.chdir(venv.parent):
+        session.run(py, "-c", code, external=True)
+        if pkg.compiled:
+            session.run(py, str(source / "ci" / "wheel_smoke.py"), external=True)
+
+
 @venv_session(default=False)
 def build(session: nox.Session) -> None:
     """sdist + wheel of every package into dist/, archive checks, then each wheel installed alone and imported.
@@ -451,26 +480,7 @@ def build(session: nox.Session) -> None:
         versions[pkg.name] = _check_archives(session, pkg, sdist, wheel)
     tmp = Path(session.create_tmp()).resolve()
     for pkg in PACKAGES.values():
-        venv = tmp / f"alone-{pkg.name}"
-        shutil.rmtree(venv, ignore_errors=True)
-        # --without-pip: pip and setuptools come, with torch, from the interpreter running nox (the .pth), so
-        # an old bundled setuptools cannot shadow the one torch needs.
-        session.run(sys.executable, "-m", "venv", "--without-pip", str(venv), external=True)
-        py = str(venv / "bin" / "python")
-        _expose_outer_site(session, py)
-        # --no-index: siblings resolve from dist/ only, torch (and its dependencies) from the outer site.
-        session.run(
-            py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), pkg.dist, external=True
-        )
-        _check_torch_reused(session, py)
-        code = (
-            f"import importlib.metadata as m, sys; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
-            f"assert p.__version__ == v == '{versions[pkg.name]}', (p.__version__, v); print('{pkg.dist}', v)"
-        )
-        with session.chdir(tmp):
-            session.run(py, "-c", code, external=True)
-            if pkg.compiled:  # the compiled module loads and computes right values (no pure-torch fallback)
-                session.run(py, str(pkg.path / "ci" / "wheel_smoke.py"), external=True)
+        _install_alone(session, pkg, versions[pkg.name], tmp / f"alone-{pkg.name}", dist, pkg.dist, pkg.path)
     for pkg in PACKAGES.values():
         session.run(
             "python", str(RELEASE_CHECK), "artifacts", str(dist), pkg.name, versions[pkg.name], "--others-ok"
@@ -697,20 +707,5 @@ def release(session: nox.Session) -> None:
             silent=True,
         )
 
-    venv = tmp / "venv"
-    session.run(sys.executable, "-m", "venv", "--without-pip", str(venv), external=True)
-    py = str(venv / "bin" / "python")
-    _expose_outer_site(session, py)
-    session.run(
-        py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(deps), str(wheel), external=True
-    )
-    _check_torch_reused(session, py)
-    code = (
-        f"import importlib.metadata as m; import {pkg.module} as p; v = m.version('{pkg.dist}'); "
-        f"assert p.__version__ == v == '{version}', (p.__version__, v); print('{pkg.dist}', v, 'from', p.__file__)"
-    )
-    with session.chdir(tmp):
-        session.run(py, "-c", code, external=True)
-        if pkg.compiled:
-            session.run(py, str(clone / "packages" / name / "ci" / "wheel_smoke.py"), external=True)
+    _install_alone(session, pkg, version, tmp / "venv", deps, str(wheel), clone / "packages" / name)
     session.log(f"dry run of {tag} passed: " + ", ".join(p.name for p in sorted(out.iterdir())))
