@@ -205,7 +205,7 @@ def run_estimate(
                 for x in plan.inputs(p, z, sigma, antithetic, workspace)
             ]
         )
-        values = values.detach().to(device=device, dtype=value_dtype)
+        values = values.detach().to(device=device, dtype=value_dtype, copy=True)  # may view reused buffers
         finite &= torch.isfinite(values).all()
         f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
         if two_pass:
@@ -320,7 +320,7 @@ def _run_distributed(
                 for x in plan.inputs(p, z, sigma, antithetic, workspace)
             ]
         )
-        values = values.detach().to(device=device, dtype=value_dtype)
+        values = values.detach().to(device=device, dtype=value_dtype, copy=True)  # may view reused buffers
         del noise
         local_plus.append(values[: len(members)])
         if antithetic:

@@ -169,17 +169,23 @@ class _ModuleCall:
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
         workspace = module.__dict__.setdefault("_zero_order_workspace", Workspace())
-        with _population_buffers(module):
-            grads = run_estimate(
-                evaluator, list(params), source, self.options, grad_output, f0_arg, plans, workspace
-            )
+        try:
+            with _population_buffers(module):
+                grads = run_estimate(
+                    evaluator, list(params), source, self.options, grad_output, f0_arg, plans, workspace
+                )
+        finally:
+            for plan in plans:  # the chunk's noise is not kept alive by the autograd graph
+                if isinstance(plan, Dense):
+                    plan.pending, plan.workspace = None, None
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
 
 
-#: Bytes of perturbed weights built at once by `_DenseLinear` (a few members, kept hot in the cache).
-_BLOCK_BYTES = 1 << 21
+#: Bytes of perturbed weights built at once by `_DenseLinear`: a few members of both signs, still in the cache
+#: when their GEMMs read them (4 MiB measured best on a 2-core Zen 4 VM with 1 MiB L2 per core and 32 MiB L3).
+_BLOCK_BYTES = 1 << 22
 
 
 class _WeightUse(torch.overrides.TorchFunctionMode):
@@ -219,10 +225,15 @@ class _DenseLinear(torch.autograd.Function):
     """An ``nn.Linear`` with a dense-perturbed weight: member ``k`` computes ``F.linear(x, W ± σ z_k, b)``.
 
     The member's input is its row ``k`` of the chunk (rows ``< n`` take ``+σ z_k``, the others ``-σ z_{k-n}``).
-    Under ``vmap`` the batching rule builds ``W ± σ z`` for a few members at a time into a small buffer (still in
-    the cache when the GEMM reads it) and runs one ``baddbmm`` per block, instead of writing all perturbed
-    weights to memory and reading them back. Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under
-    ``no_grad`` only (population evaluations), so no backward is defined.
+    Under ``vmap`` the batching rule never writes all perturbed weights to memory:
+
+    - an input shared by all members (the first layer: the batch) is multiplied once by ``W``, and member ``k``
+      adds ``± σ x z_kᵀ`` (one batched GEMM per sign);
+    - a per-member input is multiplied by ``W + σ z_k`` and ``W - σ z_k`` built a few directions at a time into
+      a small buffer (still in the cache when the GEMM reads it), both signs from one read of ``z``.
+
+    Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under ``no_grad`` only (population
+    evaluations), so no backward is defined.
     """
 
     @staticmethod
@@ -249,31 +260,84 @@ class _DenseLinear(torch.autograd.Function):
         assert plan.pending is not None  # set by Dense.inputs for this chunk
         assert in_dims[1] == 0  # the member rows are batched; the weight (not substituted) is not
         p, z, sigma = plan.pending
-        m, n = info.batch_size, z.shape[0]
+        m = info.batch_size
+        if bias is not None and in_dims[3] is not None:
+            bias = bias.movedim(in_dims[3], 0).unsqueeze(1)  # (m, 1, out): a perturbed bias
+        scratch = _Scratch(plan)
         if in_dims[0] is None:
-            x = x.expand(m, *x.shape)
+            lead = x.shape[:-1]
+            out = _shared_input_linear(x.reshape(-1, x.shape[-1]), p, z, sigma, m, bias, scratch)
         else:
             x = x.movedim(in_dims[0], 0)
-        lead = x.shape[1:-1]
-        rows = x.reshape(m, -1, x.shape[-1])
-        if bias is not None and in_dims[3] is not None:
-            bias = bias.movedim(in_dims[3], 0).unsqueeze(1)
-        elif bias is None:
-            bias = torch.zeros((), dtype=p.dtype, device=p.device)
-        out = torch.empty((m, rows.shape[1], p.shape[0]), dtype=p.dtype, device=p.device)
-        block = max(1, _BLOCK_BYTES // (p.numel() * p.element_size()))
-        perturbed = torch.empty((min(block, m), *p.shape), dtype=p.dtype, device=p.device)
-        # the rows of the chunk in order (row k: +σ z_k for k < n, then -σ z_{k-n}): blocks never straddle n
-        start = 0
-        while start < m:
-            stop = min(m, start + block, n if start < n else m)
-            alpha = sigma if start < n else -sigma
-            w = perturbed[: stop - start]
-            torch.add(p, z[start % n : (stop - 1) % n + 1], alpha=alpha, out=w)
-            b = bias if bias.dim() < 3 else bias[start:stop]
-            torch.baddbmm(b, rows[start:stop], w.transpose(1, 2), out=out[start:stop])
-            start = stop
-        return out.reshape(m, *lead, out.shape[-1]), 0
+            lead = x.shape[1:-1]
+            out = _member_input_linear(x.reshape(m, -1, x.shape[-1]), p, z, sigma, bias, scratch)
+        return out.reshape(m, *lead, p.shape[0]), 0
+
+
+class _Scratch:
+    """Tensors of one call of a dense-perturbed layer, kept in the estimate's workspace between chunks and
+    estimates: fresh large tensors are new pages from the OS on every call (on the MLP benchmark about 10,000
+    page faults, some 10 ms, per estimate without this). Keyed by the layer's call number within the chunk's
+    evaluation, so a layer called twice in one forward never overwrites its first output; the values the
+    estimator keeps are copies (`run_estimate`), so nothing outlives the evaluation that wrote it."""
+
+    def __init__(self, plan: Dense) -> None:
+        self.plan, self.call = plan, plan.calls
+        plan.calls += 1
+
+    def __call__(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        workspace = self.plan.workspace
+        if workspace is None:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return workspace.scratch((self.plan.leaf, self.call, role), shape, like.dtype, like.device)
+
+
+def _shared_input_linear(
+    x: Tensor, p: Tensor, z: Tensor, sigma: float, m: int, bias: Tensor | None, scratch: _Scratch
+) -> Tensor:
+    """``(m, rows, out)``: ``x (p ± σ z_k)ᵀ + bias`` for the chunk's members, ``x`` of shape ``(rows, in)``.
+
+    ``x pᵀ`` once, then ``± σ x z_kᵀ`` for every member in one batched GEMM per sign, accumulated onto it (no
+    perturbed weight is formed). ``bias`` is ``(out,)`` or per member ``(m, 1, out)``.
+    """
+    n = z.shape[0]
+    shared = torch.nn.functional.linear(x, p, bias if bias is not None and bias.dim() == 1 else None)
+    out = scratch("out", (m, x.shape[0], p.shape[0]), p)
+    rows = x.expand(n, *x.shape)
+    for sign in range(m // n):
+        span = slice(sign * n, (sign + 1) * n)
+        if bias is not None and bias.dim() == 3:
+            torch.add(shared, bias[span], out=out[span])
+        else:
+            out[span].copy_(shared)
+        out[span].baddbmm_(rows, z.transpose(1, 2), alpha=-sigma if sign else sigma)
+    return out
+
+
+def _member_input_linear(
+    rows: Tensor, p: Tensor, z: Tensor, sigma: float, bias: Tensor | None, scratch: _Scratch
+) -> Tensor:
+    """``(m, r, out)``: member ``k``'s rows ``rows[k]`` times ``(p ± σ z_k)ᵀ`` plus ``bias``.
+
+    Rows ``k < n`` take ``+σ z_k`` and rows ``n + k`` (antithetic) ``-σ z_k``. The perturbed weights of a block of
+    directions are built into a cache-sized buffer, both signs from one read of ``z``, and used by ``baddbmm``.
+    """
+    m, n = rows.shape[0], z.shape[0]
+    signs = 2 if m > n else 1
+    if bias is None:
+        bias = torch.zeros((), dtype=p.dtype, device=p.device)
+    out = scratch("out", (m, rows.shape[1], p.shape[0]), p)
+    block = max(1, _BLOCK_BYTES // (signs * p.numel() * p.element_size()))
+    perturbed = scratch("perturbed", (signs, min(block, n), *p.shape), p)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        for sign in range(signs):
+            w = perturbed[sign, : stop - start]
+            torch.add(p, z[start:stop], alpha=-sigma if sign else sigma, out=w)
+            span = slice(start + sign * n, stop + sign * n)
+            b = bias if bias.dim() < 3 else bias[span]
+            torch.baddbmm(b, rows[span], w.transpose(1, 2), out=out[span])
+    return out
 
 
 def _dense_forward(layer: nn.Linear, plan: Dense, row: Tensor, x: Tensor) -> Tensor:
