@@ -306,3 +306,73 @@ def test_bad_input_names_the_argument():
         EF.perturbed_linear(x, weight, None, torch.zeros(N, M, K, dtype=DT), sigma=float("nan"))
     with pytest.raises(ValueError, match="4-D input"):
         EF.lowrank_conv2d(x, torch.zeros(CO, CI, 1, 1), None, torch.zeros(N, CO, 1), torch.zeros(N, CI, 1))
+
+
+# ----------------------------------------------------------------------------- IID linear: the no-grad paths
+@pytest.mark.parametrize(
+    ("reps", "antithetic", "middle", "with_bias", "with_noise_b"),
+    [
+        (1, False, (), True, True),
+        (2, True, (3,), True, False),
+        (4, True, (), False, True),
+        (3, False, (2,), True, True),
+    ],
+)
+@pytest.mark.parametrize(
+    ("strategy", "block_bytes"),
+    [
+        ("shared", 1 << 22),
+        ("blocked", 1),
+        ("blocked", 1 << 22),
+        ("split", 1 << 22),
+    ],  # 1 byte: a member per block
+)
+def test_perturbed_linear_no_grad_paths(
+    monkeypatch, reps, antithetic, middle, with_bias, with_noise_b, strategy, block_bytes
+):
+    # Without autograd the forward multiplies a shared input (x expanded over the rows) by W once and by every
+    # E_k, builds W + cσE_k block by block for members with enough rows, or adds x E_kᵀ to x Wᵀ; each must equal
+    # the explicit member loop and the differentiable path.
+    monkeypatch.setattr(EF, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(EF, "_BLOCKED_MIN_ROWS", 0 if strategy == "blocked" else 1 << 30)
+    shared = strategy == "shared"
+    ran = []
+    for name in ("_shared_input_linear_", "_member_input_linear_"):
+        original = getattr(EF, name)
+        monkeypatch.setattr(EF, name, lambda *a, _f=original, _n=name: (ran.append(_n), _f(*a)))
+    noise_w = LINEAR["perturbed"][0]
+    g = _g(13)
+    weight = torch.randn(M, K, generator=g, dtype=DT)
+    bias = torch.randn(M, generator=g, dtype=DT) if with_bias else None
+    noise_b = torch.randn(N, M, generator=g, dtype=DT) if with_noise_b else None
+    if shared:
+        x = torch.randn(*middle, K, generator=g, dtype=DT).expand(reps * N, *middle, K)
+    else:
+        x = torch.randn(reps * N, *middle, K, generator=g, dtype=DT)
+    out = torch.full((reps * N, *middle, M), float("nan"), dtype=DT)
+    got = EF.perturbed_linear(x, weight, bias, noise_w, noise_b, sigma=0.3, antithetic=antithetic, out=out)
+    assert got is out
+    expected = {"shared": ["_shared_input_linear_"], "blocked": ["_member_input_linear_"], "split": []}
+    assert ran == expected[strategy]
+    xf = x.reshape(reps * N, -1, K)
+    want = torch.stack(
+        [_loop_linear(xf[:, t], weight, bias, noise_w, noise_b, 0.3, antithetic) for t in range(xf.shape[1])],
+        dim=1,
+    ).reshape(*x.shape[:-1], M)
+    torch.testing.assert_close(got, want, **TOL)
+    differentiable = EF.perturbed_linear(
+        x, weight.requires_grad_(), bias, noise_w, noise_b, sigma=0.3, antithetic=antithetic
+    )
+    assert differentiable.requires_grad
+    torch.testing.assert_close(differentiable.detach(), want, **TOL)
+
+
+def test_perturbed_linear_out_errors():
+    noise_w = LINEAR["perturbed"][0]
+    weight = torch.randn(M, K, dtype=DT)
+    x = torch.randn(N, K, dtype=DT)
+    for bad in (torch.empty(N, M + 1, dtype=DT), torch.empty(N, M), torch.empty(M, N, dtype=DT).T):
+        with pytest.raises(ValueError, match="out must be a contiguous tensor of shape"):
+            EF.perturbed_linear(x, weight, None, noise_w, out=bad)
+    with pytest.raises(ValueError, match="out= is for evaluation without autograd"):
+        EF.perturbed_linear(x, weight.requires_grad_(), None, noise_w, out=torch.empty(N, M, dtype=DT))

@@ -1,9 +1,9 @@
 """The module API's ``nn.Linear`` fast path against the general dense path (`estimate_gradient`).
 
-On the CPU, `ZeroOrderGradientModule` never stacks the dense-perturbed weight of an ``nn.Linear`` that only its own
-forward reads: a layer whose input is shared by all members computes ``x Wᵀ ± σ x z_kᵀ``, a layer with per-member
-inputs multiplies by ``W ± σ z_k`` built a few members at a time, and both keep their outputs in the module's
-workspace between chunks and estimates. Every layout below must give the estimate of the general path, which
+On the CPU, `ZeroOrderGradientModule` never stacks the dense-perturbed weight and bias of an ``nn.Linear`` that only
+its own forward reads: the layer runs ``es_layers.functional.perturbed_linear`` on the chunk (a layer whose input is
+shared by all members computes ``x Wᵀ ± σ x z_kᵀ``, a layer with per-member inputs multiplies by ``W ± σ z_k`` built
+a few members at a time) and keeps its output in the module's workspace between chunks and estimates. Every layout below must give the estimate of the general path, which
 materialises ``W ± σ z_k`` and calls the plain function under ``vmap``.
 
 Tolerance (float64, u = 2^-53): the two paths differ only in summation order. Per member the loss differs by at
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import altgrad.zero_order.module as zo_module
+import altgrad.es_layers.functional as EF
 from altgrad.zero_order import SeededNormal, ZeroOrderGradientModule, estimate_gradient
 
 SIGMA, N, CHUNK = 0.05, 9, 4
@@ -85,16 +85,17 @@ def _reference(net: ZeroOrderGradientModule, layout: str, method: str, x: torch.
 
 @pytest.mark.parametrize("method", ["naive", "antithetic", "es"])
 @pytest.mark.parametrize("layout", ["bias", "no-bias", "frozen-bias", "twice", "3-d input", "scalar-view"])
-def test_fast_path_matches_the_general_path(layout, method, monkeypatch):
+@pytest.mark.parametrize("blocked_min_rows", [0, 1 << 30])  # per-member inputs: W ± σz_k built, or x zᵀ added
+def test_fast_path_matches_the_general_path(layout, method, blocked_min_rows, monkeypatch):
+    monkeypatch.setattr(EF, "_BLOCKED_MIN_ROWS", blocked_min_rows)
     calls = {"shared": 0, "member": 0}
-    for kind, name in (("shared", "_shared_input_linear"), ("member", "_member_input_linear")):
-        original = getattr(zo_module, name)
+    original = EF._perturbed_linear_no_grad
 
-        def counted(*args, _original=original, _kind=kind):
-            calls[_kind] += 1
-            return _original(*args)
+    def counted(x, *args):
+        calls["shared" if x.stride(0) == 0 else "member"] += 1
+        return original(x, *args)
 
-        monkeypatch.setattr(zo_module, name, counted)
+    monkeypatch.setattr(EF, "_perturbed_linear_no_grad", counted)
 
     g = torch.Generator().manual_seed(1)
     shape = (3, 4, 6) if layout == "3-d input" else (10, 6)

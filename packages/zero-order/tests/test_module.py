@@ -174,10 +174,12 @@ def test_workspace_is_reused_and_not_pickled():
     x, y = _data()
     net = Net()
     net(x, y).backward()
-    buffers = dict(net._zero_order_workspace.buffers)
-    assert buffers  # the stacked perturbed parameters of the chunk are kept for the next estimate
+    workspace = net._zero_order_workspace
+    # the chunk's stacked perturbed parameters, or (nn.Linear fast path) the layer outputs, are kept
+    buffers = {**workspace.buffers, **workspace.scratch_buffers}
+    assert buffers
     net(x, y).backward()
-    assert all(net._zero_order_workspace.buffers[k] is v for k, v in buffers.items())
+    assert all({**workspace.buffers, **workspace.scratch_buffers}[k] is v for k, v in buffers.items())
     blob = io.BytesIO()
     torch.save(net, blob)
     blob.seek(0)

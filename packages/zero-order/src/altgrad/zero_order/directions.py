@@ -119,9 +119,8 @@ class Dense:
     Args:
         leaf: Index of the leaf (distinct leaves draw independent noise).
         deferred: Hand the population function the member rows ``arange(rows)`` instead of the perturbed leaf
-            and keep ``(p, z, σ)`` in `pending`: the layer that owns the leaf (an ``nn.Linear`` weight in
-            `ZeroOrderGradientModule`) builds ``p ± σ z_k`` itself, a few members at a time, while they are hot
-            in the cache. The perturbed values are the same as `_perturbed`'s.
+            and keep ``(p, z, σ)`` in `pending`: the layer that owns the leaf (an ``nn.Linear`` weight or bias in
+            `ZeroOrderGradientModule`) applies ``p ± σ z_k`` itself, with es-layers' population forward.
     """
 
     def __init__(self, leaf: int, deferred: bool = False) -> None:

@@ -9,8 +9,9 @@ Subclass it with class keywords, implement ``forward`` (returning a scalar) and 
 Calling the module returns the unperturbed loss; its backward estimates gradients for every parameter with
 ``requires_grad=True`` (frozen parameters are neither perturbed nor given a gradient). The population is evaluated
 with ``torch.func.functional_call`` under ``torch.func.vmap`` over stacked perturbed parameters, in chunks. On the
-CPU, the dense-perturbed weight of an ``nn.Linear`` that no other code reads (checked on the unperturbed forward of
-each call) is not stacked: the layer builds ``W ± σ z_k`` a few members at a time, in the cache, next to its GEMMs.
+CPU, the dense-perturbed weight and bias of an ``nn.Linear`` that no other code reads (checked on the unperturbed
+forward of each call) are not stacked: the layer runs ``altgrad.es_layers.functional.perturbed_linear`` on the
+chunk's members with their noise (see `_DenseLinear`).
 """
 
 from __future__ import annotations
@@ -92,29 +93,49 @@ class _ModuleCall:
     ) -> None:
         self.module, self.forward, self.names = module, forward, names
         self.args, self.kwargs, self.options = args, kwargs, options
-        self.layer_only: set[int] = set()  # ids of nn.Linear layers whose weight only their forward uses
+        self.layer_only: set[int] = (
+            set()
+        )  # ids of nn.Linear layers whose weight and bias only their forward uses
+        self.factored: dict[
+            int, tuple[nn.Linear, Direction, Dense | None]
+        ] = {}  # weight leaf -> layer, plans
+        self.layer_biases: set[int] = set()  # bias leaves perturbed by their layer (fast path)
 
     def center(self) -> Any:
-        """The unperturbed forward; it also finds the dense ``nn.Linear`` weights used only by their layer."""
-        layers = {id(owner.weight): owner for owner in _linear_weights(self.module, self.names).values()}
+        """The unperturbed forward; it also finds the ``nn.Linear`` layers whose weight and bias no other code
+        reads (a parameter read elsewhere must be perturbed everywhere, so such a layer is not given the fast
+        path)."""
+        layers = list(
+            {id(owner): owner for owner in _linear_weights(self.module, self.names).values()}.values()
+        )
         if not layers:
             with _active(self.module):
                 return self.forward(self.module, *self.args, **self.kwargs)
-        watch = _WeightUse(set(layers))
-        for layer in layers.values():
+        watch = _WeightUse({id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None})
+        for layer in layers:
             layer.forward = functools.partial(_trusted_forward, layer, watch)  # type: ignore[method-assign]
         try:
             with _active(self.module), watch:
                 return self.forward(self.module, *self.args, **self.kwargs)
         finally:
-            for layer in layers.values():
+            for layer in layers:
                 del layer.forward
-            self.layer_only = {id(layer) for key, layer in layers.items() if key not in watch.used}
+            self.layer_only = {
+                id(layer)
+                for layer in layers
+                if not any(t is not None and id(t) in watch.used for t in (layer.weight, layer.bias))
+            }
 
     def _plans(self, params: Sequence[Tensor]) -> list[Direction]:
-        """Dense directions, or low-rank ones; for ``nn.Linear`` weights the factors go straight to the layer."""
+        """Dense directions, or low-rank ones; for ``nn.Linear`` weights the noise goes straight to the layer.
+
+        A dense-perturbed CPU ``nn.Linear`` whose weight and bias only its forward reads gets both noises
+        (deferred `Dense` plans) and runs ``es_layers.functional.perturbed_linear``; structured directions hand
+        the layer their factors.
+        """
         plans = default_plans(self.options, params)
-        self.factored: dict[int, tuple[nn.Linear, Direction]] = {}
+        self.factored, self.layer_biases = {}, set()
+        index = {name: i for i, name in enumerate(self.names)}
         for i, owner in _linear_weights(self.module, self.names).items():
             if isinstance(plans[i], Dense):
                 p = params[i]
@@ -123,14 +144,20 @@ class _ModuleCall:
                     and p.dtype in (torch.float32, torch.float64)
                     and id(owner) in self.layer_only
                 ):
+                    prefix = self.names[i].rpartition(".")[0]
+                    j = index.get(f"{prefix}.bias" if prefix else "bias")
+                    bias_plan = None
+                    if j is not None:
+                        plans[j] = bias_plan = Dense(j, deferred=True)
+                        self.layer_biases.add(j)
                     plans[i] = Dense(i, deferred=True)
-                    self.factored[i] = (owner, plans[i])
+                    self.factored[i] = (owner, plans[i], bias_plan)
                 continue
             if self.options.directions == "lowrank":
                 plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
             else:
                 plans[i] = Flipout(i, len(params), factored=True)
-            self.factored[i] = (owner, plans[i])
+            self.factored[i] = (owner, plans[i], None)
         return plans
 
     def _call_with(self, *inputs: Tensor) -> Tensor:
@@ -139,13 +166,16 @@ class _ModuleCall:
         it = iter(inputs)
         try:
             for i, name in enumerate(self.names):
+                if i in self.layer_biases:  # its layer adds the bias noise itself
+                    next(it)
+                    continue
                 entry = self.factored.get(i)
                 if entry is None:
                     dense[name] = next(it)
                     continue
-                layer, plan = entry
+                layer, plan, bias_plan = entry
                 if isinstance(plan, Dense):
-                    layer.forward = functools.partial(_dense_forward, layer, plan, next(it))  # type: ignore[method-assign]
+                    layer.forward = functools.partial(_dense_forward, layer, plan, bias_plan, next(it))  # type: ignore[method-assign]
                     patched.append(layer)
                     continue
                 first, second = next(it), next(it)
@@ -183,11 +213,6 @@ class _ModuleCall:
         return grads
 
 
-#: Bytes of perturbed weights built at once by `_DenseLinear`: a few members of both signs, still in the cache
-#: when their GEMMs read them (4 MiB measured best on a 2-core Zen 4 VM with 1 MiB L2 per core and 32 MiB L3).
-_BLOCK_BYTES = 1 << 22
-
-
 class _WeightUse(torch.overrides.TorchFunctionMode):
     """Records which watched tensors (by id) a forward passes to any torch function outside `_trusted_forward`."""
 
@@ -222,26 +247,31 @@ def _trusted_forward(layer: nn.Linear, watch: _WeightUse, x: Tensor) -> Tensor:
 
 
 class _DenseLinear(torch.autograd.Function):
-    """An ``nn.Linear`` with a dense-perturbed weight: member ``k`` computes ``F.linear(x, W ± σ z_k, b)``.
+    """An ``nn.Linear`` with dense-perturbed weight and bias: member ``k`` computes
+    ``F.linear(x, W ± σ z_k, b ± σ ζ_k)``.
 
-    The member's input is its row ``k`` of the chunk (rows ``< n`` take ``+σ z_k``, the others ``-σ z_{k-n}``).
-    Under ``vmap`` the batching rule never writes all perturbed weights to memory:
-
-    - an input shared by all members (the first layer: the batch) is multiplied once by ``W``, and member ``k``
-      adds ``± σ x z_kᵀ`` (one batched GEMM per sign);
-    - a per-member input is multiplied by ``W + σ z_k`` and ``W - σ z_k`` built a few directions at a time into
-      a small buffer (still in the cache when the GEMM reads it), both signs from one read of ``z``.
-
-    Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under ``no_grad`` only (population
-    evaluations), so no backward is defined.
+    The member's input is its row ``k`` of the chunk (rows ``< n`` take ``+σ``, the others ``-σ`` with
+    ``k - n``): the chunk's layout is es-layers' population layout with ``R = 2`` antithetic repeats (or ``R = 1``),
+    so under ``vmap`` the batching rule is ``es_layers.functional.perturbed_linear``, which never writes all
+    perturbed weights to memory (a shared input, the first layer's batch, is multiplied once by ``W`` and once by
+    every ``z_k``; per-member inputs by ``W ± σ z_k`` built a few members at a time, in the cache). The output goes
+    to the module's workspace (`_Scratch`). Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under
+    ``no_grad`` only (population evaluations), so no backward is defined.
     """
 
     @staticmethod
-    def forward(x: Tensor, row: Tensor, weight: Tensor, bias: Tensor | None, plan: Dense) -> Tensor:
+    def forward(
+        x: Tensor, row: Tensor, weight: Tensor, bias: Tensor | None, plan: Dense, bias_plan: Dense | None
+    ) -> Tensor:
         assert plan.pending is not None
         p, z, sigma = plan.pending
         k, n = int(row), z.shape[0]
-        return torch.nn.functional.linear(x, torch.add(p, z[k % n], alpha=sigma if k < n else -sigma), bias)
+        c = sigma if k < n else -sigma
+        if bias_plan is not None:
+            assert bias is not None
+            assert bias_plan.pending is not None
+            bias = torch.add(bias, bias_plan.pending[1][k % n], alpha=c)
+        return torch.nn.functional.linear(x, torch.add(p, z[k % n], alpha=c), bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -256,22 +286,20 @@ class _DenseLinear(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         plan: Dense,
+        bias_plan: Dense | None,
     ) -> tuple[Tensor, int]:
         assert plan.pending is not None  # set by Dense.inputs for this chunk
-        assert in_dims[1] == 0  # the member rows are batched; the weight (not substituted) is not
+        # the member rows are batched; weight and bias (never substituted) are not
+        assert in_dims[1] == 0
+        assert in_dims[2] is None
+        assert in_dims[3] is None
         p, z, sigma = plan.pending
         m = info.batch_size
-        if bias is not None and in_dims[3] is not None:
-            bias = bias.movedim(in_dims[3], 0).unsqueeze(1)  # (m, 1, out): a perturbed bias
-        scratch = _Scratch(plan)
-        if in_dims[0] is None:
-            lead = x.shape[:-1]
-            out = _shared_input_linear(x.reshape(-1, x.shape[-1]), p, z, sigma, m, bias, scratch)
-        else:
-            x = x.movedim(in_dims[0], 0)
-            lead = x.shape[1:-1]
-            out = _member_input_linear(x.reshape(m, -1, x.shape[-1]), p, z, sigma, bias, scratch)
-        return out.reshape(m, *lead, p.shape[0]), 0
+        x = x.expand(m, *x.shape) if in_dims[0] is None else x.movedim(in_dims[0], 0)
+        noise_b = None if bias_plan is None or bias_plan.pending is None else bias_plan.pending[1]
+        out = _Scratch(plan)("out", (*x.shape[:-1], p.shape[0]), p)
+        EF.perturbed_linear(x, p, bias, z, noise_b, sigma=sigma, antithetic=m > z.shape[0], out=out)
+        return out, 0
 
 
 class _Scratch:
@@ -292,57 +320,9 @@ class _Scratch:
         return workspace.scratch((self.plan.leaf, self.call, role), shape, like.dtype, like.device)
 
 
-def _shared_input_linear(
-    x: Tensor, p: Tensor, z: Tensor, sigma: float, m: int, bias: Tensor | None, scratch: _Scratch
-) -> Tensor:
-    """``(m, rows, out)``: ``x (p ± σ z_k)ᵀ + bias`` for the chunk's members, ``x`` of shape ``(rows, in)``.
-
-    ``x pᵀ`` once, then ``± σ x z_kᵀ`` for every member in one batched GEMM per sign, accumulated onto it (no
-    perturbed weight is formed). ``bias`` is ``(out,)`` or per member ``(m, 1, out)``.
-    """
-    n = z.shape[0]
-    shared = torch.nn.functional.linear(x, p, bias if bias is not None and bias.dim() == 1 else None)
-    out = scratch("out", (m, x.shape[0], p.shape[0]), p)
-    rows = x.expand(n, *x.shape)
-    for sign in range(m // n):
-        span = slice(sign * n, (sign + 1) * n)
-        if bias is not None and bias.dim() == 3:
-            torch.add(shared, bias[span], out=out[span])
-        else:
-            out[span].copy_(shared)
-        out[span].baddbmm_(rows, z.transpose(1, 2), alpha=-sigma if sign else sigma)
-    return out
-
-
-def _member_input_linear(
-    rows: Tensor, p: Tensor, z: Tensor, sigma: float, bias: Tensor | None, scratch: _Scratch
-) -> Tensor:
-    """``(m, r, out)``: member ``k``'s rows ``rows[k]`` times ``(p ± σ z_k)ᵀ`` plus ``bias``.
-
-    Rows ``k < n`` take ``+σ z_k`` and rows ``n + k`` (antithetic) ``-σ z_k``. The perturbed weights of a block of
-    directions are built into a cache-sized buffer, both signs from one read of ``z``, and used by ``baddbmm``.
-    """
-    m, n = rows.shape[0], z.shape[0]
-    signs = 2 if m > n else 1
-    if bias is None:
-        bias = torch.zeros((), dtype=p.dtype, device=p.device)
-    out = scratch("out", (m, rows.shape[1], p.shape[0]), p)
-    block = max(1, _BLOCK_BYTES // (signs * p.numel() * p.element_size()))
-    perturbed = scratch("perturbed", (signs, min(block, n), *p.shape), p)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        for sign in range(signs):
-            w = perturbed[sign, : stop - start]
-            torch.add(p, z[start:stop], alpha=-sigma if sign else sigma, out=w)
-            span = slice(start + sign * n, stop + sign * n)
-            b = bias if bias.dim() < 3 else bias[span]
-            torch.baddbmm(b, rows[span], w.transpose(1, 2), out=out[span])
-    return out
-
-
-def _dense_forward(layer: nn.Linear, plan: Dense, row: Tensor, x: Tensor) -> Tensor:
+def _dense_forward(layer: nn.Linear, plan: Dense, bias_plan: Dense | None, row: Tensor, x: Tensor) -> Tensor:
     """``layer.forward`` of a member during population evaluations (see `_DenseLinear`)."""
-    return _DenseLinear.apply(x, row, layer.weight, layer.bias, plan)  # type: ignore[no-any-return]
+    return _DenseLinear.apply(x, row, layer.weight, layer.bias, plan, bias_plan)  # type: ignore[no-any-return]
 
 
 def _factored_forward(
