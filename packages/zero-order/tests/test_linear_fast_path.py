@@ -123,3 +123,37 @@ def test_values_that_view_reused_buffers_are_kept(method):
     viewed = estimate_gradient(lambda t: t[0], [p], SeededNormal(0), method, 8, 0.1, chunk_size=4)
     copied = estimate_gradient(lambda t: t[0].clone(), [p], SeededNormal(0), method, 8, 0.1, chunk_size=4)
     assert torch.equal(viewed[0], copied[0])
+
+
+@pytest.mark.parametrize("method", ["naive", "forward", "antithetic", "es"])
+def test_noise_drawn_into_reused_buffers_is_the_same_noise(method, monkeypatch):
+    # One-pass methods draw a `Normal`'s noise into buffers reused from chunk to chunk (torch.randn(out=) on the
+    # same generator); two-pass methods keep every chunk's noise and must not. Same numbers either way: bit-identical.
+    from altgrad.zero_order import directions
+
+    w = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+    normal = torch.distributions.Normal(torch.tensor(0.0), torch.tensor(1.0))
+
+    def estimate():
+        torch.manual_seed(5)
+        return estimate_gradient(
+            lambda t: (t @ w.T).square().sum(), [torch.ones(3)], normal, method, 10, 0.1, chunk_size=4
+        )
+
+    keys = []
+    original = directions.Workspace.scratch
+
+    def recording(self, key, *args):
+        keys.append(key)
+        return original(self, key, *args)
+
+    monkeypatch.setattr(directions.Workspace, "scratch", recording)
+    reused = estimate()
+    assert (("noise", 0) in keys) == (method != "es")
+    monkeypatch.setattr(
+        directions.Workspace,
+        "scratch",
+        lambda self, key, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device),
+    )
+    fresh = estimate()
+    assert torch.equal(reused[0], fresh[0])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .distributions import NoiseTable, Samplable, SeededDistribution
+
+if TYPE_CHECKING:
+    from .directions import Workspace
 
 __all__ = ["NoiseSource", "as_noise_source", "compute_dtype"]
 
@@ -47,6 +50,9 @@ class NoiseSource:
         else:
             self._sample = distribution
         self._fast_normal = _scalar_normal(distribution)
+        #: Set by the estimator while no drawn noise outlives its chunk: the fast normal path then draws into these
+        #: reused buffers (one per leaf id) instead of fresh memory (new pages from the OS on every chunk).
+        self.buffers: Workspace | None = None
 
     @property
     def regenerable(self) -> bool:
@@ -89,7 +95,12 @@ class NoiseSource:
             return z, not isinstance(self.distribution, NoiseTable)
         if self._fast_normal is not None:
             loc, scale = self._fast_normal
-            z = torch.randn((n, *shape), device=device, dtype=dtype)
+            if self.buffers is None:
+                z = torch.randn((n, *shape), device=device, dtype=dtype)
+            else:  # the same numbers from the same generator, into reused memory
+                z = torch.randn(
+                    (n, *shape), out=self.buffers.scratch(("noise", leaf), (n, *shape), dtype, device)
+                )
             if scale != 1.0:
                 z.mul_(scale)
             if loc != 0.0:

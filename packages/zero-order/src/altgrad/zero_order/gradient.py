@@ -196,29 +196,39 @@ def run_estimate(
     values_plus: list[Tensor] = []
     values_minus: list[Tensor] = []
 
-    for members in chunks:
-        noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
-        values = evaluate(
-            [
-                x
-                for plan, p, z in zip(plans, params, noise)
-                for x in plan.inputs(p, z, sigma, antithetic, workspace)
-            ]
-        )
-        values = values.detach().to(device=device, dtype=value_dtype, copy=True)  # may view reused buffers
-        finite &= torch.isfinite(values).all()
-        f_plus, f_minus = (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
-        if two_pass:
-            assert f_minus is not None  # two-pass methods are antithetic
-            values_plus.append(f_plus)
-            values_minus.append(f_minus)
-            if not source.regenerable:
-                kept_noise.append(noise)
-            continue
-        weights = direction_weights(method, f_plus, f_minus=f_minus, f0=f0, sigma=sigma, num_directions=n_dir)
-        for plan, grad, z in zip(plans, grads, noise):
-            plan.accumulate(grad, z, weights * g)
-        del noise
+    # one-pass methods use up each chunk's noise before drawing the next: the source may reuse its buffers
+    source.buffers = None if two_pass else workspace
+    try:
+        for members in chunks:
+            noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
+            values = evaluate(
+                [
+                    x
+                    for plan, p, z in zip(plans, params, noise)
+                    for x in plan.inputs(p, z, sigma, antithetic, workspace)
+                ]
+            )
+            # a copy: the values may view reused buffers (a stacked leaf, a layer output)
+            values = values.detach().to(device=device, dtype=value_dtype, copy=True)
+            finite &= torch.isfinite(values).all()
+            f_plus, f_minus = (
+                (values[: len(members)], values[len(members) :]) if antithetic else (values, None)
+            )
+            if two_pass:
+                assert f_minus is not None  # two-pass methods are antithetic
+                values_plus.append(f_plus)
+                values_minus.append(f_minus)
+                if not source.regenerable:
+                    kept_noise.append(noise)
+                continue
+            weights = direction_weights(
+                method, f_plus, f_minus=f_minus, f0=f0, sigma=sigma, num_directions=n_dir
+            )
+            for plan, grad, z in zip(plans, grads, noise):
+                plan.accumulate(grad, z, weights * g)
+            del noise
+    finally:
+        source.buffers = None
 
     if two_pass:
         weights = direction_weights(
