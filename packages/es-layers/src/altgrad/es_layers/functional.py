@@ -324,7 +324,7 @@ def _shared_input_linear_(
     bias: Tensor | None,
     noise_w: Tensor,
     noise_b: Tensor | None,
-    signs,
+    signs: list[float],
     out4: Tensor,
 ) -> None:
     """``out4[r, k] = x (W + c_r E_k)ᵀ + b + c_r ε_k`` (``c_r`` = ``signs[r]``, σ folded in) for one ``x (T, in)``.
@@ -354,7 +354,7 @@ def _member_input_linear_(
     bias: Tensor | None,
     noise_w: Tensor,
     noise_b: Tensor | None,
-    signs,
+    signs: list[float],
     out4: Tensor,
 ) -> None:
     """``out4[r, k] = x4[r, k] (W + c_r E_k)ᵀ + b + c_r ε_k``: ``W + c E_k`` for a block of members and every sign
