@@ -34,6 +34,9 @@ def _net(layout: str, method: str) -> ZeroOrderGradientModule:
             bias = layout != "no-bias"
             self.first = torch.nn.Linear(6, 6, bias=bias)
             self.last = torch.nn.Linear(6, 1, bias=bias)
+            if layout == "tied-bias":  # one bias parameter in two layers: perturbed alike in both
+                self.second = torch.nn.Linear(6, 6)
+                self.second.bias = self.first.bias
             if layout == "frozen-bias":
                 self.first.bias.requires_grad_(False)
                 self.last.bias.requires_grad_(False)
@@ -44,6 +47,8 @@ def _net(layout: str, method: str) -> ZeroOrderGradientModule:
             if layout == "twice":  # the same layer again, on per-member input, its first output still in use
                 h = h + self.first(torch.tanh(h))
             h = torch.tanh(h)
+            if layout == "tied-bias":
+                h = torch.tanh(self.second(h))
             out = self.last(h)
             if layout == "scalar-view":  # the loss is a view into the last layer's output
                 return out.reshape(-1)[0]
@@ -74,6 +79,8 @@ def _reference(net: ZeroOrderGradientModule, layout: str, method: str, x: torch.
         if layout == "twice":
             h = h + first(torch.tanh(h))
         h = torch.tanh(h)
+        if layout == "tied-bias":
+            h = torch.tanh(F.linear(h, w["second.weight"], w["first.bias"]))
         out = F.linear(h, w["last.weight"], w.get("last.bias"))
         if layout == "scalar-view":
             return out.reshape(-1)[0]
@@ -84,7 +91,9 @@ def _reference(net: ZeroOrderGradientModule, layout: str, method: str, x: torch.
 
 
 @pytest.mark.parametrize("method", ["naive", "antithetic", "es"])
-@pytest.mark.parametrize("layout", ["bias", "no-bias", "frozen-bias", "twice", "3-d input", "scalar-view"])
+@pytest.mark.parametrize(
+    "layout", ["bias", "no-bias", "frozen-bias", "twice", "3-d input", "scalar-view", "tied-bias"]
+)
 @pytest.mark.parametrize("blocked_min_rows", [0, 1 << 30])  # per-member inputs: W ± σz_k built, or x zᵀ added
 def test_fast_path_matches_the_general_path(layout, method, blocked_min_rows, monkeypatch):
     monkeypatch.setattr(EF, "_BLOCKED_MIN_ROWS", blocked_min_rows)
@@ -111,7 +120,8 @@ def test_fast_path_matches_the_general_path(layout, method, blocked_min_rows, mo
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1)
-    assert calls["shared"] > 0  # both layouts of the fast path ran
+    # both layouts of the fast path ran; layers holding a tied bias take the general path
+    assert (calls["shared"] > 0) == (layout != "tied-bias")
     assert calls["member"] > 0
 
 

@@ -17,6 +17,7 @@ chunk's members with their noise (see `_DenseLinear`).
 from __future__ import annotations
 
 import abc
+import collections
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -103,8 +104,8 @@ class _ModuleCall:
 
     def center(self) -> Any:
         """The unperturbed forward; it also finds the ``nn.Linear`` layers whose weight and bias no other code
-        reads (a parameter read elsewhere must be perturbed everywhere, so such a layer is not given the fast
-        path)."""
+        reads and no other module holds (a parameter used elsewhere must be perturbed everywhere, so such a layer
+        is not given the fast path)."""
         layers = list(
             {id(owner): owner for owner in _linear_weights(self.module, self.names).values()}.values()
         )
@@ -120,10 +121,17 @@ class _ModuleCall:
         finally:
             for layer in layers:
                 del layer.forward
+            # a parameter held by two modules (tied) is perturbed by functional_call in both, never by one layer
+            holders = collections.Counter(
+                id(t) for m in self.module.modules() for t in m._parameters.values() if t is not None
+            )
             self.layer_only = {
                 id(layer)
                 for layer in layers
-                if not any(t is not None and id(t) in watch.used for t in (layer.weight, layer.bias))
+                if not any(
+                    t is not None and (id(t) in watch.used or holders[id(t)] > 1)
+                    for t in (layer.weight, layer.bias)
+                )
             }
 
     def _plans(self, params: Sequence[Tensor]) -> list[Direction]:
