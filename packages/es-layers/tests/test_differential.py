@@ -337,3 +337,72 @@ def test_update_matches_explicit_sum_or_refuses_non_finite(data):
     gamma = depth * u / (1 - depth * u)
     err = (layer.weight.grad.double() - ref).abs()
     assert (err <= 2 * gamma * mag + 1e-300).all(), (err.max().item(), layer)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(data=st.data())
+def test_perturbed_linear_no_grad_strategies_match_reference(data):
+    """`functional.perturbed_linear` without autograd, each strategy forced, against the float64 member loop.
+
+    Strategies: a shared input (``x`` expanded over the rows, stride 0), ``W + cσE_k`` built in blocks (block size
+    drawn down to one member), and ``x Wᵀ`` plus the per-member ``x E_kᵀ``. The shared strategy rounds the base
+    ``x Wᵀ + b`` and then accumulates ``cσ x E_kᵀ`` onto it, a chain of at most ``2K + 3`` rounded operations, so
+    the bound here uses ``L = 2K + 4`` (the blocked one rounds ``W + cσE_k`` once, then ``K`` products and the bias).
+    """
+    from unittest import mock
+
+    import altgrad.es_layers.functional as EF
+
+    draw = data.draw
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+    strategy = draw(st.sampled_from(["shared", "blocked", "split"]))
+    k_in, m, n = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.integers(1, 6))
+    antithetic = draw(st.booleans())
+    reps = draw(st.sampled_from([1, 2, 4] if antithetic else [1, 2, 3]))
+    middle = draw(st.sampled_from([(), (1,), (3,)]))
+    sigma = draw(st.sampled_from([0.01, 0.5, -1.0]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    weight = torch.randn(m, k_in, generator=g).to(dtype)
+    bias = torch.randn(m, generator=g).to(dtype) if draw(st.booleans()) else None
+    noise_w = _poison(draw, torch.randn(n, m, k_in, generator=g).to(dtype))
+    noise_b = torch.randn(n, m, generator=g).to(dtype) if draw(st.booleans()) else None
+    if strategy == "shared":
+        x = _view(draw, _poison(draw, torch.randn(*middle, k_in, generator=g).to(dtype)))
+        x = x.expand(reps * n, *middle, k_in)
+    else:
+        x = _view(draw, _poison(draw, torch.randn(reps * n, *middle, k_in, generator=g).to(dtype)))
+    block_bytes = draw(st.sampled_from([1, 1 << 22]))
+    with (
+        mock.patch.object(EF, "_BLOCKED_MIN_ROWS", 0 if strategy == "blocked" else 1 << 30),
+        mock.patch.object(EF, "_BLOCK_BYTES", block_bytes),
+        _threads(draw(st.sampled_from([1, 2]))),
+        torch.no_grad(),
+    ):
+        got = EF.perturbed_linear(x, weight, bias, noise_w, noise_b, sigma=sigma, antithetic=antithetic)
+
+    x64 = x.resolve_neg().double().reshape(reps * n, -1, k_in)
+    x_abs = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0).abs()
+    w64, e64 = weight.double(), noise_w.double()
+    e_abs = torch.nan_to_num(e64, nan=0.0, posinf=0.0, neginf=0.0).abs()
+    zero = torch.zeros(m, dtype=torch.float64)
+    b64 = zero if bias is None else bias.double()
+    eps64 = torch.zeros(n, m, dtype=torch.float64) if noise_b is None else noise_b.double()
+    refs, mags = [], []
+    for i in range(reps * n):
+        k = i % n
+        c = -sigma if antithetic and reps > 1 and i // n >= reps // 2 else sigma
+        refs.append(F.linear(x64[i], w64 + c * e64[k], b64 + c * eps64[k]))
+        mags.append(F.linear(x_abs[i], w64.abs() + abs(c) * e_abs[k], b64.abs() + abs(c) * eps64[k].abs()))
+    ref = torch.stack(refs).reshape(*x.shape[:-1], m)
+    mag = torch.stack(mags).reshape(*x.shape[:-1], m)
+    assert got.shape == ref.shape
+    assert got.dtype == dtype
+    got64 = got.double()
+    finite = torch.isfinite(ref)
+    assert not (torch.isfinite(got64) & ~finite).any()  # non-finite inputs never give a finite output
+    assert not (~torch.isfinite(got64) & finite).any()  # ... nor leak into finite ones (other members, rows)
+    depth = 2 * k_in + 4
+    u = UNIT_ROUNDOFF[dtype]
+    allowed = 2 * depth * u / (1 - depth * u) * mag[finite] + 1e-300
+    err = (got64 - ref).abs()[finite]
+    assert (err <= allowed).all(), (err.max().item(), strategy, dtype)
