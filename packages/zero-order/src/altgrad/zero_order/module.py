@@ -94,12 +94,10 @@ class _ModuleCall:
     ) -> None:
         self.module, self.forward, self.names = module, forward, names
         self.args, self.kwargs, self.options = args, kwargs, options
-        self.layer_only: set[int] = (
-            set()
-        )  # ids of nn.Linear layers whose weight and bias only their forward uses
-        self.factored: dict[
-            int, tuple[nn.Linear, Direction, Dense | None]
-        ] = {}  # weight leaf -> layer, plans
+        # ids of the nn.Linear layers whose weight and bias only their forward uses (see `center`)
+        self.layer_only: set[int] = set()
+        # weight leaf -> (layer, its direction, the deferred plan of its bias when the layer perturbs it)
+        self.factored: dict[int, tuple[nn.Linear, Direction, Dense | None]] = {}
         self.layer_biases: set[int] = set()  # bias leaves perturbed by their layer (fast path)
 
     def center(self) -> Any:
@@ -147,13 +145,16 @@ class _ModuleCall:
         for i, owner in _linear_weights(self.module, self.names).items():
             if isinstance(plans[i], Dense):
                 p = params[i]
+                prefix = self.names[i].rpartition(".")[0]
+                j = index.get(f"{prefix}.bias" if prefix else "bias")
+                bias = owner.bias
                 if (
                     p.device.type == "cpu"
                     and p.dtype in (torch.float32, torch.float64)
                     and id(owner) in self.layer_only
+                    and (bias is None or bias.dtype == p.dtype)
+                    and (bias is None or not bias.requires_grad or j is not None)  # a trainable bias is ours
                 ):
-                    prefix = self.names[i].rpartition(".")[0]
-                    j = index.get(f"{prefix}.bias" if prefix else "bias")
                     bias_plan = None
                     if j is not None:
                         plans[j] = bias_plan = Dense(j, deferred=True)
