@@ -192,6 +192,59 @@ def _population_sweep(size, pops, device, dtype, log) -> dict:
     return out
 
 
+def _iid_strategies(shapes, device, dtype, min_run_time, log) -> list[dict]:
+    """``functional.perturbed_linear`` without autograd, per strategy, against one plain forward of the same rows.
+
+    Each case is ``(members n, rows per member and sign T, features)`` with 2 antithetic repeats. ``auto`` is what
+    the function picks; ``split`` (``x Wᵀ`` plus the per-member ``x E_kᵀ``) and ``blocked`` (``W ± σE_k`` built in
+    cache-sized blocks) are forced; ``shared`` is the same call with ``x`` expanded from one member's rows (the
+    first layer of a zero-order estimate); ``plain`` is ``F.linear`` on all ``2 n T`` rows, the FLOPs floor.
+    """
+    import unittest.mock as mock
+
+    import torch.nn.functional as F
+
+    import altgrad.es_layers.functional as EF
+
+    rows = []
+    for n, t, f in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        w = torch.randn(f, f, generator=g).to(device, dtype)
+        b = torch.randn(f, generator=g).to(device, dtype)
+        e = torch.randn(n, f, f, generator=g).to(device, dtype)
+        eb = torch.randn(n, f, generator=g).to(device, dtype)
+        x = torch.randn(2 * n, t, f, generator=g).to(device, dtype)
+        x_shared = x[0].expand(2 * n, t, f)
+        out = torch.empty(2 * n, t, f, device=device, dtype=dtype)
+
+        def call(xx, min_rows=None, args=(w, b, e, eb, out)):
+            def run():
+                with (
+                    torch.no_grad(),
+                    mock.patch.object(EF, "_BLOCKED_MIN_ROWS", min_rows or EF._BLOCKED_MIN_ROWS),
+                ):
+                    EF.perturbed_linear(xx, *args[:4], sigma=0.01, antithetic=True, out=args[4])
+
+            return run
+
+        plain_args = (x.reshape(-1, f), w, b)
+        times = {
+            "plain": _time_ms(lambda a=plain_args: F.linear(*a), device, min_run_time),
+            "auto": _time_ms(call(x), device, min_run_time),
+            "split": _time_ms(call(x, 1 << 30), device, min_run_time),
+            "blocked": _time_ms(call(x, -1), device, min_run_time),
+            "shared": _time_ms(call(x_shared), device, min_run_time),
+        }
+        row = {"members": n, "rows": t, "features": f, **{k: round(v, 3) for k, v in times.items()}}
+        rows.append(row)
+        log(
+            f"  n={n} T={t} {f}x{f}: plain {times['plain']:.2f} ms; auto {times['auto'] / times['plain']:.2f}x, "
+            f"split {times['split'] / times['plain']:.2f}x, blocked {times['blocked'] / times['plain']:.2f}x, "
+            f"shared input {times['shared'] / times['plain']:.2f}x"
+        )
+    return rows
+
+
 def _markdown(table: dict, value: Callable[[str, dict], float | None], fmt: str) -> str:
     cols = list(table)
     rows = list(next(iter(table.values())))
@@ -410,6 +463,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
         log("Update and noise memory vs population:")
         results["population"] = _population_sweep(sweep_size, pops, device, dtype, log)
+        log(
+            "functional.perturbed_linear without autograd (2 antithetic repeats), multiple of one plain forward:"
+        )
+        iid_shapes = (
+            [(100, 1, 128), (100, 64, 128)] if args.quick else [(100, t, 256) for t in (1, 4, 16, 64)]
+        )
+        results["iid_strategies"] = _iid_strategies(iid_shapes, device, dtype, min_run_time, log)
     results["wall_s"] = time.perf_counter() - started
     results["targets"] = _targets(results)
     if not args.headline:

@@ -329,23 +329,19 @@ def _shared_input_linear_(
 ) -> None:
     """``out4[r, k] = x (W + c_r E_k)ᵀ + b + c_r ε_k`` (``c_r`` = ``signs[r]``, σ folded in) for one ``x (T, in)``.
 
-    ``x Wᵀ + b`` once, then ``c x E_kᵀ`` for every member by one batched GEMM accumulated onto it, per distinct
-    sign; further repeats of a sign are copies.
+    ``x Wᵀ + b`` once and ``x E_kᵀ + ε_k`` for every member by one batched GEMM (``E`` is read once, whatever the
+    number of repeats), then one pass per repeat.
     """
     n = noise_w.shape[0]
     shared = F.linear(x, weight, bias)
-    rows = x.expand(n, *x.shape)
-    done: dict[float, int] = {}
-    for r, c in enumerate(signs):
-        if c in done:
-            out4[r].copy_(out4[done[c]])
-            continue
-        done[c] = r
-        if noise_b is None:
-            out4[r].copy_(shared)
-        else:
-            torch.add(shared, noise_b.unsqueeze(1), alpha=c, out=out4[r])
-        out4[r].baddbmm_(rows, noise_w.transpose(1, 2), alpha=c)
+    # x E_kᵀ + ε_k goes to repeat 0's rows first (no other buffer); the other repeats are made from it
+    first = out4[0]
+    torch.bmm(x.expand(n, *x.shape), noise_w.transpose(1, 2), out=first)
+    if noise_b is not None:
+        first += noise_b.unsqueeze(1)
+    for r in range(1, len(signs)):
+        torch.add(shared, first, alpha=signs[r], out=out4[r])
+    torch.add(shared, first, alpha=signs[0], out=first)
 
 
 def _member_input_linear_(
