@@ -244,8 +244,8 @@ def perturbed_linear(
         noise_b: ``(n, out_features)``: ``ε_k``, or ``None``.
         sigma: Scale ``σ`` applied to the noise.
         antithetic: Negate the noise in the second half of an even number of repeats.
-        out: Where to write the result (contiguous, ``(R * n, *, out_features)``, ``weight``'s dtype and device);
-            only without autograd.
+        out: Where to write the result (contiguous, ``(R * n, *, out_features)``, ``weight``'s dtype and device,
+            not overlapping any input); only without autograd.
 
     Returns:
         ``(R * n, *, out_features)`` (``out`` when given).
