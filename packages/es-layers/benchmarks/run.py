@@ -200,6 +200,7 @@ def _iid_strategies(shapes, device, dtype, min_run_time, log) -> list[dict]:
     cache-sized blocks) are forced; ``shared`` is the same call with ``x`` expanded from one member's rows (the
     first layer of a zero-order estimate); ``plain`` is ``F.linear`` on all ``2 n T`` rows, the FLOPs floor.
     """
+    import contextlib
     import unittest.mock as mock
 
     import torch.nn.functional as F
@@ -218,11 +219,15 @@ def _iid_strategies(shapes, device, dtype, min_run_time, log) -> list[dict]:
         out = torch.empty(2 * n, t, f, device=device, dtype=dtype)
 
         def call(xx, min_rows=None, args=(w, b, e, eb, out)):
+            """``perturbed_linear`` on ``xx``; ``min_rows`` forces a strategy (None: the function's own pick)."""
+            forced = (
+                contextlib.nullcontext()
+                if min_rows is None
+                else mock.patch.object(EF, "_BLOCKED_MIN_ROWS", min_rows)
+            )
+
             def run():
-                with (
-                    torch.no_grad(),
-                    mock.patch.object(EF, "_BLOCKED_MIN_ROWS", min_rows or EF._BLOCKED_MIN_ROWS),
-                ):
+                with torch.no_grad(), forced:
                     EF.perturbed_linear(xx, *args[:4], sigma=0.01, antithetic=True, out=args[4])
 
             return run

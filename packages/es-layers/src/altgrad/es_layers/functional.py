@@ -128,24 +128,35 @@ def _repeats(rows: int, n: int, antithetic: bool) -> int:
     return r
 
 
+def _repeat_signs(reps: int, antithetic: bool, sigma: float) -> list[float]:
+    """``σ c_r`` for each repeat: ``c_r = -1`` on the second half of an even number of antithetic repeats."""
+    if antithetic and reps > 1:
+        return [sigma] * (reps // 2) + [-sigma] * (reps // 2)
+    return [sigma] * reps
+
+
 def _scale_(p: Tensor, antithetic: bool, sigma: float) -> Tensor:
-    """Multiply ``p`` (first dim = repeats) in place by ``σ c_r`` (``c_r = -1`` on antithetic repeats)."""
+    """Multiply ``p`` (first dim = repeats) in place by ``σ c_r`` (`_repeat_signs`)."""
     reps = p.shape[0]
     if antithetic and reps > 1:
-        s = torch.full((reps,), sigma, dtype=p.dtype, device=p.device)
-        s[reps // 2 :] = -sigma
+        s = torch.tensor(_repeat_signs(reps, antithetic, sigma), dtype=p.dtype, device=p.device)
         p.mul_(s.view(-1, *([1] * (p.dim() - 1))))
     elif sigma != 1.0:
         p.mul_(sigma)
     return p
 
 
+def _linear_repeats(x: Tensor, in_features: int, n: int, antithetic: bool) -> int:
+    """Checks a Linear population input ``(R * n, *, in_features)`` and returns ``R``."""
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != in_features:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (repeats * n, *, {in_features}), got {shape}")
+    return _repeats(x.shape[0], n, antithetic)
+
+
 def _linear_base(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, antithetic: bool):
     """``out = x Wᵀ + b`` and the ``(R, n, T, ·)`` views of input and output."""
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (repeats * n, *, {weight.shape[1]}), got {shape}")
-    reps = _repeats(x.shape[0], n, antithetic)
+    reps = _linear_repeats(x, weight.shape[1], n, antithetic)
     out = F.linear(x, weight, bias)
     if not out.is_contiguous():
         out = out.contiguous()
@@ -282,10 +293,7 @@ def _perturbed_linear_no_grad(
     """`perturbed_linear` without autograd, into ``out``: the strategy is chosen from the layout (see there)."""
     m, k = weight.shape
     n = noise_w.shape[0]
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != k:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (repeats * n, *, {k}), got {shape}")
-    reps = _repeats(x.shape[0], n, antithetic)
+    reps = _linear_repeats(x, k, n, antithetic)
     shape = (*x.shape[:-1], m)
     if out is None:
         out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
@@ -301,9 +309,7 @@ def _perturbed_linear_no_grad(
         )
     x4 = x.reshape(reps, n, -1, k)
     out4 = out.view(reps, n, -1, m)
-    signs = (
-        [sigma] * reps if not (antithetic and reps > 1) else [sigma] * (reps // 2) + [-sigma] * (reps // 2)
-    )
+    signs = _repeat_signs(reps, antithetic, sigma)
     if x4.stride(0) == 0 and x4.stride(1) == 0:
         _shared_input_linear_(x4[0, 0], weight, bias, noise_w, noise_b, signs, out4)
     elif x4.shape[2] * reps // len(set(signs)) >= _BLOCKED_MIN_ROWS:

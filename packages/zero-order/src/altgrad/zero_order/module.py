@@ -264,7 +264,7 @@ class _DenseLinear(torch.autograd.Function):
     so under ``vmap`` the batching rule is ``es_layers.functional.perturbed_linear``, which never writes all
     perturbed weights to memory (a shared input, the first layer's batch, is multiplied once by ``W`` and once by
     every ``z_k``; per-member inputs by ``W ± σ z_k`` built a few members at a time, in the cache). The output goes
-    to the module's workspace (`_Scratch`). Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under
+    to the module's workspace (`_layer_output`). Outside ``vmap`` (the loop fallback) it is ``F.linear``. Used under
     ``no_grad`` only (population evaluations), so no backward is defined.
     """
 
@@ -306,27 +306,22 @@ class _DenseLinear(torch.autograd.Function):
         m = info.batch_size
         x = x.expand(m, *x.shape) if in_dims[0] is None else x.movedim(in_dims[0], 0)
         noise_b = None if bias_plan is None or bias_plan.pending is None else bias_plan.pending[1]
-        out = _Scratch(plan)("out", (*x.shape[:-1], p.shape[0]), p)
+        out = _layer_output(plan, (*x.shape[:-1], p.shape[0]), p)
         EF.perturbed_linear(x, p, bias, z, noise_b, sigma=sigma, antithetic=m > z.shape[0], out=out)
         return out, 0
 
 
-class _Scratch:
-    """Tensors of one call of a dense-perturbed layer, kept in the estimate's workspace between chunks and
-    estimates: fresh large tensors are new pages from the OS on every call (on the MLP benchmark about 10,000
+def _layer_output(plan: Dense, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The output tensor of this call of a dense-perturbed layer, kept in the estimate's workspace between chunks
+    and estimates: fresh large tensors are new pages from the OS on every call (on the MLP benchmark about 10,000
     page faults, some 10 ms, per estimate without this). Keyed by the layer's call number within the chunk's
     evaluation, so a layer called twice in one forward never overwrites its first output; the values the
     estimator keeps are copies (`run_estimate`), so nothing outlives the evaluation that wrote it."""
-
-    def __init__(self, plan: Dense) -> None:
-        self.plan, self.call = plan, plan.calls
-        plan.calls += 1
-
-    def __call__(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        workspace = self.plan.workspace
-        if workspace is None:
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
-        return workspace.scratch((self.plan.leaf, self.call, role), shape, like.dtype, like.device)
+    call = plan.calls
+    plan.calls += 1
+    if plan.workspace is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return plan.workspace.scratch((plan.leaf, call, "out"), shape, like.dtype, like.device)
 
 
 def _dense_forward(layer: nn.Linear, plan: Dense, bias_plan: Dense | None, row: Tensor, x: Tensor) -> Tensor:
