@@ -5,7 +5,8 @@ Sessions (``nox -l`` lists them):
 * ``tests-<pkg>``   build ``<pkg>``'s wheel (via its sdist) and its sibling dependencies' wheels, install them with
   the package's ``[test]`` extra into a fresh venv that holds nothing else of ours, run ``packages/<pkg>/tests``
   from a directory where the source tree cannot be imported.
-* ``tests``         every ``tests-<pkg>`` plus ``integration`` (the default, and what CI runs).
+* ``tests``         every ``tests-<pkg>`` plus ``integration`` (the default, and what CI runs); a failure skips
+  nothing: every session and pass runs, then ``tests-summary`` lists every failure and nox exits non-zero.
 * ``integration``   all packages installed together; ``tests/integration`` (composition, layout and
   dependency checks, short versions of the examples).
 * ``build``         sdist + wheel of every package into ``dist/``; checks archive contents and versions, then
@@ -41,10 +42,12 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nox
+import nox.command
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import outer_site  # tools/outer_site.py
@@ -311,7 +314,31 @@ def _other_isas(session: nox.Session, pkg: Package) -> list[str]:
     return [isa for isa in isas if isa != default]
 
 
+# Outcomes of the test sessions in this nox process, for the ``tests-summary`` session that ``tests`` queues last:
+# session name -> its failures (empty: passed). A session that started but raised before recording is "stopped".
+_OUTCOMES: dict[str, list[str]] = {}
+_STOPPED = "stopped before its test passes finished (its log above says why)"
+
+
+def _run_passes(session: nox.Session, passes: dict[str, Callable[[], None]]) -> None:
+    """Run every pass, even after one fails; record the failed ones for ``tests-summary``, then fail if any did.
+
+    A pass fails on any non-zero pytest exit, 5 (no test collected) included.
+    """
+    failed = []
+    for name, run in passes.items():
+        try:
+            run()
+        except nox.command.CommandFailed as exc:
+            hint = " (5: no test collected)" if "code 5" in str(exc) else ""
+            failed.append(f"pass {name}: {exc}{hint}")
+    _OUTCOMES[session.name] = failed
+    if failed:
+        session.error(f"{session.name}: {len(failed)} of {len(passes)} passes failed: " + "; ".join(failed))
+
+
 def _package_tests(session: nox.Session, pkg: Package) -> None:
+    _OUTCOMES[session.name] = [_STOPPED]
     wheels = _build_wheels(session, [pkg.name, *pkg.siblings])
     session.install(f"{wheels[pkg.name]}[test]", *(str(wheels[s]) for s in pkg.siblings))
     _check_isolation(session, {PACKAGES[n].dist for n in wheels})
@@ -321,14 +348,22 @@ def _package_tests(session: nox.Session, pkg: Package) -> None:
         isa_files = sorted({f for g in ISA_TEST_FILES for f in (pkg.path / "tests").glob(g)})
         for isa in _other_isas(session, pkg):
             passes[f"isa-{isa}"] = ({"ALTGRAD_CPU_ISA": isa}, isa_files)
-    for name, (env, files) in passes.items():
-        if files == []:
-            session.error(f"{pkg.name}: no test file matches {ISA_TEST_FILES} for the per-ISA passes")
+    if any(files == [] for _, files in passes.values()):
+        session.error(f"{pkg.name}: no test file matches {ISA_TEST_FILES} for the per-ISA passes")
+
+    def one_pass(name: str, env: dict[str, str], files: list[Path] | None) -> None:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{name}")
         session.log(f"{pkg.name}: pass {name} {env}" + (f" on {[f.name for f in files]}" if files else ""))
         start = time.monotonic()
-        _run_pytest(session, pkg.path / "tests", *session.posargs, env=env, files=files)
-        session.log(f"{pkg.name}: pass {name} took {time.monotonic() - start:.0f} s")
+        try:
+            _run_pytest(session, pkg.path / "tests", *session.posargs, env=env, files=files)
+        finally:
+            session.log(f"{pkg.name}: pass {name} took {time.monotonic() - start:.0f} s")
+
+    _run_passes(
+        session,
+        {name: functools.partial(one_pass, name, env, files) for name, (env, files) in passes.items()},
+    )
 
 
 def _install_everything(session: nox.Session, *extras: str) -> None:
@@ -358,14 +393,46 @@ for _pkg in PACKAGES.values():
 @venv_session()
 def integration(session: nox.Session) -> None:
     """All packages installed together: composition tests, layout checks and short examples."""
+    _OUTCOMES[session.name] = [_STOPPED]
     _install_everything(session, "pytest>=8", "scikit-learn")
-    _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)
+    _run_passes(
+        session, {"all": lambda: _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)}
+    )
 
 
-@nox.session(python=False, requires=[*(f"tests-{name}" for name in PACKAGES), "integration"])
+TEST_SESSIONS = [*(f"tests-{name}" for name in PACKAGES), "integration"]
+
+
+@nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """Every package's isolated tests plus the integration tests (the default session; CI runs this)."""
-    session.log("all package sessions and integration passed")
+    """Every package's isolated tests plus the integration tests (the default session; CI runs this).
+
+    Queues every ``tests-<pkg>`` session, ``integration`` and then ``tests-summary`` (``session.notify``). nox runs
+    a queued session even after an earlier one failed (unless given ``-x``), so one failure skips nothing;
+    ``tests-summary`` then fails with the list of every failed session and pass, and nox exits non-zero.
+    """
+    for name in [*TEST_SESSIONS, "tests-summary"]:
+        session.notify(name)
+
+
+@nox.session(name="tests-summary", python=False, default=False)
+def tests_summary(session: nox.Session) -> None:
+    """Queued last by ``tests``: fails, listing every failed session and pass of this run, unless all passed."""
+    if not _OUTCOMES:
+        session.error(
+            "nothing to summarise: tests-summary reports on the sessions `nox -s tests` queued before it"
+        )
+    lines = []
+    for name in TEST_SESSIONS:
+        outcome = _OUTCOMES.get(name)
+        if outcome is None:
+            lines.append(f"{name}: did not run")
+        lines.extend(f"{name}: {failure}" for failure in outcome or [])
+    if lines:
+        session.error(
+            f"{len(lines)} failure(s) in `nox -s tests`:\n" + "\n".join(f"  {line}" for line in lines)
+        )
+    session.log(f"all {len(TEST_SESSIONS)} test sessions passed, every pass of each")
 
 
 def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path) -> str:

@@ -179,3 +179,83 @@ def test_ci_runs_the_readme_test_command_from_a_venv():
     )
     torch = next(i for i, line in enumerate(lines) if '"torch==2.13.0"' in line)
     assert venv < activate < torch < len(lines) - 1
+
+
+# ------------------------------------------------------------------ `nox -s tests` runs everything, then summarises
+
+_FAKE_NOXFILE = """
+import runpy, sys
+import nox
+
+real = runpy.run_path({noxfile!r})  # registers every real session, `tests` and `tests-summary` included
+FAIL = {fail!r}  # session -> {{pass: exit code}}; every other pass exits 0
+
+
+def fake(name, passes):
+    @nox.session(name=name, python=False)
+    def run(session):
+        session.log(f"RAN {{name}}")
+        real["_OUTCOMES"][session.name] = [real["_STOPPED"]]
+        if name in {stop!r}:
+            session.error("could not build")
+        codes = FAIL.get(name, {{}})
+        real["_run_passes"](
+            session,
+            {{p: (lambda p=p: session.run(sys.executable, "-c", f"raise SystemExit({{codes.get(p, 0)}})",
+                                         external=True)) for p in passes}},
+        )
+
+
+for name in real["TEST_SESSIONS"]:
+    fake(name, ["default", "avx2-1thread"])
+"""
+
+
+def _fake_nox(tmp_path: Path, fail: dict, stop: tuple = (), *args: str) -> subprocess.CompletedProcess:
+    """Run the real ``tests``/``tests-summary`` sessions over fake, venv-less package sessions (a second or two)."""
+    noxfile = tmp_path / "noxfile.py"
+    noxfile.write_text(_FAKE_NOXFILE.format(noxfile=str(NOXFILE), fail=fail, stop=stop))
+    return subprocess.run(
+        [sys.executable, "-m", "nox", "-f", str(noxfile), "--envdir", str(tmp_path / "envs"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
+def test_tests_runs_every_session_after_failures_and_lists_them_all(tmp_path):
+    """Two packages fail (one at two levels, one with pytest's exit 5), one stops before its passes: every other
+    session still runs, and the summary names each failed session and pass; nox exits non-zero."""
+    sessions = _outer_noxfile_test_sessions()
+    first, second, third = sessions[0], sessions[1], sessions[-2]
+    fail = {first: {"default": 1, "avx2-1thread": 1}, second: {"avx2-1thread": 5}}
+    out = _fake_nox(tmp_path, fail, (third,), "-s", "tests")
+    log = out.stdout + out.stderr
+    assert out.returncode != 0, log
+    for name in sessions:
+        assert f"RAN {name}" in log, f"{name} was skipped after a failure:\n{log}"
+    ran = [
+        line
+        for line in log.splitlines()
+        if line.startswith("nox > ") and line.endswith(")'") and "-c 'raise SystemExit(" in line
+    ]
+    assert len(ran) == 2 * (len(sessions) - 1), ran  # every pass of every other session
+    summary = log[log.index("failure(s) in `nox -s tests`") :]
+    assert f"{first}: pass default: Returned code 1" in summary
+    assert f"{first}: pass avx2-1thread: Returned code 1" in summary
+    assert f"{second}: pass avx2-1thread: Returned code 5 (5: no test collected)" in summary
+    assert f"{second}: pass default" not in summary
+    assert f"{third}: stopped before its test passes finished" in summary
+    assert summary.count("\n  ") == 4, summary  # exactly those four lines
+
+
+def test_tests_passes_when_every_session_passes(tmp_path):
+    out = _fake_nox(tmp_path, {}, (), "-s", "tests")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert f"all {len(_outer_noxfile_test_sessions())} test sessions passed" in log
+
+
+def _outer_noxfile_test_sessions() -> list[str]:
+    names = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
+    return [*(f"tests-{n}" for n in names), "integration"]
