@@ -251,7 +251,7 @@ def test_rnn_example_trains_and_saves():
     model.eval()
     h = model.init_hidden(2)
     x = train_data[:5, :2]
-    assert torch.equal(loaded(x, h)[0], model(x, h)[0])
+    assert torch.equal(loaded(x, h)[0], model(x, h)[0])  # exact: same route (a reloaded copy of the model)
 
 
 # ---------------------------------------------------------------- semantics, with values
@@ -274,7 +274,7 @@ def test_backward_interface_values():
     out = iface(h)
     s = h.detach() @ iface.synthesizer.input_trigger.weight.T + iface.synthesizer.input_trigger.bias
     torch.testing.assert_close(lower.weight.grad, s.T @ x, rtol=0, atol=1e-6)  # fp32 sums of 5 O(1) terms
-    assert torch.equal(out, h)
+    assert torch.equal(out, h)  # exact: identity by construction
     assert out.requires_grad
     assert out.grad_fn is not h.grad_fn
     upper(out).pow(2).sum().backward()
@@ -292,6 +292,7 @@ def test_make_trigger_passes_the_true_gradient_on_and_backward_scales():
     h0 = torch.randn(3, 4, requires_grad=True)
     t = iface.make_trigger(h0)
     (t * torch.arange(4.0)).sum().backward()
+    # exact: the true gradient passed on is 1·arange, exact in float
     assert torch.equal(h0.grad, torch.arange(4.0).expand(3, 4))
     h1 = torch.randn(3, 4, requires_grad=True)
     iface.backward(h1, factor=0.1)
@@ -347,7 +348,7 @@ def test_defer_backward_runs_one_combined_backward():
         dni.backward(y, torch.ones(3))
         dni.backward((w * 3).sum())
         assert w.grad is None  # nothing ran yet
-    assert torch.equal(w.grad, torch.full((3,), 5.0))
+    assert torch.equal(w.grad, torch.full((3,), 5.0))  # exact: integer-valued (2 + 3)
     with pytest.raises(RuntimeError, match="nested"), dni.defer_backward(), dni.defer_backward():
         pass
     w.grad = None

@@ -54,7 +54,7 @@ def test_forward_interface_steps_its_optimizer_and_reads_context():
     before = synth.final.weight.clone()
     first = iface(h, trigger, labels).clone()
     assert torch.count_nonzero(first) == 0  # zero-initialised last layer
-    assert not torch.equal(before, synth.final.weight)
+    assert not torch.equal(before, synth.final.weight)  # exact: any change counts
     assert synth.final.weight.grad is None
     for _ in range(200):
         iface(h, trigger, labels)
@@ -81,6 +81,7 @@ def test_complete_unlock_values():
     torch.testing.assert_close(lower.weight.grad, 0.5 * sg.T @ x, **TOL)  # update unlocked, at forward time
     grad_lower = lower.weight.grad.clone()
     upper(out).pow(2).sum().backward()
+    # exact: untouched
     assert torch.equal(lower.weight.grad, grad_lower)  # nothing from the loss reaches the block below
     g = 2 * upper(syn.detach()) @ upper.weight  # gradient arriving at the synthetic input
     pred = syn.detach() @ bwd.final.weight.T + bwd.final.bias  # M at the synthetic input
@@ -103,6 +104,7 @@ def test_bidirectional_modes_and_state_dict_keys():
     iface.mode = "observe"  # real activations and true gradients, both synthesizers trained
     F.mse_loss(iface(lower(x), x), torch.ones(5, 4)).backward()
     F.mse_loss(ref(x), torch.ones(5, 4)).backward()
+    # exact: same route (observe mode is plain autograd on a copy)
     assert torch.equal(lower.weight.grad, ref.weight.grad)
     assert iface.forward_interface.synthesizer.final.weight.grad is not None
     assert iface.backward_interface.synthesizer.final.weight.grad is not None
@@ -150,12 +152,15 @@ def test_wrapper_synthetic_inputs_feed_the_layers_above():
     expected = net[2](F.relu(fwd.synthetic_input(x, torch.empty(10, 8))))
     w0 = net[0].weight.detach().clone()
     out = dni(x)
+    # exact: same route (the same kernels on the same synthetic input)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the head ran on I(x), not on net[0](x)
+    # exact: any change counts
     assert not torch.equal(w0, net[0].weight)  # net[0] was updated from M(h) during the forward pass
     assert len(list(dni.synthesizer_parameters())) == 6 + 6  # M (LinearDNI: 3 Linear) and I
     dni.eval()
     with torch.no_grad():
         plain = net[2](F.relu(net[0](x)))
+        # exact: same route (eval runs the plain network)
         assert torch.equal(dni(x), plain)  # eval: real activations
 
 
@@ -174,7 +179,7 @@ def test_wrapper_synthetic_inputs_checkpoint_and_errors(tmp_path):
     fresh.load_state_dict(state)  # the forward synthesizer is rebuilt from the saved trigger size
     for k, v in fresh.state_dict().items():
         if isinstance(v, torch.Tensor):
-            assert torch.equal(v, state[k]), k
+            assert torch.equal(v, state[k]), k  # exact: restored state
     with pytest.raises(ValueError, match="lam=0"):
         DNI(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), lam=0.5, synthetic_inputs=True)
     with pytest.raises(TypeError, match="first positional argument"):

@@ -24,6 +24,7 @@ def test_mix_gradient_endpoints_and_middle():
 
 
 def test_cosine_similarity_handles_zero():
+    # exact: zero by construction (torch.where's 0 branch)
     assert float(cosine_similarity(torch.zeros(3), torch.ones(3))) == 0.0
     assert float(cosine_similarity(torch.ones(3), 2 * torch.ones(3))) == pytest.approx(1.0)
 
@@ -46,4 +47,4 @@ def test_broadcast_context_shapes_and_values(shape, batch_dim, feature_dim, expe
     for j in range(3):
         rows = out.select(fdim, j).movedim(bdim, 0).reshape(2, -1)
         for b in range(2):
-            assert torch.all(rows[b] == ctx[b, j])
+            assert torch.all(rows[b] == ctx[b, j])  # exact: a broadcast copies the values

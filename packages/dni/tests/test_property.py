@@ -121,6 +121,7 @@ def test_wrapper_matches_the_hand_written_step(threads, problem):
     for name, g_, w_ in zip(("A", "a", "W", "w", "M", "m"), got, want):
         g_ = g_.detach().double()
         finite = torch.isfinite(w_)
+        # exact: bool masks
         assert torch.equal(torch.isfinite(g_), finite), name  # non-finite exactly where the reference is
         torch.testing.assert_close(g_[finite], w_[finite], rtol=tol, atol=tol, msg=name)
     if bad is not None:

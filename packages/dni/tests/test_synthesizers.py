@@ -33,6 +33,7 @@ def test_linear_sigmoid_has_a_real_sigmoid():
     torch.testing.assert_close(grad, torch.full((2, 3), 0.5))  # saturated sigmoid → upper bound
     with torch.no_grad():
         synth.final.bias.fill_(-100.0)
+    # exact: σ(-100) < 2⁻²⁵ rounds away in 1·σ − 0.5 (any route)
     assert torch.all(synth(torch.zeros(2, 3), None)[0] == -0.5)
 
 

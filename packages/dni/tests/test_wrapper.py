@@ -39,6 +39,7 @@ def test_backprop_equivalent_modes_give_identical_gradients(mode_kwargs):
     F.cross_entropy(dni(x), y).backward()
     F.cross_entropy(ref(x), y).backward()
     for p, q in zip(net.parameters(), ref.parameters()):
+        # exact: bit-parity by construction (observe, λ=1, backprop pass g itself)
         assert torch.equal(p.grad, q.grad)
 
 
@@ -67,9 +68,10 @@ def test_wrapped_modules_are_updated_during_the_forward_pass():
     before = [p.detach().clone() for p in net.parameters()]
     dni(x)  # forward only: no loss, no backward
     after = list(net.parameters())
+    # exact: any change counts
     assert not torch.equal(before[0], after[0])  # layer 0 updated from its synthetic gradient
-    assert not torch.equal(before[2], after[2])
-    assert torch.equal(before[4], after[4])  # the unwrapped last layer waits for the loss
+    assert not torch.equal(before[2], after[2])  # exact: any change counts
+    assert torch.equal(before[4], after[4])  # exact: untouched; the unwrapped last layer waits for the loss
     assert all(p.grad is None for p in net[0].parameters())  # the wrapper cleared what it consumed
 
 
@@ -114,9 +116,11 @@ def test_warmup_runs_in_observe_mode_then_switches():
     x, y = data()
     F.cross_entropy(dni(x), y).backward()
     F.cross_entropy(ref(x), y).backward()
+    # exact: bit-parity by construction (observe passes g itself)
     assert torch.equal(net[0].weight.grad, ref[0].weight.grad)  # step 0: backprop
     net.zero_grad()
     F.cross_entropy(dni(x), y).backward()
+    # exact: any change counts
     assert not torch.equal(net[0].weight.grad, ref[0].weight.grad)  # step 1: synthetic gradients
     assert dni.num_steps == 2
 
@@ -336,7 +340,7 @@ def test_cuda_matches_backprop_in_observe_mode_and_trains_in_dni_mode():
     F.cross_entropy(dni(x), y).backward()
     F.cross_entropy(ref(x), y).backward()
     for p, q in zip(net.parameters(), ref.parameters()):
-        assert torch.equal(p.grad, q.grad)
+        assert torch.equal(p.grad, q.grad)  # exact: bit-parity by construction (observe passes g itself)
     dni = DNI(mlp().cuda(), hidden_size=4, context_size=3)
     for _ in range(3):
         F.cross_entropy(dni(x, context=y), y).backward()
