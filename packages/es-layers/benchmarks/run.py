@@ -223,7 +223,7 @@ def _iid_strategies(shapes, device, dtype, min_run_time, log) -> list[dict]:
             forced = (
                 contextlib.nullcontext()
                 if min_rows is None
-                else mock.patch.object(EF, "_BLOCKED_MIN_ROWS", min_rows)
+                else mock.patch.object(EF.iid, "_BLOCKED_MIN_ROWS", min_rows)
             )
 
             def run():

@@ -173,8 +173,8 @@ def test_permuted_weighted_sum_scatter_path(monkeypatch):
     dense, _, _, wsum_fn = LINEAR["permuted-in"]
     w = torch.randn(N, generator=_g(12), dtype=DT)
     gemm = wsum_fn(w)
-    monkeypatch.setattr(EF, "_SCATTER_PENALTY", 0)
-    monkeypatch.setattr(EF, "_SCATTER_ELEMENTS", 1)
+    monkeypatch.setattr(EF.permuted, "_SCATTER_PENALTY", 0)
+    monkeypatch.setattr(EF.permuted, "_SCATTER_ELEMENTS", 1)
     torch.testing.assert_close(wsum_fn(w), gemm, **TOL)
     torch.testing.assert_close(gemm, torch.einsum("k,kij->ij", w, dense), **TOL)
 
@@ -333,13 +333,13 @@ def test_perturbed_linear_no_grad_paths(
     # Without autograd the forward multiplies a shared input (x expanded over the rows) by W once and by every
     # E_k, builds W + cσE_k block by block for members with enough rows, or adds x E_kᵀ to x Wᵀ; each must equal
     # the explicit member loop and the differentiable path.
-    monkeypatch.setattr(EF, "_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(EF, "_BLOCKED_MIN_ROWS", 0 if strategy == "blocked" else 1 << 30)
+    monkeypatch.setattr(EF.iid, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(EF.iid, "_BLOCKED_MIN_ROWS", 0 if strategy == "blocked" else 1 << 30)
     shared = strategy == "shared"
     ran = []
     for name in ("_shared_input_linear_", "_member_input_linear_"):
-        original = getattr(EF, name)
-        monkeypatch.setattr(EF, name, lambda *a, _f=original, _n=name: (ran.append(_n), _f(*a)))
+        original = getattr(EF.iid, name)
+        monkeypatch.setattr(EF.iid, name, lambda *a, _f=original, _n=name: (ran.append(_n), _f(*a)))
     noise_w = LINEAR["perturbed"][0]
     g = _g(13)
     weight = torch.randn(M, K, generator=g, dtype=DT)

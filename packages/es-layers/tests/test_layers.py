@@ -464,7 +464,7 @@ def test_bad_members_and_scale():
 )
 def test_permuted_update_scatter_and_gemm_paths(factory, monkeypatch):
     # fewer members than permuted entries -> direct scatter (in sub-chunks); otherwise P = Σ w_k Π_k and a GEMM
-    import altgrad.es_layers.functional as modes
+    import altgrad.es_layers.functional.permuted as modes
 
     monkeypatch.setattr(modes, "_SCATTER_ELEMENTS", 1)  # one member per scatter sub-chunk
     monkeypatch.setattr(modes, "_SCATTER_PENALTY", 1)

@@ -96,15 +96,15 @@ def _reference(net: ZeroOrderGradientModule, layout: str, method: str, x: torch.
 )
 @pytest.mark.parametrize("blocked_min_rows", [0, 1 << 30])  # per-member inputs: W ± σz_k built, or x zᵀ added
 def test_fast_path_matches_the_general_path(layout, method, blocked_min_rows, monkeypatch):
-    monkeypatch.setattr(EF, "_BLOCKED_MIN_ROWS", blocked_min_rows)
+    monkeypatch.setattr(EF.iid, "_BLOCKED_MIN_ROWS", blocked_min_rows)
     calls = {"shared": 0, "member": 0}
-    original = EF._perturbed_linear_no_grad
+    original = EF.iid._perturbed_linear_no_grad
 
     def counted(x, *args):
         calls["shared" if x.stride(0) == 0 else "member"] += 1
         return original(x, *args)
 
-    monkeypatch.setattr(EF, "_perturbed_linear_no_grad", counted)
+    monkeypatch.setattr(EF.iid, "_perturbed_linear_no_grad", counted)
 
     g = torch.Generator().manual_seed(1)
     shape = (3, 4, 6) if layout == "3-d input" else (10, 6)
