@@ -216,6 +216,42 @@ def test_mnist_fcn_task_logic():
     assert accuracy > 0.9
 
 
+def test_mnist_fcn_task_imports_and_private_dni_class():
+    """tasks/mnist/fcn.py's two import lines with ``dni`` → ``altgrad.dni``, then pytorch-dni's ``_DNI``
+    called in its own positional order: it wraps every parameterised leaf but the last, with 10-wide
+    synthesizers by default, and trains (``optimize()`` after ``backward()``, as ``_DNI`` users call it)."""
+    ns: dict = {}
+    exec("from altgrad.dni import *\nfrom altgrad.dni import _DNI\n", ns)  # the task's imports, verbatim
+    assert ns["DNI"] is DNI
+    assert ns["LinearBatchNormDNI"] is LinearBatchNormDNI
+    private = ns["_DNI"]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    model = private(net, None, None, "adam", 1e-2)  # network, dni_network, optim, grad_optim, grad_lr
+    assert isinstance(model, DNI)
+    assert list(model.interfaces) == ["0", "2"]  # the last Linear is left to the loss
+    assert model.interfaces["0"].synthesizer.layers[0].out_features == 10  # hidden_size=None -> 10
+    assert model.lam == 0.5  # _DNI's default λ
+    opt = optim.Adam(net[4].parameters(), lr=1e-2)
+    w = torch.randn(8, 1)
+    x = torch.randn(256, 8)
+    y = x @ w
+    model.train()
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        model.optimize()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.2 * sum(losses[:10]), losses[::15]  # learns the linear target
+    unlocked = private(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 1)), λ=0, decouple_forwards=True)
+    assert unlocked.synthetic_inputs
+    with pytest.raises(ValueError, match="synthetic_inputs=True is the complete unlock"):
+        private(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 1)), decouple_forwards=True)  # λ=0.5
+
+
 def test_get_padding_and_detach_all_have_pytorch_dni_values():
     assert get_padding(28, 5, 1, 1) == 16  # floor((28·1 + 4·1 + 1) / 2), pytorch-dni's formula
     assert get_padding(32, 3, 2, 1) == 18  # floor((32 + 2·2 + 1) / 2)

@@ -15,6 +15,7 @@ from .forward import BidirectionalInterface, ForwardInterface
 from .interface import MODES, BackwardInterface
 from .synthesizers import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 from .util import detach_all, get_padding
+from .wrapper import _DNI as _DNI  # pytorch-dni exports it; its tasks import it
 from .wrapper import DNI
 
 __all__ = [

@@ -22,7 +22,7 @@ from .forward import ForwardInterface
 from .interface import BackwardInterface, check_mode
 from .synthesizers import LinearDNI
 
-__all__ = ["DNI"]
+__all__ = ["DNI", "_DNI"]
 
 _CONTEXT = threading.local()  # per-thread {id(DNI): context tensor}
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # module -> weakref(DNI)
@@ -848,3 +848,55 @@ class DNI(nn.Module):
                     f"'DNI' object (wrapping {type(network).__name__}) has no attribute {name!r}, and neither has "
                     "the wrapped network"
                 ) from None
+
+
+class _DNI(DNI):
+    """pytorch-dni's ``_DNI`` (its ``dni/dni_monkeypatch.py`` variant), with that class's constructor.
+
+    pytorch-dni exports it and its tasks import it (``from dni import _DNI`` in ``tasks/mnist/fcn.py``,
+    ``tasks/cifar10/fcn.py`` and ``tasks/copy_task.py``). It is the same wrapper as :class:`DNI` with
+    ``recursive=True, skip_last_layer=True``: every parameterised leaf but the last gets an interface and is
+    stepped from its synthetic gradient during the forward pass. The arguments keep ``_DNI``'s order and
+    defaults (``hidden_size=None`` means 10, ``λ=0.5``); ``decouple_forwards`` (synthetic inputs, which
+    pytorch-dni left unfinished) is :class:`DNI`'s ``synthetic_inputs`` and so needs ``λ=0``.
+    :meth:`optimize` is ``_DNI``'s name for applying the synthesizers' update.
+
+    Args:
+        network: The network to wrap.
+        dni_network: Synthesizer class (default :class:`~altgrad.dni.LinearDNI`).
+        optim: Optimizer (instance, class or name) for the wrapped modules; ``None`` uses ``grad_optim``.
+        grad_optim: Optimizer of the synthesizers (and of the modules when ``optim`` is ``None``).
+        grad_lr: Its learning rate.
+        hidden_size: Hidden width of each synthesizer; ``None`` is 10, as in pytorch-dni's ``_DNI``.
+        λ: BP(λ) mixing, as :class:`DNI`'s ``lam``.
+        gpu_id: ``-1`` leaves devices alone; ``k >= 0`` moves the wrapper to ``cuda:k``.
+        decouple_forwards: Synthetic inputs (:class:`DNI`'s ``synthetic_inputs``).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        dni_network: type[nn.Module] | None = None,
+        optim: Any = None,
+        grad_optim: Any = "adam",
+        grad_lr: float = 0.001,
+        hidden_size: int | None = None,
+        λ: float = 0.5,
+        gpu_id: int = -1,
+        decouple_forwards: bool = False,
+    ) -> None:
+        super().__init__(
+            network,
+            hidden_size=10 if hidden_size is None else hidden_size,
+            dni_network=dni_network,
+            optim=optim,
+            grad_optim=grad_optim,
+            grad_lr=grad_lr,
+            λ=λ,
+            gpu_id=gpu_id,
+            synthetic_inputs=decouple_forwards,
+        )
+
+    def optimize(self) -> None:
+        """``_DNI``'s name for :meth:`DNI.step_optimizers`: apply the synthesizers' pending update now."""
+        self.step_optimizers()
