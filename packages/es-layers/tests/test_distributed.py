@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ WORKER = textwrap.dedent(
         with torch.no_grad():
             loss = pm(x).view(2, len(members)).pow(2)
         local = loss[0] - loss[1]  # antithetic difference per local member
-        fitness = es.all_gather_fitness(local, members, N) if world > 1 else local
+        fitness = es.all_gather_fitness(local, pm) if world > 1 else local
         opt.zero_grad()
         pm.set_grad(es.centered_ranks(fitness))
         opt.step()
@@ -99,8 +100,108 @@ def test_two_processes_equal_single_process(tmp_path):
     (single,) = _run(script, tmp_path, 1)
     rank0, rank1 = _run(script, tmp_path, 2)
     for name, value in single.items():
-        assert torch.equal(rank0[name], rank1[name]), name  # ranks agree bit for bit
-        assert torch.equal(rank0[name], value), name  # and equal the single-process result
+        # exact: every rank regenerates the same noise and applies the same update on the same kernels (1 thread)
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(rank0[name], value), name  # exact: and the single-process run takes the same route
+
+
+MISMATCH_WORKER = textwrap.dedent(
+    """
+    import datetime, json, sys
+    import torch
+    from torch import nn
+    import torch.distributed as dist
+    import altgrad.es_layers as es
+
+    rank, out, init = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    N = 5
+    torch.manual_seed(0)
+    pm = es.PerturbedModel(nn.Sequential(es.LowRankLinear(3, 2, N), nn.Tanh(), es.PerturbedLinear(2, 1, N)), N, seed=7)
+    members = es.shard(pm)
+    local = torch.arange(len(members), dtype=torch.float64) + 10 * members.start
+    results = {}
+
+    def attempt(name, fn):
+        try:
+            value = fn()
+            results[name] = ["ok", value.tolist()]
+        except Exception as e:
+            results[name] = [type(e).__name__, str(e)]
+
+    gather = lambda: es.all_gather_fitness(local, pm)
+    pm.set_noise()
+    attempt("matched", gather)
+    pm.set_noise()
+    if rank == 1:
+        pm.set_noise()  # rank 1 skipped ahead: one step further than rank 0
+    attempt("step_ahead", gather)
+    if rank == 0:
+        pm.set_noise()  # both at step 2 again
+    attempt("realigned", gather)
+    pm.set_noise(0.02 if rank == 1 else None)  # sigma differs on rank 1 at step 3
+    attempt("sigma", gather)
+    pm.set_noise_scale(0.01)
+    pm.set_seed(7 + rank)
+    pm.set_noise(step=4)
+    attempt("seed", gather)
+    pm.set_seed(7)
+    pm.set_noise(step=5)
+    attempt("rows", lambda: es.all_gather_fitness(local[:-1] if rank else local, pm))  # rank 1: wrong rows
+    attempt("indices_step", lambda: es.all_gather_fitness(local, members, N, step=5 + rank))
+    attempt("final", gather)
+    with open(out, "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_all_gather_fitness_checks_step_and_settings_on_every_rank(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    init = f"file://{tmp_path / 'store'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tmp_path / f"r{r}.json"), init],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    full = [0.0, 1.0, 2.0, 30.0, 31.0]  # members 0-2 on rank 0, 3-4 on rank 1 (local value + 10 * start)
+    for r in range(2):
+        for name in ("matched", "realigned", "final"):
+            assert res[r][name] == ["ok", full], (r, name)
+        kind, msg = res[r]["step_ahead"]
+        assert kind == "RankMismatchError"
+        assert "noise step" in msg
+        assert "rank 0: 1, rank 1: 2" in msg
+        for name in ("sigma", "seed"):
+            kind, msg = res[r][name]
+            assert kind == "RankMismatchError", (r, name, msg)
+            assert ("settings" if name == "sigma" else "seed") in msg
+        kind, msg = res[r]["indices_step"]
+        assert kind == "RankMismatchError"
+        assert "rank 0: 5, rank 1: 6" in msg
+    assert res[1]["rows"][0] == "ValueError"
+    assert "one row per local member" in res[1]["rows"][1]
+    assert res[0]["rows"][0] == "RankMismatchError"
+    assert "rank(s) [1]" in res[0]["rows"][1]
 
 
 def test_shard_members_partition():
@@ -131,7 +232,7 @@ def test_single_rank_gather_roundtrip(tmp_path):
     try:
         f = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
         out = es.all_gather_fitness(f, [2, 0, 1], 3)
-        assert torch.equal(out, f[[1, 2, 0]])
+        assert torch.equal(out, f[[1, 2, 0]])  # exact: the gather only copies values
         assert es.broadcast_seed(99) == 99
         with pytest.raises(ValueError, match="cover"):
             es.all_gather_fitness(f, [0, 1, 1], 3)

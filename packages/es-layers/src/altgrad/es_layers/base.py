@@ -68,6 +68,46 @@ def _check_options(options: object) -> dict[str, Any]:
     return dict(options)
 
 
+_POSITION_KEYS = ("seed", "step", "next_step", "noise_scale", "sigma")
+
+
+def check_noise_position(position: dict[str, Any]) -> tuple[int, int | None, int, float, float | None]:
+    """Validate a layer's noise position (see :meth:`Perturbed.noise_position`) without applying it.
+
+    Args:
+        position: Dict with keys ``seed``, ``step``, ``next_step``, ``noise_scale`` and ``sigma``.
+
+    Returns:
+        ``(seed, step, next_step, noise_scale, sigma)``.
+
+    Raises:
+        ValueError: If a key is missing or a value is invalid.
+    """
+    if not isinstance(position, dict):
+        raise TypeError(f"position must be a dict, got {type(position).__name__}")
+    missing = sorted(set(_POSITION_KEYS) - set(position))
+    if missing:
+        raise ValueError(f"position: missing key(s) {missing}")
+    seed, step, next_step = position["seed"], position["step"], position["next_step"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"position['seed'] must be an int, got {seed!r}")
+    for name, v in (("step", step), ("next_step", next_step)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"position[{name!r}] must be a non-negative int or None, got {v!r}")
+    if next_step is None:
+        raise ValueError("position['next_step'] must be a non-negative int, got None")
+    try:
+        noise_scale = _check_scale("noise_scale", position["noise_scale"])
+        sigma = position["sigma"]
+        if sigma is not None:
+            sigma = _check_scale("sigma", sigma)
+    except TypeError as e:
+        raise ValueError(f"position: {e}") from None
+    if step is not None and sigma is None:
+        raise ValueError("position['sigma'] must be a float when position['step'] is set")
+    return seed, step, next_step, noise_scale, sigma
+
+
 class Perturbed:
     """Mixin giving an ``nn.Module`` with ``weight``/``bias`` a population of perturbations.
 
@@ -181,17 +221,83 @@ class Perturbed:
         Args:
             noise_scale: If given, set ``σ`` first (see :meth:`set_noise_scale`).
             step: Use this step instead of the next one (for example to replay a step).
+
+        Raises:
+            ValueError: For a bad ``step`` or ``noise_scale``.
+
+        The old noise is released before the new one is drawn, so the peak memory is one step's noise. If drawing
+        fails (for example ``MemoryError``), the layer keeps its previous step, σ and next step, and regenerates
+        that step's noise on demand: the call leaves no trace.
         """
-        if noise_scale is not None:
-            self.set_noise_scale(noise_scale)
-        if step is None:
-            step = self._next_step
-        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self.step = step
-        self._next_step = step + 1
-        self._sigma = self.noise_scale
-        self._noise = self._generate(self.members)
+        if noise_scale is not None:
+            _check_scale("noise_scale", noise_scale)
+        before = self.noise_position()
+        self._noise = {}
+        try:
+            if noise_scale is not None:
+                self.set_noise_scale(noise_scale)
+            self.step = self._next_step if step is None else step
+            self._next_step = self.step + 1
+            self._sigma = self.noise_scale
+            self._noise = self._generate(self.members)
+        except BaseException:
+            # no trace: the previous position comes back; its noise is regenerated on demand from the seed
+            self.load_noise_position(before)
+            raise
+
+    def noise_position(self) -> dict[str, Any]:
+        """Everything that fixes this layer's current and next noise (for checkpoints).
+
+        Returns:
+            A dict of Python numbers: ``seed``, ``step`` (``None`` before the first :meth:`set_noise`),
+            ``next_step``, ``noise_scale`` (σ of the next step) and ``sigma`` (σ of the current noise).
+            The members are not included: they describe this process's shard, not the run.
+        """
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "next_step": self._next_step,
+            "noise_scale": self.noise_scale,
+            "sigma": getattr(self, "_sigma", None),
+        }
+
+    def load_noise_position(self, position: dict[str, Any]) -> None:
+        """Restore a :meth:`noise_position`; the stored noise is dropped and regenerated on demand.
+
+        Args:
+            position: A dict returned by :meth:`noise_position` (of this layer or of an identical one).
+
+        Raises:
+            ValueError: If a key is missing or a value is invalid (nothing is changed).
+        """
+        seed, step, next_step, noise_scale, sigma = check_noise_position(position)
+        self.seed, self.step, self._next_step, self.noise_scale = seed, step, next_step, noise_scale
+        if sigma is None:
+            self.__dict__.pop("_sigma", None)
+        else:
+            self._sigma = sigma
+        self._noise = {}
+
+    def config_key(self) -> str:
+        """What fixes this layer's noise law and update besides its :meth:`noise_position`, as a string.
+
+        Two layers with equal keys, positions and parameters compute bit-identical noise and updates; checkpoints
+        and :func:`~altgrad.es_layers.all_gather_fitness` compare these keys.
+        """
+        extras = ("rank", "sparsity", "permutation", "in_sparsity", "out_sparsity", "flip", "groups")
+        parts = [
+            type(self).__name__,
+            self.mode,
+            f"directions={self.directions}",
+            f"antithetic={self.antithetic}",
+            f"layer_index={self.layer_index}",
+            f"weight={tuple(self.weight.shape)}",
+            f"bias={None if self.bias is None else tuple(self.bias.shape)}",
+        ]
+        parts += [f"{k}={getattr(self, k)}" for k in extras if hasattr(self, k)]
+        return "|".join(parts)
 
     def allocate_memory(self) -> None:
         """NESgpu compatibility: a no-op. Noise is allocated and drawn by :meth:`set_noise` (and regenerated on

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import PerturbedModel
+from .model import PerturbedModel, _as_int64, _fingerprint
 from .noise import Members, member_tensor
 
-__all__ = ["all_gather_fitness", "broadcast_seed", "shard", "shard_members"]
+__all__ = ["RankMismatchError", "all_gather_fitness", "broadcast_seed", "shard", "shard_members"]
 
 
 def _dist():
@@ -113,39 +113,166 @@ def _collective_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_fitness(local_fitness: Tensor, members: Members, directions: int, group: Any = None) -> Tensor:
+class RankMismatchError(RuntimeError):
+    """The ranks of a collective disagree on what they exchange (step, population, settings, shapes).
+
+    Raised on every rank of the group, from the same gathered headers, before any fitness value is used.
+    """
+
+
+# Header of one all_gather_fitness call: (name, how it is shown). Every rank sends its own and compares all.
+_HEADER = (
+    ("magic", "collective"),
+    ("step", "noise step (-2: not given)"),
+    ("directions", "population size"),
+    ("seed", "noise seed"),
+    ("settings", "fingerprint of the perturbed layers' settings (modes, shapes, sigma, antithetic, dtype)"),
+    ("trailing", "fitness trailing shape and dtype"),
+    ("ok", "validity of the local arguments"),
+    ("count", "number of local members"),
+)
+_MAGIC = 0x45534C4649544E53 >> 1  # "ESLFITNS": identifies this collective's header
+_NOT_GIVEN = -2
+
+
+def _settings_fingerprint(model: PerturbedModel) -> int:
+    parts = [f"directions={model.directions}"]
+    for layer in model.perturbed_layers:
+        parts.append(layer.config_key())
+        parts.append(
+            f"sigma={getattr(layer, '_sigma', None)!r}|seed={_as_int64(layer.seed)}|{layer.weight.dtype}"
+        )
+    return _fingerprint("\n".join(parts))
+
+
+def _local_header(
+    local_fitness: Tensor, members: Members | PerturbedModel, directions: int | None, step: int | None
+) -> tuple[str | None, Tensor, int | None, int, int, int]:
+    """``(problem, members, step, directions, seed, settings)`` of this rank; ``problem`` is ``None`` if valid."""
+    seed = settings = _NOT_GIVEN
+    empty = torch.zeros(0, dtype=torch.int64)
+    if isinstance(members, PerturbedModel):
+        model = members
+        if directions is not None and directions != model.directions:
+            return (
+                f"directions={directions} differs from the model's {model.directions}",
+                empty,
+                None,
+                0,
+                0,
+                0,
+            )
+        if step is not None:
+            return "give step only with member indices (the model's step is used)", empty, None, 0, 0, 0
+        if model.step is None:
+            return "call set_noise() before gathering the fitness of a step", empty, None, 0, 0, 0
+        directions, step = model.directions, model.step
+        seed, settings = _as_int64(model.seed), _settings_fingerprint(model)
+        m = model.members
+    else:
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            return f"directions must be a positive int, got {directions!r}", empty, None, 0, 0, 0
+        try:
+            m = member_tensor(members)
+        except (TypeError, ValueError) as e:
+            return str(e), empty, None, 0, 0, 0
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        return f"step must be a non-negative int, got {step!r}", empty, None, 0, 0, 0
+    if local_fitness.dim() == 0 or local_fitness.shape[0] != m.numel():
+        problem = (
+            f"local_fitness must have one row per local member ({m.numel()}), "
+            f"got shape {tuple(local_fitness.shape)}"
+        )
+        return problem, empty, None, 0, 0, 0
+    return None, m, step, directions, seed, settings
+
+
+def _check_headers(headers: list[list[int]]) -> None:
+    """Compare the gathered headers; raise the same error on every rank if a field differs."""
+    for j, (name, what) in enumerate(_HEADER):
+        if name in ("ok", "count"):
+            continue
+        values = [h[j] for h in headers]
+        if len(set(values)) > 1:
+            if name == "magic":
+                detail = "another collective was paired with all_gather_fitness (ranks out of sync)"
+            elif name == "step":
+                detail = (
+                    "a rank skipped or repeated set_noise() (for example after a failed step); every rank must "
+                    "call set_noise() once per step and all_gather_fitness() once per step"
+                )
+            else:
+                detail = "every rank must run the same model, population, seed and settings"
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise RankMismatchError(
+                f"all_gather_fitness: the ranks disagree on the {what} ({shown}); {detail}"
+            )
+
+
+def all_gather_fitness(
+    local_fitness: Tensor,
+    members: Members | PerturbedModel,
+    directions: int | None = None,
+    group: Any = None,
+    *,
+    step: int | None = None,
+) -> Tensor:
     """Gather every rank's per-member fitness into the full population's fitness, on every rank.
+
+    Before any value is used, the ranks exchange a small header (noise step, population size, seed, a fingerprint
+    of the perturbed layers' settings, the fitness shape and dtype) and every rank compares all of them: a
+    mismatch raises :class:`RankMismatchError` on **every** rank, so no replica applies an update the others do
+    not (for example when one rank skipped a failed step and is one noise step ahead).
 
     Args:
         local_fitness: Tensor whose first dimension has one entry per local member (``len(members)``); any
             trailing shape (for example per-repeat values) is kept.
-        members: This rank's member indices.
-        directions: Population size.
+        members: The :class:`~altgrad.es_layers.PerturbedModel` (recommended: its members, population size, step,
+            seed and settings are then checked across ranks), or this rank's member indices.
+        directions: Population size (taken from the model when ``members`` is one; must agree if also given).
         group: Process group (default: the world).
+        step: With member indices, the noise step to check across ranks (``pm.step``); taken from the model when
+            ``members`` is one. Without either, the step is not checked.
 
     Returns:
         Tensor of shape ``(directions, *local_fitness.shape[1:])``, row ``k`` holding member ``k``'s fitness.
 
     Raises:
+        RankMismatchError: On every rank, if the ranks disagree on the step, population size, seed, settings or
+            fitness shape/dtype.
         ValueError: If shapes do not match, or the ranks' members do not cover ``range(directions)`` exactly once.
     """
     dist = _dist()
     if not isinstance(local_fitness, Tensor):
         local_fitness = torch.as_tensor(local_fitness)
-    m = member_tensor(members)
-    if local_fitness.dim() == 0 or local_fitness.shape[0] != m.numel():
-        raise ValueError(
-            f"local_fitness must have one row per local member ({m.numel()}), got shape {tuple(local_fitness.shape)}"
-        )
+    # local problems are reported through the header, so that every rank raises instead of waiting for this one
+    problem, m, step, directions, seed, settings = _local_header(local_fitness, members, directions, step)
     device = _collective_device(dist, group)
     world = dist.get_world_size(group)
     fit = local_fitness.detach().to(device)
-    sizes = torch.tensor([m.numel()], dtype=torch.int64, device=device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes, group=group)
-    counts = [int(s.item()) for s in all_sizes]
-    cap = max(counts)
     rest = tuple(fit.shape[1:])
+    header = [
+        _MAGIC,
+        _NOT_GIVEN if step is None else step,
+        directions,
+        seed,
+        settings,
+        _fingerprint(f"{rest}|{fit.dtype}"),
+        int(problem is None),
+        m.numel(),
+    ]
+    mine = torch.tensor(header, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    headers = [g.tolist() for g in gathered]
+    if problem is not None:
+        raise ValueError(f"all_gather_fitness: {problem} (every rank raises)")
+    bad = [r for r, h in enumerate(headers) if not h[-2]]
+    if bad:
+        raise RankMismatchError(f"all_gather_fitness: rank(s) {bad} gave invalid arguments (see their error)")
+    _check_headers(headers)
+    counts = [h[-1] for h in headers]
+    cap = max(counts)
     pad_f = torch.zeros((cap, *rest), dtype=fit.dtype, device=device)
     pad_f[: m.numel()] = fit
     pad_m = torch.full((cap,), -1, dtype=torch.int64, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -10,10 +11,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Perturbed
+from .base import Perturbed, check_noise_position
 from .noise import Members
 
 __all__ = ["PerturbedModel"]
+
+#: Prefix of the noise-position entries in :meth:`PerturbedModel.state_dict`.
+_ES_PREFIX = "es_layers:"
+
+
+def _as_int64(value: int) -> int:
+    """``value`` modulo ``2**64`` as a signed 64-bit int (the noise uses seeds modulo ``2**64``)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fingerprint(text: str) -> int:
+    """A 63-bit digest of ``text``, identical in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class PerturbedModel:
@@ -115,9 +130,142 @@ class PerturbedModel:
         Args:
             noise_scale: If given, set ``σ`` of every layer first.
             step: Use this step instead of the next one.
+
+        If any layer fails to draw its noise (for example ``MemoryError``), every layer returns to its previous
+        step and σ (see :meth:`Perturbed.set_noise`) and the error propagates: no layer is left a step ahead.
         """
-        for layer in self.perturbed_layers:
-            layer.set_noise(noise_scale, step=step)
+        before = [layer.noise_position() for layer in self.perturbed_layers]
+        try:
+            for layer in self.perturbed_layers:
+                layer.set_noise(noise_scale, step=step)
+        except BaseException:
+            for layer, position in zip(self.perturbed_layers, before):
+                layer.load_noise_position(position)
+            raise
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Tensor]:
+        """The base model's ``state_dict`` plus the noise position of every perturbed layer.
+
+        The extra entries (keys starting with ``"es_layers:"``) are 0-d tensors, so the dict loads with
+        ``torch.load(..., weights_only=True)``: the model seed, and per layer its seed, current step, next step,
+        ``σ`` of the next step and of the current noise, and a fingerprint of its configuration. With the
+        optimizer's ``state_dict`` this is everything that determines the next steps: a run restored by
+        :meth:`load_state_dict` in a new process continues bit-identically. The members (this process's shard)
+        are not included.
+
+        Returns:
+            A flat dict of tensors.
+        """
+        out = dict(self.model.state_dict())
+        out[_ES_PREFIX + "seed"] = torch.tensor(_as_int64(self.seed), dtype=torch.int64)
+        out[_ES_PREFIX + "layers"] = torch.tensor(len(self.perturbed_layers), dtype=torch.int64)
+        for i, layer in enumerate(self.perturbed_layers):
+            pos = layer.noise_position()
+            key = f"{_ES_PREFIX}{i}."
+            out[key + "seed"] = torch.tensor(_as_int64(pos["seed"]), dtype=torch.int64)
+            out[key + "step"] = torch.tensor(-1 if pos["step"] is None else pos["step"], dtype=torch.int64)
+            out[key + "next_step"] = torch.tensor(pos["next_step"], dtype=torch.int64)
+            out[key + "noise_scale"] = torch.tensor(pos["noise_scale"], dtype=torch.float64)
+            sigma = float("nan") if pos["sigma"] is None else pos["sigma"]
+            out[key + "sigma"] = torch.tensor(sigma, dtype=torch.float64)
+            out[key + "config"] = torch.tensor(_fingerprint(layer.config_key()), dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> Any:
+        """Restore a :meth:`state_dict`: the base model's parameters and buffers, and every layer's noise position.
+
+        Everything is checked before anything is changed: a failed call leaves the model and its noise as they
+        were. Seeds are restored modulo ``2**64``, which gives the same noise.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict` (for example after ``torch.load(path, weights_only=True)``).
+            strict: As in ``nn.Module.load_state_dict``; in addition the noise positions must be present. With
+                ``strict=False`` a dict without them (a plain model's ``state_dict``) loads the weights only.
+
+        Returns:
+            The base model's ``load_state_dict`` result (missing and unexpected keys).
+
+        Raises:
+            ValueError: If the noise entries are incomplete or invalid, or were saved from layers of another
+                configuration (mode, shapes, directions, antithetic, ...).
+            RuntimeError: With ``strict=True``, if the model's keys or shapes differ.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        es_part = {k[len(_ES_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_ES_PREFIX)}
+        model_part = {k: v for k, v in state_dict.items() if not k.startswith(_ES_PREFIX)}
+        positions = self._check_es_part(es_part, strict)
+        if strict:
+            own = self.model.state_dict()
+            missing = sorted(set(own) - set(model_part))
+            unexpected = sorted(set(model_part) - set(own))
+            wrong = sorted(
+                k
+                for k in set(own) & set(model_part)
+                if isinstance(model_part[k], Tensor) and model_part[k].shape != own[k].shape
+            )
+            if missing or unexpected or wrong:
+                raise RuntimeError(
+                    f"load_state_dict: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, "
+                    f"shape mismatch for {wrong[:8]} (nothing was loaded)"
+                )
+        result = self.model.load_state_dict(model_part, strict=strict)
+        if positions is not None:
+            seed, layer_positions = positions
+            for layer, position in zip(self.perturbed_layers, layer_positions):
+                layer.load_noise_position(position)
+            object.__setattr__(self, "seed", seed)
+        return result
+
+    def _check_es_part(self, es: dict[str, Any], strict: bool) -> tuple[int, list[dict[str, Any]]] | None:
+        """Validate the ``es_layers:`` entries; return the seed and the layer positions (``None`` if absent)."""
+        if not es:
+            if strict:
+                raise ValueError(
+                    "load_state_dict: state_dict has no 'es_layers:' entries (noise positions); use "
+                    "PerturbedModel.state_dict() to save, or strict=False / pm.model.load_state_dict to load "
+                    "weights only"
+                )
+            return None
+
+        def get(key: str) -> Tensor:
+            if key not in es:
+                raise ValueError(f"load_state_dict: missing entry {_ES_PREFIX + key!r}")
+            v = es[key]
+            if not isinstance(v, Tensor) or v.numel() != 1:
+                raise ValueError(f"load_state_dict: {_ES_PREFIX + key!r} must be a one-element tensor")
+            return v
+
+        n = int(get("layers").item())
+        if n != len(self.perturbed_layers):
+            raise ValueError(
+                f"load_state_dict: the checkpoint has {n} perturbed layers, this model has "
+                f"{len(self.perturbed_layers)}"
+            )
+        positions = []
+        for i, layer in enumerate(self.perturbed_layers):
+            key = f"{i}."
+            if int(get(key + "config").item()) != _fingerprint(layer.config_key()):
+                raise ValueError(
+                    f"load_state_dict: perturbed layer {i} was saved with another configuration than "
+                    f"{layer.config_key()!r}"
+                )
+            step = int(get(key + "step").item())
+            sigma = float(get(key + "sigma").item())
+            position = {
+                "seed": int(get(key + "seed").item()),
+                "step": None if step == -1 else step,
+                "next_step": int(get(key + "next_step").item()),
+                "noise_scale": float(get(key + "noise_scale").item()),
+                "sigma": None if sigma != sigma else sigma,
+            }
+            try:
+                check_noise_position(position)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"load_state_dict: perturbed layer {i}: {e}") from None
+            positions.append(position)
+        return int(get("seed").item()), positions
 
     def _parameter_grads(self, weights: Tensor, l1: float, l2: float) -> list[tuple[nn.Parameter, Tensor]]:
         """``Σ_k w_k E_k`` per distinct parameter, summed over the layers that use it (tied parameters).
