@@ -11,7 +11,7 @@ from .affine import PerturbedAffine
 from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
 from .convert import MODES, perturb
-from .distributed import all_gather_fitness, broadcast_seed, shard, shard_members
+from .distributed import RankMismatchError, all_gather_fitness, broadcast_seed, shard, shard_members
 from .linear import (
     FlipoutLinear,
     LowRankLinear,
@@ -37,6 +37,7 @@ __all__ = [
     "PerturbedConv2d",
     "PerturbedLinear",
     "PerturbedModel",
+    "RankMismatchError",
     "SparsePerturbedLinear",
     "SyntheticConv2d",
     "SyntheticLinear",
