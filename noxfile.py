@@ -51,6 +51,7 @@ import nox.command
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import outer_site  # tools/outer_site.py
+import release_check  # tools/release_check.py (needs packaging, which nox itself requires)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -725,10 +726,12 @@ def release(session: nox.Session) -> None:
     git = ["git", "-C", str(ROOT)]
     if subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True).stdout:
         session.warn("the working tree has uncommitted changes: the dry run releases HEAD without them")
-    if f"## [{version}]" not in (pkg.path / "CHANGELOG.md").read_text():
-        session.warn(
-            f"packages/{name}/CHANGELOG.md has no '## [{version}]' section yet (move 'Unreleased' first)"
-        )
+    try:
+        release_check.check_changelog(name, version, ROOT)
+        would_fail = ""
+    except release_check.ReleaseError as exc:  # the dry run goes on, to check everything else too
+        would_fail = f"THE REAL RELEASE WOULD FAIL (release.yml's plan job runs the same check): {exc}"
+        session.warn("!" * 100 + "\n" + would_fail + "\n" + "!" * 100)
 
     tmp = Path(session.create_tmp()).resolve() / "release"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -775,4 +778,8 @@ def release(session: nox.Session) -> None:
         )
 
     _install_alone(session, pkg, version, tmp / "venv", deps, str(wheel), clone / "packages" / name)
-    session.log(f"dry run of {tag} passed: " + ", ".join(p.name for p in sorted(out.iterdir())))
+    built = ", ".join(p.name for p in sorted(out.iterdir()))
+    if would_fail:
+        session.warn(f"dry run of {tag}: everything else passed ({built}), but {would_fail}")
+    else:
+        session.log(f"dry run of {tag} passed: {built}")

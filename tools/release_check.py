@@ -3,6 +3,8 @@
     python tools/release_check.py parse-tag altgrad-sign-optim-v0.3.0
         prints name=, dist=, version=, compiled= lines (for $GITHUB_OUTPUT); fails on a malformed tag, an unknown
         package or a version that is not in PEP 440 normal form.
+    python tools/release_check.py changelog NAME VERSION
+        fails unless packages/NAME/CHANGELOG.md has a `## [VERSION]` section (the release's notes).
     python tools/release_check.py artifacts DIR NAME VERSION [--wheel-platforms P ...]
         fails unless DIR holds exactly one sdist and at least one wheel of package NAME, all at VERSION (file names
         and the metadata inside), each carrying the LICENSE file and the MIT license expression, and no compiled
@@ -64,6 +66,21 @@ def parse_tag(tag: str, root: Path = ROOT) -> dict[str, str]:
         "version": version,
         "compiled": str("scikit-build" in data.get("tool", {})).lower(),  # as noxfile.py decides it
     }
+
+
+def check_changelog(name: str, version: str, root: Path = ROOT) -> str:
+    """Check that ``packages/<name>/CHANGELOG.md`` has a ``## [<version>]`` section and return its heading."""
+    path = root / "packages" / name / "CHANGELOG.md"
+    if not path.is_file():
+        raise ReleaseError(f"packages/{name}/CHANGELOG.md does not exist")
+    heading = re.compile(rf"^## \[{re.escape(version)}\](?:\s|$)")
+    for line in path.read_text().splitlines():
+        if heading.match(line):
+            return line
+    raise ReleaseError(
+        f"packages/{name}/CHANGELOG.md has no '## [{version}]' section: move the 'Unreleased' entries under "
+        f"'## [{version}] - <YYYY-MM-DD>' in the commit that gets the tag (docs/releasing.md, step 1)"
+    )
 
 
 def _metadata(text: str) -> dict[str, list[str]]:
@@ -160,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_tag = sub.add_parser("parse-tag")
     p_tag.add_argument("tag")
+    p_log = sub.add_parser("changelog")
+    p_log.add_argument("name")
+    p_log.add_argument("version")
     p_art = sub.add_parser("artifacts")
     p_art.add_argument("directory", type=Path)
     p_art.add_argument("name")
@@ -172,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "parse-tag":
             for key, value in parse_tag(args.tag).items():
                 print(f"{key}={value}")
+        elif args.cmd == "changelog":
+            print(f"packages/{args.name}/CHANGELOG.md: {check_changelog(args.name, args.version)}")
         else:
             for line in check_artifacts(
                 args.directory, args.name, args.version, args.wheel_platforms, args.sdist_only, args.others_ok

@@ -126,3 +126,32 @@ def test_workflows_release_by_tag_with_trusted_publishing():
     ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "nox -s lint tests docs" in ci
     assert "pull_request" in ci
+
+
+def test_release_fails_without_a_changelog_section(tmp_path):
+    """A tag whose version has no ``## [<version>]`` in the package's CHANGELOG.md fails the release (plan job)."""
+    rc = _release_check()
+    pkg = tmp_path / "packages" / "sign-optim"
+    pkg.mkdir(parents=True)
+    log = pkg / "CHANGELOG.md"
+    log.write_text(
+        "# Changelog\n\n## [Unreleased]\n\n## [0.3.0rc1] - 2026-01-02\n\n## [0.2.0] - 2026-01-01\n"
+    )
+    for missing in ("0.3.0", "0.2", "0.2.0.post1"):
+        with pytest.raises(rc.ReleaseError, match=re.escape(f"has no '## [{missing}]' section")):
+            rc.check_changelog("sign-optim", missing, tmp_path)
+    assert rc.check_changelog("sign-optim", "0.2.0", tmp_path) == "## [0.2.0] - 2026-01-01"
+    assert rc.check_changelog("sign-optim", "0.3.0rc1", tmp_path) == "## [0.3.0rc1] - 2026-01-02"
+    with pytest.raises(rc.ReleaseError, match="does not exist"):
+        rc.check_changelog("dni", "0.1.0", tmp_path)
+    # the command line the workflow runs exits non-zero and says why
+    assert rc.main(["changelog", "sign-optim", "9.9.9"]) == 1
+    release = (ROOT / ".github" / "workflows" / "release.yml").read_text()
+    plan = release[release.index("  plan:") : release.index("  sdist:")]
+    assert (
+        'python tools/release_check.py changelog "${{ steps.tag.outputs.name }}" "${{ steps.tag.outputs.version }}"'
+        in plan
+    )
+    noxfile = (ROOT / "noxfile.py").read_text()
+    assert "release_check.check_changelog(name, version, ROOT)" in noxfile  # the dry run runs the same check
+    assert "THE REAL RELEASE WOULD FAIL" in noxfile
