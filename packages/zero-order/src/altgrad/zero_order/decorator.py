@@ -9,6 +9,7 @@ positional or keyword, are passed through unchanged and receive no gradient.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -103,10 +104,18 @@ class _Call:
         # The vmap/loop decision is remembered per decorated function (shared cache), not per call.
         evaluator = PopulationEvaluator(fn_of_leaves, self.options.batching)
         evaluator.resolved = self.evaluator_cache.get("resolved", evaluator.resolved)
-        workspace = self.evaluator_cache.setdefault("workspace", Workspace())
-        grads = run_estimate(
-            evaluator, params, self.source, self.options, grad_output, f0, workspace=workspace
-        )
+        # The function's workspace is reused by one estimate at a time; a concurrent one (another thread) gets
+        # its own, so two threads never write the same buffers.
+        lock = self.evaluator_cache["lock"]
+        shared = lock.acquire(blocking=False)
+        try:
+            workspace = self.evaluator_cache.setdefault("workspace", Workspace()) if shared else Workspace()
+            grads = run_estimate(
+                evaluator, params, self.source, self.options, grad_output, f0, workspace=workspace
+            )
+        finally:
+            if shared:
+                lock.release()
         if self.options.batching == "auto" and evaluator.resolved is not None:
             self.evaluator_cache["resolved"] = evaluator.resolved
         return grads
@@ -236,7 +245,7 @@ def zero_order(
     check_distributed_source(source, options)
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        evaluator_cache: dict[str, Any] = {}
+        evaluator_cache: dict[str, Any] = {"lock": threading.Lock()}
 
         @functools.wraps(fn)
         def apply(*args: Any, **kwargs: Any) -> Tensor:

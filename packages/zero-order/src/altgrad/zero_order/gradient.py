@@ -12,6 +12,7 @@ replay the noise kept from the first pass.
 
 from __future__ import annotations
 
+import copy
 import math
 import struct
 import warnings
@@ -196,7 +197,9 @@ def run_estimate(
     values_plus: list[Tensor] = []
     values_minus: list[Tensor] = []
 
-    # one-pass methods use up each chunk's noise before drawing the next: the source may reuse its buffers
+    # one-pass methods use up each chunk's noise before drawing the next: the source may reuse its buffers (set on
+    # this estimate's own copy of the source: a source shared by concurrent estimates never sees another's buffers)
+    source = copy.copy(source)
     source.buffers = None if two_pass else workspace
     try:
         for members in chunks:

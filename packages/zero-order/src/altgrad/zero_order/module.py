@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import collections
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -71,15 +72,44 @@ class ZeroOrder(torch.autograd.Function):
 
 
 def _linear_weights(module: nn.Module, names: Sequence[str]) -> dict[int, nn.Linear]:
-    """Index in ``names`` -> the plain ``nn.Linear`` (its forward not overridden) whose ``weight`` that name is."""
+    """Index in ``names`` -> the plain ``nn.Linear`` whose ``weight`` that name is.
+
+    Plain: its forward is ``nn.Linear.forward``, neither overridden by a subclass nor replaced on the instance
+    (accelerate's hooks set ``layer.forward``; such a layer takes the general path and its attribute is kept).
+    """
     modules = dict(module.named_modules())
     found: dict[int, nn.Linear] = {}
     for i, name in enumerate(names):
         owner_name, _, attr = name.rpartition(".")
         owner = modules.get(owner_name)
-        if attr == "weight" and isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+        if (
+            attr == "weight"
+            and isinstance(owner, nn.Linear)
+            and type(owner).forward is nn.Linear.forward
+            and "forward" not in owner.__dict__
+        ):
             found[i] = owner
     return found
+
+
+def _slots(module: nn.Module, names: Sequence[str], params: Sequence[Tensor]) -> list[list[str]]:
+    """Per trainable parameter, the name of every distinct ``(module object, attribute)`` slot holding it.
+
+    ``torch.func.functional_call`` swaps a value in by name and restores it afterwards; a module registered under
+    two names (``self.again = self.block``) is one object reached by two names, and swapping both names leaves
+    the substitute in place of the Parameter. One name per slot, with ``tie_weights=False``, swaps every place
+    the parameter lives exactly once (a parameter held by two different modules has two slots).
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    slots: list[list[str]] = [[] for _ in names]
+    seen: set[tuple[int, str]] = set()
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for attr, t in m._parameters.items():
+            if t is None or id(t) not in index or (id(m), attr) in seen:
+                continue
+            seen.add((id(m), attr))
+            slots[index[id(t)]].append(f"{prefix}.{attr}" if prefix else attr)
+    return slots
 
 
 class _ModuleCall:
@@ -99,6 +129,7 @@ class _ModuleCall:
         # weight leaf -> (layer, its direction, the deferred plan of its bias when the layer perturbs it)
         self.factored: dict[int, tuple[nn.Linear, Direction, Dense | None]] = {}
         self.layer_biases: set[int] = set()  # bias leaves perturbed by their layer (fast path)
+        self.slots: list[list[str]] = [[name] for name in names]  # set by `estimate` (see `_slots`)
 
     def center(self) -> Any:
         """The unperturbed forward; it also finds the ``nn.Linear`` layers whose weight and bias no other code
@@ -162,6 +193,8 @@ class _ModuleCall:
                     plans[i] = Dense(i, deferred=True)
                     self.factored[i] = (owner, plans[i], bias_plan)
                 continue
+            if id(owner) not in self.layer_only:  # another use of the weight must see the same perturbation
+                continue
             if self.options.directions == "lowrank":
                 plans[i] = LowRank(i, len(params), self.options.rank, factored=True)
             else:
@@ -174,13 +207,15 @@ class _ModuleCall:
         patched: list[nn.Linear] = []
         it = iter(inputs)
         try:
-            for i, name in enumerate(self.names):
+            for i in range(len(self.names)):
                 if i in self.layer_biases:  # its layer adds the bias noise itself
                     next(it)
                     continue
                 entry = self.factored.get(i)
                 if entry is None:
-                    dense[name] = next(it)
+                    value = next(it)
+                    for slot in self.slots[i]:
+                        dense[slot] = value
                     continue
                 layer, plan, bias_plan = entry
                 if isinstance(plan, Dense):
@@ -191,12 +226,18 @@ class _ModuleCall:
                 layer.forward = _factored_forward(layer, plan, first, second)  # type: ignore[method-assign,assignment]
                 patched.append(layer)
             with _active(self.module):
-                return torch.func.functional_call(self.module, dense, self.args, self.kwargs, strict=False)
+                return torch.func.functional_call(
+                    self.module, dense, self.args, self.kwargs, strict=False, tie_weights=False
+                )
         finally:
             for layer in patched:
                 del layer.forward
 
     def estimate(self, params: Sequence[Tensor], grad_output: Tensor, f0: Tensor) -> list[Tensor]:
+        with _lock(self.module):
+            return self._estimate(params, grad_output, f0)
+
+    def _estimate(self, params: Sequence[Tensor], grad_output: Tensor, f0: Tensor) -> list[Tensor]:
         module = self.module
         cache = module.__dict__.setdefault("_zero_order_batching", {})
         evaluator = PopulationEvaluator(self._call_with, self.options.batching)
@@ -207,6 +248,7 @@ class _ModuleCall:
         check_distributed_source(source, self.options)
         f0_arg = f0 if self.options.method == "forward" else None
         plans = self._plans(params)
+        self.slots = _slots(module, self.names, params)
         workspace = module.__dict__.setdefault("_zero_order_workspace", Workspace())
         try:
             with _population_buffers(module):
@@ -246,11 +288,12 @@ class _WeightUse(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _trusted_forward(layer: nn.Linear, watch: _WeightUse, x: Tensor) -> Tensor:
-    """``nn.Linear.forward`` of ``layer`` during the unperturbed forward: its own use of the weight is not counted."""
+def _trusted_forward(layer: nn.Linear, watch: _WeightUse, input: Tensor) -> Tensor:
+    """``nn.Linear.forward`` of ``layer`` during the unperturbed forward: its own use of the weight is not counted.
+    The argument is named ``input`` as in ``nn.Linear.forward`` (``layer(input=x)`` works)."""
     watch.trusted += 1
     try:
-        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+        return torch.nn.functional.linear(input, layer.weight, layer.bias)
     finally:
         watch.trusted -= 1
 
@@ -316,17 +359,24 @@ def _layer_output(plan: Dense, shape: tuple[int, ...], like: Tensor) -> Tensor:
     and estimates: fresh large tensors are new pages from the OS on every call (on the MLP benchmark about 10,000
     page faults, some 10 ms, per estimate without this). Keyed by the layer's call number within the chunk's
     evaluation, so a layer called twice in one forward never overwrites its first output; the values the
-    estimator keeps are copies (`run_estimate`), so nothing outlives the evaluation that wrote it."""
+    estimator keeps are copies (`run_estimate`), so nothing outlives the evaluation that wrote it. Only the first
+    call's output is kept: a layer called T times (an RNN cell) keeps one buffer, not T."""
     call = plan.calls
     plan.calls += 1
-    if plan.workspace is None:
+    if plan.workspace is None or call > 0:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return plan.workspace.scratch((plan.leaf, call, "out"), shape, like.dtype, like.device)
 
 
-def _dense_forward(layer: nn.Linear, plan: Dense, bias_plan: Dense | None, row: Tensor, x: Tensor) -> Tensor:
+def _dense_forward(
+    layer: nn.Linear,
+    plan: Dense,
+    bias_plan: Dense | None,
+    row: Tensor,
+    input: Tensor,
+) -> Tensor:
     """``layer.forward`` of a member during population evaluations (see `_DenseLinear`)."""
-    return _DenseLinear.apply(x, row, layer.weight, layer.bias, plan, bias_plan)  # type: ignore[no-any-return]
+    return _DenseLinear.apply(input, row, layer.weight, layer.bias, plan, bias_plan)  # type: ignore[no-any-return]
 
 
 def _factored_forward(
@@ -336,7 +386,8 @@ def _factored_forward(
     (``lowrank_linear``: ``x Wᵀ + (x B)(σA/√r)ᵀ``; ``flipout_linear``: ``x Wᵀ + ((x ∘ s) (σS)ᵀ) ∘ r``), never
     forming ``W + σE``. Under ``vmap`` the member is a population of one (``n = 1``, the batch rows as repeats)."""
 
-    def forward(x: Tensor) -> Tensor:
+    def forward(input: Tensor) -> Tensor:
+        x = input
         # A zero bias with the member's batch dimension keeps the output batched under vmap even when the input
         # and the bias are shared by all members (the functional forwards add their term in place).
         zero = torch.zeros_like(first) if isinstance(plan, Flipout) else torch.zeros_like(first[:, 0])
@@ -391,6 +442,23 @@ class _population_buffers:
             m._buffers[name] = detached
 
 
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(module: nn.Module) -> Any:
+    """The module's re-entrant lock: one call (forward or estimate) at a time per module.
+
+    A call patches the forwards of its ``nn.Linear`` layers, swaps parameters in (``functional_call``) and reuses
+    the module's workspace, all on the shared module, so calls from two threads are serialised (a thread waits
+    for the other's call to end); the same thread re-enters (members call the module's forward).
+    """
+    lock = module.__dict__.get("_zero_order_lock")
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = module.__dict__.setdefault("_zero_order_lock", threading.RLock())
+    return lock
+
+
 class _active:
     """While active, the wrapped ``forward`` of ``module`` runs the user's forward directly (no new estimate)."""
 
@@ -407,6 +475,10 @@ class _active:
 def _make_forward(original: Callable[..., Tensor], options: EstimatorOptions) -> Callable[..., Tensor]:
     @functools.wraps(original)
     def forward(self: ZeroOrderGradientModule, *args: Any, **kwargs: Any) -> Tensor:
+        with _lock(self):  # the depth below is this thread's: another thread's call waits for the lock
+            return _call(self, *args, **kwargs)
+
+    def _call(self: ZeroOrderGradientModule, *args: Any, **kwargs: Any) -> Tensor:
         if self.__dict__.get("_zero_order_depth", 0):
             return original(self, *args, **kwargs)
         named = list(self.named_parameters())
@@ -540,6 +612,7 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
         state = super().__getstate__()
         state = dict(state)
         state.pop("_zero_order_workspace", None)
+        state.pop("_zero_order_lock", None)
         return state
 
     def zero_order_release_workspace(self) -> None:
