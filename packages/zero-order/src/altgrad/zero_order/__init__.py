@@ -17,9 +17,11 @@ from .distributions import NoiseTable, Samplable, SeededDistribution, SeededNorm
 from .estimators import METHODS, direction_weights
 from .gradient import SigmaResolutionWarning, estimate_gradient
 from .module import ZeroOrderGradientModule
+from .zo_sgd import ZOSGD
 
 __all__ = [
     "METHODS",
+    "ZOSGD",
     "NoiseTable",
     "Samplable",
     "SeededDistribution",

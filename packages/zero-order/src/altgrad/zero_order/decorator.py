@@ -22,6 +22,7 @@ from ._noise import NoiseSource, check_distribution
 from .directions import Workspace
 from .estimators import Method
 from .gradient import EstimatorOptions, check_distributed_source, run_estimate
+from .inference import run_functional
 from .population import Batching, PopulationEvaluator, check_output
 
 __all__ = ["zero_order"]
@@ -101,6 +102,8 @@ class _Call:
                 flat[i] = leaf
             return self._call_with(flat)
 
+        if self.options.memory == "inference":
+            return run_functional(fn_of_leaves, params, self.source, self.options, grad_output, f0)
         # The vmap/loop decision is remembered per decorated function (shared cache), not per call.
         evaluator = PopulationEvaluator(fn_of_leaves, self.options.batching)
         evaluator.resolved = self.evaluator_cache.get("resolved", evaluator.resolved)
@@ -161,6 +164,7 @@ def zero_order(
     directions: str = "dense",
     rank: int = 1,
     process_group: Any = None,
+    memory: str = "batched",
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Return a decorator that gives a scalar function zero-order (ES / finite-difference) gradients.
 
@@ -204,6 +208,9 @@ def zero_order(
             a contiguous block of the members, only the per-member values are all-gathered, and every rank
             regenerates all directions from the seed and gets the same full gradient. Needs a seeded
             ``distribution`` and the same function and inputs on every rank. None (default): one process.
+        memory: ``"batched"`` (default) or ``"inference"``: the members are evaluated one after another with one
+            perturbed copy of the differentiated leaves, directions are regenerated from their seed (never stored)
+            and the arguments are never written (``chunk_size`` and ``batching`` are unused); see `inference`.
 
     Returns:
         A decorator; the function it returns takes the same arguments as the decorated one.
@@ -238,6 +245,7 @@ def zero_order(
         directions,
         rank,
         process_group,
+        memory,
     )
     argnums_t = _normalise_argnums(argnums)
     check_distribution(distribution)

@@ -27,6 +27,7 @@ from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
 from .directions import DIRECTIONS, Dense, Direction, Flipout, LowRank, Workspace
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
+from .inference import MEMORY_MODES, run_functional
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "EstimatorOptions", "SigmaResolutionWarning", "estimate_gradient"]
@@ -52,6 +53,8 @@ class EstimatorOptions:
             directions ``A Bᵀ/√r`` for 2-D leaves; see `directions`).
         rank: Rank r of low-rank directions.
         process_group: A ``torch.distributed`` process group to shard the population over (None: one process).
+        memory: ``"batched"`` (default: members stacked and evaluated in chunks) or ``"inference"`` (members one
+            after another, directions regenerated, parameters never written; see `inference`).
 
     Raises:
         MethodError: For an unknown ``method`` (a ``ValueError`` that is also an ``AssertionError``).
@@ -69,6 +72,7 @@ class EstimatorOptions:
     directions: str = "dense"
     rank: int = 1
     process_group: Any = None
+    memory: str = "batched"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +97,18 @@ class EstimatorOptions:
             raise TypeError(f"`sample_batched` must be a bool, got {type(self.sample_batched).__name__}")
         if self.process_group is not None:
             check_process_group(self.process_group)
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"`memory` must be one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.memory == "inference":
+            if self.directions != "dense":
+                raise ValueError(
+                    f"memory='inference' supports directions='dense' only, got directions={self.directions!r}"
+                )
+            if self.process_group is not None:
+                raise ValueError(
+                    "memory='inference' does not shard over a `process_group`; use memory='batched'"
+                )
+
 
 
 def check_process_group(process_group: Any) -> None:
@@ -444,6 +460,7 @@ def estimate_gradient(
     rank: int = 1,
     grad_output: Tensor | float = 1.0,
     process_group: Any = None,
+    memory: str = "batched",
 ) -> tuple[Tensor, ...]:
     r"""Estimate $\nabla f$ at ``params`` from function values only.
 
@@ -469,6 +486,9 @@ def estimate_gradient(
         process_group: A ``torch.distributed`` process group: each rank evaluates a contiguous block of the
             members, only the per-member values are all-gathered, and every rank regenerates all directions from
             the seed and returns the same full estimate. Needs a seeded ``distribution``. None: one process.
+        memory: ``"batched"`` (default) or ``"inference"``: members evaluated one after another with one
+            perturbed copy of ``params``, directions regenerated from their seed and never stored, ``params``
+            never written (``chunk_size``/``batching`` are unused; see `inference`).
 
     Returns:
         One gradient estimate per parameter tensor.
@@ -498,6 +518,7 @@ def estimate_gradient(
         directions,
         rank,
         process_group,
+        memory,
     )
     source = NoiseSource(distribution, sample_batched=sample_batched)
     check_distributed_source(source, options)
@@ -511,5 +532,7 @@ def estimate_gradient(
     if method == "forward":
         with torch.no_grad():
             f0 = check_output(fn(*params))
+    if memory == "inference":
+        return tuple(run_functional(fn, params, source, options, grad_output, f0))
     evaluate = PopulationEvaluator(fn, batching)
     return tuple(run_estimate(evaluate, params, source, options, grad_output, f0))

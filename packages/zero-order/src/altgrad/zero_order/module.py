@@ -29,6 +29,7 @@ from torch import Tensor
 
 import altgrad.es_layers.functional as EF
 
+from . import inference
 from ._noise import NoiseSource
 from .directions import Dense, Direction, Flipout, LowRank, Workspace
 from .distributions import Samplable
@@ -49,6 +50,7 @@ _CLASS_KEYWORDS = (
     "directions",
     "rank",
     "process_group",
+    "memory",
 )
 
 
@@ -247,6 +249,8 @@ class _ModuleCall:
         source = NoiseSource(distribution, sample_batched=self.options.sample_batched)
         check_distributed_source(source, self.options)
         f0_arg = f0 if self.options.method == "forward" else None
+        if self.options.memory == "inference":
+            return _estimate_inference(self, params, source, grad_output, f0_arg)
         plans = self._plans(params)
         self.slots = _slots(module, self.names, params)
         workspace = module.__dict__.setdefault("_zero_order_workspace", Workspace())
@@ -262,6 +266,31 @@ class _ModuleCall:
         if self.options.batching == "auto" and evaluator.resolved is not None:
             cache[type(module)] = evaluator.resolved
         return grads
+
+
+def _estimate_inference(
+    call: _ModuleCall, params: Sequence[Tensor], source: NoiseSource, grad_output: Tensor, f0: Tensor | None
+) -> list[Tensor]:
+    """``memory="inference"``: members one at a time, each layer perturbed inside its own forward (`inference`).
+
+    The module's own parameters are perturbed for the whole evaluation (its forward is called directly, not through
+    hooks), as are those found read outside their owner's forward in an earlier estimate (remembered per module)."""
+    module = call.module
+    outside: set[int] = module.__dict__.setdefault("_zero_order_outside_reads", set())
+    whole = inference.trainable_owned_by(module, params) | {
+        j for j, p in enumerate(params) if id(p) in outside
+    }
+
+    def forward() -> Any:
+        with _active(module):
+            return call.forward(module, *call.args, **call.kwargs)
+
+    with _population_buffers(module):
+        grads, found = inference.run_module(
+            module, forward, list(params), source, call.options, grad_output, f0, whole
+        )
+    outside.update(id(params[j]) for j in found)
+    return grads
 
 
 class _WeightUse(torch.overrides.TorchFunctionMode):
@@ -547,6 +576,9 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
     - ``process_group``: a ``torch.distributed`` process group to shard the population over (needs a seeded
       distribution from `zero_order_distribution`); since a group exists only after ``init_process_group``,
       set it on a subclass defined then: ``class DistNet(Net, process_group=dist.group.WORLD): pass``;
+    - ``memory``: ``"batched"`` (default) or ``"inference"``: members evaluated one after another, each layer's
+      trainable parameters perturbed only during that layer's forward, directions regenerated from their seed,
+      parameters never written (memory about one inference pass; see `inference`);
     - ``chunk_size``, ``batching``, ``top_k``, ``sample_batched``, ``directions``, ``rank``: as in
       `zero_order`. With ``directions="lowrank"`` the weights of ``nn.Linear``
       submodules are perturbed by ``σ A Bᵀ/√r`` *without materialising it*: the layer computes
