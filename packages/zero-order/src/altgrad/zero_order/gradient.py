@@ -110,7 +110,6 @@ class EstimatorOptions:
                 )
 
 
-
 def check_process_group(process_group: Any) -> None:
     """Raise ``TypeError`` unless ``process_group`` is a ``torch.distributed.ProcessGroup``."""
     import torch.distributed as dist
