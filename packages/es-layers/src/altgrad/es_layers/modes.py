@@ -160,14 +160,15 @@ class PermutedNoise(Perturbed):
 
     def _per_member_elements(self) -> int:
         if self.permute_inputs and self.permute_outputs:  # the update scatters m_sp * n_sp values per member
-            kernel = max(1, self.weight[0, 0].numel())
+            kernel = max(1, math.prod(self.weight.shape[2:]))
             return 2 * self.out_sparsity * self.in_sparsity * kernel
         return self.weight.shape[0] + self.weight.shape[1]
 
     def _shared_noise(self) -> dict[str, Tensor]:
         m, n = self.weight.shape[:2]
         kernel = tuple(self.weight.shape[2:])
-        rescale = math.sqrt(m * n / (self.out_sparsity * self.in_sparsity))
+        kept = self.out_sparsity * self.in_sparsity
+        rescale = math.sqrt(m * n / kept) if kept else 1.0  # an empty weight has no entries to rescale
         e = self._normal((self.out_sparsity, self.in_sparsity, *kernel), STREAM_SHARED, [0])[0]
         return {"shared_weight": e.mul_(self._sigma * rescale)}
 
@@ -273,7 +274,7 @@ class LowRankNoise(Perturbed):
         self.rank = rank
 
     def _fan_in(self) -> int:
-        return self.weight[0].numel()
+        return math.prod(self.weight.shape[1:])
 
     def _per_member_elements(self) -> int:
         return self.rank * (self.weight.shape[0] + self._fan_in())

@@ -94,14 +94,45 @@ def _linear_repeats(x: Tensor, in_features: int, n: int, antithetic: bool) -> in
     return _repeats(x.shape[0], n, antithetic)
 
 
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` bytes of ``t``'s elements in its storage (empty for an empty tensor)."""
+    if t.numel() == 0:
+        return 0, 0
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (span + 1) * t.element_size()
+
+
+def _check_no_overlap(out: Tensor, **inputs: Tensor | None) -> None:
+    """Refuse an ``out=`` whose memory may overlap one of ``inputs`` (writing it would corrupt what is read).
+
+    Two tensors overlap here when they share a storage and their byte ranges intersect (a conservative test:
+    interleaved strided views of one buffer are refused too).
+    """
+    lo, hi = _byte_range(out)
+    if lo == hi:
+        return
+    for name, t in inputs.items():
+        if not isinstance(t, Tensor) or t.device != out.device:
+            continue
+        a, b = _byte_range(t)
+        if a < hi and lo < b and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"out must not overlap the input {name!r} (it is read while out is written)")
+
+
+def _linear_views(x: Tensor, out: Tensor, reps: int, n: int) -> tuple[Tensor, Tensor]:
+    """The ``(R, n, T, in)`` and ``(R, n, T, out)`` views of a Linear input and output (``T`` = middle dims)."""
+    t = math.prod(x.shape[1:-1])
+    return x.reshape(reps, n, t, x.shape[-1]), out.view(reps, n, t, out.shape[-1])
+
+
 def _linear_base(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, antithetic: bool):
     """``out = x Wᵀ + b`` and the ``(R, n, T, ·)`` views of input and output."""
     reps = _linear_repeats(x, weight.shape[1], n, antithetic)
     out = F.linear(x, weight, bias)
     if not out.is_contiguous():
         out = out.contiguous()
-    x4 = x.reshape(reps, n, -1, x.shape[-1])
-    out4 = out.view(reps, n, -1, weight.shape[0])
+    x4, out4 = _linear_views(x, out, reps, n)
     return out, x4, out4
 
 
@@ -110,7 +141,7 @@ def _bmm_members(x4: Tensor, mats: Tensor, noise_b: Tensor | None) -> Tensor:
     reps, n, t, k = x4.shape
     xm = x4.permute(1, 0, 2, 3).reshape(n, reps * t, k)
     p = torch.bmm(xm, mats) if noise_b is None else torch.baddbmm(noise_b.unsqueeze(1), xm, mats)
-    return p.view(n, reps, t, -1).permute(1, 0, 2, 3)
+    return p.view(n, reps, t, mats.shape[2]).permute(1, 0, 2, 3)
 
 
 def _add_member_noise_(
@@ -126,8 +157,8 @@ def _addmm_scaled(
     x4: Tensor, mat_t: Tensor, out4: Tensor, noise_b: Tensor | None, antithetic: bool, sigma: float
 ) -> None:
     """``out += σ c_r (x @ mat_t + ε_k)`` using the GEMM's accumulation (no extra pass over the output)."""
-    out2 = out4.view(-1, out4.shape[-1])
-    x2 = x4.reshape(-1, x4.shape[-1])
+    out2 = out4.view(math.prod(out4.shape[:-1]), out4.shape[-1])
+    x2 = x4.reshape(math.prod(x4.shape[:-1]), x4.shape[-1])
     reps = out4.shape[0]
     if antithetic and reps > 1:
         half = out2.shape[0] // 2
@@ -145,6 +176,11 @@ def _conv_base(x, weight, bias, n, antithetic, stride, padding, dilation, groups
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != c:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D input (repeats * n, {c}, H, W), got shape {shape}")
+    if weight.shape[1] == 0:
+        raise ValueError(
+            "weight: the population conv forwards need at least one input channel per group, got weight of "
+            f"shape {tuple(weight.shape)}"
+        )
     reps = _repeats(x.shape[0], n, antithetic)
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous()
     return out, x.reshape(reps, n, *x.shape[1:])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,7 +72,7 @@ def flipout_linear(
     if out_sign is None:
         _addmm_scaled(xs, shared.t(), out4, noise_b, antithetic, sigma)
         return out
-    p = (xs.reshape(-1, weight.shape[1]) @ shared.t()).view(out4.shape)
+    p = (xs.reshape(math.prod(xs.shape[:-1]), weight.shape[1]) @ shared.t()).view(out4.shape)
     p *= out_sign[None, :, None, :]
     _add_member_noise_(out4, p, noise_b, antithetic, sigma)
     return out

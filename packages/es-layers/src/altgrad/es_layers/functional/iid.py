@@ -3,17 +3,21 @@ elementwise affine forwards, dense noise and the update."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
     _bmm_members,
+    _check_no_overlap,
     _check_noise,
     _check_sigma,
     _conv_base,
     _linear_base,
     _linear_repeats,
+    _linear_views,
     _repeat_signs,
     _repeats,
     _scale_,
@@ -118,19 +122,22 @@ def _perturbed_linear_no_grad(
             f"out must be a contiguous tensor of shape {shape}, dtype {weight.dtype} on {weight.device}, got "
             f"{tuple(out.shape)} {out.dtype} on {out.device}"
         )
-    x4 = x.reshape(reps, n, -1, k)
-    out4 = out.view(reps, n, -1, m)
+    _check_no_overlap(out, x=x, weight=weight, bias=bias, noise_w=noise_w, noise_b=noise_b)
+    if out.numel() == 0:  # no rows, an empty middle dimension or out_features = 0
+        return out
+    x4, out4 = _linear_views(x, out, reps, n)
     signs = _repeat_signs(reps, antithetic, sigma)
     if x4.stride(0) == 0 and x4.stride(1) == 0:
         _shared_input_linear_(x4[0, 0], weight, bias, noise_w, noise_b, signs, out4)
     elif x4.shape[2] * reps // len(set(signs)) >= _BLOCKED_MIN_ROWS:
         _member_input_linear_(x4, weight, bias, noise_w, noise_b, signs, out4)
     else:
-        out2 = out.view(-1, m)
+        rows = math.prod(x.shape[:-1])
+        out2, x2 = out.view(rows, m), x4.reshape(rows, k)
         if bias is None:
-            torch.mm(x4.reshape(-1, k), weight.T, out=out2)
+            torch.mm(x2, weight.T, out=out2)
         else:
-            torch.addmm(bias, x4.reshape(-1, k), weight.T, out=out2)
+            torch.addmm(bias, x2, weight.T, out=out2)
         out4 += _scale_(_bmm_members(x4, noise_w.transpose(1, 2), noise_b), antithetic, sigma)
     return out
 

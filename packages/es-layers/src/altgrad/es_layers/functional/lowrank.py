@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,7 @@ def _lowrank_checks(weight, a, b, noise_b):
     n = a.shape[0] if isinstance(a, Tensor) and a.dim() == 3 else None
     _check_noise("a", a, (n, m, None))
     n, _, r = a.shape  # checked: (n, m, r)
-    _check_noise("b", b, (n, weight[0].numel(), r))
+    _check_noise("b", b, (n, math.prod(weight.shape[1:]), r))
     _check_noise("noise_b", noise_b, (n, m))
     return n, r
 
@@ -105,7 +106,7 @@ def lowrank_weighted_sum(
     _check_noise("w", w, (a.shape[0],))
     k, m, r = a.shape
     aw = (a * w[:, None, None]).permute(1, 0, 2).reshape(m, k * r)
-    g = (aw @ b.transpose(1, 2).reshape(k * r, -1)).view(*weight_shape)
+    g = (aw @ b.transpose(1, 2).reshape(k * r, b.shape[1])).view(*weight_shape)
     return _scale_(g, False, _check_sigma(sigma))
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -118,7 +119,7 @@ def permuted_linear(
         return out
     if out_inv is None:
         out_inv = inverse_injection(out_idx, weight.shape[0])
-    v = xg.reshape(-1, n_sp) @ shared.t()  # (R*n*t, m_sp)
+    v = xg.reshape(math.prod(xg.shape[:-1]), n_sp) @ shared.t()  # (R*n*t, m_sp)
     v = F.pad(v, (0, 1)).view(reps, n, t, m_sp + 1)
     p = torch.gather(v, 3, out_inv.view(1, n, 1, -1).expand(reps, n, t, weight.shape[0]))
     _add_member_noise_(out4, p, noise_b, antithetic, sigma)
@@ -226,7 +227,7 @@ def permuted_weighted_sum(
     q = torch.zeros(m * m_sp, dtype=e.dtype, device=e.device)
     flat = (out_idx * m_sp + torch.arange(m_sp, device=out_idx.device)).reshape(-1)
     q.index_add_(0, flat, w[:, None].expand_as(out_idx).reshape(-1))
-    g = (q.view(m, m_sp) @ e.reshape(m_sp, -1)).view(*weight_shape)
+    g = (q.view(m, m_sp) @ e.reshape(m_sp, math.prod(e.shape[1:]))).view(*weight_shape)
     return _scale_(g, False, sigma)
 
 
@@ -284,7 +285,7 @@ def permuted_conv2d(
     if out_idx is not None:
         if out_inv is None:
             out_inv = inverse_injection(out_idx, weight.shape[0])
-        v = F.pad(v.view(reps, n, m_sp, -1), (0, 0, 0, 1))  # a zero channel at the end
+        v = F.pad(v.view(reps, n, m_sp, math.prod(out_hw)), (0, 0, 0, 1))  # a zero channel at the end
         offsets = out_inv + torch.arange(n, device=x5.device)[:, None] * (m_sp + 1)
-        v = v.view(reps, n * (m_sp + 1), -1).index_select(1, offsets.reshape(-1))
+        v = v.view(reps, n * (m_sp + 1), math.prod(out_hw)).index_select(1, offsets.reshape(-1))
     return _add_conv_noise_(out, v.view(reps, n, weight.shape[0], *out_hw), noise_b, antithetic, sigma)

@@ -94,7 +94,7 @@ def sparse_weighted_sum(
     """
     _check_noise("w", w, (values.shape[0],))
     m = values.shape[1]
-    contrib = (values * w[:, None, None]).permute(1, 0, 2).reshape(m, -1)
+    contrib = (values * w[:, None, None]).permute(1, 0, 2).reshape(m, values.shape[0] * values.shape[2])
     g = torch.zeros((m, in_features), dtype=values.dtype, device=values.device)
     g.index_add_(1, cols.reshape(-1), contrib)
     return _scale_(g, False, _check_sigma(sigma))
