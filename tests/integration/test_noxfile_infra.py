@@ -259,3 +259,105 @@ def test_tests_passes_when_every_session_passes(tmp_path):
 def _outer_noxfile_test_sessions() -> list[str]:
     names = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
     return [*(f"tests-{n}" for n in names), "integration"]
+
+
+# ------------------------------------------------------------------ sessions work when the outer env has the tools
+# pip answers "already satisfied" for a tool the interpreter running nox already has, so no console script lands in
+# the session venv: every tool must run as `python -m <tool>` (programs that tools run from PATH are installed with
+# --ignore-installed, see _install_tools). The integration session installs every tool into its own venv, so the
+# tests below run from an environment that has them all.
+
+
+def _session_run_programs() -> list[tuple[int, str]]:
+    """(line, program) of every ``session.run`` in noxfile.py whose first argument is a literal string."""
+    return [
+        (call.lineno, call.args[0].value)
+        for call in _noxfile_calls("session.run")
+        if call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)
+    ]
+
+
+def _python_m_modules() -> set[str]:
+    """Every module noxfile.py runs as ``"python", "-m", "<module>"``."""
+    found = set()
+    for call in _noxfile_calls("session.run"):
+        args = [a.value if isinstance(a, ast.Constant) else None for a in call.args[:3]]
+        if args[:2] == ["python", "-m"] and isinstance(args[2], str):
+            found.add(args[2])
+    return found
+
+
+def test_sessions_run_tools_as_python_modules():
+    """No session runs a console script: only ``python`` (a module or a script), or git outside the venv."""
+    programs = _session_run_programs()
+    assert programs
+    for line, program in programs:
+        assert program in ("python", "git"), f"noxfile.py line {line}: run {program!r} as `python -m`"
+    assert {
+        "auditwheel",
+        "twine",
+        "check_jsonschema",
+        "ruff",
+        "mypy",
+        "build",
+        "mkdocs",
+    } <= _python_m_modules()
+    text = NOXFILE.read_text()
+    assert text.count("programs=(PATCHELF,)") == 2  # build and release, the two sessions that run auditwheel
+
+
+def _tool_venv_or_skip() -> None:
+    """Inside a nox session (the integration session installs every tool) the tools must be here; else skip."""
+    missing = [
+        m for m in ("auditwheel", "twine", "check_jsonschema", "nox") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        if os.environ.get("NOX_CURRENT_SESSION"):
+            pytest.fail(f"the integration session must install {missing} (noxfile.py, integration)")
+        pytest.skip(f"{missing} not installed here (the integration session installs them)")
+
+
+def test_tools_from_the_outer_environment_run_in_a_session_venv(tmp_path):
+    """A session venv (plain, with the .pth of the interpreter that has the tools) runs each as ``python -m``,
+    although none of their console scripts is in the session's bin."""
+    _tool_venv_or_skip()
+    session = _venv(tmp_path / "session")
+    _outer_site().write_pth(_purelib(session), _outer_site().torch_dirs())
+    for module in sorted(_python_m_modules() - {"setuptools_scm"}):  # setuptools_scm: release installs it
+        assert not (session.parent / module.replace("_", "-")).exists()
+        out = subprocess.run([str(session), "-m", module, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, f"python -m {module} --help in a session venv:\n{out.stderr[-2000:]}"
+
+
+def test_lint_session_from_a_venv_that_has_the_tools(tmp_path):
+    """The real ``lint`` session, run by this venv's Python (which has ruff, mypy and check-jsonschema): pip finds
+    them already installed and every step still runs."""
+    _tool_venv_or_skip()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nox",
+            "-v",
+            "-f",
+            str(NOXFILE),
+            "-s",
+            "lint",
+            "--envdir",
+            str(tmp_path / "envs"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    bin_dir = tmp_path / "envs" / "lint" / "bin"
+    assert bin_dir.is_dir()
+    for script in (
+        "ruff",
+        "mypy",
+        "check-jsonschema",
+    ):  # the case under test: pip found them outside the venv
+        assert not (bin_dir / script).exists(), f"{script} was installed into the session venv"
+    for step in ("-m check_jsonschema", "-m ruff format --check", "-m ruff check", "-m mypy"):
+        assert f"nox > python {step}" in log
