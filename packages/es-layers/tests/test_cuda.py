@@ -88,7 +88,7 @@ def test_noise_same_on_gpu_and_cpu(case):
         if value.is_floating_point():
             torch.testing.assert_close(other, value, rtol=1e-12, atol=1e-14, msg=key)
         else:
-            assert torch.equal(other, value), key
+            assert torch.equal(other, value), key  # exact: integer tensors (indices, signs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

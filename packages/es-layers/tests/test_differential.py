@@ -321,8 +321,9 @@ def test_update_matches_explicit_sum_or_refuses_non_finite(data):
             assert not torch.isfinite(weights).all()  # shaping never makes a finite weight from NaN/inf
             with pytest.raises(ValueError, match="finite"):
                 layer.set_grad(weights)
+            # exact: untouched (failed call)
             assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
-            assert torch.equal(layer.weight.detach(), before)
+            assert torch.equal(layer.weight.detach(), before)  # exact: untouched (failed call)
             return
         layer.set_grad(weights)
     layer._noise = layer._generate(layer.members)  # the dense reference needs every member's pieces

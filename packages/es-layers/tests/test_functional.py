@@ -206,6 +206,7 @@ def _conv_cases():
                     r = i if out_idx is None else int(out_idx[k, i])
                     c = j if in_idx is None else int(in_idx[k, j])
                     dense[k, r, c] = shared[i, j]
+        # exact: a permutation copies values
         assert torch.equal(EF.permuted_dense(shared, in_idx, out_idx, (CO, CI, KH, KW)), dense)
         cases[name] = (
             1,
@@ -223,6 +224,7 @@ def _conv_cases():
                 grp = o // (CO // groups)
                 for j in range(CI // groups):
                     dense[k, o, j] = s_out[k, o] * shared[o, j] * s_in[k, grp * (CI // groups) + j]
+        # exact: products with ±1 signs are exact
         assert torch.equal(EF.flipout_dense(shared, s_in, s_out, groups=groups), dense)
         cases[f"flip-both-g{groups}"] = (
             groups,

@@ -9,7 +9,7 @@ from altgrad.es_layers import antithetic_difference, centered_ranks, z_score
 def test_centered_ranks_values():
     f = torch.tensor([3.0, -1.0, 10.0, 0.5, 7.0])
     expected = torch.tensor([0.0, -0.5, 0.5, -0.25, 0.25])
-    assert torch.equal(centered_ranks(f), expected)
+    assert torch.equal(centered_ranks(f), expected)  # exact: dyadic values (rank/4 − 0.5), exact in binary
 
 
 def test_centered_ranks_matches_openai_reference():
@@ -25,7 +25,8 @@ def test_centered_ranks_matches_openai_reference():
 def test_centered_ranks_ties_stable_and_ints():
     r = centered_ranks([1, 1, 0])
     assert r.dtype == torch.get_default_dtype()
-    assert r.tolist() == [0.0, 0.5, -0.5]
+    assert r.tolist() == [0.0, 0.5, -0.5]  # exact: dyadic values (rank/2 − 0.5), exact in binary
+    # exact: a single value maps to 0 by construction
     assert centered_ranks(torch.tensor([4.0])).tolist() == [0.0]
 
 
@@ -41,8 +42,9 @@ def test_z_score_values():
 def test_antithetic_difference_layout():
     # population of 2 * 3: members 0..2 with +E first, then the same members with -E
     f = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
-    assert antithetic_difference(f).tolist() == [-9.0, -18.0, -27.0]
+    assert antithetic_difference(f).tolist() == [-9.0, -18.0, -27.0]  # exact: integer-valued differences
     f2 = torch.arange(8.0).reshape(4, 2)
+    # exact: integer-valued differences
     assert torch.equal(antithetic_difference(f2), torch.full((2, 2), -4.0))
 
 
@@ -98,6 +100,7 @@ def test_half_precision_fitness_ranked_in_float32(dtype):
     order = torch.argsort(f.float(), stable=True)
     ref = torch.empty(f.numel())
     ref[order] = torch.arange(f.numel(), dtype=torch.float32) / (f.numel() - 1) - 0.5
+    # exact: same route (the same two ops, / (n − 1) and − 0.5, on the same integer ranks)
     assert torch.equal(r, ref)
     z = z_score(f)
     assert z.dtype == torch.float32
