@@ -74,6 +74,7 @@ def test_auto_falls_back_to_loop_for_unvmappable_function():
     ev = PopulationEvaluator(f, "auto")
     values = ev([torch.ones(4, 3)])
     assert ev.resolved == "loop"
+    # exact: integer-valued; 1 + 1 + 1 is exact
     assert torch.equal(values, torch.full((4,), 3.0))  # 1 + 1 + 1 is exact
     with pytest.raises(RuntimeError):
         PopulationEvaluator(f, "vmap")([torch.ones(4, 3)])

@@ -20,7 +20,7 @@ def test_signature_defaults():
     names = list(sig.parameters)[:5]
     assert names == ["distribution", "method", "argnums", "num_samples", "sigma"]
     defaults = [sig.parameters[n].default for n in names[1:]]
-    assert defaults == ["naive", (0,), 1, 1.0]
+    assert defaults == ["naive", (0,), 1, 1.0]  # exact: stored defaults, not computed
 
 
 def test_unknown_method_is_assertion_and_value_error():
@@ -60,6 +60,7 @@ def test_returns_unperturbed_value_with_backward_node(method):
     f = zero_order(NORMAL, method=method, num_samples=5, sigma=0.1)(lambda w, x: (w * x).sum() ** 2)
     x = torch.tensor([2.0, 3.0])
     loss = f(w, x)
+    # exact: one rounding per op (2-term sum, square), the same on any route; the same ops: bit-identical
     assert loss.item() == ((w.detach() * x).sum() ** 2).item()  # the same ops: bit-identical
     assert loss.grad_fn is not None
     assert "ZeroOrderBackward" in type(loss.grad_fn).__name__
@@ -253,11 +254,11 @@ def test_user_noise_tensors_are_never_modified():
 
     w = torch.ones(3, requires_grad=True)
     zero_order(Cached(), method="naive", num_samples=4, sigma=0.5)(lambda w: (w**2).sum())(w).backward()
-    assert torch.equal(cached, snapshot)
+    assert torch.equal(cached, snapshot)  # exact: untouched
     table = zo.NoiseTable(0, size=1 << 12)
     before = table.table().clone()
     zero_order(table, method="forward", num_samples=4)(lambda w: (w**2).sum())(w).backward()
-    assert torch.equal(table.table(), before)
+    assert torch.equal(table.table(), before)  # exact: untouched
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,7 @@ def test_values_that_view_reused_buffers_are_kept(method):
     p = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     viewed = estimate_gradient(lambda t: t[0], [p], SeededNormal(0), method, 8, 0.1, chunk_size=4)
     copied = estimate_gradient(lambda t: t[0].clone(), [p], SeededNormal(0), method, 8, 0.1, chunk_size=4)
+    # exact: same route (the same computation; only the buffers differ)
     assert torch.equal(viewed[0], copied[0])
 
 
@@ -166,4 +167,5 @@ def test_noise_drawn_into_reused_buffers_is_the_same_noise(method, monkeypatch):
         lambda self, key, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device),
     )
     fresh = estimate()
+    # exact: same route (the same computation; only the buffers differ)
     assert torch.equal(reused[0], fresh[0])

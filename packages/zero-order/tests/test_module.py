@@ -35,6 +35,7 @@ def test_class_keywords_and_kwargs_forward():
     net = Net()
     assert Net._zero_order_options.method == "antithetic"
     loss = net(x, y=y)
+    # exact: same route (the centre is the plain forward, F.linear); bit-identical
     assert loss.item() == F.mse_loss(net.fc(x), y).item()  # the same ops on the same data: bit-identical
     loss.backward()
     assert net.fc.weight.grad.shape == (1, 4)
@@ -76,7 +77,7 @@ def test_sub_subclass_inherits_and_overrides_keywords():
             return super().forward(x, y) * 2  # calling the parent's forward must not start a nested estimate
 
     assert Child._zero_order_options == Net._zero_order_options
-    assert Other._zero_order_options.sigma == 0.5
+    assert Other._zero_order_options.sigma == 0.5  # exact: a stored option, not computed
     assert Other._zero_order_options.method == "antithetic"
     assert Own._zero_order_options.num_samples == 3
     x, y = _data()
@@ -86,6 +87,7 @@ def test_sub_subclass_inherits_and_overrides_keywords():
         loss.backward()
         assert torch.isfinite(net.fc.weight.grad).all()
     own = Own()
+    # exact: same route (plain forward); ×2 is exact
     assert own(x, y).item() == 2 * F.mse_loss(own.fc(x), y).item()  # same ops; ×2 is exact
 
 

@@ -90,9 +90,10 @@ def test_batchnorm_running_stats_updated_once_per_estimate(batching):
         ref(net.fc(x))  # one plain training forward
     net(x).backward()
     # Only the unperturbed forward updates the buffers: exactly what one plain forward does.
-    assert net.bn.num_batches_tracked.item() == 1
+    assert net.bn.num_batches_tracked.item() == 1  # exact: integer counter
+    # exact: same route (one plain BatchNorm forward on the same input)
     assert torch.equal(net.bn.running_mean, ref.running_mean)
-    assert torch.equal(net.bn.running_var, ref.running_var)
+    assert torch.equal(net.bn.running_var, ref.running_var)  # exact: same route, as above
     assert torch.isfinite(net.fc.weight.grad).all()
     # Members use their own batch statistics in training mode: the estimate matches a loop over members that
     # normalise with batch statistics (F.batch_norm without running stats).
@@ -128,7 +129,7 @@ def test_failed_vmap_attempt_and_loop_leave_buffers_untouched():
         warnings.simplefilter("ignore")
         net(torch.ones(3)).backward()
     assert net._zero_order_batching[_Counter] == "loop"
-    assert net.calls.item() == 1  # the unperturbed forward only
+    assert net.calls.item() == 1  # exact: integer counter; the unperturbed forward only
     assert torch.isfinite(net.w.grad).all()
 
 

@@ -73,7 +73,7 @@ def test_zero_order_functional_as_torchopt_tests(method, sigma):
         updates, opt_state = optimizer.update(grads, opt_state)
         params = torchopt.apply_updates(params, updates)
     assert all(torch.isfinite(g).all() for g in grads)
-    if method != "naive" and sigma == 0.01:
+    if method != "naive" and sigma == 0.01:  # exact: a test parameter, not a computed float
         # A value check TorchOpt lacks: for a loss that is quadratic in θ, antithetic is exact up to the noise
         # of a linear f, and forward adds σ/2·zᵀHz·z (negligible at σ = 0.01). With N = 500 and D = 33 the
         # relative noise norm is √((D+1)/N) ≈ 0.26, so E[cos] ≈ 0.97; cos ≤ 0.5 needs a noise norm 6.6× its
