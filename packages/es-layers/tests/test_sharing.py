@@ -44,37 +44,39 @@ def test_module_used_twice_is_converted_everywhere(mode):
     torch.testing.assert_close(lin.weight.grad, torch.einsum("k,kij->ij", wts, e), **TOL)
 
 
-def test_tied_parameter_gets_the_sum_over_its_uses():
+@pytest.mark.parametrize("mode", ["iid", "lowrank", "flipout", "permuted"])
+def test_tied_parameter_gets_one_perturbation_and_one_term(mode):
+    # issue 22: every use of a tied weight sees the same E_k, and the update counts Σ w_k E_k once (the old code
+    # drew independent noise per layer and summed both terms)
     torch.manual_seed(0)
     l1, l2 = nn.Linear(3, 3, dtype=DT), nn.Linear(3, 3, dtype=DT)
     l2.weight = l1.weight  # tied weight, separate biases
     net = nn.Sequential(l1, nn.Tanh(), l2)
-    pm = es.perturb(net, N, mode="iid", seed=2)
+    pm = es.perturb(net, N, mode=mode, seed=2)
     assert net[0].weight is net[2].weight
     pm.set_noise(0.3)
     wts = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
-    e1, _ = net[0].dense_noise()
-    e2, _ = net[2].dense_noise()
-    expected = torch.einsum("k,kij->ij", wts, e1 + e2)
+    e1, b1 = _dense(net[0])
+    e2, b2 = _dense(net[2])
+    torch.testing.assert_close(e1, e2, rtol=0, atol=0)  # exact: the same stream regenerated (same key)
+    assert not torch.allclose(b1, b2)  # the separate biases keep independent noise
+    expected = torch.einsum("k,kij->ij", wts, e1)
     for method in ("set_grad", "update"):
         net.zero_grad(set_to_none=True)
         getattr(pm, method)(wts, l2=0.5)
-        # l2 acts once on the parameter, not once per use
+        # one term, and l2 acts once on the parameter
         torch.testing.assert_close(net[0].weight.grad, expected + 0.5 * net[0].weight.detach(), **TOL)
     grads = pm.es_grads(wts)
     assert set(grads) == {name for name, _ in net.named_parameters()}  # one entry per parameter
     torch.testing.assert_close(grads["0.weight"], expected, **TOL)
-    # the forward: use 1 sees W + E1_k, use 2 sees W + E2_k (independent streams of the two layers)
     x = torch.randn(N, 3, dtype=DT)
     with torch.no_grad():
         y = pm(x)
-    _, b1 = _dense(net[0])
-    _, b2 = _dense(net[2])
     w = net[0].weight
     ref = torch.stack(
         [
             F.linear(
-                torch.tanh(F.linear(x[k], w + e1[k], net[0].bias + b1[k])), w + e2[k], net[2].bias + b2[k]
+                torch.tanh(F.linear(x[k], w + e1[k], net[0].bias + b1[k])), w + e1[k], net[2].bias + b2[k]
             )
             for k in range(N)
         ]
@@ -82,19 +84,43 @@ def test_tied_parameter_gets_the_sum_over_its_uses():
     torch.testing.assert_close(y, ref, **TOL)
 
 
-def test_parameter_shared_with_an_unconverted_module_is_refused():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(5, 3)
-            self.head = nn.Linear(3, 5, bias=False)
-            self.head.weight = self.emb.weight  # tied input/output embedding
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3, dtype=DT)
+        self.head = nn.Linear(3, 5, bias=False, dtype=DT)
+        self.head.weight = self.emb.weight  # tied input/output embedding
 
-        def forward(self, idx):
-            return self.head(self.emb(idx))
+    def forward(self, idx):
+        return self.head(self.emb(idx))
 
+
+@pytest.mark.parametrize("mode", ["iid", "lowrank", "flipout"])
+def test_embedding_tied_with_the_output_layer_shares_its_noise(mode):
+    torch.manual_seed(0)
+    net = _Tied()
+    pm = es.perturb(net, N, mode=mode, seed=3)
+    plan = {e.name: e for e in pm.es_plan()}
+    assert set(plan) == {"emb.weight"}
+    assert plan["emb.weight"].also == ("head.weight",)
+    assert plan["emb.weight"].path == "embedding, linear"
+    pm.set_noise(0.3)
+    e, _ = net.head.dense_noise()
+    idx = torch.tensor([[0, 4], [1, 1], [3, 2], [2, 0], [4, 4], [0, 1], [2, 2], [3, 0]])
+    with torch.no_grad():
+        y = pm(idx)
+    for i in range(2 * N):
+        k, s = i % N, (1.0 if i < N else -1.0)
+        w = net.emb.weight + s * e[k]
+        torch.testing.assert_close(y[i], F.linear(F.embedding(idx[i], w), w), **TOL)
+    wts = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    pm.set_grad(wts)
+    torch.testing.assert_close(net.emb.weight.grad, torch.einsum("k,kij->ij", wts, e), **TOL)
+
+
+def test_parameter_shared_with_an_excluded_module_is_refused():
     with pytest.raises(ValueError, match=r"head\.weight.*shared with 'emb'"):
-        es.perturb(Tied(), N, mode="lowrank")
+        es.perturb(_Tied(), N, mode="lowrank", include=lambda name, m: name == "head")
 
 
 def test_include_must_agree_on_every_name_of_a_shared_module():

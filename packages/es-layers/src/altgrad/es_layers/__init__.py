@@ -8,10 +8,12 @@ any ``torch.optim`` optimizer can take the step.
 from . import distributed, functional, noise, shaping
 from ._version import __version__
 from .affine import PerturbedAffine
+from .attention import PerturbedMultiheadAttention
 from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
 from .convert import MODES, perturb
 from .distributed import RankMismatchError, all_gather_fitness, broadcast_seed, shard, shard_members
+from .hosts import PerturbedConv1d, PerturbedEmbedding, PerturbedLayerNorm
 from .linear import (
     FlipoutLinear,
     LowRankLinear,
@@ -22,6 +24,8 @@ from .linear import (
 )
 from .model import PerturbedModel
 from .noise import sample_normal, sample_rademacher, sample_uniform
+from .plan import Plan, PlanEntry
+from .recurrent import PerturbedGRU, PerturbedLSTM
 from .shaping import antithetic_difference, centered_ranks, z_score
 
 __all__ = [
@@ -34,9 +38,17 @@ __all__ = [
     "PermutedLinear",
     "Perturbed",
     "PerturbedAffine",
+    "PerturbedConv1d",
     "PerturbedConv2d",
+    "PerturbedEmbedding",
+    "PerturbedGRU",
+    "PerturbedLSTM",
+    "PerturbedLayerNorm",
     "PerturbedLinear",
     "PerturbedModel",
+    "PerturbedMultiheadAttention",
+    "Plan",
+    "PlanEntry",
     "RankMismatchError",
     "SparsePerturbedLinear",
     "SyntheticConv2d",

@@ -38,6 +38,8 @@ class PerturbedAffine(IIDNoise, Perturbed, nn.Module):
         torch.Size([8, 3, 5, 5])
     """
 
+    es_kind = "affine"
+
     def __init__(
         self,
         normalized_shape: int | Sequence[int],

@@ -318,8 +318,13 @@ class Perturbed:
         return sum(t.numel() * t.element_size() for t in self._noise.values())
 
     # ------------------------------------------------------------------ noise generation
+    #: ``(weight index, bias index)`` replacing ``layer_index`` in the noise key when a parameter is tied to an
+    #: earlier layer's (set by ``PerturbedModel``; ``None``: ``layer_index`` for both).
+    noise_index: tuple[int, int] | None = None
+
     def _key(self, stream: int) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step, "layer": self.layer_index, "stream": stream}
+        layer = self.layer_index if self.noise_index is None else self.noise_index[stream == STREAM_BIAS]
+        return {"seed": self.seed, "step": self.step, "layer": layer, "stream": stream}
 
     def _normal(self, shape: tuple[int, ...], stream: int, members: Members) -> Tensor:
         return _noise.sample_normal(

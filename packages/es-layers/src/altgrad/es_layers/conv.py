@@ -21,6 +21,8 @@ __all__ = ["FlipoutConv2d", "LowRankConv2d", "PermutedConv2d", "PerturbedConv2d"
 class _PerturbedConvBase(Perturbed, nn.Conv2d):
     """Shared forward plumbing for the perturbed Conv2d layers."""
 
+    es_kind = "conv2d"
+
     def _setup(
         self,
         in_channels,

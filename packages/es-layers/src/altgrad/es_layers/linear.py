@@ -27,7 +27,15 @@ __all__ = [
 
 
 class _PerturbedLinearBase(Perturbed, nn.Linear):
-    """Shared forward plumbing for the perturbed Linear layers."""
+    """Shared forward plumbing for the perturbed Linear layers.
+
+    Attributes:
+        population_dim: The input dimension holding the population (0; ``perturb`` sets 1 for the Linears of a
+            sequence-first transformer layer, whose inputs are ``(T, repeat_size * n, features)``).
+    """
+
+    es_kind = "linear"
+    population_dim = 0
 
     def _setup(
         self,
@@ -59,6 +67,12 @@ class _PerturbedLinearBase(Perturbed, nn.Linear):
         """
         if not self.perturbed_flag:
             return F.linear(input, self.weight, self.bias)
+        if self.population_dim and input.dim() > self.population_dim + 1:
+            x = input.movedim(self.population_dim, 0)
+            return self._population_checked(x).movedim(0, self.population_dim)
+        return self._population_checked(input)
+
+    def _population_checked(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input of shape (repeat_size * n, *, {self.in_features}), "

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import Perturbed, check_noise_position
 from .noise import Members
+from .plan import Plan, build_plan, tie_noise
 
 __all__ = ["PerturbedModel"]
 
@@ -67,19 +68,25 @@ class PerturbedModel:
             raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
         if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
             raise ValueError(f"directions must be a positive int, got {directions!r}")
-        layers = [m for m in base_model.modules() if isinstance(m, Perturbed)]
+        # perturbed layers, and the units of modules perturbed in place (attention, LSTM, embedding, generic, ...)
+        layers = [
+            u
+            for m in base_model.modules()
+            for u in ([m] if isinstance(m, Perturbed) else getattr(m, "es_units", list)())
+        ]
         if not layers:
             raise ValueError(
                 "base_model has no perturbed layer (use perturb(model, directions) to convert one)"
             )
-        for name, m in base_model.named_modules():
-            if isinstance(m, Perturbed) and m.directions != directions:
-                raise ValueError(f"layer {name!r} has directions={m.directions}, expected {directions}")
+        for m in layers:
+            if m.directions != directions:
+                raise ValueError(f"layer {m!r} has directions={m.directions}, expected {directions}")
         object.__setattr__(self, "model", base_model)
         object.__setattr__(self, "directions", directions)
         object.__setattr__(self, "perturbed_layers", layers)
         for i, layer in enumerate(layers):
             layer.set_layer_index(i)
+        tie_noise(layers)  # every use of a tied parameter draws the noise of its first use
         self.set_seed(secrets.randbits(63) if seed is None else seed)
 
     # ------------------------------------------------------------------ population mode
@@ -87,11 +94,15 @@ class PerturbedModel:
     def perturbed(self) -> Iterator[None]:
         """Context manager: perturbed layers run the population inside the block."""
         previous = [layer.perturbed_flag for layer in self.perturbed_layers]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         for layer in self.perturbed_layers:
             layer.perturbed_flag = True
+        # torch's fused transformer-layer kernel would bypass the perturbed submodules
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             yield
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for layer, flag in zip(self.perturbed_layers, previous):
                 layer.perturbed_flag = flag
 
@@ -268,7 +279,7 @@ class PerturbedModel:
         return int(get("seed").item()), positions
 
     def _parameter_grads(self, weights: Tensor, l1: float, l2: float) -> list[tuple[nn.Parameter, Tensor]]:
-        """``Σ_k w_k E_k`` per distinct parameter, summed over the layers that use it (tied parameters).
+        """``Σ_k w_k E_k`` per distinct parameter, once: every use of a tied parameter draws the same noise.
 
         Everything is computed before any ``.grad`` is written, so bad weights leave every ``.grad`` unchanged.
         """
@@ -278,10 +289,7 @@ class PerturbedModel:
             for p, g, is_weight in ((layer.weight, g_w, True), (layer.bias, g_b, False)):
                 if p is None or g is None:
                     continue
-                if id(p) in sums:
-                    sums[id(p)][1].add_(g)
-                else:
-                    sums[id(p)] = (p, g, is_weight)
+                sums.setdefault(id(p), (p, g, is_weight))  # a tied parameter's later uses: the same term
         out = []
         with torch.no_grad():
             for p, g, is_weight in sums.values():
@@ -295,8 +303,8 @@ class PerturbedModel:
     def set_grad(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
         """Write ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (overwriting).
 
-        A parameter tied across several perturbed layers gets the sum of their terms (each layer perturbs its
-        use independently); ``l1``/``l2`` act once per parameter.
+        A parameter tied across several layers gets one term: all its uses see the same ``E_k`` (the noise of its
+        first use); ``l1``/``l2`` act once per parameter.
 
         Args:
             weights: One weight per direction, shape ``(directions,)``; proportional to the loss to minimise it.
@@ -312,7 +320,7 @@ class PerturbedModel:
     def update(self, weights: Tensor, l1: float = 0.0, l2: float = 0.0) -> None:
         """Add ``Σ_k w_k E_k`` into every perturbed parameter's ``.grad`` (NESgpu HEAD's ``update``).
 
-        Tied parameters get the sum over their layers, as in :meth:`set_grad`.
+        Tied parameters get one term, as in :meth:`set_grad`.
 
         Args:
             weights: One weight per direction, shape ``(directions,)``.
@@ -402,10 +410,19 @@ class PerturbedModel:
 
         Returns:
             A dict mapping parameter names (as in ``base_model.named_parameters()``, so a tied parameter appears
-            once, with the sum over its layers) to gradient estimates.
+            once) to gradient estimates.
         """
         grads = {id(p): g for p, g in self._parameter_grads(weights, 0.0, 0.0)}
         return {name: grads[id(p)] for name, p in self.model.named_parameters() if id(p) in grads}
+
+    def es_plan(self) -> Plan:
+        """Which batched path and noise each parameter of the model takes (see :class:`~altgrad.es_layers.plan.Plan`).
+
+        Returns:
+            One :class:`~altgrad.es_layers.plan.PlanEntry` per distinct parameter (``print`` it for a table); after
+            :func:`~altgrad.es_layers.perturb` without ``include=``, ``plan.not_perturbed`` is empty.
+        """
+        return build_plan(self.model, self.perturbed_layers)
 
     def __repr__(self) -> str:
         return f"PerturbedModel(directions={self.directions}, layers={len(self.perturbed_layers)}, model={self.model})"

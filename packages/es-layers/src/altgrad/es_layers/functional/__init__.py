@@ -33,11 +33,13 @@ materialising ``W + σE_k`` (except the IID mode, whose ``E_k`` is dense anyway)
 The families live in one small module each: :mod:`~altgrad.es_layers.functional.iid` (``perturbed_*``),
 :mod:`~altgrad.es_layers.functional.sparse`, :mod:`~altgrad.es_layers.functional.permuted`,
 :mod:`~altgrad.es_layers.functional.flipout` and :mod:`~altgrad.es_layers.functional.lowrank`; the checks and the
-population layout they share are in ``_common``. This package re-exports every public name.
+population layout they share are in ``_common``; :mod:`~altgrad.es_layers.functional.embedding` holds the
+embedding lookups of the families whose rows are cheap. This package re-exports every public name.
 """
 
 from __future__ import annotations
 
+from .embedding import flipout_embedding, lowrank_embedding, perturbed_embedding
 from .flipout import flipout_conv2d, flipout_dense, flipout_linear, flipout_weighted_sum
 from .iid import perturbed_affine, perturbed_conv2d, perturbed_dense, perturbed_linear, perturbed_weighted_sum
 from .lowrank import lowrank_conv2d, lowrank_dense, lowrank_linear, lowrank_weighted_sum
@@ -53,11 +55,13 @@ from .sparse import sparse_dense, sparse_linear, sparse_weighted_sum
 __all__ = [
     "flipout_conv2d",
     "flipout_dense",
+    "flipout_embedding",
     "flipout_linear",
     "flipout_weighted_sum",
     "inverse_injection",
     "lowrank_conv2d",
     "lowrank_dense",
+    "lowrank_embedding",
     "lowrank_linear",
     "lowrank_weighted_sum",
     "permuted_conv2d",
@@ -67,6 +71,7 @@ __all__ = [
     "perturbed_affine",
     "perturbed_conv2d",
     "perturbed_dense",
+    "perturbed_embedding",
     "perturbed_linear",
     "perturbed_weighted_sum",
     "sparse_dense",
