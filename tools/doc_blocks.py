@@ -2,7 +2,7 @@
 
 Which files: ``README.md``, ``packages/*/README.md`` and ``docs/**/*.md``. Each block belongs to one package:
 ``packages/<pkg>/README.md`` and ``docs/<pkg>/**`` to ``<pkg>``, everything else to none (``owner()``). Each
-package's ``tests/test_docs.py`` runs its own blocks in the package's isolated test venv, so a block cannot lean
+package's ``tests/test_doc_blocks.py`` runs its own blocks in the package's isolated test venv, so a block cannot lean
 on a sibling that the package does not depend on; the integration tests run the blocks that belong to no package
 (all packages installed) and check that every block has exactly one runner.
 

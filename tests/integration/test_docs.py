@@ -27,13 +27,13 @@ def test_doc_block_of_no_package_runs(block, tmp_path, monkeypatch):
 
 
 def test_every_block_has_a_runner_or_a_reason():
-    """Each package with blocks has tests/test_docs.py; the docs hold python blocks; every not-run says why."""
+    """Each package with blocks has tests/test_doc_blocks.py; the docs hold python blocks; every not-run says why."""
     groups = doc_blocks.by_owner(ROOT)
     assert sum(len(v) for v in groups.values()) >= 15  # the docs' examples did not silently vanish
     for package, blocks in groups.items():
         if package is not None and blocks:
-            test = ROOT / "packages" / package / "tests" / "test_docs.py"
-            assert test.is_file(), f"{package} has doc blocks but no tests/test_docs.py to run them"
+            test = ROOT / "packages" / package / "tests" / "test_doc_blocks.py"
+            assert test.is_file(), f"{package} has doc blocks but no tests/test_doc_blocks.py to run them"
             assert f'PACKAGE = "{package}"' in test.read_text()
         for block in blocks:
             if block.not_run is not None:
