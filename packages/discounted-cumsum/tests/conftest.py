@@ -13,8 +13,9 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     """Checks |actual - expected| <= TOL[dtype] * (max|expected| + 1), elementwise, with NaNs matching."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     a, e = actual.double().cpu(), expected.double().cpu()
-    assert torch.equal(a.isnan(), e.isnan())
+    assert torch.equal(a.isnan(), e.isnan())  # exact: bool masks
     finite = e.isfinite()
+    # exact: ±inf entries carry no rounding
     assert torch.equal(a[~finite & ~e.isnan()], e[~finite & ~e.isnan()])
     scale = e[finite].abs().max().item() + 1.0 if finite.any() else 1.0
     err = (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0

@@ -123,8 +123,8 @@ def test_nan_and_inf_never_cross_a_reset(reverse, n):
     for g in (0.9, gam):
         got = discounted_cumsum(x, g, reverse=reverse, dones=dones, initial=float("nan")).double().cpu()
         want = _cpu64(x, g, reverse=reverse, dones=dones, initial=float("nan"))
-        assert torch.equal(got.isnan(), want.isnan())
-        assert torch.equal(got.isinf(), want.isinf())
+        assert torch.equal(got.isnan(), want.isnan())  # exact: bool masks
+        assert torch.equal(got.isinf(), want.isinf())  # exact: bool masks
         fin = want.isfinite()
         assert fin.sum() > 0
         assert (got[fin] - want[fin]).abs().max().item() <= 2e-5 * (want[fin].abs().max().item() + 1)
@@ -232,6 +232,7 @@ def test_compile_with_dones_initial_and_backward():
     b = torch.randn(16, device="cuda")
     y = cf(r, g, d, b)
     ye = f(r, g, d, b)
+    # exact: same route; the same kernel on the same inputs
     torch.testing.assert_close(y, ye, rtol=0, atol=0)  # the same kernel on the same inputs
     # gradients: the compiled graph may sum grad_gamma = sum_t lambda_t y_(t-1) (128 terms) in another order, so the
     # two float32 sums differ by at most 2 * 128 u of their magnitude (u = 2^-24)

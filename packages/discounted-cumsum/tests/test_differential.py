@@ -225,9 +225,9 @@ class Threads:
 def check(got: torch.Tensor, ref: torch.Tensor, abs_sum: torch.Tensor, factor: float, u_c: float, dtype):
     """NaN/inf exactly where the reference has them; elsewhere within factor * u_c * abs_sum + u_out |ref| + tiny."""
     g = got.double()
-    assert torch.equal(g.isnan(), ref.isnan()), f"NaN positions differ:\n{g}\n{ref}"
+    assert torch.equal(g.isnan(), ref.isnan()), f"NaN positions differ:\n{g}\n{ref}"  # exact: bool masks
     inf = ref.isinf()
-    assert torch.equal(g[inf], ref[inf]), "infinities differ"
+    assert torch.equal(g[inf], ref[inf]), "infinities differ"  # exact: ±inf entries carry no rounding
     fin = ref.isfinite()
     bound = factor * u_c * abs_sum[fin] + U[dtype] * ref[fin].abs() + torch.finfo(dtype).tiny
     err = (g[fin] - ref[fin]).abs()

@@ -33,6 +33,7 @@ def loop64(x, gamma, dones=None, initial=None, reverse=False):
     prev = initial
     for t in range(n - 1, -1, -1) if reverse else range(n):
         a = 0.0 if ds[t] else gs[t]
+        # exact: a zero discount is a cut (the rule this reference states)
         prev = x[t] if prev is None or a == 0.0 else x[t] + a * prev
         out[t] = prev
     return out
@@ -55,9 +56,9 @@ class threads:
 def same_nonfinite(got: torch.Tensor, want: list[float]):
     w = torch.tensor(want, dtype=torch.float64)
     g = got.double().reshape(-1)
-    assert torch.equal(g.isnan(), w.isnan()), "NaN positions differ"
-    assert torch.equal(g.isinf(), w.isinf()), "inf positions differ"
-    assert torch.equal(g[g.isinf()], w[w.isinf()])
+    assert torch.equal(g.isnan(), w.isnan()), "NaN positions differ"  # exact: bool masks
+    assert torch.equal(g.isinf(), w.isinf()), "inf positions differ"  # exact: bool masks
+    assert torch.equal(g[g.isinf()], w[w.isinf()])  # exact: ±inf entries carry no rounding
     return g, w
 
 
@@ -131,7 +132,7 @@ def test_inf_carry_survives_an_underflowed_chunk_product(nthreads, reverse):
     x[0, -1 if reverse else 0] = INF
     with threads(nthreads):
         y = discounted_cumsum(x, 0.99, reverse=reverse)
-    assert (y == INF).all()
+    assert (y == INF).all()  # exact: a non-finite carry, no rounding
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -165,7 +166,8 @@ def test_resets_and_zero_discounts_cut_nan_on_every_path(reverse, layout):
 def test_scalar_zero_discount_cuts(reverse):
     x = torch.tensor([[1.0, NAN, 2.0, INF] + [3.0] * 60])
     y = discounted_cumsum(x, 0.0, reverse=reverse, initial=INF)
-    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y.isnan(), x.isnan())  # exact: bool masks
+    # exact: by construction: a zero discount is a cut, y = x
     assert torch.equal(y[x.isfinite()], x[x.isfinite()])
 
 
@@ -229,6 +231,7 @@ def test_negative_bit_views_keep_their_sign(which):
         gamma = "gamma-per-row" if which == "gamma-per-row" else "gamma"
         got = discounted_cumsum(args["x"], args[gamma], reverse=reverse, initial=args["initial"])
         want = discounted_cumsum(plain["x"], plain[gamma], reverse=reverse, initial=plain["initial"])
+        # exact: same route (a lazy view holds the same values)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -238,6 +241,7 @@ def test_conjugate_imag_views():
     assert x.is_neg()
     want = discounted_cumsum(-z.imag.clone(), 0.9, reverse=True, initial=-z.imag[:, 0].clone())
     got = discounted_cumsum(x, 0.9, reverse=True, initial=x[:, 0])
+    # exact: same route (a lazy view holds the same values)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     # and through autograd (the incoming gradient may itself be a lazily negated view)
     xr = x.clone().requires_grad_()

@@ -18,11 +18,15 @@ def peer_gamma(gamma: float, like: torch.Tensor) -> torch.Tensor:
 def test_peer_keyword_and_gamma_forms(fn):
     x = torch.rand(3, 20)
     want = fn(x, torch.tensor([0.5, 0.9, 0.99]))
+    # exact: same route (the same call, by keyword)
     torch.testing.assert_close(fn(input=x, gamma=torch.tensor([0.5, 0.9, 0.99])), want, rtol=0, atol=0)
     # a list is accepted as in the peer (torch.tensor(list)); like a Python float it is kept in double
     want64 = fn(x, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    # exact: same route (a list is the same float64 tensor)
     torch.testing.assert_close(fn(x, [0.5, 0.9, 0.99]), want64, rtol=0, atol=0)
+    # exact: same route (the same double)
     torch.testing.assert_close(fn(x, np.float64(0.9)), fn(x, 0.9), rtol=0, atol=0)
+    # exact: same route (the same double)
     torch.testing.assert_close(fn(x, np.float32(0.9)), fn(x, float(np.float32(0.9))), rtol=0, atol=0)
 
 
