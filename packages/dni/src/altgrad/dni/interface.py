@@ -8,6 +8,9 @@ that later arrives at ``h`` (true at the top, bootstrapped from the next interfa
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +38,16 @@ _INJECT = ("immediate", "deferred")
 S = TypeVar("S", Tensor, tuple[Tensor, ...], list[Tensor])
 
 
+_SERIAL = (
+    itertools.count()
+)  # creation order of predictions (the wrapper abandons those made by a failed forward)
+
+
+def next_serial() -> int:
+    """A number lower than the serial of every prediction made after this call."""
+    return next(_SERIAL)
+
+
 def check_mode(mode: str) -> str:
     """Return ``mode`` if it is one of :data:`MODES`; raise ``ValueError`` naming it otherwise."""
     if mode not in MODES:
@@ -43,9 +56,26 @@ def check_mode(mode: str) -> str:
 
 
 class _Prediction:
-    """One synthesizer prediction waiting for its target gradient (lives on the autograd node)."""
+    """One synthesizer prediction waiting for its target gradient (lives on the autograd node).
 
-    __slots__ = ("batch_size", "connected", "consumed", "iface", "lam", "pred", "sizes")
+    A prediction whose graph stays alive without a backward pass ever reaching it (an abandoned forward whose
+    traceback is kept, say in ``sys.last_traceback``) is *abandoned* (:meth:`abandon`): it stops counting as
+    pending, so later synthesizer updates are not held back; if its target still arrives, it trains nothing and
+    the gradient sent below is computed as before.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "abandoned",
+        "batch_size",
+        "connected",
+        "consumed",
+        "iface",
+        "lam",
+        "pred",
+        "serial",
+        "sizes",
+    )
 
     def __init__(
         self,
@@ -63,7 +93,22 @@ class _Prediction:
         self.connected = connected
         self.lam = lam
         self.consumed = False
+        self.abandoned = False
+        self.serial = next(_SERIAL)
         iface._pending += 1
+        iface._records[self.serial] = weakref.ref(self)
+
+    def abandon(self) -> bool:
+        """Stop waiting for this prediction's target; ``True`` if it was pending."""
+        if self.consumed or self.abandoned:
+            return False
+        self.abandoned = True
+        if self.pred is not None:
+            self.pred = self.pred.detach()  # frees the synthesizer's graph; the value still serves the mix
+        self.iface._pending -= 1
+        self.iface._records.pop(self.serial, None)
+        self.iface.abandoned += 1
+        return True
 
     def backward(self, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         iface = self.iface
@@ -76,11 +121,14 @@ class _Prediction:
         self.consumed = True
         pred, self.pred = self.pred, None
         fd = iface.feature_dim
-        target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=fd)
-        if pred.requires_grad:
-            torch.autograd.backward(pred, sg_loss_grad(pred, target, self.batch_size))
-        iface._observe(pred, target, self.batch_size)
-        iface._target_arrived()
+        if not self.abandoned:
+            iface._records.pop(self.serial, None)
+            iface._last_arrived = max(iface._last_arrived, self.serial)
+            target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=fd)
+            if pred.requires_grad:
+                torch.autograd.backward(pred, sg_loss_grad(pred, target, self.batch_size))
+            iface._observe(pred, target, self.batch_size)
+            iface._target_arrived()
         if not self.connected:
             return (None,) * len(grads)
         sg = pred.detach()
@@ -91,9 +139,10 @@ class _Prediction:
 
     def __del__(self) -> None:
         # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
-        if not getattr(self, "consumed", True):
+        if not getattr(self, "consumed", True) and not getattr(self, "abandoned", True):
             with contextlib.suppress(Exception):  # interpreter shutdown
                 self.iface._pending -= 1
+                self.iface._records.pop(self.serial, None)
 
 
 class _Boundary(torch.autograd.Function):
@@ -192,7 +241,15 @@ class BackwardInterface(nn.Module):
     Under ``torch.compile`` the interface's methods run eagerly (``torch.compiler.disable``, a graph break):
     they call ``autograd.backward`` and keep Python state between the forward and backward passes.
 
+    A prediction still waiting for its target when the target of a later prediction has arrived is
+    *abandoned* at the next prediction, with a warning: that happens when a forward was given up while its graph
+    stays referenced, for example by the traceback of an exception kept in ``sys.last_traceback`` in a REPL or
+    Jupyter. It no longer holds back the synthesizer's updates and, should its target still arrive, trains
+    nothing (the gradient sent to the block below is unchanged). :meth:`abandon_pending` does it explicitly;
+    :attr:`abandoned` counts them.
+
     Attributes:
+        abandoned: Number of predictions abandoned so far (see above); 0 in normal training.
         last_loss: The last synthesizer loss (a detached float32 scalar tensor), or ``None``.
         last_cosine: Cosine between the last prediction and its target (``diagnostics=True``), or ``None``.
         last_target: The last target gradient (``diagnostics=True``), or ``None``.
@@ -242,12 +299,16 @@ class BackwardInterface(nn.Module):
         self.last_prediction: Tensor | None = None
         self._hidden: Any = None
         self._pending = 0
+        self._records: dict[int, weakref.ref[_Prediction]] = {}  # pending predictions by serial
+        self._last_arrived = -1  # serial of the newest prediction whose target arrived
         self._due = False
+        self.abandoned = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """State for ``copy.deepcopy`` / pickling: predictions waiting in the original's graph stay there."""
         state = self.__dict__.copy()
         state["_pending"] = 0
+        state["_records"] = {}
         return state
 
     # ------------------------------------------------------------------ configuration
@@ -362,6 +423,23 @@ class BackwardInterface(nn.Module):
             out = self._call(self._synth_input(tensors, context), hidden, tensors)[0]
         return out
 
+    def abandon_pending(self, since: int = 0) -> int:
+        """Stop waiting for the targets of the predictions still pending (see the class docstring).
+
+        Args:
+            since: Only predictions made after :func:`next_serial` returned this value (0: all of them).
+
+        Returns:
+            The number of predictions abandoned.
+        """
+        records = [ref() for serial, ref in list(self._records.items()) if serial >= since]
+        return sum(record.abandon() for record in records if record is not None)
+
+    def _abandon_stale(self) -> int:
+        """Abandon the pending predictions older than one whose target has arrived (see the class docstring)."""
+        records = [ref() for serial, ref in list(self._records.items()) if serial < self._last_arrived]
+        return sum(record.abandon() for record in records if record is not None)
+
     def step(self) -> None:
         """Step the synthesizer optimizer now if gradients are waiting (normally automatic)."""
         if self.optimizer is not None and self._due:
@@ -447,6 +525,8 @@ class BackwardInterface(nn.Module):
         return pred, hidden
 
     def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+        if self._pending > 0:
+            abandon_warning(self._abandon_stale())
         if self._pending == 0:
             self.step()
         x = self._synth_input(tensors, context)
@@ -484,6 +564,19 @@ class BackwardInterface(nn.Module):
         self._due = True
         if self._pending == 0:
             self.step()
+
+
+def abandon_warning(count: int) -> None:
+    """Say that ``count`` pending predictions were abandoned because an update was due."""
+    if count:
+        warnings.warn(
+            f"{count} synthetic-gradient prediction(s) were still waiting for their target gradient when a "
+            "synthesizer update was due; they are abandoned and will train nothing. This happens when a forward "
+            "was given up while its graph stays referenced (for example by an exception's traceback kept in "
+            "sys.last_traceback); see BackwardInterface.abandoned and DNI.diagnostics()",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _detach(hidden: Any) -> Any:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._optim import optimizer_factory
 from .forward import ForwardInterface
-from .interface import BackwardInterface, check_mode
+from .interface import BackwardInterface, abandon_warning, check_mode, next_serial
 from .synthesizers import LinearDNI
 
 __all__ = ["DNI", "_DNI"]
@@ -301,6 +301,7 @@ class DNI(nn.Module):
         self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
         self._synth_optimizer: torch.optim.Optimizer | None = None
+        self._synth_groups: list[str] = []  # the synthesizer owning each of _synth_optimizer's param groups
         module_optim = optim if optim is not None else grad_optim
         self._module_optim = optimizer_factory(
             module_optim, float(lr if lr is not None else grad_lr), "optim"
@@ -310,6 +311,7 @@ class DNI(nn.Module):
         self._claim()
         self._hooks: list[Any] = []
         self._module_optimizers: list[torch.optim.Optimizer] = []
+        self._module_optimizer_names: list[str] = []
         self._ready: dict[int, torch.optim.Optimizer] = {}
         self._batching = False
         for name, module in self._wrapped.items():
@@ -325,12 +327,13 @@ class DNI(nn.Module):
                 self._build(name, features, module)
         if update_modules and self._module_optim is not None:
             seen: set[int] = set()
-            for module in self._wrapped.values():
+            for name, module in self._wrapped.items():
                 params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
                 seen.update(id(p) for p in params)
                 if not params:
                     continue
                 self._module_optimizers.append(self._module_optim(params))
+                self._module_optimizer_names.append(name)
         self._param_hooks: list[Any] = []
         self._register_param_hooks()
         if sample_input is not None:
@@ -434,7 +437,7 @@ class DNI(nn.Module):
                 )
         return leaves
 
-    def _synthesizer(self, input_size: int, features: int, module: nn.Module) -> nn.Module:
+    def _synthesizer(self, input_size: int, features: int, module: nn.Module, group: str) -> nn.Module:
         synth = self.dni_network(
             input_size=input_size,
             hidden_size=self.hidden_size,
@@ -451,18 +454,21 @@ class DNI(nn.Module):
                 self._synth_optimizer = self._grad_optim(params)
             else:
                 self._synth_optimizer.add_param_group({"params": params})
+            self._synth_groups.append(group)
         return synth
 
     def _build_forward(self, name: str, trigger_features: int, module: nn.Module) -> ForwardInterface:
         key = _key(name)
         features = self._features[key]
-        synth = self._synthesizer(trigger_features + self.context_size, features, module)
+        synth = self._synthesizer(
+            trigger_features + self.context_size, features, module, f"forward_interfaces.{key}"
+        )
         self._trigger_features[key] = trigger_features
         self.forward_interfaces[key] = ForwardInterface(synth, context_size=self.context_size)
         return cast(ForwardInterface, self.forward_interfaces[key])
 
     def _build(self, name: str, features: int, module: nn.Module) -> BackwardInterface:
-        synth = self._synthesizer(features + self.context_size, features, module)
+        synth = self._synthesizer(features + self.context_size, features, module, f"interfaces.{_key(name)}")
         iface = BackwardInterface(
             synth,
             context_size=self.context_size,
@@ -690,11 +696,18 @@ class DNI(nn.Module):
                         f"be a floating-point tensor with a batch dimension, got {type(x).__name__}"
                     )
                 self._trigger = x.detach().reshape(x.shape[0], -1)
+        since = next_serial()
         try:
             if context is None:
                 return self.network(*args, **kwargs)
             with self.context(context):
                 return self.network(*args, **kwargs)
+        except BaseException:
+            # A failed forward (an exception, Ctrl-C) returns no output, so no backward pass can reach its
+            # predictions; its traceback may keep their graph alive. Stop waiting for them now.
+            for key in self.interfaces:
+                self._iface(key).abandon_pending(since)
+            raise
         finally:
             self._trigger = None
 
@@ -751,10 +764,15 @@ class DNI(nn.Module):
 
         Called automatically at the start of every training forward and by :meth:`state_dict`; a synthesizer's
         update is therefore always applied before its next prediction, which is what stepping it the moment
-        its target arrives would give, with one optimizer step for all synthesizers. Skipped while some
+        its target arrives would give, with one optimizer step for all synthesizers. Held back while some
         prediction still waits for its target (for example between two forwards accumulated into one
-        backward), because its graph still needs the current weights.
+        backward), because its graph still needs the current weights. A prediction still waiting when the
+        target of a later prediction of the same interface has arrived belongs to an abandoned forward (its graph
+        is kept alive elsewhere, say by a traceback in ``sys.last_traceback``): it is abandoned with a
+        ``RuntimeWarning`` and counted in :meth:`diagnostics`, and no longer holds the update back. (A forward
+        that raises abandons its own predictions at once.)
         """
+        abandon_warning(sum(self._iface(k)._abandon_stale() for k in self.interfaces))
         opt = self._synth_optimizer
         if opt is None or any(self._iface(k)._pending > 0 for k in self.interfaces):
             return
@@ -775,20 +793,43 @@ class DNI(nn.Module):
         """Last synthesizer loss (and cosine to the target, with ``diagnostics=True``) per wrapped module.
 
         Returns:
-            ``{module_name: {"loss": ..., "cosine": ...}}`` for interfaces that have seen a target.
+            ``{module_name: {"loss": ..., "cosine": ..., "abandoned": ...}}`` for interfaces that have seen a
+            target or abandoned a prediction; ``"abandoned"`` (present when nonzero) counts the predictions
+            whose target never arrived (see :meth:`step_synthesizers`).
         """
         out: dict[str, dict[str, float]] = {}
         for name in self._wrapped:
             if _key(name) not in self.interfaces:
                 continue
             iface = self._iface(_key(name))
-            if iface.last_loss is None:
-                continue
-            entry = {"loss": float(iface.last_loss)}
+            entry: dict[str, float] = {}
+            if iface.last_loss is not None:
+                entry["loss"] = float(iface.last_loss)
             if iface.last_cosine is not None:
                 entry["cosine"] = float(iface.last_cosine)
-            out[name] = entry
+            if iface.abandoned:
+                entry["abandoned"] = iface.abandoned
+            if entry:
+                out[name] = entry
         return out
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers the wrapper steps for the wrapped modules, by module name (as in ``named_modules()``).
+
+        One per wrapped module that has trainable parameters of its own (empty with ``update_modules=False``).
+        Their state is part of :meth:`state_dict`. Change learning rates through their ``param_groups``.
+        """
+        return dict(zip(self._module_optimizer_names, self._module_optimizers, strict=True))
+
+    @property
+    def grad_optimizer(self) -> torch.optim.Optimizer | None:
+        """The synthesizers' optimizer (one for all synthesizers, ``grad_optim``), or ``None``.
+
+        ``None`` with ``grad_optim=None`` or before the first synthesizer exists. Its state is part of
+        :meth:`state_dict`.
+        """
+        return self._synth_optimizer
 
     def remove(self) -> nn.Module:
         """Remove all hooks and return the bare network.
@@ -801,30 +842,60 @@ class DNI(nn.Module):
         self._hooks.clear()
         self._param_hooks.clear()
         self._module_optimizers.clear()
+        self._module_optimizer_names.clear()
         return self.network
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        """Step counter and per-interface activation sizes (lets a fresh wrapper rebuild lazy synthesizers).
+        """Everything besides the weights that determines the next step, keyed by name.
 
-        Pending synthesizer updates are applied first, so a checkpoint holds the up-to-date synthesizers.
+        The step counter, the per-interface activation sizes (a fresh wrapper rebuilds lazy synthesizers from
+        them), the state of the wrapped modules' optimizers (by module name) and of the synthesizers' optimizer
+        (by synthesizer), and recurrent synthesizers' hidden state. Only tensors and plain Python values, so
+        ``torch.load(..., weights_only=True)`` reads it. Pending synthesizer updates are applied first, so a
+        checkpoint holds the up-to-date synthesizers.
         """
         self.step_synthesizers()
+        synth = None
+        if self._synth_optimizer is not None:
+            sd = self._synth_optimizer.state_dict()
+            synth = {
+                name: {
+                    "options": {k: v for k, v in group.items() if k != "params"},
+                    "state": [sd["state"].get(i) for i in group["params"]],
+                }
+                for name, group in zip(self._synth_groups, sd["param_groups"], strict=True)
+            }
+        hidden = {
+            key: self._iface(key)._hidden for key in self.interfaces if self._iface(key)._hidden is not None
+        }
         return {
-            "version": 1,
+            "version": 2,
             "num_steps": self.num_steps,
             "features": dict(self._features),
             "trigger_features": dict(self._trigger_features),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "grad_optimizer": synth,
+            "hidden": hidden,
         }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore :meth:`get_extra_state`'s data, creating synthesizers that do not exist yet.
 
+        Version 1 states (written before optimizer state was checkpointed) restore the step counter and the
+        synthesizers; the optimizers keep their current state, with a warning (``load_state_dict`` accepts
+        them only with ``strict=False``).
+
         Args:
             state: The dictionary saved by :meth:`get_extra_state`.
+
+        Raises:
+            ValueError: If the state is not a DNI state or its optimizers do not match this wrapper's.
         """
-        if not isinstance(state, dict) or state.get("version") != 1:
+        if not isinstance(state, dict) or state.get("version") not in (1, 2):
             raise ValueError(f"unrecognised DNI extra state: {state!r}")
+        if state["version"] == 2:
+            self._check_optimizer_names(state)
         self.num_steps = int(state["num_steps"])
         for name, module in self._wrapped.items():
             key = _key(name)
@@ -833,6 +904,72 @@ class DNI(nn.Module):
             trigger_features = state.get("trigger_features", {})
             if key not in self.forward_interfaces and key in trigger_features:
                 self._build_forward(name, int(trigger_features[key]), module)
+        if state["version"] == 1:
+            warnings.warn(
+                "this DNI checkpoint (state version 1) holds no optimizer state: the wrapper's optimizers keep "
+                "their current state, so training does not continue exactly as before the checkpoint",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        optimizers = self.optimizers
+        for name, saved in state["optimizers"].items():
+            optimizers[name].load_state_dict(saved)
+        if self._synth_optimizer is not None and state["grad_optimizer"] is not None:
+            current = self._synth_optimizer.state_dict()
+            groups, values = [], {}
+            for name, group in zip(self._synth_groups, current["param_groups"], strict=True):
+                saved = state["grad_optimizer"].get(name)
+                if saved is None:  # a synthesizer the checkpoint did not have yet: keep its fresh state
+                    groups.append(group)
+                    values.update({i: current["state"][i] for i in group["params"] if i in current["state"]})
+                    continue
+                groups.append({**saved["options"], "params": group["params"]})
+                values.update(
+                    {i: v for i, v in zip(group["params"], saved["state"], strict=True) if v is not None}
+                )
+            self._synth_optimizer.load_state_dict({"state": values, "param_groups": groups})
+        for key, hidden in state["hidden"].items():
+            self._iface(key)._hidden = hidden
+
+    def _check_optimizer_names(self, state: dict[str, Any]) -> None:
+        """Raise before anything is restored if ``state``'s optimizers do not fit this wrapper."""
+        names = set(self._module_optimizer_names)
+        if set(state["optimizers"]) != names:
+            raise ValueError(
+                f"the checkpoint has module optimizers for {sorted(state['optimizers'])} but this DNI steps "
+                f"{sorted(names)}: it was saved from a wrapper with other modules or update_modules setting"
+            )
+        synth = state["grad_optimizer"] or {}
+        known = {f"interfaces.{k}" for k in state["features"]} | set(self._synth_groups)
+        known |= {f"forward_interfaces.{k}" for k in state.get("trigger_features", {})}
+        unknown = sorted(set(synth) - known)
+        if unknown or (synth and self._grad_optim is None):
+            raise ValueError(
+                f"the checkpoint has synthesizer optimizer state for {unknown or sorted(synth)} that this DNI "
+                "cannot hold (other wrapped modules, or grad_optim=None)"
+            )
+        bad = sorted(set(state["hidden"]) - set(state["features"]))
+        if bad:
+            raise ValueError(f"the checkpoint has synthesizer hidden state for unknown interfaces {bad}")
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``, refusing by default a checkpoint that holds no optimizer state.
+
+        Checkpoints written before the optimizers' state was part of the wrapper's state (DNI state version 1)
+        load only with ``strict=False``; the optimizers then keep their current state (with a warning).
+        A checkpoint whose optimizers do not fit this wrapper raises ``ValueError`` before anything is loaded.
+        """
+        extra = state_dict.get("_extra_state")
+        if strict and isinstance(extra, dict) and extra.get("version") == 1:
+            raise RuntimeError(
+                "this DNI checkpoint (state version 1) holds no optimizer state, so training would not continue "
+                "as before it; load it with load_state_dict(..., strict=False) to accept that (the optimizers "
+                "then keep their current state)"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __getattr__(self, name: str) -> Any:
         try:
