@@ -47,10 +47,10 @@ class Net(ZeroOrderGradientModule, method="antithetic", num_samples=N, sigma=SIG
         return self.noise
 
 
-def _error(fn):
+def _error(fn, *also):
     try:
         fn()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, *also) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -104,6 +104,53 @@ def run(rank, world, tmp):
         lambda: type(
             "UserDist", (Net,), {"zero_order_distribution": lambda self: self.sample}, process_group=pg
         )()(x, y).backward()
+    )
+    # NoiseTable (windows keyed by the single process's chunks): the same estimate as one process
+    table = lambda: zo.NoiseTable(4, size=1 << 10)  # noqa: E731
+    single = estimate_gradient(fn, params, table(), "antithetic", N, SIGMA, chunk_size=CHUNK)
+    multi = estimate_gradient(fn, params, table(), "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg)
+    out[("estimate_gradient", "noise-table")] = (single, multi)
+    # settings that change the estimate, differing on rank 1: refused on every rank
+    for name, kw in {
+        "directions": {"directions": ("dense", "lowrank")[rank]},
+        "rank": {"directions": "lowrank", "rank": 1 + rank},
+        "top_k": {"method": "ars", "top_k": 3 + rank},
+        "grad_output": {"grad_output": 1.0 + rank},
+    }.items():
+        kw = {"method": "antithetic", **kw}
+        out[("differs", name)] = _error(
+            lambda kw=kw: estimate_gradient(
+                fn, params, zo.SeededNormal(4), num_samples=N, sigma=SIGMA, process_group=pg, **kw
+            )
+        )
+    # rank 1's function raises during its block: every rank raises; nothing consumed; the retry is the normal run
+    noise = zo.SeededNormal(4)
+    fail = {"once": rank == 1}
+
+    def flaky(*p):
+        if fail["once"]:
+            fail["once"] = False
+            raise ValueError("bad batch")
+        return fn(*p)
+
+    out["failed"] = _error(
+        lambda: estimate_gradient(
+            flaky, params, noise, "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg
+        ),
+        RuntimeError,
+    )
+    out["failed-step"] = noise.step
+    out["retry"] = estimate_gradient(
+        flaky, params, noise, "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg
+    )
+    out["retry-step"] = noise.step
+    # a rank one message out of step (its settings against the other's values): both raise, nothing is paired
+    from altgrad.zero_order import gradient
+
+    kind = (gradient._VALUES, gradient._SETTINGS)[rank]
+    out["out-of-step"] = _error(
+        lambda: gradient._exchange(pg, torch.device("cpu"), kind, 0, torch.zeros(3, dtype=torch.int64)),
+        RuntimeError,
     )
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()

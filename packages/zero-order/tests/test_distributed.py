@@ -24,12 +24,15 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _bound(method, top_k=None):
+def _bound(method, top_k=None, z=None):
     # Members are evaluated in different batches (rank blocks vs single-process chunks): each value is within the
     # _bounds γ-bound of its exact value; the accumulation adds γ_{N+C+4} terms on each side.
     params = w.mlp_params()
     x, y = w.data()
-    z = [zo.SeededNormal(4).draw(p.shape, step=0, leaf=i, members=range(w.N)) for i, p in enumerate(params)]
+    if z is None:
+        z = [
+            zo.SeededNormal(4).draw(p.shape, step=0, leaf=i, members=range(w.N)) for i, p in enumerate(params)
+        ]
     fp, bp = _bounds.mlp_loss_and_bound([p + w.SIGMA * zi for p, zi in zip(params, z)], x, y, torch.float32)
     fm, bm = _bounds.mlp_loss_and_bound([p - w.SIGMA * zi for p, zi in zip(params, z)], x, y, torch.float32)
     f0, b0 = _bounds.mlp_loss_and_bound([p.unsqueeze(0) for p in params], x, y, torch.float32)
@@ -54,7 +57,7 @@ def test_every_method_matches_single_process(ranks, method):
     single, multi0 = ranks[0][("estimate_gradient", method)]
     _, multi1 = ranks[1][("estimate_gradient", method)]
     for a, b in zip(multi0, multi1):
-        assert torch.equal(a, b)  # every rank: the same ops on the same gathered values, bit-identical
+        assert torch.equal(a, b)  # exact: every rank the same ops on the same gathered values
     for a, s, bd in zip(multi0, single, _bound(method, 5 if method == "ars" else None)):
         _bounds.assert_within(a, s, bd)
 
@@ -71,7 +74,7 @@ def test_structured_directions_match_single_process(ranks, directions):
     else:
         bound = _bounds.flipout_estimate_bound(params, x, y, w.N, w.SIGMA, 4, num_chunks=8)
     for a, b, s, bd in zip(multi0, multi1, single, bound):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # exact: every rank the same ops on the same gathered values
         _bounds.assert_within(a, s, bd)
 
 
@@ -81,7 +84,7 @@ def test_decorator_and_module(ranks, api):
     g0 = ranks[0][(api, "antithetic")][1]
     g1 = ranks[1][(api, "antithetic")][1]
     for a, b, s, bd in zip(g0, g1, single, _bound("antithetic")):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # exact: every rank the same ops on the same gathered values
         _bounds.assert_within(a, s, bd)
 
 
@@ -95,6 +98,53 @@ def test_bad_input_is_refused_on_every_rank(ranks):
         assert "[6, 8]" in out["mismatch"]
         assert out["empty"].startswith("ValueError")
         assert "without members" in out["empty"]
+
+
+def test_noise_table_matches_single_process(ranks):
+    # Windows of a NoiseTable are keyed by the single process's chunks: every rank evaluates those directions.
+    single, multi0 = ranks[0][("estimate_gradient", "noise-table")]
+    _, multi1 = ranks[1][("estimate_gradient", "noise-table")]
+    params = w.mlp_params()
+    table = zo.NoiseTable(4, size=1 << 10)
+    per_chunk = w.CHUNK // 2  # antithetic: two rows per direction
+    z = [
+        torch.cat(
+            [
+                table.draw(p.shape, step=0, leaf=i, members=range(s, min(w.N, s + per_chunk)))
+                for s in range(0, w.N, per_chunk)
+            ]
+        )
+        for i, p in enumerate(params)
+    ]
+    for a, b, s, bd in zip(multi0, multi1, single, _bound("antithetic", z=z)):
+        assert torch.equal(a, b)  # exact: every rank the same ops on the same gathered values
+        _bounds.assert_within(a, s, bd)
+
+
+@pytest.mark.parametrize("name", ["directions", "rank", "top_k", "grad_output"])
+def test_settings_that_differ_are_refused_on_every_rank(ranks, name):
+    for out in ranks:
+        assert out[("differs", name)] is not None
+        assert out[("differs", name)].startswith(f"ValueError: {name} differs across the ranks")
+
+
+def test_a_rank_failing_mid_estimate_stops_every_rank_and_consumes_nothing(ranks):
+    assert ranks[1]["failed"] == "ValueError: bad batch"  # the failing rank re-raises its own error
+    assert ranks[0]["failed"].startswith("RuntimeError: rank(s) [1] of `process_group` failed")
+    for out in ranks:
+        assert out["failed-step"] == 0  # the failed estimate gave its step back
+        assert out["retry-step"] == 1
+    uninterrupted = ranks[0][("estimate_gradient", "antithetic")][1]
+    for out in ranks:
+        for a, b in zip(out["retry"], uninterrupted):
+            assert torch.equal(a, b)  # exact: the same estimate (step 0, same values), the same route
+
+
+def test_messages_out_of_step_are_never_paired(ranks):
+    for out in ranks:
+        assert out["out-of-step"].startswith("RuntimeError: the ranks of `process_group` are out of step")
+        assert "rank 0: its values of estimate 0" in out["out-of-step"]
+        assert "rank 1: its settings of estimate 0" in out["out-of-step"]
 
 
 def test_process_group_of_the_wrong_type():

@@ -63,6 +63,16 @@ class NoiseSource:
         """Start a new estimate and return its step (seeded distributions advance their counter)."""
         return self.distribution.next_step() if self.seeded else 0
 
+    def mark(self) -> int:
+        """The step counter before an estimate (see `rewind`); 0 for unseeded distributions."""
+        return self.distribution.step if self.seeded else 0
+
+    def rewind(self, mark: int) -> None:
+        """Give back the step a failed estimate took: the counter returns to ``mark`` if the estimate advanced it
+        by exactly one (an estimate running concurrently in another thread keeps its own step)."""
+        if self.seeded and self.distribution.step == mark + 1:
+            self.distribution.step = mark
+
     def draw(
         self,
         leaf: int,

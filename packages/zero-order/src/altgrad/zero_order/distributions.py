@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -109,6 +109,36 @@ class SeededDistribution:
             Tensor of shape ``(len(members), *shape)``.
         """
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The noise position: ``{"seed": ..., "step": ...}`` (plain ints, loadable with ``weights_only=True``).
+
+        Saved with the model and restored by `load_state_dict`, a resumed run draws the directions the
+        uninterrupted run would have drawn. `ZeroOrderGradientModule` puts its seeded distribution's state in
+        its own ``state_dict``.
+
+        Returns:
+            A new dict.
+        """
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the seed and step saved by `state_dict`.
+
+        Args:
+            state: A dict from `state_dict`.
+
+        Raises:
+            TypeError: If ``seed`` or ``step`` is missing or not an int.
+            ValueError: If ``step`` is negative.
+        """
+        seed, step = state.get("seed"), state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"`state['step']` must be an int, got {type(step).__name__}")
+        if step < 0:
+            raise ValueError(f"`state['step']` must be >= 0, got {step}")
+        self.seed = _check_seed(seed)
+        self.step = step
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:  # noqa: B008
         """TorchOpt-style sampling: one fresh draw of shape ``sample_shape`` (advances the step counter).
@@ -223,12 +253,37 @@ class NoiseTable(SeededDistribution):
 
     def __init__(self, seed: int = 0, size: int = 1 << 24) -> None:
         super().__init__(seed)
+        self._check_size(size)
+        self.size = size
+        self._tables: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    @staticmethod
+    def _check_size(size: object) -> None:
         if isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"`size` must be an int, got {type(size).__name__}")
         if size < 2:
             raise ValueError(f"`size` must be >= 2, got {size}")
-        self.size = size
-        self._tables: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seed, step and table size (the table itself is regenerated from the seed).
+
+        Returns:
+            A new dict.
+        """
+        return {**super().state_dict(), "size": self.size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore seed, step and size (see `SeededDistribution.load_state_dict`); the table is rebuilt on use.
+
+        Args:
+            state: A dict from `state_dict`.
+        """
+        size = state.get("size", self.size)
+        self._check_size(size)
+        seed = self.seed
+        super().load_state_dict(state)
+        if size != self.size or seed != self.seed:
+            self.size, self._tables = size, {}
 
     def table(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Return the (cached) noise table on ``device`` in ``dtype``.

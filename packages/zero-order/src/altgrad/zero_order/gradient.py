@@ -16,6 +16,7 @@ import copy
 import math
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ from torch import Tensor
 
 from ._errors import MethodError
 from ._noise import NoiseSource, compute_dtype
-from .directions import DIRECTIONS, Dense, Direction, Flipout, LowRank, Workspace
+from .directions import DIRECTIONS, Dense, DenseNoise, Direction, Flipout, LowRank, Workspace
+from .distributions import NoiseTable
 from .estimators import ANTITHETIC_METHODS, METHODS, TWO_PASS_METHODS, direction_weights
 from .inference import MEMORY_MODES, run_functional
 from .population import BATCHING_MODES, PopulationEvaluator, check_output
@@ -161,7 +163,6 @@ def default_plans(options: EstimatorOptions, params: Sequence[Tensor]) -> list[D
     return plans
 
 
-@torch.no_grad()
 def run_estimate(
     evaluate: PopulationEvaluator,
     params: Sequence[Tensor],
@@ -173,6 +174,10 @@ def run_estimate(
     workspace: Workspace | None = None,
 ) -> list[Tensor]:
     """Core loop shared by every entry point (the arguments are already validated).
+
+    A failed estimate (an exception or ``KeyboardInterrupt`` in the user's function, a failed allocation) consumes
+    no noise step: the seeded distribution's counter is put back, so a retry draws the directions the
+    uninterrupted run would have drawn.
 
     Args:
         evaluate: Evaluates stacked perturbed leaves.
@@ -188,6 +193,25 @@ def run_estimate(
     Returns:
         One gradient per leaf, in the leaf's dtype and on its device.
     """
+    mark = source.mark()
+    try:
+        return _run_estimate(evaluate, params, source, options, grad_output, f0, plans, workspace)
+    except BaseException:
+        source.rewind(mark)
+        raise
+
+
+@torch.no_grad()
+def _run_estimate(
+    evaluate: PopulationEvaluator,
+    params: Sequence[Tensor],
+    source: NoiseSource,
+    options: EstimatorOptions,
+    grad_output: Tensor | float = 1.0,
+    f0: Tensor | None = None,
+    plans: Sequence[Direction] | None = None,
+    workspace: Workspace | None = None,
+) -> list[Tensor]:
     if plans is None:
         plans = default_plans(options, params)
     if workspace is None:
@@ -292,8 +316,14 @@ def _run_distributed(
     Rank r evaluates the contiguous block ``shard_members(N, r, world)`` of the directions (both signs for the
     antithetic methods), in chunks. The per-member values are all-gathered (for ``forward`` the differences
     f(θ+σz_k) − f(θ), so a rank's baseline stays local), after a check that every rank runs the same estimate
-    (N, step, seed, method, σ). Every rank then computes all weights and regenerates every direction from the
-    seed, chunk by chunk as a single process does, so all ranks end with the same full gradient.
+    (every setting that changes it: see `_settings`). Every rank then computes all weights and regenerates every
+    direction from the seed, chunk by chunk as a single process does, so all ranks end with the same full gradient.
+
+    Every exchange is a sequence of `_exchange` messages of one fixed size, each tagged with what it is (settings,
+    values or failure), the estimate's number on this group and its index, and checked on every rank: a rank
+    that skipped or abandoned an estimate makes every rank raise, never pairs its settings with another's
+    values. A rank whose evaluation fails tells the others (a failure message in place of its values) and
+    re-raises; the others raise too.
     """
     import torch.distributed as dist
 
@@ -310,21 +340,20 @@ def _run_distributed(
         else torch.device("cpu")
     )
     step = source.new_step()
-    header = torch.tensor(
-        [n_dir, step, getattr(source.distribution, "seed", 0), METHODS.index(method), _float_bits(sigma)],
-        dtype=torch.int64,
-        device=comm,
-    )
-    headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=pg)
-    table = torch.stack(headers).cpu()
-    for col, name in enumerate(("num_samples", "estimate step", "seed", "method", "sigma")):
+    call = _GROUP_CALLS.get(id(pg), 0)
+    _GROUP_CALLS[id(pg)] = call + 1
+    per_chunk = _directions_per_chunk(options, params)
+    names, values = zip(*_settings(options, source, step, per_chunk, grad_output, params))
+    table = _exchange(pg, comm, _SETTINGS, call, torch.tensor(values, dtype=torch.int64))
+    for col, name in enumerate(names):
         if not bool((table[:, col] == table[0, col]).all()):
-            shown = table[:, col].tolist()
+            shown: list[Any] = table[:, col].tolist()
             if name == "method":
                 shown = [METHODS[i] for i in shown]
-            elif name == "sigma":
+            elif name in ("sigma", "grad_output"):
                 shown = [_bits_float(b) for b in shown]
+            elif name == "directions":
+                shown = [DIRECTIONS[i] for i in shown]
             raise ValueError(f"{name} differs across the ranks of `process_group` (rank order): {shown}")
     block = shard_members(n_dir, rank, world) if n_dir >= world else range(0)
     if n_dir < world:  # every rank knows: all raise together (no rank is left waiting in a collective)
@@ -335,39 +364,43 @@ def _run_distributed(
     check_sigma_resolution(params, plans, sigma)
     value_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     device = params[0].device
-    per_chunk = _directions_per_chunk(options, params)
-    local_plus: list[Tensor] = []
-    local_minus: list[Tensor] = []
-    for start in range(block.start, block.stop, per_chunk):
-        members = range(start, min(block.stop, start + per_chunk))
-        noise = [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
-        values = evaluate(
-            [
-                x
-                for plan, p, z in zip(plans, params, noise)
-                for x in plan.inputs(p, z, sigma, antithetic, workspace)
-            ]
-        )
-        values = values.detach().to(device=device, dtype=value_dtype, copy=True)  # may view reused buffers
-        del noise
-        local_plus.append(values[: len(members)])
-        if antithetic:
-            local_minus.append(values[len(members) :])
-    plus = torch.cat(local_plus)
-    if method == "forward":
-        assert f0 is not None
-        plus = plus - f0.detach().to(device=device, dtype=value_dtype)
     width = -(-n_dir // world)  # the largest block
     rows = 2 if antithetic else 1
-    send = torch.full((rows, width), float("nan"), dtype=value_dtype, device=comm)
-    send[0, : len(block)] = plus.to(comm)
-    if antithetic:
-        send[1, : len(block)] = torch.cat(local_minus).to(comm)
-    received = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(received, send, group=pg)
+    try:
+        local_plus: list[Tensor] = []
+        local_minus: list[Tensor] = []
+        for members, noise in _local_chunks(plans, params, source, block, n_dir, per_chunk, step):
+            values = evaluate(
+                [
+                    x
+                    for plan, p, z in zip(plans, params, noise)
+                    for x in plan.inputs(p, z, sigma, antithetic, workspace)
+                ]
+            )
+            values = values.detach().to(
+                device=device, dtype=value_dtype, copy=True
+            )  # may view reused buffers
+            del noise
+            local_plus.append(values[: len(members)])
+            if antithetic:
+                local_minus.append(values[len(members) :])
+        plus = torch.cat(local_plus)
+        if method == "forward":
+            assert f0 is not None
+            plus = plus - f0.detach().to(device=device, dtype=value_dtype)
+        send = torch.full((rows, width), float("nan"), dtype=torch.float64)
+        send[0, : len(block)] = plus.to("cpu", torch.float64)
+        if antithetic:
+            send[1, : len(block)] = torch.cat(local_minus).to("cpu", torch.float64)
+    except BaseException:
+        _exchange(pg, comm, _FAILURE, call, torch.zeros(0, dtype=torch.int64), failed=True)
+        raise
+    received = _exchange(pg, comm, _VALUES, call, send.reshape(-1).view(torch.int64))
+    received = received.view(torch.float64).reshape(world, rows, width)
     blocks = [shard_members(n_dir, r, world) for r in range(world)]
     gathered = [
-        torch.cat([received[r][i, : len(b)] for r, b in enumerate(blocks)]).to(device) for i in range(rows)
+        torch.cat([received[r, i, : len(b)] for r, b in enumerate(blocks)]).to(device, value_dtype)
+        for i in range(rows)
     ]
     f_plus, f_minus = gathered[0], (gathered[1] if antithetic else None)
     finite = torch.isfinite(f_plus).all()
@@ -391,6 +424,147 @@ def _run_distributed(
         for plan, grad, p in zip(plans, grads, params):
             plan.accumulate(grad, plan.draw(source, p, members, step), w)
     return _finish(grads, params, finite, g)
+
+
+def _local_chunks(
+    plans: Sequence[Direction],
+    params: Sequence[Tensor],
+    source: NoiseSource,
+    block: range,
+    n_dir: int,
+    per_chunk: int,
+    step: int,
+) -> Any:
+    """This rank's members in chunks, with their noise: the parts of the single process's chunks that fall in
+    ``block``. A `NoiseTable` keys its windows by chunk, so a part is cut from its whole chunk's draw (a view):
+    every rank evaluates the directions a single process would, and the update regenerates them."""
+    by_chunk = isinstance(source.distribution, NoiseTable)
+    for start in range(0, n_dir, per_chunk):
+        chunk = range(start, min(n_dir, start + per_chunk))
+        members = range(max(chunk.start, block.start), min(chunk.stop, block.stop))
+        if not members:
+            continue
+        if not by_chunk or members == chunk:
+            yield members, [plan.draw(source, p, members, step) for plan, p in zip(plans, params)]
+            continue
+        lo, hi = members.start - chunk.start, members.stop - chunk.start
+        yield members, [_rows(plan.draw(source, p, chunk, step), lo, hi) for plan, p in zip(plans, params)]
+
+
+def _rows(noise: Any, lo: int, hi: int) -> Any:
+    """Members ``lo:hi`` of a chunk's noise (`Dense`, `LowRank` or `Flipout`, whose shared matrix stays)."""
+    if isinstance(noise, DenseNoise):
+        return DenseNoise(noise.z[lo:hi], fresh=False)
+    if len(noise) == 3:  # Flipout: (S, out signs, in signs)
+        return (noise[0], noise[1][lo:hi], noise[2][lo:hi])
+    return tuple(t[lo:hi] for t in noise)
+
+
+#: Distributed estimates started per process group (by id) in this process: every message carries the number.
+_GROUP_CALLS: dict[int, int] = {}
+#: Every message of a distributed estimate has this many int64 slots (a fixed size: gloo and NCCL never see two
+#: ranks pass messages of different sizes, whatever state they are in); the first `_TAG` identify it.
+_FRAME = 64
+_TAG = 4
+_SETTINGS, _VALUES, _FAILURE = 0x5A4F01, 0x5A4F02, 0x5A4F03
+_KIND_NAMES = {_SETTINGS: "its settings", _VALUES: "its values", _FAILURE: "a failure"}
+
+
+def _settings(
+    options: EstimatorOptions,
+    source: NoiseSource,
+    step: int,
+    per_chunk: int,
+    grad_output: Tensor | float,
+    params: Sequence[Tensor],
+) -> list[tuple[str, int]]:
+    """Everything that changes a distributed estimate, as named int64 values compared across the ranks."""
+    d = source.distribution
+    shapes = repr([(tuple(p.shape), str(p.dtype)) for p in params])
+    # any further option (added later) is covered by this fingerprint; batching and chunk_size change rounding
+    # only, and the chunk grid is compared as "directions per chunk"
+    others = {
+        f.name: getattr(options, f.name)
+        for f in options.__dataclass_fields__.values()
+        if f.name
+        not in (
+            "process_group",
+            "batching",
+            "chunk_size",
+            "method",
+            "num_samples",
+            "sigma",
+            "directions",
+            "rank",
+            "top_k",
+        )
+    }
+    return [
+        ("num_samples", options.num_samples),
+        ("estimate step", step),
+        ("seed", int(getattr(d, "seed", 0)) & ((1 << 63) - 1)),
+        ("distribution", zlib.crc32(repr(d).encode())),
+        ("method", METHODS.index(options.method)),
+        ("sigma", _float_bits(options.sigma)),
+        ("directions", DIRECTIONS.index(options.directions)),
+        ("rank", options.rank if options.directions == "lowrank" else 0),
+        ("top_k", options.top_k or 0),
+        ("directions per chunk", per_chunk),
+        ("grad_output", _float_bits(float(grad_output))),
+        ("parameter shapes and dtypes", zlib.crc32(shapes.encode())),
+        ("other settings", zlib.crc32(repr(sorted(others.items())).encode())),
+    ]
+
+
+def _exchange(
+    pg: Any, comm: torch.device, kind: int, call: int, body: Tensor, failed: bool = False
+) -> Tensor:
+    """All-gather ``body`` (int64, the same length on every rank) in fixed-size tagged messages.
+
+    Each message is ``[kind, call, index, count, body slice...]``; after each all-gather every rank checks that all
+    ranks sent the same kind of message of the same estimate at the same index, and raises otherwise: every rank
+    sees the same gathered messages, so all raise together. ``failed=True`` sends one failure message (the
+    caller re-raises its own error).
+
+    Returns:
+        ``(world, len(body))`` int64 on the CPU, row r from rank r.
+    """
+    import torch.distributed as dist
+
+    per = _FRAME - _TAG
+    count = max(1, -(-body.numel() // per))
+    world = dist.get_world_size(pg)
+    pieces = []
+    for index in range(count):
+        piece = body[index * per : (index + 1) * per]
+        message = torch.zeros(_FRAME, dtype=torch.int64)
+        message[:_TAG] = torch.tensor([kind, call, index, count])
+        message[_TAG : _TAG + piece.numel()] = piece
+        message = message.to(comm)
+        received = [torch.empty_like(message) for _ in range(world)]
+        dist.all_gather(received, message, group=pg)
+        table = torch.stack(received).cpu()
+        tags = table[:, :_TAG].tolist()
+        if failed:
+            return table[:, _TAG:_TAG]
+        failures = [r for r, t in enumerate(tags) if t[0] == _FAILURE]
+        if failures:
+            raise RuntimeError(
+                f"rank(s) {failures} of `process_group` failed during distributed estimate {call} (their error is "
+                "raised there); this rank stops the estimate too, consuming no noise step"
+            )
+        if any(t != tags[0] for t in tags):
+            shown = ", ".join(
+                f"rank {r}: {_KIND_NAMES.get(t[0], f'unknown message {t[0]}')} of estimate {t[1]} "
+                f"(message {t[2] + 1}/{t[3]})"
+                for r, t in enumerate(tags)
+            )
+            raise RuntimeError(
+                "the ranks of `process_group` are out of step (a rank skipped, abandoned or repeated an estimate, "
+                f"or called the collectives in another order): {shown}"
+            )
+        pieces.append(table[:, _TAG : _TAG + piece.numel()])
+    return torch.cat(pieces, dim=1)
 
 
 def _float_bits(x: float) -> int:

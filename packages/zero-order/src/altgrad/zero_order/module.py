@@ -32,7 +32,7 @@ import altgrad.es_layers.functional as EF
 from . import inference
 from ._noise import NoiseSource
 from .directions import Dense, Direction, Flipout, LowRank, Workspace
-from .distributions import Samplable
+from .distributions import Samplable, SeededDistribution
 from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
 from .population import PopulationEvaluator, check_output
 
@@ -646,6 +646,47 @@ class ZeroOrderGradientModule(nn.Module, Samplable):
         state.pop("_zero_order_workspace", None)
         state.pop("_zero_order_lock", None)
         return state
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The noise position, saved in ``state_dict()`` (under ``_extra_state``).
+
+        With a seeded `zero_order_distribution` it holds the distribution's seed and step, so a run resumed from a
+        checkpoint (even in a new process, loaded with ``weights_only=True``) draws the directions the uninterrupted
+        run would have drawn. Empty for other distributions (they draw from torch's global RNG, which a checkpoint
+        must save itself: ``torch.get_rng_state()``).
+
+        Returns:
+            ``{"distribution": {"seed": ..., "step": ...}}`` or ``{}``.
+        """
+        distribution = self.zero_order_distribution()
+        if isinstance(distribution, SeededDistribution):
+            return {"distribution": distribution.state_dict()}
+        return {}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the noise position saved by `get_extra_state` (called by ``load_state_dict``).
+
+        Args:
+            state: What `get_extra_state` returned.
+
+        Raises:
+            TypeError: If ``state`` is not a dict, or it holds a seeded distribution's position while
+                `zero_order_distribution` returns another kind of distribution.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"the extra state of {type(self).__name__} must be a dict, got {type(state).__name__}"
+            )
+        saved = state.get("distribution")
+        if saved is None:
+            return
+        distribution = self.zero_order_distribution()
+        if not isinstance(distribution, SeededDistribution):
+            raise TypeError(
+                "the state holds the position of a seeded distribution, but zero_order_distribution() returns "
+                f"{type(distribution).__name__}"
+            )
+        distribution.load_state_dict(saved)
 
     def zero_order_release_workspace(self) -> None:
         """Free the buffers of perturbed parameters kept between estimates (at most one chunk, see `zero_order`).

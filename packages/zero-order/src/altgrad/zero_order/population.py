@@ -5,12 +5,16 @@ A population is given as one stacked tensor per parameter leaf, shape ``(M, *lea
 
 * ``"vmap"``: always vmap (errors propagate);
 * ``"loop"``: always loop (TorchOpt's behaviour, one call per member);
-* ``"auto"`` (default): vmap, falling back to the loop (for good, for this function) the first time vmap fails,
-  for example because the function calls ``.item()``, branches on tensor values or updates a buffer in place.
+* ``"auto"`` (default): vmap, falling back to the loop (for good, for this function, with one
+  `VmapFallbackWarning` naming the cause) when vmap cannot batch the function, for example because it calls
+  ``.item()``, branches on tensor values, updates a buffer in place or uses an op without a batching rule. Any
+  other error (the user's own exceptions, a failed allocation, ``KeyboardInterrupt``) propagates and changes
+  nothing: see `is_vmap_limitation`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -19,11 +23,54 @@ from torch import Tensor
 
 from ._errors import OutputTypeError
 
-__all__ = ["BATCHING_MODES", "Batching", "PopulationEvaluator"]
+__all__ = ["BATCHING_MODES", "Batching", "PopulationEvaluator", "VmapFallbackWarning", "is_vmap_limitation"]
 
 Batching = Literal["auto", "vmap", "loop"]
 #: Accepted values of ``batching=``.
 BATCHING_MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+
+
+class VmapFallbackWarning(UserWarning):
+    """``batching="auto"``: ``torch.func.vmap`` cannot batch the function; members are evaluated in a loop."""
+
+
+_VMAP_MARKERS = (
+    "vmap",  # vmap's own errors: .item(), data-dependent control flow, dynamic shapes, in-place on unbatched
+    "batching rule",  # an op without a batching rule and no fallback
+    "functorch",  # autograd.Function without setup_context / vmap staticmethod
+    "batchedtensor",
+    "doesn't have storage",  # .numpy(), .tolist(), C extensions reading the data pointer of a batched tensor
+)
+
+
+def is_vmap_limitation(error: BaseException) -> bool:
+    """Whether ``error``, raised by a ``torch.func.vmap`` evaluation, says that vmap cannot batch the function.
+
+    Only ``RuntimeError``/``NotImplementedError`` can be: exceptions of other types (the user's own), allocation
+    failures (``torch.OutOfMemoryError``, "can't allocate memory") and non-``Exception`` ones (``KeyboardInterrupt``)
+    never are. A ``RuntimeError`` naming vmap, a batching rule or functorch is; another ``RuntimeError`` (for
+    example a shape error from an in-place update of an unbatched tensor) is judged by `PopulationEvaluator` by
+    running one member without vmap.
+
+    Args:
+        error: The exception.
+
+    Returns:
+        True if the message identifies a vmap limitation.
+    """
+    if not _maybe_vmap_limitation(error):
+        return False
+    message = str(error).lower()
+    return any(marker in message for marker in _VMAP_MARKERS)
+
+
+def _maybe_vmap_limitation(error: BaseException) -> bool:
+    if not isinstance(error, (RuntimeError, NotImplementedError)):
+        return False
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return False
+    message = str(error).lower()
+    return "can't allocate memory" not in message and "out of memory" not in message
 
 
 def check_output(output: object) -> Tensor:
@@ -66,10 +113,22 @@ class PopulationEvaluator:
         if self.resolved != "loop":
             try:
                 values = self._vmap(leaves)
-            except Exception:
-                if self.batching == "vmap":
+            except Exception as error:
+                if self.batching == "vmap" or not _maybe_vmap_limitation(error):
                     raise
+                if not is_vmap_limitation(error):
+                    # not named as vmap's: a vmap limitation only if one member runs without vmap (else this
+                    # raises the member's own error, and the next estimate tries vmap again)
+                    check_output(self.fn(*(leaf[0] for leaf in leaves)))
                 self.resolved = "loop"
+                cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(
+                    f"batching='auto': torch.func.vmap cannot batch this function ({type(error).__name__}: "
+                    f"{cause[:300]}); its members are evaluated one at a time in a Python loop from now on. Pass "
+                    "batching='loop' to choose the loop (no warning), or make the function vmappable.",
+                    VmapFallbackWarning,
+                    stacklevel=2,
+                )
             else:
                 self.resolved = "vmap"
                 return values
