@@ -609,12 +609,14 @@ def docs(session: nox.Session) -> None:
 
 @venv_session(default=False)
 def lint(session: nox.Session) -> None:
-    """Workflow files against GitHub's schema (offline), ruff format --check, ruff check, mypy on public APIs."""
+    """Workflow files against GitHub's schema (offline), ruff format --check, ruff check, exact float comparisons in
+    tests (tools/check_exact_float.py), mypy on public APIs."""
     session.install(*LINT_REQUIREMENTS, *WORKFLOW_SCHEMA)
     workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
     session.run("python", "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("python", "-m", "ruff", "format", "--check", ".")
     session.run("python", "-m", "ruff", "check", ".")
+    session.run("python", str(ROOT / "tools" / "check_exact_float.py"))  # exact float comparisons say why
     for pkg in PACKAGES.values():
         paths = [str(PACKAGES[n].path / "src") for n in (pkg.name, *pkg.siblings)]
         target = str(pkg.path / "src" / pkg.module.replace(".", "/"))

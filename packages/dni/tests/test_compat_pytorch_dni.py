@@ -231,7 +231,7 @@ def test_mnist_fcn_task_imports_and_private_dni_class():
     assert isinstance(model, DNI)
     assert list(model.interfaces) == ["0", "2"]  # the last Linear is left to the loss
     assert model.interfaces["0"].synthesizer.layers[0].out_features == 10  # hidden_size=None -> 10
-    assert model.lam == 0.5  # _DNI's default λ
+    assert model.lam == 0.5  # exact: a stored default, not computed (_DNI's default λ)
     opt = optim.Adam(net[4].parameters(), lr=1e-2)
     w = torch.randn(8, 1)
     x = torch.randn(256, 8)
