@@ -43,9 +43,11 @@ class Net(ZeroOrderGradientModule, method="antithetic", num_samples=6, sigma=0.1
         return self.noise
 
 
+@pytest.mark.parametrize("memory", ["batched", "inference"])
 @pytest.mark.parametrize("error", [ValueError("bad batch"), KeyboardInterrupt()])
-def test_failed_module_estimate_consumes_no_step(error):
-    reference, failing = Net(), Net(fail=error)
+def test_failed_module_estimate_consumes_no_step(error, memory):
+    cls = type("Inference", (Net,), {}, memory="inference") if memory == "inference" else Net
+    reference, failing = cls(), cls(fail=error)
     reference(X, Y).backward()
     with pytest.raises(type(error)):
         failing(X, Y).backward()
@@ -56,9 +58,10 @@ def test_failed_module_estimate_consumes_no_step(error):
         assert torch.equal(a.grad, b.grad)  # exact: the same estimate (step 0) by the same route
 
 
+@pytest.mark.parametrize("memory", ["batched", "inference"])
 @pytest.mark.parametrize("error", [ValueError("bad batch"), KeyboardInterrupt()])
 @pytest.mark.parametrize("api", ["zero_order", "estimate_gradient"])
-def test_failed_functional_estimate_consumes_no_step(error, api):
+def test_failed_functional_estimate_consumes_no_step(error, api, memory):
     state = {"fail": None, "calls": 0}
     first_member = 1 if api == "zero_order" else 0  # the decorator evaluates f(θ) first
 
@@ -73,8 +76,9 @@ def test_failed_functional_estimate_consumes_no_step(error, api):
         state["calls"] = 0
         w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
         if api == "estimate_gradient":
-            return estimate_gradient(loss, [w.detach()], noise, "antithetic", 5, 0.1)[0]
-        return torch.autograd.grad(zero_order(noise, "antithetic", num_samples=5, sigma=0.1)(loss)(w), w)[0]
+            return estimate_gradient(loss, [w.detach()], noise, "antithetic", 5, 0.1, memory=memory)[0]
+        deco = zero_order(noise, "antithetic", num_samples=5, sigma=0.1, memory=memory)
+        return torch.autograd.grad(deco(loss)(w), w)[0]
 
     want = run(zo.SeededNormal(3))
     noise = zo.SeededNormal(3)

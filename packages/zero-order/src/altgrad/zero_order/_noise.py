@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,6 +67,16 @@ class NoiseSource:
     def mark(self) -> int:
         """The step counter before an estimate (see `rewind`); 0 for unseeded distributions."""
         return self.distribution.step if self.seeded else 0
+
+    @contextlib.contextmanager
+    def step_on_success(self) -> Iterator[None]:
+        """Run an estimate that takes a step; if it fails (any exception, ``KeyboardInterrupt`` too), give it back."""
+        mark = self.mark()
+        try:
+            yield
+        except BaseException:
+            self.rewind(mark)
+            raise
 
     def rewind(self, mark: int) -> None:
         """Give back the step a failed estimate took: the counter returns to ``mark`` if the estimate advanced it

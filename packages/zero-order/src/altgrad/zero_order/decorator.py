@@ -103,7 +103,8 @@ class _Call:
             return self._call_with(flat)
 
         if self.options.memory == "inference":
-            return run_functional(fn_of_leaves, params, self.source, self.options, grad_output, f0)
+            with self.source.step_on_success():
+                return run_functional(fn_of_leaves, params, self.source, self.options, grad_output, f0)
         # The vmap/loop decision is remembered per decorated function (shared cache), not per call.
         evaluator = PopulationEvaluator(fn_of_leaves, self.options.batching)
         evaluator.resolved = self.evaluator_cache.get("resolved", evaluator.resolved)

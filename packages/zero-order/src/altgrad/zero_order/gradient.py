@@ -193,12 +193,8 @@ def run_estimate(
     Returns:
         One gradient per leaf, in the leaf's dtype and on its device.
     """
-    mark = source.mark()
-    try:
+    with source.step_on_success():
         return _run_estimate(evaluate, params, source, options, grad_output, f0, plans, workspace)
-    except BaseException:
-        source.rewind(mark)
-        raise
 
 
 @torch.no_grad()
@@ -706,6 +702,7 @@ def estimate_gradient(
         with torch.no_grad():
             f0 = check_output(fn(*params))
     if memory == "inference":
-        return tuple(run_functional(fn, params, source, options, grad_output, f0))
+        with source.step_on_success():
+            return tuple(run_functional(fn, params, source, options, grad_output, f0))
     evaluate = PopulationEvaluator(fn, batching)
     return tuple(run_estimate(evaluate, params, source, options, grad_output, f0))

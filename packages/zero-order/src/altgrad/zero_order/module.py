@@ -285,7 +285,7 @@ def _estimate_inference(
         with _active(module):
             return call.forward(module, *call.args, **call.kwargs)
 
-    with _population_buffers(module):
+    with _population_buffers(module), source.step_on_success():
         grads, found = inference.run_module(
             module, forward, list(params), source, call.options, grad_output, f0, whole
         )
