@@ -13,6 +13,7 @@ from .base import Perturbed
 from .conv import FlipoutConv2d, LowRankConv2d, PermutedConv2d, PerturbedConv2d, SyntheticConv2d
 from .convert import MODES, perturb
 from .distributed import RankMismatchError, all_gather_fitness, broadcast_seed, shard, shard_members
+from .explicit import deltas_from_vectors, perturbed_parameters, population
 from .hosts import PerturbedConv1d, PerturbedEmbedding, PerturbedLayerNorm
 from .linear import (
     FlipoutLinear,
@@ -58,10 +59,13 @@ __all__ = [
     "antithetic_difference",
     "broadcast_seed",
     "centered_ranks",
+    "deltas_from_vectors",
     "distributed",
     "functional",
     "noise",
     "perturb",
+    "perturbed_parameters",
+    "population",
     "sample_normal",
     "sample_rademacher",
     "sample_uniform",
