@@ -344,7 +344,9 @@ def _plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    # one column of panels with large type: legible at the docs' text width (about 800 px)
+    plt.rcParams.update({"font.size": 13, "axes.titlesize": 14, "legend.fontsize": 11})
+    fig, axes = plt.subplots(3, 1, figsize=(9, 16))
     table = results["forward"]["linear"]
     names = [r for r in next(iter(table.values())) if r not in ("Base", "Naive")]
     width = 0.8 / len(table)
@@ -356,7 +358,7 @@ def _plot(results: dict, path: str) -> None:
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set_ylabel("forward time / unperturbed forward")
     axes[0].set_title(f"Forward, batch = population = {results['config']['linear_batch']}")
-    axes[0].legend(fontsize=8)
+    axes[0].legend()
     sweep = results["population"]
     for name, recs in sweep.items():
         pops = [int(p) for p in recs]
@@ -381,18 +383,23 @@ def _plot(results: dict, path: str) -> None:
         ax.set_xlabel("population N")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: the lines fill the axes
     fig.suptitle(
         f"altgrad-es-layers on {results['env']['device_name']} ({results['env']['threads']} threads)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="write a PNG plot here")
+    parser.add_argument(
+        "--plot-only",
+        metavar="JSON",
+        help="redraw --plot from the results JSON of an earlier run, run nothing",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
     parser.add_argument(
         "--headline",
@@ -403,6 +410,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--conv-batch", type=int, default=None, help="conv batch/population (CPU default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        if not args.plot:
+            parser.error("--plot-only needs --plot")
+        with open(args.plot_only) as fh:
+            saved = json.load(fh)
+        _plot(saved, args.plot)
+        print(f"wrote {args.plot} from {args.plot_only}")
+        return saved
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
