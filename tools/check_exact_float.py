@@ -14,8 +14,9 @@ Flagged (stdlib ``ast``; a heuristic, so when in doubt a site gets a comment suc
   ``abs_tol``, ``rel_tol``) are all given as ``0``/``0.0`` (at least one given);
 * ``(a == b).all()``, ``torch.all(a == b)``, ``a.eq(b).any()`` ... unless a side is an integer literal;
 * ``==``/``!=`` where an operand is a float literal (also inside a list/tuple), ``float(...)``, ``.item()``,
-  ``.tolist()``, ``.numpy()`` or ``math.<name>``, unless the other operand is ``pytest.approx(...)``, a string or
-  ``None``. Counts, shapes and dtypes (``len()``, ``.shape``, ``.numel()``, ``.dtype``) are never flagged.
+  ``.tolist()``, ``.numpy()``, ``math.<name>`` or a reduction such as ``x.sum()`` / ``x.max()`` (not of a mask),
+  unless an operand is ``pytest.approx(...)``, a string or ``None``. Counts, shapes and dtypes (``len()``,
+  ``.shape``, ``.numel()``, ``.dtype``, ``(x != 0).sum()``) are not flagged.
 
 Usage: ``python tools/check_exact_float.py [PATH ...]`` (files or directories; default: every package's
 ``tests/`` and ``tests/``). Prints ``path:line: message`` per site and exits 1 if there is any.
@@ -36,6 +37,8 @@ EQUAL_FUNCS = {"equal", "array_equal", "array_equiv", "assert_array_equal", "ass
 CLOSE_FUNCS = {"assert_close", "assert_allclose", "allclose", "isclose"}
 TOLERANCES = {"atol", "rtol", "abs_tol", "rel_tol"}
 FLOAT_METHODS = {"item", "tolist", "numpy"}
+REDUCTIONS = {"sum", "mean", "norm", "prod", "std", "var", "dot", "max", "min", "amax", "amin"}
+MASKS = {"any", "all", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "bool", "long"}
 
 
 def _name(func: ast.expr) -> str | None:
@@ -72,6 +75,8 @@ def _is_floaty(node: ast.expr) -> bool:
             return True
         if isinstance(node.func, ast.Attribute) and name in FLOAT_METHODS:
             return True
+        if isinstance(node.func, ast.Attribute) and name in REDUCTIONS:
+            return not _is_mask(node.func.value)  # x.sum() of a float tensor; (x != 0).sum() counts
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "math":
         return True  # math.inf, math.pi
     if isinstance(node, ast.Subscript):
@@ -80,6 +85,21 @@ def _is_floaty(node: ast.expr) -> bool:
         parts = [node.operand] if isinstance(node, ast.UnaryOp) else [node.left, node.right]
         return any(_is_floaty(p) for p in parts)
     return False
+
+
+def _is_mask(node: ast.expr) -> bool:
+    """Whether an expression is built on a comparison or a mask (its reductions are counts)."""
+    while True:
+        if isinstance(node, ast.Compare):
+            return True
+        if isinstance(node, ast.Call):
+            if _name(node.func) in MASKS:
+                return True
+            node = node.func
+        elif isinstance(node, (ast.Attribute, ast.Subscript)):
+            node = node.value
+        else:
+            return False
 
 
 def _is_exempt(node: ast.expr) -> bool:

@@ -59,6 +59,8 @@ def test_a_bad_file_fails_the_command_line(tmp_path):
         "assert y.tolist() == [1, 2]",
         "assert float(y) == z",
         "assert math.inf == y",
+        "assert y.sum() == 2",
+        "assert y.abs().max() == 0",
         "assert (a == b).all()",
         "assert torch.all(a == b)",
         "assert a.eq(b).all()",
@@ -105,6 +107,8 @@ def test_the_comment_must_be_on_the_line_or_just_above():
         "assert name == 'w'",
         "assert x is None",
         "assert (mask == 3).all()",  # an integer count per element
+        "assert (x != 0).sum() == 12",  # a count of a mask
+        "assert ((x != 0).any(dim=1).sum(dim=1) == 2).all()",
         "assert (x < 1.5).all()",  # an inequality is a bound, not an equality
         "assert x <= 0.5",
     ],

@@ -33,6 +33,7 @@ def test_centered_ranks_ties_stable_and_ints():
 def test_z_score_values():
     z = z_score(torch.tensor([1.0, 2.0, 3.0]), eps=0.0)
     torch.testing.assert_close(z, torch.tensor([-1.0, 0.0, 1.0]) * (1.5**0.5))
+    # exact: zero by construction (x − mean(x) = 0 for a constant x)
     assert z_score(torch.ones(4)).abs().max() == 0
     z = z_score(torch.randn(100, dtype=torch.float64), eps=0)
     assert abs(z.mean().item()) < 1e-12
