@@ -112,7 +112,7 @@ def _reference_step(p, m, g, h, d, m_ours, e_sum=0.0):
 
 def _check_close(name, ours, ref, bound, extra=""):
     ref_finite = np.isfinite(ref)
-    assert np.array_equal(np.isfinite(ours), ref_finite), (
+    assert np.array_equal(np.isfinite(ours), ref_finite), (  # exact: bool masks
         f"{name}: non-finite pattern differs from the reference {extra}"
     )
     with np.errstate(invalid="ignore"):
@@ -288,6 +288,7 @@ def test_matches_float64_reference(dtype, data):
             if h["sparse"]:
                 # TF's scatter_sub writes only the touched rows: the others keep their exact values.
                 untouched = ~touched
+                # exact: untouched rows
                 assert np.array_equal(_np64(p)[untouched], p_before[untouched], equal_nan=True), extra
                 p_ref[untouched], e_p[untouched] = p_before[untouched], 0.0
             _check_close("m", m_ours, m_ref, e_m, extra)
@@ -297,6 +298,7 @@ def test_matches_float64_reference(dtype, data):
             # foreach and the for-loop agree bit for bit on the same inputs.
             # (NaN payload and sign bits are not values: NaN only has to meet NaN.)
             for a, b in ((p, twin), (opt.state[p]["exp_avg"], opt_twin.state[twin]["exp_avg"])):
+                # exact: bit-parity by construction (CPU foreach loops the same kernels)
                 torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0, equal_nan=True, msg=extra)
     finally:
         torch.set_num_threads(threads)

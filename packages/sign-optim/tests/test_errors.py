@@ -42,6 +42,7 @@ def test_powersign_base_must_be_positive(alpha):
 
 def test_addsign_accepts_any_finite_alpha():
     for alpha in (-1.0, 0.0, 0.1, 2):
+        # exact: the stored hyper-parameter itself
         assert AddSign(_params(), alpha=alpha).defaults["alpha"] == float(alpha)
 
 

@@ -46,12 +46,14 @@ CONFIG_IDS = [
 
 def _bitwise_equal(a, b):
     assert a.dtype == b.dtype
+    # exact: callers compare routes that are bit-identical by construction (see each call)
     assert torch.equal(
         a.view(torch.uint8) if a.is_complex() else a, b.view(torch.uint8) if b.is_complex() else b
     )
     # torch.equal treats -0.0 == 0.0 and fails on NaN; compare bits for floats as well.
     if a.is_floating_point() and a.element_size() in (2, 4, 8):
         view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        # exact: as above, on the bit patterns
         assert torch.equal(a.contiguous().view(view), b.contiguous().view(view))
 
 
@@ -90,6 +92,7 @@ def test_foreach_matches_forloop_bitwise(cls, config, dtype):
     params_loop, opt_loop = _run_torch_style(cls, config, False, dtype)
     params_fe, opt_fe = _run_torch_style(cls, config, True, dtype)
     for p_loop, p_fe in zip(params_loop, params_fe):
+        # exact: bit-parity by construction (CPU foreach ops loop the same per-tensor kernels)
         _bitwise_equal(p_loop.detach(), p_fe.detach())
         for key in ("exp_avg", "step"):
             _bitwise_equal(opt_loop.state[p_loop][key], opt_fe.state[p_fe][key])
@@ -128,6 +131,7 @@ def test_foreach_matches_forloop_with_m_near_zero_and_mixed_dtypes(cls, config):
         opt.step()
         results.append([(p.detach().clone(), opt.state[p]["exp_avg"].clone()) for p in params])
     for (p_loop, m_loop), (p_fe, m_fe) in zip(*results):
+        # exact: bit-parity by construction (CPU foreach ops loop the same per-tensor kernels)
         _bitwise_equal(p_loop, p_fe)
         _bitwise_equal(m_loop, m_fe)
     # The problem really exercises sign(m ~ 0): some m are tiny compared with g.
@@ -166,6 +170,7 @@ def test_complex_params_match_view_as_real(cls, foreach):
         opt_r.step()
         for p_c, p_r in zip((a, b, c), real):
             got = torch.view_as_real(p_c.detach()) if p_c.is_complex() else p_c.detach()
+            # exact: by construction: complex params are stepped as their view_as_real pairs
             _bitwise_equal(got, p_r.detach())
 
 
@@ -191,7 +196,7 @@ def test_lazily_conjugated_and_negated_grad_views(cls, foreach):
             opt.step()
             results.append([torch.view_as_real(params[0].detach()), params[1].detach()])
         for a, b in zip(*results):
-            _bitwise_equal(a, b)
+            _bitwise_equal(a, b)  # exact: same route (a lazy view holds the same values)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -216,7 +221,7 @@ def test_grad_is_never_mutated(cls, foreach):
             p.grad = g.clone()
         opt.step()
         for p, g in zip(params, grads):
-            assert torch.equal(p.grad, g)
+            assert torch.equal(p.grad, g)  # exact: untouched
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -231,9 +236,10 @@ def test_zero_grad_is_a_noop_for_params_and_decays_m(cls, foreach):
     m = opt.state[p]["exp_avg"].clone()
     p.grad = torch.zeros(5)
     opt.step()
+    # exact: a zero gradient gives an exactly zero step (p - lr·k·0)
     assert torch.equal(p.detach(), after_first)
     torch.testing.assert_close(opt.state[p]["exp_avg"], m * 0.9)
-    assert not torch.equal(before, after_first)
+    assert not torch.equal(before, after_first)  # exact: any change counts
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -245,8 +251,8 @@ def test_params_without_grad_are_skipped(cls):
     a.grad = torch.ones(3)
     opt.step()
     assert b not in opt.state
-    assert torch.equal(b.detach(), b_before)
-    assert opt.state[a]["step"].item() == 1
+    assert torch.equal(b.detach(), b_before)  # exact: untouched
+    assert opt.state[a]["step"].item() == 1  # exact: integer-valued step counter
 
 
 def _quadratic(seed=0, non_contiguous=False):
@@ -307,6 +313,7 @@ def test_lr_scheduler_values_are_used(cls, foreach):
             if scheduler is not None:
                 scheduler.step()
         results.append(weight.detach().clone())
+    # exact: same route: lr·0.5ⁱ is exact in binary, so the scheduler's lr equals the manual one
     assert torch.equal(*results)
 
 
@@ -352,7 +359,7 @@ def test_state_dict_round_trip_weights_only(cls, config, foreach):
     assert loaded["param_groups"] == state["param_groups"]
     for key, value in state["state"].items():
         for name in ("step", "exp_avg"):
-            assert torch.equal(loaded["state"][key][name], value[name])
+            assert torch.equal(loaded["state"][key][name], value[name])  # exact: restored state
     # A fresh optimizer (constructed with the same arguments, so a plain callable is present again)
     # continues exactly like the original one.
     weight2 = weight.detach().clone().requires_grad_()
@@ -366,8 +373,8 @@ def test_state_dict_round_trip_weights_only(cls, config, foreach):
             o.zero_grad()
             (w.mv(x) + b).pow(2).sum().backward()
             o.step()
-    assert torch.equal(weight, weight2)
-    assert torch.equal(bias, bias2)
+    assert torch.equal(weight, weight2)  # exact: same route from a restored state
+    assert torch.equal(bias, bias2)  # exact: same route from a restored state
     assert opt.state_dict()["param_groups"] == opt2.state_dict()["param_groups"]
 
 
@@ -429,7 +436,7 @@ def test_load_non_tensor_step_and_old_state_dict(cls):
     assert torch.is_tensor(opt2.state[weight]["step"])
     assert opt2.param_groups[0]["maximize"] is False
     opt2.step()
-    assert opt2.state[weight]["step"].item() == 2
+    assert opt2.state[weight]["step"].item() == 2  # exact: integer-valued step counter
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -443,6 +450,7 @@ def test_tensor_lr_matches_float_lr(cls):
             loss_fn().backward()
             opt.step()
         results.append(weight.detach().clone())
+    # exact: same route: eager reads a tensor lr as a float, both round to one float32 scalar
     assert torch.equal(*results)
 
 
@@ -598,6 +606,7 @@ def test_cuda_foreach_matches_forloop(cls):
             opt.step()
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
+        # exact: the package's bit-parity promise; on CUDA the fused foreach kernels must match too
         _bitwise_equal(a, b)
 
 
@@ -632,7 +641,7 @@ def test_foreach_cpu_chunking_keeps_results_bitwise(cls, monkeypatch):
         results.append([p.detach().clone() for p in params])
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            _bitwise_equal(a, b)
+            _bitwise_equal(a, b)  # exact: bit-parity by construction (chunks only split the per-tensor loop)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -687,4 +696,4 @@ def test_torch_compile_capturable_with_tensor_lr(cls, foreach):
         params, params_eager, _compiled_vs_eager_bound(params_eager, grads_seen, 0.01, cls, 7)
     ):
         torch.testing.assert_close(p, pe, rtol=0, atol=bound)
-    assert opt.state[params[0]]["step"].item() == 7
+    assert opt.state[params[0]]["step"].item() == 7  # exact: integer-valued step counter

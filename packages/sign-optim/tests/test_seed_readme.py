@@ -70,10 +70,10 @@ def test_readme_parameter_defaults():
     net = _net()
     for cls, alpha in ((optim.AddSign, 1.0), (optim.PowerSign, 2.718281828459045)):
         defaults = cls(net.parameters()).defaults
-        assert defaults["lr"] == 1e-3
-        assert defaults["beta"] == 0.9
+        assert defaults["lr"] == 1e-3  # exact: a stored default, not computed
+        assert defaults["beta"] == 0.9  # exact: a stored default, not computed
         assert defaults["alpha"] == pytest.approx(alpha)
         assert defaults["sign_internal_decay"] is None
-    assert CosineInternalDecay(10).num_periods == 0.5
+    assert CosineInternalDecay(10).num_periods == 0.5  # exact: a stored default, not computed
     assert RestartCosineInternalDecay(10).num_periods == 1
     assert CosineInternalDecay(10).zero_after is None

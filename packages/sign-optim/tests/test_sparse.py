@@ -170,6 +170,7 @@ def test_tensorflow_sparse_cases_equal_dense_low_precision(case, dtype):
     cls, config, _, signs = TF_SPARSE_CASES[case]
     sparse = _run_tf_case(cls, config, signs, dtype, sparse=True)
     dense = _run_tf_case(cls, config, signs, dtype, sparse=False)
+    # exact: same route (every row present: the same kernels on the same layout)
     assert torch.equal(sparse, dense)
 
 
@@ -216,6 +217,7 @@ def test_embedding_only_touched_rows_move_and_every_m_decays(cls):
         np.testing.assert_allclose(emb.weight.detach().numpy(), var, rtol=0, atol=1e-13)
         np.testing.assert_allclose(opt.state[emb.weight]["exp_avg"].numpy(), m, rtol=0, atol=1e-13)
         untouched = sorted(set(range(12)) - set(batch))
+        # exact: untouched
         assert torch.equal(emb.weight.detach()[untouched], before[untouched])  # never written
     assert np.abs(m[np.abs(m) > 0]).min() > 1e-10
 
@@ -241,7 +243,9 @@ def test_sparse_equals_dense_on_the_summed_gradient(cls, dtype):
         p_dense.grad = grad.coalesce().to_dense()
         opt_sparse.step()
         opt_dense.step()
+        # exact: same route (every row present: the same kernels on the same layout)
         assert torch.equal(p_sparse.detach(), p_dense.detach())
+        # exact: same route, as above
         assert torch.equal(opt_sparse.state[p_sparse]["exp_avg"], opt_dense.state[p_dense]["exp_avg"])
 
 
@@ -273,6 +277,7 @@ def test_sparse_and_dense_params_foreach_matches_forloop(cls):
             opt.step()
         results.append([emb.weight.detach(), lin.weight.detach(), opt.state[emb.weight]["exp_avg"]])
     for a, b in zip(*results):
+        # exact: bit-parity by construction (both paths run sparse_sign_update; CPU foreach loops)
         assert torch.equal(a, b)
 
 
@@ -288,6 +293,7 @@ def test_tensor_lr_sparse_matches_float_lr(cls):
             )
             opt.step()
         out.append(p.detach().clone())
+    # exact: same route: eager reads a tensor lr as a float, both round to one float32 scalar
     assert torch.equal(*out)
 
 
@@ -302,6 +308,7 @@ def test_sparse_with_unsupported_option_raises_before_any_update(option, value):
     emb.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (4, 2), check_invariants=True)
     with pytest.raises(RuntimeError, match=f"param group 1 has {option}={value!r}.*sparse"):
         opt.step()
+    # exact: untouched (failed call)
     assert torch.equal(dense.detach(), torch.ones(3))  # group 0 was not stepped either
     assert not opt.state
 
