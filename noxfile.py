@@ -12,17 +12,24 @@ Sessions (``nox -l`` lists them):
 * ``build``         sdist + wheel of every package into ``dist/``; checks archive contents and versions, then
   installs each wheel alone into a clean venv and imports it; auditwheel-repairs the compiled wheel into a
   manylinux tag; ``twine check --strict`` and ``tools/release_check.py`` on every artifact.
-* ``release -- <name> <version>``  dry run of a tag release in a temporary clone (docs/releasing.md).
+* ``tests-summary`` queued last by ``tests``: fails with the list of every failed session and pass of the run.
+* ``release -- <name> <version>``  dry run of a tag release in a temporary clone (docs/releasing.md); says loudly
+  when the real release would fail (e.g. no CHANGELOG section for the version).
 * ``docs``          ``mkdocs build --strict`` of the shared site into ``site/``.
+* ``docs-browser``  ``docs``, then every page of ``site/`` in headless Debian Chromium (console errors, links, images).
 * ``lint``          workflow files against GitHub's schema, ``ruff format --check``, ``ruff check``, ``mypy``.
 * ``demo``          installs every package and runs ``examples/`` (the main job).
+* ``gpu``           on a CUDA machine: CUDA build, every CUDA test, GPU benchmarks (``tools/gpu_check.py``).
 * ``bench-<pkg>`` / ``bench``  the benchmarks; results land in ``docs/<pkg>/bench.{json,png}``.
+
+The design these sessions implement is docs/design.md (section 3); docs/development.md explains them.
 
 Torch is large, so every session venv reuses the torch of the interpreter that runs nox (a venv, conda or the
 system Python): venvs are created plain and get a ``.pth`` file listing that interpreter's site-packages
 (``tools/outer_site.py``; ``--system-site-packages`` would expose the *base* interpreter instead). Our own packages
 are only ever installed into session venvs, so siblings never leak in through that door; ``_check_isolation``
-verifies it, and that torch was not installed again, in every test session.
+verifies it, and that torch was not installed again, in every test session. Tools run as ``python -m <tool>``,
+so a session also works when that interpreter already has them (``_install_tools``).
 
 Each package suite runs once per CPU level (``CPU_LEVELS``: the machine's default kernels, then AVX2 with one
 thread), each level with its own inductor cache, and a package whose ``_native`` module has
@@ -66,7 +73,7 @@ nox.options.error_on_external_run = True
 ROOT = Path(__file__).parent.resolve()
 WHEEL_CACHE = ROOT / ".nox" / "_wheels"  # built wheels, keyed by source state (see _source_key)
 # CPU kernel levels every package suite runs at; torch 2.13's inductor cache does not key on ATEN_CPU_CAPABILITY,
-# so each level gets its own TORCHINDUCTOR_CACHE_DIR (DESIGN.md section 3). ALTGRAD_TEST_LEVELS=default picks some.
+# so each level gets its own TORCHINDUCTOR_CACHE_DIR (docs/design.md, section 3). ALTGRAD_TEST_LEVELS=default picks some.
 CPU_LEVELS = {
     "default": {},
     "avx2-1thread": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},

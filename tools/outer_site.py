@@ -20,6 +20,13 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "_altgrad_outer_site.pth"
+# The one torch install instruction; README.md, docs/index.md and every package's README and docs page say the same
+# (tests/integration/test_docs.py checks it).
+TORCH_INSTALL = (
+    "Install the torch build you want first "
+    "(CPU-only: `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`); "
+    "otherwise pip picks one for you, usually a large CUDA build."
+)
 
 
 class TorchMissingError(RuntimeError):
@@ -54,9 +61,8 @@ def torch_dirs() -> list[str]:
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
         raise TorchMissingError(
-            f"torch is not installed for {sys.executable}, the Python that runs nox. Every session reuses that "
-            f"torch, so install the build you want first, e.g. `{sys.executable} -m pip install torch` "
-            "(CPU only: `pip install torch --index-url https://download.pytorch.org/whl/cpu`)."
+            f"torch is not installed for {sys.executable}, the Python that runs nox, and every session reuses "
+            f"that torch. {TORCH_INSTALL} Install it with that Python (`{sys.executable} -m pip install ...`)."
         )
     dirs = site_dirs()
     holder = str(Path(spec.origin).resolve().parent.parent)

@@ -4,6 +4,9 @@ blocks of pages that belong to no package (run here, with every package installe
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,3 +105,78 @@ def test_owner_by_path():
     assert doc_blocks.owner("docs/examples/index.md") is None
     assert doc_blocks.owner("docs/index.md") is None
     assert doc_blocks.owner("README.md") is None
+
+
+# ------------------------------------------------------------------ what the READMEs and docs say about set-up
+
+
+def _outer_site():
+    spec = importlib.util.spec_from_file_location("outer_site", ROOT / "tools" / "outer_site.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_torch_install_instruction_everywhere():
+    """README, docs home, every package's README and docs page, and nox's no-torch error say the same sentence."""
+    sentence = _outer_site().TORCH_INSTALL
+    assert "pip install torch==" in sentence
+    pages = [ROOT / "README.md", ROOT / "docs" / "index.md"]
+    for pkg in sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml")):
+        pages += [ROOT / "packages" / pkg / "README.md", ROOT / "docs" / pkg / "index.md"]
+    for page in pages:
+        text = " ".join(page.read_text().split())  # a sentence may wrap
+        assert sentence in text, (
+            f"{page.relative_to(ROOT)} lacks the torch install sentence of tools/outer_site.py"
+        )
+        others = text.replace(sentence, "")
+        assert "pip install torch" not in others, (
+            f"{page.relative_to(ROOT)} gives a second torch install command"
+        )
+    assert "{TORCH_INSTALL}" in (ROOT / "tools" / "outer_site.py").read_text()  # the no-torch error
+
+
+def _sessions() -> list[str]:
+    noxfile = str(ROOT / "noxfile.py")
+    code = f"import json, runpy, nox.registry; runpy.run_path({noxfile!r}); print(json.dumps(sorted(nox.registry.get())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_readme_and_nox_list_document_every_session():
+    """The README's set-up and sessions table, and the noxfile docstring that ``nox -l`` prints, name every session."""
+    pytest.importorskip("nox")
+    per_package = re.compile(r"^(tests|bench)-({})$".format("|".join(_packages())))
+    names = {per_package.sub(r"\1-<pkg>", n) for n in _sessions()}
+    assert {"tests", "gpu", "docs-browser", "tests-<pkg>", "release"} <= names
+    readme = (ROOT / "README.md").read_text()
+    doc = (ROOT / "noxfile.py").read_text().split('"""')[1]
+    for name in names:
+        in_readme = f"nox -s {name}" in readme or (
+            name.endswith("-<pkg>") and re.search(rf"nox -s {name[:-6]}-({'|'.join(_packages())})\b", readme)
+        )
+        assert in_readme, f"README.md does not show `nox -s {name}`"
+        assert re.search(rf"``{re.escape(name)}( -- [^`]*)?``", doc), (
+            f"noxfile.py's docstring does not list {name}"
+        )
+
+
+def test_two_commands_and_the_design_page():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Set-up: two commands") : readme.index("## Other sessions")]
+    commands = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    assert commands == ["pip install nox && nox -s demo\n", "pip install nox && nox -s tests\n"]
+    assert "minutes on 2 cores" in setup
+    assert "instruction set" in setup  # the per-ISA passes
+    assert (ROOT / "docs" / "design.md").is_file()
+    assert "design.md" in (ROOT / "mkdocs.yml").read_text()
+    for path in [ROOT / "noxfile.py", *ROOT.glob("docs/**/*.md"), ROOT / "README.md"]:
+        assert "DESIGN.md" not in path.read_text(), (
+            f"{path.relative_to(ROOT)} refers to DESIGN.md, not in the repo"
+        )
+
+
+def _packages() -> list[str]:
+    return sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
