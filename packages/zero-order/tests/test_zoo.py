@@ -166,7 +166,7 @@ def _net(kinds, method, n, chunk, directions, seed):
     return Net()
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
     method=st.sampled_from(["naive", "antithetic", "es"]),
