@@ -339,9 +339,9 @@ def _run_distributed(
     call = _GROUP_CALLS.get(id(pg), 0)
     _GROUP_CALLS[id(pg)] = call + 1
     per_chunk = _directions_per_chunk(options, params)
-    names, values = zip(*_settings(options, source, step, per_chunk, grad_output, params))
-    table = _exchange(pg, comm, _SETTINGS, call, torch.tensor(values, dtype=torch.int64))
-    for col, name in enumerate(names):
+    setting_names, setting_values = zip(*_settings(options, source, step, per_chunk, grad_output, params))
+    table = _exchange(pg, comm, _SETTINGS, call, torch.tensor(setting_values, dtype=torch.int64))
+    for col, name in enumerate(setting_names):
         if not bool((table[:, col] == table[0, col]).all()):
             shown: list[Any] = table[:, col].tolist()
             if name == "method":
@@ -373,9 +373,8 @@ def _run_distributed(
                     for x in plan.inputs(p, z, sigma, antithetic, workspace)
                 ]
             )
-            values = values.detach().to(
-                device=device, dtype=value_dtype, copy=True
-            )  # may view reused buffers
+            # a copy: the values may view reused buffers
+            values = values.detach().to(device=device, dtype=value_dtype, copy=True)
             del noise
             local_plus.append(values[: len(members)])
             if antithetic:
@@ -575,7 +574,7 @@ class SigmaResolutionWarning(UserWarning):
     """σ is at or below the spacing of the parameter's dtype at the parameter's scale (perturbations are lost)."""
 
 
-def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction], sigma: float) -> None:
+def check_sigma_resolution(params: Sequence[Tensor], plans: Sequence[Direction | None], sigma: float) -> None:
     """Warn when ``θ ± σz`` cannot be represented in a leaf's dtype (issue: bf16, σ = 1e-4, |θ| = 1).
 
     A perturbation applied in the parameter's dtype is rounded to multiples of ``eps·|θ|``; when σ is at most
