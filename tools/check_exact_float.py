@@ -3,8 +3,8 @@
 Two different arithmetic routes (a fused kernel and a reference expression, a vectorised and a loop path, two
 thread counts, two CPU ISAs) round differently, so tests compare them with a tolerance derived from an error
 bound. A bit-for-bit comparison is only right when both sides come from the same route (determinism of one call,
-a restored state, a bit-parity the code guarantees by construction); such a line, or the line just above it,
-carries a comment containing ``exact:`` that says which.
+a restored state, a bit-parity the code guarantees by construction); such a line, or the comment line(s) just
+above it, carries a comment containing ``exact:`` that says which.
 
 Flagged (stdlib ``ast``; a heuristic, so when in doubt a site gets a comment such as ``# exact: integer-valued``):
 
@@ -163,22 +163,32 @@ def _sites(tree: ast.AST) -> Iterator[tuple[ast.AST, str]]:
                     break
 
 
-def _comment_lines(source: str) -> set[int]:
-    lines = set()
+def _comments(source: str) -> tuple[set[int], set[int]]:
+    """Lines whose comment holds the mark, and lines that hold nothing but a comment."""
+    marked, alone = set(), set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT and MARK in tok.string:
-            lines.add(tok.start[0])
-    return lines
+        if tok.type == tokenize.COMMENT:
+            if MARK in tok.string:
+                marked.add(tok.start[0])
+            if tok.line.strip().startswith("#"):
+                alone.add(tok.start[0])
+    return marked, alone
 
 
 def check_source(source: str, path: str = "<string>") -> list[str]:
-    """Every unexplained exact float comparison in ``source``, as ``path:line: message``."""
+    """Every unexplained exact float comparison in ``source``, as ``path:line: message``.
+
+    The mark may be on any line of the comparison or in the block of comment lines right above it.
+    """
     tree = ast.parse(source, filename=path)
-    marked = _comment_lines(source)
+    marked, alone = _comments(source)
     problems: dict[int, str] = {}
     for node, message in _sites(tree):
         first, last = node.lineno, node.end_lineno or node.lineno
-        if not any(line in marked for line in range(first - 1, last + 1)):
+        above = first - 1
+        while above in alone and above - 1 in alone:  # a comment block: the mark may be on its first line
+            above -= 1
+        if not any(line in marked for line in range(above, last + 1)):
             problems.setdefault(first, f"{path}:{first}: {message} without an '{MARK}' comment")
     return [problems[line] for line in sorted(problems)]
 

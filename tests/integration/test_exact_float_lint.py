@@ -79,6 +79,9 @@ def test_unexplained_exact_comparisons_are_reported(line):
         "assert torch.equal(a, b)  # exact: same route (determinism of one call)\n",
         # the comment on the line just above
         "# exact: restored state\nassert torch.equal(a, b)\n",
+        # a comment block right above
+        "# exact: the chunking is fixed by the shapes, so every thread count\n# runs the same arithmetic\n"
+        "assert torch.equal(a, b)\n",
         # a call spread over lines, the comment inside it
         "torch.testing.assert_close(\n    a, b, rtol=0, atol=0  # exact: same kernel\n)\n",
     ],
@@ -89,6 +92,9 @@ def test_comparisons_with_an_exact_comment_pass(code):
 
 def test_the_comment_must_be_on_the_line_or_just_above():
     assert len(_check("# exact: too far away\n\nassert torch.equal(a, b)\n")) == 1
+    assert (
+        len(_check("# exact: for the first\nx = 1  # a statement between\nassert torch.equal(a, b)\n")) == 1
+    )
     assert len(_check("assert torch.equal(a, b)  # same route, but no marker\n")) == 1
 
 
