@@ -10,6 +10,7 @@ import altgrad.zero_order as zo
 from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order
 
 N, SIGMA, CHUNK = 12, 0.05, 5
+TABLE_CHUNK = 8  # 4 directions per chunk: rank 1's block (6..11) starts inside a chunk
 
 
 def mlp_params():
@@ -107,8 +108,10 @@ def run(rank, world, tmp):
     )
     # NoiseTable (windows keyed by the single process's chunks): the same estimate as one process
     table = lambda: zo.NoiseTable(4, size=1 << 10)  # noqa: E731
-    single = estimate_gradient(fn, params, table(), "antithetic", N, SIGMA, chunk_size=CHUNK)
-    multi = estimate_gradient(fn, params, table(), "antithetic", N, SIGMA, chunk_size=CHUNK, process_group=pg)
+    single = estimate_gradient(fn, params, table(), "antithetic", N, SIGMA, chunk_size=TABLE_CHUNK)
+    multi = estimate_gradient(
+        fn, params, table(), "antithetic", N, SIGMA, chunk_size=TABLE_CHUNK, process_group=pg
+    )
     out[("estimate_gradient", "noise-table")] = (single, multi)
     # settings that change the estimate, differing on rank 1: refused on every rank
     for name, kw in {

@@ -106,7 +106,7 @@ def test_noise_table_matches_single_process(ranks):
     _, multi1 = ranks[1][("estimate_gradient", "noise-table")]
     params = w.mlp_params()
     table = zo.NoiseTable(4, size=1 << 10)
-    per_chunk = w.CHUNK // 2  # antithetic: two rows per direction
+    per_chunk = w.TABLE_CHUNK // 2  # antithetic: two rows per direction
     z = [
         torch.cat(
             [
