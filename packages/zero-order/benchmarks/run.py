@@ -19,8 +19,12 @@ First it prints issue 13's floor case (module API, antithetic, N = 100, MLP, the
 2N·64 rows) and the ratio to it. Without TorchOpt installed (e.g. on the GPU machine), the ``torchopt`` column is a
 re-implementation of TorchOpt 0.7.3's backward loop (same Python structure).
 
-Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]``; the GPU check
-is ``python run.py --device cuda --quick``.
+Then (with the default ``--device all`` only) it runs ``inference_memory.py`` on the CPU (issue 21: MeZO-style vs
+ours in both memory modes vs backprop, peak memory above inference and time per step), writing
+``inference_memory.{json,png,md}`` next to ``--out``.
+
+Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]
+[--skip-inference-memory]``; the GPU check is ``python run.py --device cuda --quick``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -451,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this path")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument(
+        "--skip-inference-memory",
+        action="store_true",
+        help="skip inference_memory.py (MeZO-style vs ours vs backprop; written next to --out as inference_memory.*)",
+    )
     args = parser.parse_args(argv)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -494,6 +504,21 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"meta": meta, "floor": floors, "results": results, "table": table}, fh, indent=2)
     if args.plot:
         _plot(results, args.plot)
+    if not args.skip_inference_memory and args.device == "all":  # the bench session; not --device runs
+        import inference_memory
+
+        out_dir = Path(args.out).parent if args.out else None
+        extra = ["--quick"] if args.quick else []
+        if out_dir is not None:
+            extra += [
+                "--out",
+                str(out_dir / "inference_memory.json"),
+                "--plot",
+                str(out_dir / "inference_memory.png"),
+                "--markdown",
+                str(out_dir / "inference_memory.md"),
+            ]
+        inference_memory.main(extra)
     return 0
 
 

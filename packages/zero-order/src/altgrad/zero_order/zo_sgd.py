@@ -25,6 +25,10 @@ from .module import _population_buffers
 
 __all__ = ["ZOSGD"]
 
+#: `ZOSGD` warns when σ is below the parameters' resolution (`SigmaResolutionWarning`) on its first step and then
+#: every this many steps (the parameters move slowly; the check reads every parameter).
+SIGMA_CHECK_EVERY = 100
+
 
 class ZOSGD(torch.optim.Optimizer):
     r"""Zero-order SGD (MeZO's ZO-SGD) over the trainable parameters of ``module``; needs no ``.grad``.
@@ -96,6 +100,7 @@ class ZOSGD(torch.optim.Optimizer):
         self._whole: set[int] = set()  # ids of parameters read outside their owner's forward (found earlier)
         #: The weights ``w_k`` of the last step (MeZO's projected gradient for N = 1), shape ``(N,)``.
         self.projected_grad: Tensor | None = None
+        self._steps = 0
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -118,7 +123,9 @@ class ZOSGD(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         rates = [(group["lr"], group["weight_decay"]) for group in self.param_groups for _ in group["params"]]
         options = self.options
-        check_sigma_resolution(params, [None] * len(params), options.sigma)
+        if self._steps % SIGMA_CHECK_EVERY == 0:  # a reduction over every parameter: not on every step
+            check_sigma_resolution(params, [None] * len(params), options.sigma)
+        self._steps += 1
         noise = inference.MemberNoise(self.source)
         noise.start(params)
         device = params[0].device
