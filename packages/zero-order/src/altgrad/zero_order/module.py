@@ -140,7 +140,7 @@ class _ModuleCall:
         layers = list(
             {id(owner): owner for owner in _linear_weights(self.module, self.names).values()}.values()
         )
-        if not layers:
+        if not layers or self.options.memory == "inference":  # the inference mode has no fast path to plan
             with _active(self.module):
                 return self.forward(self.module, *self.args, **self.kwargs)
         watch = _WeightUse({id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None})
