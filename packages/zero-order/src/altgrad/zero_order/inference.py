@@ -311,7 +311,8 @@ class ModulePerturbation:
 
     def __enter__(self) -> ModulePerturbation:
         for m in self.owned:
-            self.handles.append(m.register_forward_pre_hook(self._pre))
+            # first among the pre-hooks (the module's own hooks see the perturbed weight), last among the hooks
+            self.handles.append(m.register_forward_pre_hook(self._pre, prepend=True))
             self.handles.append(m.register_forward_hook(self._post, always_call=True))
         return self
 
