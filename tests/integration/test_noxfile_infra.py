@@ -11,9 +11,11 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -329,35 +331,73 @@ def test_tools_from_the_outer_environment_run_in_a_session_venv(tmp_path):
         assert out.returncode == 0, f"python -m {module} --help in a session venv:\n{out.stderr[-2000:]}"
 
 
-def test_lint_session_from_a_venv_that_has_the_tools(tmp_path):
-    """The real ``lint`` session, run by this venv's Python (which has ruff, mypy and check-jsonschema): pip finds
-    them already installed and every step still runs."""
+_TINY_PYPROJECT = """
+[project]
+name = "altgrad-tiny"
+version = "0.0.0"
+dependencies = []
+
+[tool.ruff]
+line-length = 100
+extend-exclude = ["noxfile.py", "tools"]  # the repository's own lint checks those
+
+[tool.mypy]
+strict = true
+"""
+
+_TINY_MODULE = '''"""A tiny package for the lint session to check."""
+
+
+def double(x: int) -> int:
+    """Twice ``x``."""
+    return 2 * x
+'''
+
+
+def _tiny_repository(path: Path) -> Path:
+    """This repository's noxfile, tools and workflows around one tiny package, so the real ``lint`` session runs
+    every one of its steps in seconds, whatever the state of the real code."""
+    shutil.copy(NOXFILE, path / "noxfile.py")
+    shutil.copytree(TOOLS, path / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / ".github", path / ".github")
+    (path / "pyproject.toml").write_text(_TINY_PYPROJECT)
+    module = path / "packages" / "tiny" / "src" / "altgrad" / "tiny"
+    module.mkdir(parents=True)
+    (module / "__init__.py").write_text(_TINY_MODULE)
+    (path / "packages" / "tiny" / "pyproject.toml").write_text(_TINY_PYPROJECT)
+    (path / "tests").mkdir()
+    (path / "packages" / "tiny" / "tests").mkdir()
+    (path / "packages" / "tiny" / "tests" / "test_tiny.py").write_text(
+        "from altgrad.tiny import double\n\n\ndef test_double() -> None:\n    assert double(2) == 4\n"
+    )
+    return path
+
+
+def test_lint_session_from_a_venv_that_has_the_tools():
+    """The real ``lint`` session (this noxfile, on a tiny package), run by this venv's Python, which has ruff,
+    mypy and check-jsonschema: pip finds them already installed, installs no console script, and every step runs."""
     _tool_venv_or_skip()
-    out = subprocess.run(
-        [
+    with tempfile.TemporaryDirectory(prefix="altgrad-lint-") as tmp:  # short: nox warns on long venv paths
+        repo = _tiny_repository(Path(tmp))
+        envs = repo / ".nox"  # where nox puts it by default; ruff skips it
+        command = [
             sys.executable,
             "-m",
             "nox",
-            "-v",
             "-f",
-            str(NOXFILE),
+            str(repo / "noxfile.py"),
             "-s",
             "lint",
             "--envdir",
-            str(tmp_path / "envs"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-5000:]
-    bin_dir = tmp_path / "envs" / "lint" / "bin"
-    assert bin_dir.is_dir()
-    for script in (
-        "ruff",
-        "mypy",
-        "check-jsonschema",
-    ):  # the case under test: pip found them outside the venv
-        assert not (bin_dir / script).exists(), f"{script} was installed into the session venv"
-    for step in ("-m check_jsonschema", "-m ruff format --check", "-m ruff check", "-m mypy"):
-        assert f"nox > python {step}" in log
+            str(envs),
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, cwd=repo)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-5000:]
+        bin_dir = envs / "lint" / "bin"
+        assert bin_dir.is_dir()
+        for script in ("ruff", "mypy", "check-jsonschema"):  # the case under test: pip found them outside
+            assert not (bin_dir / script).exists(), f"{script} was installed into the session venv"
+        for step in ("-m check_jsonschema", "-m ruff format --check", "-m ruff check", "-m mypy"):
+            assert f"nox > python {step}" in log
+        assert "altgrad/tiny" in log  # mypy checked the tiny package
