@@ -54,6 +54,7 @@ def test_forward_that_raises_with_kept_traceback_does_not_freeze_the_synthesizer
         kept = exc.__traceback__  # what sys.last_traceback does in a REPL: the frames keep the graph alive
     handle.remove()
     assert kept is not None
+    assert dni.num_steps == 0  # the failed forward is not counted as a step
     before = synth_weights(dni)
     _train(dni, 10, start=1)
     dni.step_synthesizers()
@@ -245,3 +246,41 @@ def test_checkpoint_of_other_modules_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="module optimizers"):
         other.load_state_dict(dni.state_dict(), strict=False)
     assert torch.equal(other.network[0].weight, w0)  # exact: a refused load changes nothing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deliver rule: a failed call leaves no trace (no step consumed, no stale state).
+# ---------------------------------------------------------------------------------------------------------------
+def _snapshot(dni: DNI) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _flatten(dni.state_dict()).items()}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key  # exact: same route, nothing may have changed
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_a_forward_that_fails_before_any_interface_leaves_no_trace(error):
+    def run(fail: bool) -> dict:
+        dni = DNI(mlp(), hidden_size=8, grad_lr=1e-2, warmup_steps=3)
+        _train(dni, 2)
+        if fail:
+            before = _snapshot(dni)
+
+            def interrupt(module, args):
+                raise error()
+
+            handle = dni.network[0].register_forward_pre_hook(interrupt)
+            with pytest.raises(error):
+                dni(batch(99)[0])
+            handle.remove()
+            _same(before, _snapshot(dni))  # weights, optimizer states, step counter (warm-up) untouched
+        _train(dni, 4, start=2)
+        return _snapshot(dni)
+
+    _same(run(fail=False), run(fail=True))  # and training continues exactly as without the failure

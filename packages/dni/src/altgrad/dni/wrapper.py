@@ -680,6 +680,13 @@ class DNI(nn.Module):
             The wrapped network's output.
         """
         if self.training:
+            if self.synthetic_inputs:
+                x = args[0] if args else None
+                if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+                    raise TypeError(
+                        "synthetic_inputs=True predicts activations from the first positional argument, which must "
+                        f"be a floating-point tensor with a batch dimension, got {type(x).__name__}"
+                    )
             self._active_mode = "observe" if self.num_steps < self.warmup_steps else self._mode
             self.num_steps += 1
             self.step_synthesizers()
@@ -689,13 +696,7 @@ class DNI(nn.Module):
             for opt in self._module_optimizers:
                 opt.zero_grad(set_to_none=True)
             if self.synthetic_inputs:
-                x = args[0] if args else None
-                if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-                    raise TypeError(
-                        "synthetic_inputs=True predicts activations from the first positional argument, which must "
-                        f"be a floating-point tensor with a batch dimension, got {type(x).__name__}"
-                    )
-                self._trigger = x.detach().reshape(x.shape[0], -1)
+                self._trigger = args[0].detach().reshape(args[0].shape[0], -1)
         since = next_serial()
         try:
             if context is None:
@@ -704,9 +705,12 @@ class DNI(nn.Module):
                 return self.network(*args, **kwargs)
         except BaseException:
             # A failed forward (an exception, Ctrl-C) returns no output, so no backward pass can reach its
-            # predictions; its traceback may keep their graph alive. Stop waiting for them now.
+            # predictions; its traceback may keep their graph alive. Stop waiting for them now, and do not count
+            # the step (warm-up). Modules it already stepped with their synthetic gradient keep that step.
             for key in self.interfaces:
                 self._iface(key).abandon_pending(since)
+            if self.training:
+                self.num_steps -= 1
             raise
         finally:
             self._trigger = None
