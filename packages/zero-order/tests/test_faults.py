@@ -233,3 +233,34 @@ def test_auto_shape_error_of_a_real_bug_is_raised():
     with pytest.raises(RuntimeError, match=r"shape|size"):
         ev([torch.ones(4, 3)])
     assert ev.resolved is None
+
+
+def test_auto_one_off_runtime_error_is_raised_not_taken_for_a_vmap_limitation():
+    state = {"fail": True}
+
+    def f(w):
+        if state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("a transient failure")
+        return (w**2).sum()
+
+    ev = PopulationEvaluator(f, "auto")
+    with pytest.raises(RuntimeError, match="transient"):
+        ev([torch.ones(4, 3)])
+    assert ev.resolved is None
+    ev([torch.ones(4, 3)])
+    assert ev.resolved == "vmap"
+
+
+def test_auto_falls_back_for_an_in_place_update_of_an_unbatched_tensor():
+    # vmap's error here names neither vmap nor a batching rule ("output with shape [3] doesn't match the broadcast
+    # shape [4, 3]"); the member runs without vmap and vmap fails again: a vmap limitation.
+    buffer = torch.zeros(3)
+
+    def f(w):
+        return buffer.add_(w).sum()
+
+    ev = PopulationEvaluator(f, "auto")
+    with pytest.warns(VmapFallbackWarning, match="broadcast shape"):
+        ev([torch.ones(4, 3)])
+    assert ev.resolved == "loop"

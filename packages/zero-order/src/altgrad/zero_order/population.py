@@ -49,8 +49,8 @@ def is_vmap_limitation(error: BaseException) -> bool:
     Only ``RuntimeError``/``NotImplementedError`` can be: exceptions of other types (the user's own), allocation
     failures (``torch.OutOfMemoryError``, "can't allocate memory") and non-``Exception`` ones (``KeyboardInterrupt``)
     never are. A ``RuntimeError`` naming vmap, a batching rule or functorch is; another ``RuntimeError`` (for
-    example a shape error from an in-place update of an unbatched tensor) is judged by `PopulationEvaluator` by
-    running one member without vmap.
+    example a shape error from an in-place update of an unbatched tensor) is judged by `PopulationEvaluator`: vmap's
+    if one member runs without vmap and vmap fails again (a one-off error propagates).
 
     Args:
         error: The exception.
@@ -116,10 +116,8 @@ class PopulationEvaluator:
             except Exception as error:
                 if self.batching == "vmap" or not _maybe_vmap_limitation(error):
                     raise
-                if not is_vmap_limitation(error):
-                    # not named as vmap's: a vmap limitation only if one member runs without vmap (else this
-                    # raises the member's own error, and the next estimate tries vmap again)
-                    check_output(self.fn(*(leaf[0] for leaf in leaves)))
+                if not is_vmap_limitation(error) and not self._recurs_under_vmap_only(leaves):
+                    raise
                 self.resolved = "loop"
                 cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 warnings.warn(
@@ -133,6 +131,16 @@ class PopulationEvaluator:
                 self.resolved = "vmap"
                 return values
         return self._loop(leaves)
+
+    def _recurs_under_vmap_only(self, leaves: Sequence[Tensor]) -> bool:
+        """For an error vmap raised that does not name vmap: whether it is vmap's (one member runs without vmap
+        and vmap fails again) rather than a real or a one-off error. A member's own error propagates from here."""
+        check_output(self.fn(*(leaf[0] for leaf in leaves)))
+        try:
+            self._vmap(leaves)
+        except Exception as again:
+            return _maybe_vmap_limitation(again)
+        return False
 
     def _vmap(self, leaves: Sequence[Tensor]) -> Tensor:
         def member(*member_leaves: Tensor) -> Tensor:
