@@ -409,7 +409,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--conv-batch", type=int, default=None, help="conv batch/population (CPU default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--whole-models",
+        action="store_true",
+        help="only the whole-model ES generations (transformer, LSTM policy) against EvoTorch and dense vmap; "
+        "the other arguments go to benchmarks/whole_models.py",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.whole_models:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+        import whole_models
+
+        forwarded = [
+            *rest,
+            *(["--out", args.out] if args.out else []),
+            *(["--plot", args.plot] if args.plot else []),
+        ]
+        forwarded += ["--threads", str(args.threads)] if args.threads else []
+        forwarded += ["--quick"] if args.quick else []
+        return whole_models.main(forwarded)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.plot_only:
         if not args.plot:
             parser.error("--plot-only needs --plot")

@@ -66,10 +66,18 @@ def lowrank_linear(
     sigma = _check_sigma(sigma)
     out, x4, out4 = _linear_base(x, weight, bias, n, antithetic)
     reps, _, t, _ = x4.shape
-    h = torch.bmm(x4.permute(1, 0, 2, 3).reshape(n, reps * t, k_in), b)  # (n, R*t, r)
-    a_t = a.transpose(1, 2)
-    p = torch.bmm(h, a_t) if noise_b is None else torch.baddbmm(noise_b.unsqueeze(1), h, a_t)
-    out4 += _scale_(p.view(n, reps, t, m).permute(1, 0, 2, 3), antithetic, sigma)
+    # in the rows' own (repeat, member) order, no transposed copy of x or of the output: one batch per row block
+    h = torch.bmm(x4.reshape(reps * n, t, k_in), b.repeat(reps, 1, 1))  # (R*n, t, r): x_i b_k
+    a_t = a.transpose(1, 2)  # (n, r, m)
+    if noise_b is not None:  # ε_k as one more rank: [h, 1] [a_kᵀ; ε_k]
+        h = torch.cat([h, h.new_ones(reps * n, t, 1)], dim=2)
+        a_t = torch.cat([a_t, noise_b.unsqueeze(1)], dim=1)
+    a_t = a_t.repeat(reps, 1, 1)  # (R*n, r(+1), m), small
+    out3 = out4.view(reps * n, t, m)
+    half = reps // 2 * n if antithetic and reps > 1 else reps * n
+    out3[:half].baddbmm_(h[:half], a_t[:half], alpha=sigma)  # out += c σ (x b_k) a_kᵀ, accumulated in place
+    if half < reps * n:
+        out3[half:].baddbmm_(h[half:], a_t[half:], alpha=-sigma)
     return out
 
 
