@@ -481,3 +481,20 @@ def test_generic_module_output_shape_errors_are_clear():
     pm.set_noise()
     with pytest.raises(ValueError, match=r"batch size \(3\) must be a multiple"):
         pm(torch.randn(3, 3))
+
+
+def test_dtype_move_regenerates_the_noise_of_modules_perturbed_in_place():
+    # the units' stored noise is dropped by .to()/.double() and regenerated from the seed in the new dtype
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.LSTM(3, 4, batch_first=True))
+    pm = es.perturb(model, 2, mode="lowrank", seed=0)
+    pm.set_noise(0.1)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    with torch.no_grad():
+        y32 = pm(idx)[0]
+        assert pm.noise_memory_bytes > 0
+        model.double()
+        y64 = pm(idx)[0]
+    assert y64.dtype == torch.float64
+    # float32 vs float64 of the same values: a few float32 roundings (u = 6e-8) through 3 steps of O(1) gates
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-5, atol=1e-5)
