@@ -498,3 +498,17 @@ def test_dtype_move_regenerates_the_noise_of_modules_perturbed_in_place():
     assert y64.dtype == torch.float64
     # float32 vs float64 of the same values: a few float32 roundings (u = 6e-8) through 3 steps of O(1) gates
     torch.testing.assert_close(y64.float(), y32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "flipout"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_decoder_layer_cross_attention_matches_member_loop(mode, batch_first):
+    # self-attention (query is key is value) and cross-attention on the memory (key is value): both projections
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first, dtype=DT)
+    tgt, memory = torch.randn(4, 6, 8, dtype=DT), torch.randn(4, 5, 8, dtype=DT)  # batch-first (B=4, T, E)
+    if not batch_first:
+        tgt, memory = tgt.transpose(0, 1).contiguous(), memory.transpose(0, 1).contiguous()
+    pm = es.perturb(layer, 2, mode=mode, seed=14, strict=True)
+    assert not pm.es_plan().not_perturbed
+    _check_population(pm, (tgt, memory), 0 if batch_first else 1)
