@@ -393,6 +393,8 @@ def _package_tests(session: nox.Session, pkg: Package) -> None:
 
 #: examples/zero_order_lora_lm.py fine-tunes a transformers GPT-2 (built from a config) through a peft LoRA.
 LM_EXAMPLE_REQUIREMENTS = ("transformers>=4.40", "peft>=0.10")
+#: examples/es_evotorch_pgpe.py runs EvoTorch's functional PGPE (ask/tell) on es-layers' batched evaluation.
+PGPE_EXAMPLE_REQUIREMENTS = ("evotorch>=0.5",)
 
 
 def _install_everything(session: nox.Session, *extras: str) -> None:
@@ -433,7 +435,9 @@ def integration(session: nox.Session) -> None:
         DOCS_REQUIREMENTS[0],
         "nox",
     ]
-    _install_everything(session, "pytest>=8", "scikit-learn", *LM_EXAMPLE_REQUIREMENTS, *tools)
+    _install_everything(
+        session, "pytest>=8", "scikit-learn", *LM_EXAMPLE_REQUIREMENTS, *PGPE_EXAMPLE_REQUIREMENTS, *tools
+    )
     _run_passes(
         session, {"all": lambda: _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)}
     )
@@ -699,7 +703,7 @@ def gpu(session: nox.Session) -> None:
 @venv_session(default=False)
 def demo(session: nox.Session) -> None:
     """The main job: install every package and run the examples, printing a summary table."""
-    _install_everything(session, "scikit-learn", *LM_EXAMPLE_REQUIREMENTS)
+    _install_everything(session, "scikit-learn", *LM_EXAMPLE_REQUIREMENTS, *PGPE_EXAMPLE_REQUIREMENTS)
     session.run("python", str(ROOT / "examples" / "run_all.py"), *session.posargs)
 
 

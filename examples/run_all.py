@@ -3,6 +3,7 @@
 Examples, in order:
 
 * ``es_cartpole``: evolution strategies solve CartPole-v1 (es-layers + discounted-cumsum + sign-optim AddSign);
+* ``es_evotorch_pgpe``: EvoTorch's PGPE (ask/tell, adapted σ) solves CartPole-v1 on es-layers' batched evaluation;
 * ``zero_order_digits``: a digits classifier trained with zero-order gradients (zero-order + sign-optim PowerSign),
   next to backprop + Adam;
 * ``zero_order_lora_lm``: a ``transformers`` GPT-2 (from a config) fine-tuned through a ``peft`` LoRA with zero-order
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table
 
-EXAMPLES = ("es_cartpole", "zero_order_digits", "zero_order_lora_lm", "dni_digits")
+EXAMPLES = ("es_cartpole", "es_evotorch_pgpe", "zero_order_digits", "zero_order_lora_lm", "dni_digits")
 
 
 def run(names: tuple[str, ...] = EXAMPLES, quick: bool = False, seed: int = 0) -> list[dict]:

@@ -120,6 +120,14 @@ def test_es_cartpole_return_improves(es_result):
     assert es_result["passed"]
 
 
+def test_evotorch_pgpe_on_es_layers_evaluation_improves():
+    pytest.importorskip("evotorch")  # installed by the integration and demo sessions
+    result = _load("es_evotorch_pgpe").main(quick=True, seed=0)
+    # Margin: as for the ES example, the 100-episode evaluation mean at least doubles and reaches 100.
+    assert result["final_return"] >= max(2 * result["initial_return"], 100.0), result["summary"]
+    assert result["passed"]
+
+
 # ------------------------------------------------------------------ zero-order vs backprop
 
 
