@@ -293,6 +293,7 @@ class Perturbed:
             f"directions={self.directions}",
             f"antithetic={self.antithetic}",
             f"layer_index={self.layer_index}",
+            f"noise_index={self.noise_index}",
             f"weight={tuple(self.weight.shape)}",
             f"bias={None if self.bias is None else tuple(self.bias.shape)}",
         ]
