@@ -9,7 +9,7 @@ Error bound used for every comparison (forward and backward). Each output is a s
 x_j * prod(gates) (plus the initial value); let S_t be the same sum with every quantity replaced by its absolute
 value (computed by the same loop on |x|, |gates|, |initial|). A scan of length n in a compute type with unit
 roundoff u_c (float32 for fp32/fp16/bf16, float64 for fp64) performs at most 2n + 12 roundings on any term (two
-per sequential step; at most 2 log2(16) + 4 in the in-register SIMD scan plus the carry product; the chunk fix-up
+per sequential step; at most 2 log2(16) + 4 in the in-register SIMD scan plus the carry product; the chunk carry
 adds <= 4 more), so |y_t - ref_t| <= (2n + 16) u_c S_t, and storing in the output dtype adds u_out |y_t|.
 Gradients w.r.t. gamma and initial also sum over the broadcast elements (numel more roundings), so they use
 (2n + numel + 32) u_c times the same absolute-value sum of their terms. tiny (the smallest normal number of the

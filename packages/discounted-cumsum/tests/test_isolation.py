@@ -118,7 +118,7 @@ def test_non_finite_does_not_cross_a_reset_on_long_rows(reverse):
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 @pytest.mark.parametrize("gamma_kind", ["scalar", "per-element"])
 def test_non_finite_does_not_cross_a_reset_in_chunks(nthreads, reverse, bad, gamma_kind):
-    """The same with the chunked path forced onto 6000-step rows (2-4 chunks, so the carry chain is used too)."""
+    """The same with the chunked path forced onto 6000-step rows (chunks of 8 steps, so the carry chain is used too)."""
     with chunking(64):
         _check_long_row(6000, nthreads, reverse, bad, gamma_kind)
 

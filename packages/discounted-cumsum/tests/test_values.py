@@ -76,7 +76,7 @@ def test_row_lengths_around_vector_widths(dtype, reverse, n, close):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("kind", ["scalar", "per-element", "dones"])
 def test_long_rows_split_over_threads(dtype, reverse, kind, close):
-    """Rows long enough for the chunked parallel scan (chunk carries + fix-up pass)."""
+    """Rows long enough for the chunked parallel scan (chunks chained by their carries)."""
     n = 300_001
     x = torch.randn(2, n, dtype=dtype)
     g = 0.9999 if kind == "scalar" else torch.rand(2, n, dtype=torch.float64) * 0.01 + 0.99

@@ -15,7 +15,7 @@ namespace {
 
 // Below this many elements per thread, starting a thread costs more than it saves.
 int64_t g_min_elements_per_thread = int64_t(1) << 16;
-// Rows at least this long are split into chunks when there are fewer rows than threads.
+// Rows at least this long are split into chunks of a fixed length (chunk_length()), whatever the thread count.
 int64_t g_min_chunked_row = int64_t(1) << 18;
 
 struct IsaEntry {
@@ -112,27 +112,64 @@ double carry_through(const SegmentSummary& s, double c) {
   return s.last + through;
 }
 
-// One long row on `parts` threads: chunk 0 is scanned with the true initial value while chunks 1.. are scanned
-// from zero; the carries are then chained serially and chunks 1.. get carry * (product of gates) added.
-// Chunk 0 is twice as long as the others because it needs no second pass.
-void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts, double init, bool has_init) {
-  const int64_t n = p.n;
-  const int64_t unit = n / (parts + 1);
-  std::vector<int64_t> bounds(static_cast<std::size_t>(parts) + 1);
-  bounds[0] = 0;
-  bounds[1] = n - unit * (parts - 1);
-  for (int k = 2; k <= parts; ++k) bounds[k] = bounds[k - 1] + unit;
-  std::vector<SegmentSummary> seg(static_cast<std::size_t>(parts));
-  parallel_parts(parts, [&](int k) {
-    K->segment(&p, row, bounds[k], bounds[k + 1], k == 0 ? init : 0.0, k == 0 ? has_init : 0, &seg[k]);
+// Chunk length of the long-row path: fixed (2^15 steps by default, a cache-sized piece), so the chunks of a row
+// depend on its length only.
+int64_t chunk_length() { return std::max<int64_t>(g_min_chunked_row / 8, 1); }
+
+// Runs fn(k) for every k in [begin, end), split into `parts` contiguous ranges, one per thread.
+template <typename Fn>
+void parallel_range(int parts, int64_t begin, int64_t end, const Fn& fn) {
+  const int64_t count = end - begin;
+  const int used = static_cast<int>(std::min<int64_t>(parts, std::max<int64_t>(count, 1)));
+  parallel_parts(used, [&](int j) {
+    const int64_t lo = begin + count * j / used, hi = begin + count * (j + 1) / used;
+    for (int64_t k = lo; k < hi; ++k) fn(k);
   });
-  std::vector<double> carry_in(static_cast<std::size_t>(parts));
-  double c = seg[0].last;
-  for (int k = 1; k < parts; ++k) {
-    carry_in[k] = c;
-    c = carry_through(seg[k], c);
+}
+
+// One long row, cut into chunks of chunk_length() steps (scan order), on up to `parts` threads. Each chunk is
+// scanned from the carry c_k before it, and c_{k+1} = carry_through(summary_k, c_k), where summary_k is the
+// chunk's from-zero summary (the same bits whether the chunk was scanned with its carry or only summarized). So
+// the arithmetic is fixed by the row alone and the result is bit-identical for every thread count; threads only
+// decide where each chunk is computed. One thread scans the chunks in order. Several threads: the chunks are
+// split into `parts` contiguous ranges; all ranges but the last are summarized (read-only) in parallel, the
+// carries into the ranges are chained, then every range is scanned in parallel from its carry.
+void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts, double init, bool has_init) {
+  const int64_t n = p.n, len = chunk_length(), count = (n + len - 1) / len;
+  auto lo = [&](int64_t k) { return k * len; };
+  auto hi = [&](int64_t k) { return std::min(n, (k + 1) * len); };
+  // Scans chunks [k0, k1) in order starting from carry c (has: whether there is one).
+  auto run = [&](int64_t k0, int64_t k1, double c, bool has) {
+    for (int64_t k = k0; k < k1; ++k) {
+      SegmentSummary s;
+      K->segment(&p, row, lo(k), hi(k), c, has ? 1 : 0, 1, &s);
+      c = has ? carry_through(s, c) : s.last;
+      has = true;
+    }
+  };
+  parts = static_cast<int>(std::min<int64_t>(parts, count));
+  if (parts <= 1) {
+    run(0, count, init, has_init);
+    return;
   }
-  parallel_parts(parts - 1, [&](int k) { K->fixup(&p, row, bounds[k + 1], bounds[k + 2], carry_in[k + 1]); });
+  auto first = [&](int j) { return count * j / parts; };
+  std::vector<SegmentSummary> seg(static_cast<std::size_t>(first(parts - 1)));
+  parallel_range(parts, 0, first(parts - 1),
+                 [&](int64_t k) { K->segment(&p, row, lo(k), hi(k), 0.0, 0, 0, &seg[k]); });
+  std::vector<double> carry(static_cast<std::size_t>(parts));
+  std::vector<char> has(static_cast<std::size_t>(parts));
+  double c = init;
+  bool h = has_init;
+  for (int j = 0; j < parts; ++j) {
+    carry[j] = c;
+    has[j] = h;
+    if (j + 1 == parts) break;
+    for (int64_t k = first(j); k < first(j + 1); ++k) {
+      c = h ? carry_through(seg[k], c) : seg[k].last;
+      h = true;
+    }
+  }
+  parallel_parts(parts, [&](int j) { run(first(j), first(j + 1), carry[j], has[j] != 0); });
 }
 
 }  // namespace
@@ -160,11 +197,19 @@ void run_scan(const ScanProblem& p, int num_threads) {
 
   if (p.inner == 1) {
     const int64_t rows = p.outer;
-    if (rows < threads && p.n >= g_min_chunked_row) {
-      const int parts = static_cast<int>(std::min<int64_t>(threads, p.n / (g_min_chunked_row / 2)));
-      for (int64_t r = 0; r < rows; ++r) {
-        const double init = p.init ? p.init[r] : 0.0;
-        chunked_row(K, p, r, std::max(parts, 1), init, p.init != nullptr);
+    if (p.n >= g_min_chunked_row) {
+      // Long rows are always chunked the same way (see chunked_row); threads take whole rows when there are
+      // enough of them, else the chunks of one row.
+      auto row = [&](int64_t r, int parts) {
+        chunked_row(K, p, r, parts, p.init ? p.init[r] : 0.0, p.init != nullptr);
+      };
+      if (rows < threads) {
+        for (int64_t r = 0; r < rows; ++r) row(r, static_cast<int>(threads));
+      } else {
+        const int parts = static_cast<int>(threads);
+        parallel_parts(parts, [&](int k) {
+          for (int64_t r = rows * k / parts; r < rows * (k + 1) / parts; ++r) row(r, 1);
+        });
       }
       return;
     }

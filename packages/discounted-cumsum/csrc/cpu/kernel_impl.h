@@ -9,8 +9,9 @@
 //  * inner == 1 (the scan dim is the last, contiguous one): each row is scanned with an in-register
 //    log-step scan of W consecutive elements (gamma, gamma^2, gamma^4, ...) followed by one FMA with the
 //    broadcast carry, so the dependency chain is one FMA + one permute per W elements instead of one FMA per
-//    element. Rows with per-element gates or resets use a sequential loop. Long rows are split into chunks
-//    by the dispatcher (segment + fixup).
+//    element. Rows with per-element gates or resets use a sequential loop. Both keep the carry into a segment
+//    apart from the segment's own scan (Chain), so the dispatcher can cut long rows into chunks of a fixed length
+//    and chain them in the same arithmetic whatever the thread count.
 //  * inner > 1 (scan along a middle dim, e.g. time-major [T, B] with dim=0): independent columns sit in SIMD
 //    lanes and the loop over time carries a vector of states; the compiler vectorises the column loop.
 #include <cstdint>
@@ -204,16 +205,48 @@ struct ConstPlan {
 #endif
 };
 
-// Scans x[0, len) into y (may alias x) with constant gate g; forward scans upwards, reverse downwards.
-// Returns the last value in scan order. Without has_carry the first element in scan order is copied.
+// State of a scan whose value before its first element (the carry) is kept apart: y = z + f, where z is the
+// segment scanned from zero and f = carry * (product of the gates so far). z is what the segment passes on
+// (SegmentSummary::last), computed by the same operations whether or not a carry is given or y is written, so
+// the dispatcher can chain segments that were scanned in any order, on any thread (see dispatch.cpp).
+struct Chain {
+  double z = 0.0;        // the from-zero scan's last value
+  double f = 0.0;        // carry * product of the gates so far (when `carry`)
+  bool started = false;  // z holds a value (else the next element is copied)
+  bool carry = false;    // a carry is being added
+};
+
+template <bool B> struct Reverse {
+  static constexpr bool value = B;
+};
+
+// Scans x[0, len) with constant gate g, continuing `st`; forward scans upwards, reverse downwards. Writes y (may
+// alias x) only if `store`.
 template <typename C>
-double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool has_carry, bool reverse,
-                  ConstPlan<C>* plan = nullptr) {
-  if (len <= 0) return carry;
+void scan_const(const C* x, C* y, int64_t len, double g, Chain& st, bool reverse, bool store,
+                ConstPlan<C>* plan = nullptr) {
+  if (len <= 0) return;
   if (g == 0.0) {  // every step is a cut: y = x, and a NaN/inf carry must not turn into 0 * inf
-    for (int64_t t = 0; t < len; ++t) y[t] = x[t];
-    return static_cast<double>(y[reverse ? 0 : len - 1]);
+    if (store) {
+      for (int64_t t = 0; t < len; ++t) y[t] = x[t];
+    }
+    st = Chain{static_cast<double>(x[reverse ? 0 : len - 1]), 0.0, true, false};
+    return;
   }
+  // Locals, not st's fields: stores to y (double* for float64) could alias them and force reloads.
+  double z = st.z, f = st.f;
+  bool started = st.started;
+  const bool carry = st.carry;
+  auto step = [&](int64_t t) {
+    z = started ? static_cast<double>(x[t]) + g * z : static_cast<double>(x[t]);
+    started = true;
+    double out = z;
+    if (carry) {
+      f *= g;
+      out += f;
+    }
+    if (store) y[t] = static_cast<C>(out);
+  };
 #ifdef ALTGRAD_SIMD
   using VT = Vec<C>;
   using V = typename VT::V;
@@ -224,108 +257,35 @@ double scan_const(const C* x, C* y, int64_t len, double g, double carry, bool ha
     plan->prepare(g, reverse);
     const V* gpow = plan->gpow;
     const V P = plan->P;
-    // The carry between blocks is chained in double: y_last = v_last + g^W * carry depends on the previous
-    // carry through one scalar FMA, and keeping it in double makes the float32 result as accurate as a tree sum.
+    // The chains between blocks run in double: z_last = v_last + g^W * z and f *= g^W depend on the previous
+    // block through one scalar operation each (independent of each other), and double keeps the float32 result
+    // as accurate as a tree sum.
     const double gW = plan->gW;
-    double cd = carry;
     const int64_t nb = len / W;
-    if (!reverse) {
-      for (int64_t b = 0; b < nb; ++b) {
-        V v = *reinterpret_cast<const V*>(x + b * W);
-        v = local_scan<C, false>(v, gpow);
-        const double last = static_cast<double>(v[W - 1]);
-        if (has_carry) {
-          v += P * static_cast<C>(cd);
-          cd = last + gW * cd;
-        } else {
-          cd = last;
-        }
-        has_carry = true;
-        *reinterpret_cast<V*>(y + b * W) = v;
-      }
-      for (int64_t t = nb * W; t < len; ++t) {
-        cd = static_cast<double>(x[t]) + g * cd;
-        y[t] = static_cast<C>(cd);
-      }
-      return cd;
-    }
-    for (int64_t t = len - 1; t >= nb * W; --t) {
-      cd = has_carry ? static_cast<double>(x[t]) + g * cd : static_cast<double>(x[t]);
-      has_carry = true;
-      y[t] = static_cast<C>(cd);
-    }
-    for (int64_t b = nb - 1; b >= 0; --b) {
+    auto block = [&](int64_t b, auto dir) {
+      constexpr bool rev = decltype(dir)::value;
       V v = *reinterpret_cast<const V*>(x + b * W);
-      v = local_scan<C, true>(v, gpow);
-      const double first = static_cast<double>(v[0]);
-      if (has_carry) {
-        v += P * static_cast<C>(cd);
-        cd = first + gW * cd;
-      } else {
-        cd = first;
-      }
-      has_carry = true;
-      *reinterpret_cast<V*>(y + b * W) = v;
+      v = local_scan<C, rev>(v, gpow);
+      const double edge = static_cast<double>(v[rev ? 0 : W - 1]);
+      if (started || carry) v += P * static_cast<C>(carry ? z + f : z);
+      z = started ? edge + gW * z : edge;
+      started = true;
+      if (carry) f *= gW;
+      if (store) *reinterpret_cast<V*>(y + b * W) = v;
+    };
+    if (!reverse) {
+      for (int64_t b = 0; b < nb; ++b) block(b, Reverse<false>{});
+      for (int64_t t = nb * W; t < len; ++t) step(t);
+    } else {
+      for (int64_t t = len - 1; t >= nb * W; --t) step(t);
+      for (int64_t b = nb - 1; b >= 0; --b) block(b, Reverse<true>{});
     }
-    return cd;
-  }
+  } else
 #endif
-  double c = carry;
-  for (int64_t s = 0; s < len; ++s) {
-    const int64_t t = reverse ? len - 1 - s : s;
-    c = has_carry ? static_cast<double>(x[t]) + g * c : static_cast<double>(x[t]);
-    has_carry = true;
-    y[t] = static_cast<C>(c);
+  {
+    for (int64_t s = 0; s < len; ++s) step(reverse ? len - 1 - s : s);
   }
-  return c;
-}
-
-// y[i] += base * g^(i+1) (forward) or base * g^(len-i) (reverse), for i in [0, len).
-// Accuracy: the factor base * g^(b W) of block b is chained in double (relative error <= b * 2 u_double, about
-// 1e-10 after 2^24 elements), and only the final per-lane product P[i] * factor is rounded to C, so each added
-// term has a relative error of a few u_C whatever the row length and the thread count. (Chaining g^W in C itself
-// made float32 results of one long row depend on the thread count: 5.7e-4 relative at n = 2^22, g = 0.999999.)
-template <typename C>
-void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
-  if (len <= 0 || g == 0.0) return;  // a zero gate cuts the carry (never add base * 0, which is NaN for inf)
-#ifdef ALTGRAD_SIMD
-  using VT = Vec<C>;
-  using V = typename VT::V;
-  constexpr int W = VT::W;
-  if (len >= 2 * W) {
-    V P;  // P[i] = g^(i+1) (forward) or g^(W-i) (reverse)
-    double q = 1.0;
-    for (int i = 0; i < W; ++i) {
-      q *= g;
-      P[reverse ? W - 1 - i : i] = static_cast<C>(q);
-    }
-    const double gW = ipow(g, W);
-    double f = base;  // base * g^(b W)
-    const int64_t nb = len / W;
-    int64_t b = 0;
-    for (; b < nb && f != 0.0; ++b) {
-      C* blk = reverse ? y + len - (b + 1) * W : y + b * W;
-      V v = *reinterpret_cast<const V*>(blk);
-      v += P * static_cast<C>(f);
-      *reinterpret_cast<V*>(blk) = v;
-      f *= gW;
-    }
-    if (b < nb) return;  // the carry has decayed to exactly 0 (finite base): nothing left to add
-    const int64_t rem = len - nb * W;
-    for (int64_t j = 0; j < rem; ++j) {
-      f *= g;
-      const int64_t t = reverse ? rem - 1 - j : nb * W + j;
-      y[t] += static_cast<C>(f);
-    }
-    return;
-  }
-#endif
-  double cur = base;
-  for (int64_t s = 0; s < len; ++s) {
-    const int64_t t = reverse ? len - 1 - s : s;
-    cur *= g;
-    y[t] += static_cast<C>(cur);
-  }
+  st = Chain{z, f, started, carry};
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -334,8 +294,8 @@ void fixup_const(C* y, int64_t len, double g, double base, bool reverse) {
 constexpr int64_t kBuf = 1024;
 
 template <int D>
-double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry, bool has_carry,
-                   ConstPlan<typename IO<D>::C>* plan = nullptr) {
+void const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, Chain& st, bool store,
+                 ConstPlan<typename IO<D>::C>* plan = nullptr) {
   using T = IO<D>;
   using C = typename T::C;
   const int64_t n = p->n;
@@ -344,54 +304,28 @@ double const_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, doub
   const double g = static_cast<const double*>(p->gate)[row];
   const bool rev = p->reverse != 0;
   if constexpr (D == kFloat32 || D == kFloat64) {
-    return scan_const<C>(x + a, y + a, b - a, g, carry, has_carry, rev, plan);
+    scan_const<C>(x + a, y + a, b - a, g, st, rev, store, plan);
   } else {
     C buf[kBuf];
-    double c = carry;
     const int64_t len = b - a;
     for (int64_t done = 0; done < len; done += kBuf) {
       const int64_t m = len - done < kBuf ? len - done : kBuf;
       const int64_t start = rev ? b - done - m : a + done;
       for (int64_t i = 0; i < m; ++i) buf[i] = T::load(x, start + i);
-      c = scan_const<C>(buf, buf, m, g, c, has_carry, rev, plan);
-      has_carry = true;
-      for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
-    }
-    return c;
-  }
-}
-
-template <int D>
-void const_fixup_range(const ScanProblem* p, int64_t row, int64_t a, int64_t b, double carry) {
-  using T = IO<D>;
-  using C = typename T::C;
-  const int64_t n = p->n;
-  auto* y = static_cast<typename T::S*>(p->y) + row * n;
-  const double g = static_cast<const double*>(p->gate)[row];
-  const bool rev = p->reverse != 0;
-  if (g == 0.0) return;  // a cut: nothing from the carry reaches this range
-  if constexpr (D == kFloat32 || D == kFloat64) {
-    fixup_const<C>(y + a, b - a, g, carry, rev);
-  } else {
-    C buf[kBuf];
-    double base = carry;
-    const int64_t len = b - a;
-    for (int64_t done = 0; done < len; done += kBuf) {
-      const int64_t m = len - done < kBuf ? len - done : kBuf;
-      const int64_t start = rev ? b - done - m : a + done;
-      for (int64_t i = 0; i < m; ++i) buf[i] = T::load(y, start + i);
-      fixup_const<C>(buf, m, g, base, rev);
-      base *= ipow(g, m);
-      for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
+      scan_const<C>(buf, buf, m, g, st, rev, true, plan);  // the buffer is always written: same operations
+      if (store) {
+        for (int64_t i = 0; i < m; ++i) T::store(y, start + i, buf[i]);
+      }
     }
   }
 }
 
-// Sequential scan over scan-order positions [s0, s1) of a row with per-element gates and/or resets.
-// A zero gate (reset) selects y = x: the carry is never multiplied by 0, so a NaN or inf cannot cross it.
+// Sequential scan over scan-order positions [s0, s1) of a row with per-element gates and/or resets, the carry
+// kept apart as in Chain (y = z + f, f in double). A zero gate (reset) selects z = x and ends the carry: nothing is ever
+// multiplied by 0, so a NaN or inf cannot cross it.
 template <int D>
 void seq_segment(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry_in, bool has_carry,
-                 SegmentSummary* out) {
+                 bool store, SegmentSummary* out) {
   using T = IO<D>;
   using A = typename T::A;
   using G = typename T::G;
@@ -403,45 +337,60 @@ void seq_segment(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, doub
   const A gc = p->gate_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->gate)[row]);
   const uint8_t* dn = p->done ? p->done + row * n : nullptr;
   const bool rev = p->reverse != 0;
-  A c = static_cast<A>(carry_in);
+  A z = A(0);
+  double f = carry_in;  // in double whatever the storage type: a long chunk multiplies it once per step
+  bool carry = has_carry;
   double pr = 1.0;
   bool cut = false;
-  for (int64_t s = s0; s < s1; ++s) {
+  auto gate_at = [&](int64_t t) {
+    const A a = static_cast<A>(ge ? ge[t] : gc);
+    return (dn && dn[t]) ? A(0) : a;
+  };
+  // Three loops with the same operations: the first element (z = x), elements while the carry is added, and
+  // elements after a reset ended it, so that no loop tests flags that change inside it.
+  int64_t s = s0;
+  if (s < s1) {
     const int64_t t = rev ? n - 1 - s : s;
-    A a = static_cast<A>(ge ? ge[t] : gc);
-    if (dn && dn[t]) a = A(0);
-    A v = static_cast<A>(T::load(x, t));
-    if (has_carry && a != A(0)) v += a * c;
+    const A a = gate_at(t);
+    z = static_cast<A>(T::load(x, t));
+    A y_t = z;
+    if (carry && a == A(0)) carry = false;
+    if (carry) {
+      f *= static_cast<double>(a);
+      y_t = static_cast<A>(static_cast<double>(z) + f);
+    }
     cut |= a == A(0);
-    has_carry = true;
     pr *= static_cast<double>(a);
-    c = v;
-    T::store(y, t, v);
+    if (store) T::store(y, t, y_t);
+    ++s;
   }
-  if (out) *out = SegmentSummary{static_cast<double>(c), pr, cut ? 1 : 0};
-}
-
-template <int D>
-void seq_fixup(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
-  using T = IO<D>;
-  using A = typename T::A;
-  using G = typename T::G;
-  const int64_t n = p->n;
-  auto* y = static_cast<typename T::S*>(p->y) + row * n;
-  const G* gate = static_cast<const G*>(p->gate);
-  const G* ge = p->gate_per_elem ? gate + row * n : nullptr;
-  const A gc = p->gate_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->gate)[row]);
-  const uint8_t* dn = p->done ? p->done + row * n : nullptr;
-  const bool rev = p->reverse != 0;
-  double f = carry;  // carry * (product of the gates so far), in double whatever the storage type
-  for (int64_t s = s0; s < s1; ++s) {
+  for (; carry && s < s1; ++s) {
     const int64_t t = rev ? n - 1 - s : s;
-    const double a = (dn && dn[t]) ? 0.0 : static_cast<double>(static_cast<A>(ge ? ge[t] : gc));
-    if (a == 0.0) break;  // a reset cuts the carry: stop before multiplying a NaN/inf carry by 0
-    f *= a;
-    if (f == 0.0) break;  // a finite carry has decayed to exactly 0
-    T::store(y, t, static_cast<A>(static_cast<double>(T::load(y, t)) + f));
+    const A a = gate_at(t);
+    const A v = static_cast<A>(T::load(x, t));
+    if (a == A(0)) {
+      z = v;
+      carry = false;
+      cut = true;
+      pr *= static_cast<double>(a);
+      if (store) T::store(y, t, z);
+      continue;
+    }
+    z = v + a * z;
+    f *= static_cast<double>(a);
+    pr *= static_cast<double>(a);
+    if (store) T::store(y, t, static_cast<A>(static_cast<double>(z) + f));
   }
+  for (; s < s1; ++s) {
+    const int64_t t = rev ? n - 1 - s : s;
+    const A a = gate_at(t);
+    const A v = static_cast<A>(T::load(x, t));
+    z = a != A(0) ? v + a * z : v;
+    cut |= a == A(0);
+    pr *= static_cast<double>(a);
+    if (store) T::store(y, t, z);
+  }
+  if (out) *out = SegmentSummary{static_cast<double>(z), pr, cut ? 1 : 0};
 }
 
 inline bool fast_rows(const ScanProblem* p) { return !p->gate_per_elem && p->done == nullptr; }
@@ -456,35 +405,31 @@ void rows_impl(const ScanProblem* p, int64_t r0, int64_t r1) {
     const int64_t r = p->reverse ? r1 - 1 - (k - r0) : k;
     const double carry = init ? init[r] : 0.0;
     if (fast_rows(p)) {
-      const_range<D>(p, r, 0, p->n, carry, init != nullptr, &plan);
+      Chain st;
+      st.f = carry;
+      st.carry = init != nullptr;
+      const_range<D>(p, r, 0, p->n, st, true, &plan);
     } else {
-      seq_segment<D>(p, r, 0, p->n, carry, init != nullptr, nullptr);
+      seq_segment<D>(p, r, 0, p->n, carry, init != nullptr, true, nullptr);
     }
   }
 }
 
 template <int D>
 void segment_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
-                  SegmentSummary* out) {
+                  int store, SegmentSummary* out) {
   if (fast_rows(p)) {
     const int64_t n = p->n;
     const int64_t a = p->reverse ? n - s1 : s0, b = p->reverse ? n - s0 : s1;
     const double g = static_cast<const double*>(p->gate)[row];
-    const double last = const_range<D>(p, row, a, b, carry, has_carry != 0);
-    *out = SegmentSummary{last, ipow(g, s1 - s0), (g == 0.0 && s1 > s0) ? 1 : 0};
+    Chain st;
+    st.f = carry;
+    st.carry = has_carry != 0;
+    ConstPlan<typename IO<D>::C> plan;  // prepared once per segment, not once per 16-bit buffer
+    const_range<D>(p, row, a, b, st, store != 0, &plan);
+    *out = SegmentSummary{st.z, ipow(g, s1 - s0), (g == 0.0 && s1 > s0) ? 1 : 0};
   } else {
-    seq_segment<D>(p, row, s0, s1, carry, has_carry != 0, out);
-  }
-}
-
-template <int D>
-void fixup_impl(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
-  if (fast_rows(p)) {
-    const int64_t n = p->n;
-    const int64_t a = p->reverse ? n - s1 : s0, b = p->reverse ? n - s0 : s1;
-    const_fixup_range<D>(p, row, a, b, carry);
-  } else {
-    seq_fixup<D>(p, row, s0, s1, carry);
+    seq_segment<D>(p, row, s0, s1, carry, has_carry != 0, store != 0, out);
   }
 }
 
@@ -572,15 +517,12 @@ void columns_entry(const ScanProblem* p, int64_t i0, int64_t i1) {
   ALTGRAD_DISPATCH(p->dtype, columns_impl, p, i0, i1)
 }
 void segment_entry(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
-                   SegmentSummary* out) {
-  ALTGRAD_DISPATCH(p->dtype, segment_impl, p, row, s0, s1, carry, has_carry, out)
-}
-void fixup_entry(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry) {
-  ALTGRAD_DISPATCH(p->dtype, fixup_impl, p, row, s0, s1, carry)
+                   int store, SegmentSummary* out) {
+  ALTGRAD_DISPATCH(p->dtype, segment_impl, p, row, s0, s1, carry, has_carry, store, out)
 }
 #undef ALTGRAD_DISPATCH
 
-const Kernels kTable = {ALTGRAD_ISA_NAME, rows_entry, columns_entry, segment_entry, fixup_entry};
+const Kernels kTable = {ALTGRAD_ISA_NAME, rows_entry, columns_entry, segment_entry};
 
 }  // namespace
 

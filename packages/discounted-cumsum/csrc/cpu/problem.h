@@ -30,7 +30,7 @@ struct ScanProblem {
 
 // What a segment of a row contributes to the chain of chunk carries (see dispatch.cpp, chunked_row).
 struct SegmentSummary {
-  double last;  // the segment's last value in scan order, computed from the carry it was given
+  double last;  // the segment's last value in scan order when scanned from zero (whatever carry it was given)
   double prod;  // product of the gates over the segment (may underflow to 0 without a zero gate)
   int cut;      // 1 if some gate in the segment is zero (a reset): the carry before it never reaches its end
 };
@@ -43,13 +43,11 @@ struct Kernels {
   void (*rows)(const ScanProblem* p, int64_t r0, int64_t r1);
   // Work items [i0, i1) of an inner > 1 problem; item = (outer index, block of kColumnBlock columns).
   void (*columns)(const ScanProblem* p, int64_t i0, int64_t i1);
-  // Scan-order positions [s0, s1) of row `row` (inner == 1) starting from `carry` (ignored unless has_carry).
-  // Writes the local result and its summary (last value, product of the gates, whether a gate is zero).
+  // Scan-order positions [s0, s1) of row `row` (inner == 1): y = the segment scanned from zero + carry * (product
+  // of the gates so far) (no carry unless has_carry; a zero gate ends it), written only if `store`. `out` gets
+  // the segment's summary, which depends on neither the carry nor `store` (the same operations compute it).
   void (*segment)(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry, int has_carry,
-                  SegmentSummary* out);
-  // Adds carry * (product of gates from s0 up to and including s) to every y[s], s in [s0, s1), stopping at the
-  // first zero gate (a reset cuts the carry: it is never multiplied by 0, so a NaN or inf carry cannot leak).
-  void (*fixup)(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, double carry);
+                  int store, SegmentSummary* out);
 };
 
 constexpr int64_t kColumnBlock = 256;

@@ -55,8 +55,9 @@ def supported_cpu_isas() -> list[str]:
 def _set_chunk_tuning(min_chunked_row: int, min_elements_per_thread: int) -> tuple[int, int]:
     """Test hook: thresholds of the CPU kernel's chunked long-row path; returns the previous values.
 
-    The defaults (rows of at least 2^18 steps, 2^16 elements per thread) are what makes threading pay; tests lower
-    them so that short rows exercise the chunk carries and fix-ups.
+    The defaults (rows of at least 2^18 steps, cut into chunks of min_chunked_row / 8 steps whatever the thread
+    count; 2^16 elements per thread) are what makes threading pay; tests lower them so that short rows exercise
+    many chunks and their carries.
     """
     return tuple(_require(_cpu, _cpu_error, "cpu")._set_tuning(min_chunked_row, min_elements_per_thread))
 

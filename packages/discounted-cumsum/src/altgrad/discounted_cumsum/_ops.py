@@ -4,13 +4,15 @@ Gradients (scan order s = 0..N-1, gates a_s = gamma_s (1 - d_s), y_{-1} = initia
 
 * lambda_s = g_s + a_{s+1} lambda_{s+1}: the same scan in the opposite direction with the gates moved one step,
 * dL/dx_s = lambda_s,
-* dL/dgamma_s = lambda_s y_{s-1} (0 where d_s), summed over the broadcast dimensions of gamma,
+* dL/dgamma_s = lambda_s y_{s-1} (0 where d_s), summed over the broadcast dimensions of gamma (in a fixed order,
+  ``_sum_to_size``, so that the result does not depend on the thread count),
 * dL/dinitial = a_0 lambda_0 (0 where a_0 = 0).
 
 Zero gates cut the recurrence in both directions, so masks are applied with ``where``, never by multiplying
 with 0 (which would turn a NaN or inf from another episode into NaN).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -106,6 +108,32 @@ def _shift(t: torch.Tensor, dim: int, reverse: bool, first: torch.Tensor | None)
     return torch.cat([first, t.narrow(dim, 0, n - 1)], dim)
 
 
+# Block length of _sum_to_size's fixed summation order.
+_SUM_BLOCK = 1024
+
+
+def _sum_to_size(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t.sum_to_size(shape)`` in an order fixed by the shapes alone.
+
+    ATen splits a long reduction among threads, so ``sum_to_size`` of a long row gives different bits at 1 and 2
+    threads. Here every sum runs over at most ``_SUM_BLOCK`` contiguous elements (blocks, then blocks of the
+    block sums), and threads only share out whole blocks.
+    """
+    if t.dim() == 0:
+        return t.reshape(shape)
+    lead = t.dim() - len(shape)
+    reduced = [d for d in range(t.dim()) if d < lead or (shape[d - lead] == 1 and t.shape[d] != 1)]
+    kept = [d for d in range(t.dim()) if d not in reduced]
+    v = t.permute(*kept, *reduced).reshape(-1, math.prod(t.shape[d] for d in reduced))
+    while v.shape[1] > _SUM_BLOCK:
+        full = v.shape[1] // _SUM_BLOCK * _SUM_BLOCK
+        parts = [v[:, :full].reshape(v.shape[0], -1, _SUM_BLOCK).sum(-1)]
+        if full < v.shape[1]:
+            parts.append(v[:, full:].sum(-1, keepdim=True))
+        v = torch.cat(parts, 1)
+    return v.sum(-1).reshape(shape)
+
+
 def _gates(x: torch.Tensor, gamma, gamma_value: float, dones) -> torch.Tensor:
     cd = compute_dtype(x.dtype)
     a = gamma.to(cd) if gamma is not None else torch.full((), gamma_value, dtype=cd, device=x.device)
@@ -151,7 +179,7 @@ def _backward(ctx, grad):
         g = lam.to(cd) * prev
         if dones is not None:
             g = torch.where(dones, torch.zeros((), dtype=cd, device=g.device), g)
-        grad_gamma = g.sum_to_size(ctx.gamma_shape).to(gamma.dtype)
+        grad_gamma = _sum_to_size(g, ctx.gamma_shape).to(gamma.dtype)
     if need_initial:
         first = n - 1 if reverse else 0
         if gates is None:
@@ -162,7 +190,7 @@ def _backward(ctx, grad):
             torch.zeros((), dtype=a0.dtype, device=a0.device),
             a0 * lam.select(dim, first).to(a0.dtype),
         )
-        g0 = g0.sum_to_size(ctx.initial_shape)
+        g0 = _sum_to_size(g0, ctx.initial_shape)
         grad_initial = g0.to(initial.dtype)
     return lam, grad_gamma, None, None, grad_initial, None, None
 
