@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import DNI
+from altgrad.dni import DNI, BackwardInterface, LinearDNI
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -100,6 +100,29 @@ def test_output_kept_by_a_traceback_is_abandoned_when_an_update_is_due():
     assert dni.diagnostics()["2"]["abandoned"] == 1
 
 
+def test_standalone_interface_with_its_own_optimizer_gets_past_an_abandoned_prediction():
+    torch.manual_seed(0)
+    block, head = nn.Linear(6, 8), nn.Linear(8, 3)
+    synth = LinearDNI(input_size=8, hidden_size=8, output_size=8)
+    iface = BackwardInterface(synth, optimizer=torch.optim.SGD(synth.parameters(), lr=0.1))
+    kept = iface(block(batch(0)[0]))  # never back-propagated, still referenced (as by a kept traceback)
+    weights = []
+    for step in range(1, 4):
+        x, y = batch(step)
+        weights.append(synth.final.weight.detach().clone())
+        if step == 2:  # step 1's target has arrived: the older prediction is given up when step 2 predicts
+            with pytest.warns(RuntimeWarning, match="abandoned"):
+                F.cross_entropy(head(iface(block(x))), y).backward()
+        else:
+            F.cross_entropy(head(iface(block(x))), y).backward()
+    weights.append(synth.final.weight.detach().clone())
+    assert iface.abandoned == 1
+    assert iface._pending == 0
+    # exact: did a step happen at all (before the fix the stale prediction blocked every step)
+    assert not torch.equal(weights[-1], weights[1])
+    del kept
+
+
 def test_forwards_accumulated_into_one_backward_are_not_abandoned():
     dni = DNI(mlp(), hidden_size=8, grad_lr=1e-2)
     _train(dni, 1)
@@ -121,7 +144,7 @@ RUN = textwrap.dedent(
     import torch
     from torch import nn
     import torch.nn.functional as F
-    from altgrad.dni import DNI
+    from altgrad.dni import DNI, BackwardInterface, LinearDNI
 
 
     class Block(nn.Module):  # its activation size is not inferable: the synthesizer is built at the first forward
