@@ -30,20 +30,20 @@ MODES = ["iid", "lowrank", "flipout", "permuted"]
 
 # ----------------------------------------------------------------------------- the slow obvious reference
 def member_parameters(pm, k: int, sign: float) -> dict[str, torch.Tensor]:
-    """``{name: W + sign E_k}`` for every perturbed parameter (a tied parameter once: all its uses share E_k)."""
-    names = {}
-    for name, p in pm.model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    out = {}
-    done = set()
+    """``{name: W + sign E_k}`` with one name per (module object, attribute) holding a perturbed parameter: a module
+    registered twice appears once, a parameter tied between modules at each (``run_member`` does not tie)."""
+    noise = {}
     for unit in pm.perturbed_layers:
         e, eps = unit.dense_noise()
-        for p, noise in ((unit.weight, e), (unit.bias, eps)):
-            if p is None or id(p) in done:
-                continue
-            done.add(id(p))
-            out[names[id(p)][0]] = p.detach() + sign * noise[k]  # functional_call ties the other names
-    return out
+        for p, z in ((unit.weight, e), (unit.bias, eps)):
+            if p is not None:
+                noise.setdefault(id(p), p.detach() + sign * z[k])  # all uses of a tied parameter share E_k
+    return {
+        f"{prefix}.{name}" if prefix else name: noise[id(t)]
+        for prefix, module in pm.model.named_modules()
+        for name, t in module._parameters.items()
+        if t is not None and id(t) in noise
+    }
 
 
 def population_reference(pm, rows: int, call, antithetic: bool = True):
@@ -62,7 +62,7 @@ def population_reference(pm, rows: int, call, antithetic: bool = True):
 def run_member(model, params, *args, **kwargs):
     """The plain forward (perturbed flags off) with ``params`` substituted."""
     with torch.no_grad():
-        return functional_call(model, params, args, kwargs)
+        return functional_call(model, params, args, kwargs, tie_weights=False)
 
 
 def _check_population(pm, inputs, pop_dim, sigma=0.3, antithetic=True, out_dim=None):
@@ -512,3 +512,52 @@ def test_transformer_decoder_layer_cross_attention_matches_member_loop(mode, bat
     pm = es.perturb(layer, 2, mode=mode, seed=14, strict=True)
     assert not pm.es_plan().not_perturbed
     _check_population(pm, (tgt, memory), 0 if batch_first else 1)
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "iid"])
+def test_block_registered_under_two_names_is_one_perturbation(mode):
+    # the same LayerNorm and the same GRU object at two places: one unit each, every use sees the member's W + E_k
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(4, dtype=DT)
+    gru = nn.GRU(4, 4, batch_first=True, dtype=DT)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = norm, norm
+            self.first, self.second = gru, gru
+
+        def forward(self, x):
+            return self.b(self.second(self.a(self.first(x)[0]))[0])
+
+    net = Net()
+    pm = es.perturb(net, 2, mode=mode, seed=15, strict=True)
+    assert len(pm.perturbed_layers) == 3  # LayerNorm (weight + bias), GRU input and recurrent weights
+    plan = {p.name: p for p in pm.es_plan()}
+    assert plan["a.weight"].also == ("b.weight",)
+    assert plan["first.weight_hh_l0"].also == ("second.weight_hh_l0",)
+    _check_population(pm, (torch.randn(4, 3, 4, dtype=DT),), 0)
+
+
+def test_generic_path_with_a_submodule_registered_twice_keeps_its_parameters():
+    # functional_call with tie_weights=True swaps a module registered at two names twice and restores a plain
+    # tensor; the generic path swaps each (module, attribute) once
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.5, dtype=DT))
+            lin = nn.Linear(3, 3, dtype=DT)
+            self.first, self.again = lin, lin
+
+        def forward(self, x):
+            return self.again(torch.tanh(self.first(x))) * self.scale
+
+    model = nn.Sequential(Block())
+    params = [(n, p) for n, p in model.named_parameters()]
+    pm = es.perturb(model, 2, mode="lowrank", seed=16)
+    for _ in range(2):
+        _check_population(pm, (torch.randn(4, 3, dtype=DT),), 0)
+    assert [(n, p) for n, p in model.named_parameters()] == params
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())

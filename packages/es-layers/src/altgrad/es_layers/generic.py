@@ -57,11 +57,19 @@ class GenericHost(UnitHost):
         n = rows // reps
         signs = 2 if units[0].antithetic and reps > 1 else 1
         per = reps // signs  # rows of one member and sign
-        params = {}
+        values = {}
         for u in units:
             e = unit_dense(u)
             w = u.weight.detach() if not torch.is_grad_enabled() else u.weight
-            params[u.weight_name] = torch.cat([w + e, w - e]) if signs == 2 else w + e  # (signs*n, *shape)
+            values[id(u.weight)] = torch.cat([w + e, w - e]) if signs == 2 else w + e  # (signs*n, *shape)
+        # one entry per (module object, attribute) holding a perturbed parameter: a submodule registered twice is
+        # swapped once, a parameter tied between two modules at both (functional_call runs with tie_weights=False)
+        params = {
+            f"{prefix}.{name}" if prefix else name: values[id(t)]
+            for prefix, module in self.named_modules()  # type: ignore[attr-defined]
+            for name, t in module._parameters.items()
+            if t is not None and id(t) in values
+        }
         batched = [isinstance(t, Tensor) and t.dim() > pd and t.shape[pd] == rows for t in leaves]
 
         def split(t: Tensor) -> Tensor:  # (R*n at pd) -> (signs*n, ..., per at pd, ...)
@@ -77,7 +85,7 @@ class GenericHost(UnitHost):
 
         def one(p: dict, member_leaves: list) -> Any:
             a, kw = pytree.tree_unflatten(member_leaves, spec)
-            return torch.func.functional_call(self, p, a, kw)  # type: ignore[arg-type]
+            return torch.func.functional_call(self, p, a, kw, tie_weights=False)  # type: ignore[arg-type]
 
         self._es_inside = True
         try:
