@@ -561,3 +561,22 @@ def test_generic_path_with_a_submodule_registered_twice_keeps_its_parameters():
         _check_population(pm, (torch.randn(4, 3, dtype=DT),), 0)
     assert [(n, p) for n, p in model.named_parameters()] == params
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_generic_module_on_a_sequence_first_population():
+    # population_dim=1: the generic path splits the members along dim 1 of (T, B, features)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 5, dtype=DT)
+            self.scale = _Scale(5)
+
+        def forward(self, x):
+            return self.scale(self.lstm(x)[0])
+
+    pm = es.perturb(Net(), 2, mode="flipout", seed=17, population_dim=1)
+    assert {p.population_dim for p in pm.es_plan()} == {1}
+    _check_population(pm, (torch.randn(6, 4, 3, dtype=DT),), 1)
+    assert {p.path for p in pm.es_plan()} == {"lstm", "generic (vmap)"}
