@@ -1,5 +1,6 @@
 // Picks the kernels for this CPU and spreads one call over threads (compiled with baseline flags only).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -116,24 +117,13 @@ double carry_through(const SegmentSummary& s, double c) {
 // depend on its length only.
 int64_t chunk_length() { return std::max<int64_t>(g_min_chunked_row / 8, 1); }
 
-// Runs fn(k) for every k in [begin, end), split into `parts` contiguous ranges, one per thread.
-template <typename Fn>
-void parallel_range(int parts, int64_t begin, int64_t end, const Fn& fn) {
-  const int64_t count = end - begin;
-  const int used = static_cast<int>(std::min<int64_t>(parts, std::max<int64_t>(count, 1)));
-  parallel_parts(used, [&](int j) {
-    const int64_t lo = begin + count * j / used, hi = begin + count * (j + 1) / used;
-    for (int64_t k = lo; k < hi; ++k) fn(k);
-  });
-}
-
 // One long row, cut into chunks of chunk_length() steps (scan order), on up to `parts` threads. Each chunk is
 // scanned from the carry c_k before it, and c_{k+1} = carry_through(summary_k, c_k), where summary_k is the
 // chunk's from-zero summary (the same bits whether the chunk was scanned with its carry or only summarized). So
 // the arithmetic is fixed by the row alone and the result is bit-identical for every thread count; threads only
 // decide where each chunk is computed. One thread scans the chunks in order. Several threads: the chunks are
-// split into `parts` contiguous ranges; all ranges but the last are summarized (read-only) in parallel, the
-// carries into the ranges are chained, then every range is scanned in parallel from its carry.
+// split into `parts` contiguous ranges; all ranges but the last are summarized (read-only) in parallel, then each
+// thread chains the carries into its range and scans it.
 void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts, double init, bool has_init) {
   const int64_t n = p.n, len = chunk_length(), count = (n + len - 1) / len;
   auto lo = [&](int64_t k) { return k * len; };
@@ -153,23 +143,28 @@ void chunked_row(const Kernels* K, const ScanProblem& p, int64_t row, int parts,
     return;
   }
   auto first = [&](int j) { return count * j / parts; };
-  std::vector<SegmentSummary> seg(static_cast<std::size_t>(first(parts - 1)));
-  parallel_range(parts, 0, first(parts - 1),
-                 [&](int64_t k) { K->segment(&p, row, lo(k), hi(k), 0.0, 0, 0, &seg[k]); });
-  std::vector<double> carry(static_cast<std::size_t>(parts));
-  std::vector<char> has(static_cast<std::size_t>(parts));
-  double c = init;
-  bool h = has_init;
-  for (int j = 0; j < parts; ++j) {
-    carry[j] = c;
-    has[j] = h;
-    if (j + 1 == parts) break;
-    for (int64_t k = first(j); k < first(j + 1); ++k) {
-      c = h ? carry_through(seg[k], c) : seg[k].last;
+  const int64_t summarized = first(parts - 1);  // the chunks before the last range
+  std::vector<SegmentSummary> seg(static_cast<std::size_t>(summarized));
+  std::atomic<int> arrived{0};
+  // One parallel region (starting threads twice costs more than the chunks on a busy machine): every thread
+  // summarizes its share of the chunks before the last range, waits for the others, chains the carries up to
+  // its own range (the same operations on every thread), and scans its range.
+  parallel_parts(parts, [&](int j) {
+    for (int64_t k = summarized * j / parts; k < summarized * (j + 1) / parts; ++k) {
+      K->segment(&p, row, lo(k), hi(k), 0.0, 0, 0, &seg[static_cast<std::size_t>(k)]);
+    }
+    arrived.fetch_add(1, std::memory_order_acq_rel);
+    for (int spins = 0; arrived.load(std::memory_order_acquire) < parts; ++spins) {
+      if (spins > 4096) std::this_thread::yield();  // spin briefly, then let a descheduled thread run
+    }
+    double c = init;
+    bool h = has_init;
+    for (int64_t k = 0; k < first(j); ++k) {
+      c = h ? carry_through(seg[static_cast<std::size_t>(k)], c) : seg[static_cast<std::size_t>(k)].last;
       h = true;
     }
-  }
-  parallel_parts(parts, [&](int j) { run(first(j), first(j + 1), carry[j], has[j] != 0); });
+    run(first(j), first(j + 1), c, h);
+  });
 }
 
 }  // namespace
