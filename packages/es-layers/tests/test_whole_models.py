@@ -580,3 +580,27 @@ def test_generic_module_on_a_sequence_first_population():
     assert {p.population_dim for p in pm.es_plan()} == {1}
     _check_population(pm, (torch.randn(6, 4, 3, dtype=DT),), 1)
     assert {p.path for p in pm.es_plan()} == {"lstm", "generic (vmap)"}
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "iid"])
+def test_whole_sequence_first_transformer_matches_member_loop(mode):
+    # nn.Transformer (seq-first): the stacks' final LayerNorms also see (T, B, E); eval mode with a padding mask
+    # (the nested-tensor and fused fast paths would bypass the population)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, dtype=DT)
+
+        def forward(self, src, tgt):
+            pad = torch.zeros(src.shape[1], src.shape[0], dtype=torch.bool)
+            pad[:, -1] = True
+            return self.t(src, tgt, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+
+    net = Net().eval()
+    pm = es.perturb(net, 2, mode=mode, seed=18, strict=True)
+    plan = pm.es_plan()
+    assert {p.population_dim for p in plan} == {1}
+    assert not plan.not_perturbed
+    _check_population(pm, (torch.randn(5, 4, 8, dtype=DT), torch.randn(3, 4, 8, dtype=DT)), 1)

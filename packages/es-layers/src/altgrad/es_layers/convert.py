@@ -157,10 +157,15 @@ def _generic_units(module: nn.Module, key: str, directions: int, options: dict) 
     ]
 
 
-_SEQUENCE_FIRST = (
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-)
+def _sequence_first(module: nn.Module) -> bool:
+    """True for a torch transformer (layer, stack or whole) whose submodules see ``(T, B, E)`` tensors."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _sequence_first(module.layers[0])
+    if isinstance(module, nn.Transformer):
+        return not module.batch_first
+    return False
 
 
 def perturb(
@@ -193,7 +198,8 @@ def perturb(
 
     **Population dimension.** Inputs hold ``repeat_size * n`` population rows, member index fastest, on the
     batch dimension: ``population_dim`` (0) for Linear, Embedding, LayerNorm and generic modules, dim 1 for
-    those of a sequence-first ``nn.TransformerEncoderLayer``/``DecoderLayer`` (``batch_first=False``); recurrent
+    those inside a sequence-first (``batch_first=False``) ``nn.TransformerEncoderLayer``/``DecoderLayer``, their
+    stacks and ``nn.Transformer``; recurrent
     and attention modules use their own batch dimension (dim 1 unless ``batch_first=True``) and convolutions dim 0.
     A sequence-first model (an ``nn.LSTM`` followed by a Linear head on ``(T, B, H)``) passes
     ``population_dim=1``.
@@ -285,7 +291,7 @@ def perturb(
             if chosen(module):
                 decisions[id(module)] = ("generic", pop_dim)
             return
-        if isinstance(module, _SEQUENCE_FIRST) and not module.self_attn.batch_first:
+        if _sequence_first(module):
             pop_dim = 1
         for child in module.children():
             visit(child, pop_dim)
