@@ -20,7 +20,7 @@ import altgrad.es_layers as es
 DT = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-9}  # see the module docstring
 SETTINGS = settings(
-    max_examples=12,
+    max_examples=30,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
