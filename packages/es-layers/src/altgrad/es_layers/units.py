@@ -13,7 +13,7 @@ function of ``(seed, step, index, member)``, so every use of a tied parameter se
 (:class:`~altgrad.es_layers.PerturbedModel` gives tied units the same index).
 
 This module also holds the one dispatch from a unit's mode to :mod:`altgrad.es_layers.functional` for the
-products the hosts need (:func:`unit_linear`, :func:`unit_conv`, :func:`unit_rows`, :func:`unit_dense`).
+products the hosts need (:func:`unit_linear`, :func:`unit_conv1d`, :func:`unit_rows`, :func:`unit_dense`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from . import functional as EF
 from .base import Perturbed
 from .modes import FlipoutNoise, IIDNoise, LowRankNoise, PermutedNoise, SparseNoise
 
-__all__ = ["ParamUnit", "UnitHost", "make_unit", "unit_conv", "unit_dense", "unit_linear", "unit_rows"]
+__all__ = ["ParamUnit", "UnitHost", "make_unit", "unit_conv1d", "unit_dense", "unit_linear", "unit_rows"]
 
 #: Options of :func:`~altgrad.es_layers.perturb` read by each mode's noise.
 MODE_OPTIONS = {
@@ -214,23 +214,6 @@ def unit_linear(unit: ParamUnit, x: Tensor) -> Tensor:
         args = (noise["shared_weight"], noise.get("in_idx"), noise.get("out_idx"), nb)
         return EF.permuted_linear(x, w, b, *args, antithetic=anti, out_inv=noise.get("out_inv"))
     return EF.sparse_linear(x, w, b, noise["cols"], noise["values"], nb, antithetic=anti)
-
-
-def unit_conv(unit: ParamUnit, x: Tensor, stride: Any, padding: Any, dilation: Any, groups: int) -> Tensor:
-    """Population forward of a unit holding a convolution kernel ``(out, in / groups, kh, kw)``.
-
-    Args:
-        unit: The unit; its weight must be 4-D (a Conv1d host passes a 4-D view through :func:`unit_conv1d`).
-        x: ``(R * n, C_in, H, W)``, member index fastest.
-        stride: As ``F.conv2d``.
-        padding: As ``F.conv2d``.
-        dilation: As ``F.conv2d``.
-        groups: As ``F.conv2d``.
-
-    Returns:
-        ``(R * n, C_out, H_out, W_out)``.
-    """
-    return _conv(unit, x, unit.weight, unit._current_noise(), stride, padding, dilation, groups)
 
 
 def unit_conv1d(unit: ParamUnit, x: Tensor, stride: int, padding: Any, dilation: int, groups: int) -> Tensor:
