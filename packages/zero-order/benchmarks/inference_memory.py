@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
     }
     md = table(results)
+    results["table"] = md
     print(md)
     if args.out:
         with open(args.out, "w") as fh:

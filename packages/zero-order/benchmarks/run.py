@@ -21,7 +21,7 @@ re-implementation of TorchOpt 0.7.3's backward loop (same Python structure).
 
 Then (with the default ``--device all`` only) it runs ``inference_memory.py`` on the CPU (issue 21: MeZO-style vs
 ours in both memory modes vs backprop, peak memory above inference and time per step), writing
-``inference_memory.{json,png,md}`` next to ``--out``.
+``inference_memory.json`` (with the Markdown table) and ``inference_memory.png`` next to ``--out``.
 
 Usage: ``python run.py [--quick] [--out results.json] [--plot results.png] [--device cpu|cuda|all]
 [--skip-inference-memory]``; the GPU check is ``python run.py --device cuda --quick``.
@@ -515,8 +515,6 @@ def main(argv: list[str] | None = None) -> int:
                 str(out_dir / "inference_memory.json"),
                 "--plot",
                 str(out_dir / "inference_memory.png"),
-                "--markdown",
-                str(out_dir / "inference_memory.md"),
             ]
         inference_memory.main(extra)
     return 0
