@@ -115,7 +115,7 @@ def _native_host(module: nn.Module) -> type[UnitHost] | None:
         return PerturbedEmbedding
     if t is nn.LayerNorm:
         return PerturbedLayerNorm
-    if t is nn.MultiheadAttention and supports_attention(module):
+    if t is nn.MultiheadAttention and supports_attention(cast(nn.MultiheadAttention, module)):
         return PerturbedMultiheadAttention
     if t is nn.LSTM and module.proj_size == 0:
         return PerturbedLSTM
@@ -131,8 +131,9 @@ def _host_units(module: nn.Module, cls: type[UnitHost], key: str, directions: in
         pairs = [("in_proj_weight", "in_proj_bias"), ("out_proj.weight", "out_proj.bias")]
     elif cls in (PerturbedLSTM, PerturbedGRU):
         pairs = []
-        for layer in range(module.num_layers):
-            for sfx in ("", "_reverse") if module.bidirectional else ("",):
+        rnn = cast(nn.RNNBase, module)
+        for layer in range(rnn.num_layers):
+            for sfx in ("", "_reverse") if rnn.bidirectional else ("",):
                 for part in ("ih", "hh"):
                     pairs.append((f"weight_{part}_l{layer}{sfx}", f"bias_{part}_l{layer}{sfx}"))
     else:
@@ -322,7 +323,7 @@ def perturb(
 
     # build (still without changing the model), then apply
     replacements = []
-    swaps = []
+    swaps: list[tuple[nn.Module, type, list, int]] = []
     unit_options = {**options}
     for mid, (what, pop_dim) in decisions.items():
         module = modules[mid]
@@ -330,24 +331,26 @@ def perturb(
             cls = linear_cls if type(module) is nn.Linear else conv_cls
             new = _convert(module, cls, directions, options)  # type: ignore[arg-type]
             if pop_dim and type(module) is nn.Linear:
-                new.population_dim = pop_dim  # type: ignore[attr-defined]
+                setattr(new, "population_dim", pop_dim)  # noqa: B010 (a class attribute of the layer)
             replacements.append((names[mid], new))
         elif what == "host":
-            cls = _native_host(module)
-            assert cls is not None
-            dim = 0 if cls is PerturbedConv1d else pop_dim  # convolutions: always (batch, channels, ...)
-            swaps.append((module, cls, _host_units(module, cls, key, directions, unit_options), dim))
+            host = _native_host(module)
+            assert host is not None
+            dim = 0 if host is PerturbedConv1d else pop_dim  # convolutions: always (batch, channels, ...)
+            swaps.append((module, host, _host_units(module, host, key, directions, unit_options), dim))
         else:
-            cls = type(f"Generic{type(module).__name__}", (GenericHost, type(module)), {})
-            swaps.append((module, cls, _generic_units(module, key, directions, unit_options), pop_dim))
+            generic_cls = type(f"Generic{type(module).__name__}", (GenericHost, type(module)), {})
+            swaps.append(
+                (module, generic_cls, _generic_units(module, key, directions, unit_options), pop_dim)
+            )
     for all_names, new in replacements:
         for name in all_names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
-    for module, cls, units, pop_dim in swaps:
-        module.__class__ = cls
-        module._es_attach(units, pop_dim)  # type: ignore[attr-defined]
+    for module, swapped, units, pop_dim in swaps:
+        module.__class__ = swapped
+        cast(UnitHost, module)._es_attach(units, pop_dim)
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # the nested-tensor fast path bypasses the perturbed submodules

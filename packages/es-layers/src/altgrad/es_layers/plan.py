@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import Perturbed
 
 __all__ = ["Plan", "PlanEntry", "build_plan", "tie_noise"]
 
 
-def _roles(unit: Perturbed) -> list[tuple[str, nn.Parameter]]:
+def _roles(unit: Perturbed) -> list[tuple[str, Tensor]]:
     out = [("weight", unit.weight)]
     if unit.bias is not None:
         out.append(("bias", unit.bias))
@@ -54,7 +54,7 @@ def tie_noise(units: Sequence[Perturbed]) -> None:
                     f"({_law(v)} vs {_law(u)}); give them the same mode and options"
                 )
             index[slot] = v.layer_index
-        u.noise_index = None if index == [u.layer_index, u.layer_index] else tuple(index)
+        u.noise_index = None if index == [u.layer_index, u.layer_index] else (index[0], index[1])
         u._noise = {}
 
 
@@ -62,8 +62,9 @@ def _law(u: Perturbed) -> str:
     extras = ("rank", "flip", "permutation", "in_sparsity", "out_sparsity", "sparsity")
     parts = [u.mode, f"directions={u.directions}", f"antithetic={u.antithetic}", f"σ={u.noise_scale}"]
     parts += [f"{k}={getattr(u, k)}" for k in extras if hasattr(u, k)]
-    if getattr(u, "groups", 1) != 1:
-        parts.append(f"groups={u.groups}")
+    groups = getattr(u, "groups", 1)
+    if groups != 1:
+        parts.append(f"groups={groups}")
     return ", ".join(parts)
 
 
@@ -138,34 +139,30 @@ def build_plan(model: nn.Module, units: Sequence[Perturbed]) -> Plan:
         The plan.
     """
     names: dict[int, list[str]] = {}
-    params = {}
+    params: dict[int, Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
     covered: dict[int, tuple[str, str, int]] = {}
     for u in units:
         owner = getattr(u, "host", u)
-        path = getattr(u, "kind", None) or getattr(owner, "es_kind", type(owner).__name__)
+        path = str(getattr(u, "kind", None) or getattr(owner, "es_kind", type(owner).__name__))
         ran = getattr(owner, "es_generic_path", None)
         if path == "generic" and ran:
             path = f"generic ({ran})"
-        for role, p in _roles(u):
-            if id(p) in covered and path not in covered[id(p)][0].split(
-                ", "
-            ):  # a tied parameter's other uses
-                prev = covered[id(p)]
-                covered[id(p)] = (f"{prev[0]}, {path}", prev[1], prev[2])
-            else:
-                covered.setdefault(
-                    id(p), (path, u.mode if role == "weight" else "iid", _population_dim(owner))
-                )
+        for role, q in _roles(u):
+            if id(q) not in covered:
+                covered[id(q)] = (path, u.mode if role == "weight" else "iid", _population_dim(owner))
+            elif path not in covered[id(q)][0].split(", "):  # a tied parameter's other uses
+                prev = covered[id(q)]
+                covered[id(q)] = (f"{prev[0]}, {path}", prev[1], prev[2])
     plan = Plan()
     for pid, ns in names.items():
-        p = params[pid]
+        t = params[pid]
         if pid in covered:
             path, noise, dim = covered[pid]
-            plan.append(PlanEntry(ns[0], tuple(p.shape), path, noise, dim, tuple(ns[1:])))
+            plan.append(PlanEntry(ns[0], tuple(t.shape), path, noise, dim, tuple(ns[1:])))
         else:
-            path = "frozen" if not p.requires_grad else "not perturbed"
-            plan.append(PlanEntry(ns[0], tuple(p.shape), path, "", None, tuple(ns[1:])))
+            path = "frozen" if not t.requires_grad else "not perturbed"
+            plan.append(PlanEntry(ns[0], tuple(t.shape), path, "", None, tuple(ns[1:])))
     return plan

@@ -33,6 +33,10 @@ class _PerturbedRNN(UnitHost):
     training: bool
     _gates: int
 
+    @staticmethod
+    def _cell(gx: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
     def _population(self, input: Tensor, h0: Tensor | None, c0: Tensor | None):
         if isinstance(input, PackedSequence):
             raise ValueError(

@@ -164,7 +164,7 @@ def make_unit(
     """
     weight = host.get_parameter(weight_name)
     law = noise_mode(mode, weight, groups)
-    unit = _UNITS[law].__new__(_UNITS[law])
+    unit: Any = _UNITS[law].__new__(_UNITS[law])
     unit._init_unit(
         host,
         weight_name,
