@@ -604,3 +604,19 @@ def test_whole_sequence_first_transformer_matches_member_loop(mode):
     assert {p.population_dim for p in plan} == {1}
     assert not plan.not_perturbed
     _check_population(pm, (torch.randn(5, 4, 8, dtype=DT), torch.randn(3, 4, 8, dtype=DT)), 1)
+
+
+def test_generic_module_around_an_already_perturbed_layer_is_refused():
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(3))
+            self.inner = es.LowRankLinear(3, 3, 2)
+
+        def forward(self, x):
+            return self.inner(x) * self.g
+
+    model = nn.Sequential(Wrap())
+    with pytest.raises(ValueError, match=r"submodule 'inner' is already perturbed"):
+        es.perturb(model, 2)
+    assert type(model[0]) is Wrap  # nothing changed

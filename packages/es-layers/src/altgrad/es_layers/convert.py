@@ -290,6 +290,13 @@ def perturb(
             return
         if own:
             if chosen(module):
+                inner = [n for n, m in module.named_modules() if isinstance(m, (Perturbed, UnitHost))]
+                if inner:
+                    raise ValueError(
+                        f"module {names[id(module)][0] or '<model>'!r} ({type(module).__name__}) has parameters of its "
+                        f"own and needs the generic path, but its submodule {inner[0]!r} is already perturbed: the "
+                        "generic path evaluates the whole subtree member by member"
+                    )
                 decisions[id(module)] = ("generic", pop_dim)
             return
         if _sequence_first(module):
