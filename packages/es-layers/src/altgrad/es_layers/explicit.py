@@ -154,7 +154,7 @@ def _dense(delta: tuple, shape: tuple[int, ...]) -> Tensor:
     return torch.bmm(a, b.transpose(1, 2)).view(a.shape[0], *shape)
 
 
-def _rows(t: Tensor | None, members: Tensor, directions: int) -> Tensor | None:
+def _rows(t: Any, members: Any, directions: int) -> Any:
     """The rows of the members this process evaluates."""
     if t is None or (members.numel() == directions and bool(torch.equal(members, torch.arange(directions)))):
         return t
@@ -169,7 +169,8 @@ def _layer_forward(layer: Any, weight: tuple, bias: Tensor | None, directions: i
     members = layer.members
     dense, factors = weight
     eps = _rows(bias, members, directions)
-    a = b = None
+    a: Any = None
+    b: Any = None
     if factors is not None:
         a, b = (_rows(t, members, directions) for t in factors)
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:  # no grouped low-rank conv: materialise A Bᵀ
@@ -193,8 +194,10 @@ def _layer_forward(layer: Any, weight: tuple, bias: Tensor | None, directions: i
     return conv
 
 
-def _plan(model: PerturbedModel, deltas: Mapping[str, Delta]) -> list[tuple[Any, Any, dict[str, Tensor]]]:
-    """Check every delta, then build ``(layer, forward, noise)`` per perturbed layer; changes nothing."""
+def _plan(
+    model: PerturbedModel, deltas: Mapping[str, Delta]
+) -> list[tuple[Any, Any, dict[str, Any], str | None]]:
+    """Check every delta, then build ``(layer, forward, noise, mode)`` per perturbed layer; changes nothing."""
     if not isinstance(model, PerturbedModel):
         raise TypeError(f"model must be a PerturbedModel, got {type(model).__name__}")
     if not isinstance(deltas, Mapping):
@@ -220,7 +223,7 @@ def _plan(model: PerturbedModel, deltas: Mapping[str, Delta]) -> list[tuple[Any,
         weight = checked[id(layer.weight)]
         bias = None if layer.bias is None else _dense(checked[id(layer.bias)], layer.bias.shape)
         forward = _layer_forward(layer, weight, bias, n)
-        noise: dict[str, Tensor] = {}
+        noise: dict[str, Any] = {}
         mode = None
         if forward is None:  # the deltas become the layer's noise: low-rank factors, or dense IID noise
             if weight[1] is not None and isinstance(layer, LowRankNoise):
