@@ -196,7 +196,7 @@ def check_source(source: str, path: str = "<string>") -> list[str]:
 def _files(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*.py") if ".nox" not in p.parts)
+            yield from sorted(p for p in path.rglob("*.py") if ".nox" not in p.relative_to(path).parts)
         else:
             yield path
 
