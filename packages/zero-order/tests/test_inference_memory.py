@@ -357,6 +357,11 @@ def test_bad_values_raise():
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         zo.ZOSGD(nn.Linear(2, 1).requires_grad_(False), lr=0.1)
 
+    other = zo.ZOSGD(net, lr=0.1)
+    other.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match="is not held by any submodule"):
+        other.step(lambda: net(torch.ones(1, 2)).sum())
+
     import random
 
     rng = random.Random(0)

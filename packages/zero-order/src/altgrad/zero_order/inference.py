@@ -288,6 +288,9 @@ class ModulePerturbation:
             ``j``.
         noise: The estimate's `MemberNoise`.
         whole: Indices of parameters perturbed for the whole evaluation rather than inside their owner's forward.
+
+    Raises:
+        ValueError: If a parameter is held by no submodule of ``module``.
     """
 
     def __init__(
@@ -302,6 +305,13 @@ class ModulePerturbation:
                 if t is not None and id(t) in index:
                     self.owned.setdefault(m, []).append((name, index[id(t)]))
                     self.holders[index[id(t)]].append((m, name))
+        missing = [j for j, held in enumerate(self.holders) if not held]
+        if missing:
+            raise ValueError(
+                f"parameter {missing[0]} (shape {tuple(self.params[missing[0]].shape)}) is not held by any submodule "
+                "of the module whose forward is evaluated, so it cannot be perturbed; optimise only that module's "
+                "parameters"
+            )
         self.whole: set[int] = set(whole or ())
         self.member: tuple[int, float] | None = None
         self.depth: dict[int, int] = {}

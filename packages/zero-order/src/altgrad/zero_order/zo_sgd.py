@@ -116,7 +116,8 @@ class ZOSGD(torch.optim.Optimizer):
             ``antithetic`` an estimate of f(θ) with an O(σ²) bias).
 
         Raises:
-            ValueError: Without a closure.
+            ValueError: Without a closure, or with a parameter (added by ``add_param_group``) that ``module`` does
+                not hold.
         """
         if closure is None:
             raise ValueError("ZOSGD.step needs a `closure` that runs the module and returns the scalar loss")
