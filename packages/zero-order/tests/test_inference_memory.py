@@ -135,13 +135,14 @@ def test_module_inference_matches_batched_mode_for_seeded_noise():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
-def test_bf16_model_no_drift_and_finite_estimate():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_no_drift_and_finite_estimate(dtype):
     torch.manual_seed(2)
     inner = nn.Sequential(
         nn.Embedding(VOCAB, D),
         nn.TransformerEncoderLayer(D, 2, 32, dropout=0.0, batch_first=True),
         nn.Linear(D, 1),
-    ).to(torch.bfloat16)
+    ).to(dtype)
     ids = torch.randint(0, VOCAB, (2, T))
 
     class Loss(nn.Module):
@@ -158,7 +159,7 @@ def test_bf16_model_no_drift_and_finite_estimate():
     _assert_untouched(snap)
     for p in net.parameters():
         assert p.grad is not None
-        assert p.grad.dtype == torch.bfloat16
+        assert p.grad.dtype == dtype
         assert torch.isfinite(p.grad.float()).all()
     assert any(p.grad.abs().max() > 0 for p in net.parameters())
 
