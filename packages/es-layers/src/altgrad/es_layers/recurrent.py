@@ -83,7 +83,9 @@ class PerturbedLSTM(_PerturbedRNN, nn.LSTM):
 
     es_kind = "lstm"
 
-    def forward(self, input, hx=None):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """As ``nn.LSTM.forward``, or the population's when ``perturbed_flag`` is set.
 
         Args:
@@ -111,7 +113,7 @@ class PerturbedGRU(_PerturbedRNN, nn.GRU):
 
     es_kind = "gru"
 
-    def forward(self, input, hx=None):  # type: ignore[override]
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """As ``nn.GRU.forward``, or the population's when ``perturbed_flag`` is set.
 
         Args:
