@@ -99,6 +99,22 @@ def test_not_run_marker_needs_a_reason(tmp_path):
     assert far.not_run is None  # the marker must be right before the fence
 
 
+def test_not_run_marker_is_the_comment_right_before_the_fence(tmp_path):
+    """An earlier block's marker does not reach a later block that has another HTML comment before its fence
+    (the old pattern spanned from the first marker to the last ``-->``: the later block was skipped silently)."""
+    first, second, third = _block(
+        tmp_path,
+        "<!-- not-run: needs a CUDA GPU -->\n```python\nimport cupy\n```\n\nText.\n\n"
+        "<!-- markdownlint-disable -->\n```python\nx = 1\n```\n\n"
+        "<!-- not-run: needs one process per rank -->\n```python\nimport torch.distributed\n```\n",
+    )
+    assert first.not_run == "needs a CUDA GPU"
+    assert second.not_run is None  # it runs
+    assert (
+        third.not_run == "needs one process per rank"
+    )  # its own reason, not the text since the first marker
+
+
 def test_owner_by_path():
     assert doc_blocks.owner("packages/dni/README.md") == "dni"
     assert doc_blocks.owner("docs/es-layers/index.md") == "es-layers"
