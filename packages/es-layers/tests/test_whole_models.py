@@ -429,6 +429,30 @@ def test_sequence_first_population_dim_is_the_batch_dim():
         pm0(x)
 
 
+@pytest.mark.parametrize("hidden", [4, 5])
+def test_sequence_first_last_state_keeps_the_population_on_dim_0(hidden):
+    # population_dim=1, then the last state (B, H) through a LayerNorm and a Linear: like the
+    # Linear, the LayerNorm reads a 2-D input's population on dim 0 (it read dim 1 = H: wrong values when H = B = 4,
+    # an error otherwise)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, hidden, dtype=DT)
+            self.norm = nn.LayerNorm(hidden, dtype=DT)
+            self.head = nn.Linear(hidden, 2, dtype=DT)
+            self.emb = nn.Embedding(6, 3, dtype=DT)
+
+        def forward(self, idx):
+            out, _ = self.lstm(self.emb(idx))  # idx (T, B): embedded on (T, B, 3)
+            return self.head(self.norm(out[-1]))
+
+    idx = torch.randint(0, 6, (5, 4))  # T = 5, B = 2 repeats x 2 members
+    pm = es.perturb(Net(), 2, mode="lowrank", seed=13, population_dim=1)
+    _check_population(pm, (idx,), 1, out_dim=0)
+
+
 def test_population_refuses_unbatched_and_packed_inputs():
     pm = es.perturb(nn.Sequential(nn.LSTM(3, 4)), 2, seed=0)
     pm.set_noise()

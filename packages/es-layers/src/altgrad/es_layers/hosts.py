@@ -3,7 +3,8 @@
 Each class is the original module class plus :class:`~altgrad.es_layers.units.UnitHost`: ``perturb`` swaps the
 class of the existing object, so parameters, buffers and ``state_dict`` keys stay the same. Outside the population
 (``perturbed_flag`` off) the original forward runs. The population dimension is ``population_dim`` (0, or 1 inside a
-sequence-first transformer layer), holding ``repeat_size * n`` rows with the member index fastest.
+sequence-first transformer layer), holding ``repeat_size * n`` rows with the member index fastest; as for a Linear,
+an input with no dimension before it besides its features (indices ``(B,)``, a ``(B, H)`` state) has it on dim 0.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from .units import UnitHost, unit_conv1d, unit_dense, unit_rows
 __all__ = ["PerturbedConv1d", "PerturbedEmbedding", "PerturbedLayerNorm"]
 
 
-def _front(host: UnitHost, x: Tensor) -> Tensor:
-    return x if host.population_dim == 0 else x.movedim(host.population_dim, 0)
-
-
-def _back(host: UnitHost, y: Tensor) -> Tensor:
-    return y if host.population_dim == 0 else y.movedim(0, host.population_dim)
+def _population_dim(host: UnitHost, x: Tensor, features: int) -> int:
+    """The dimension of ``x`` holding the population: ``population_dim``, or 0 when ``x`` has no dimension in front
+    of it besides its ``features`` trailing ones (a ``(B, H)`` state after a sequence-first LSTM), as for a Linear."""
+    d = host.population_dim
+    return d if x.dim() > d + features else 0
 
 
 class PerturbedEmbedding(UnitHost, nn.Embedding):
@@ -44,7 +44,8 @@ class PerturbedEmbedding(UnitHost, nn.Embedding):
             return super().forward(input)
         if input.dim() < 1:
             raise ValueError(f"{type(self).__name__}: the population needs a batched input, got a scalar")
-        return _back(self, unit_rows(self._es_units[0], _front(self, input)))
+        d = _population_dim(self, input, 0)
+        return unit_rows(self._es_units[0], input.movedim(d, 0)).movedim(0, d)
 
 
 class PerturbedLayerNorm(UnitHost, nn.LayerNorm):
@@ -64,14 +65,15 @@ class PerturbedLayerNorm(UnitHost, nn.LayerNorm):
         if not self.perturbed_flag:
             return super().forward(input)
         unit = self._es_units[0]
-        x = _front(self, input)
+        d = _population_dim(self, input, len(self.normalized_shape))
+        x = input.movedim(d, 0)
         unit._repeats(x.shape)
         y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         noise = unit._current_noise()
         out = EF.perturbed_affine(
             y, self.weight, self.bias, unit_dense(unit), noise.get("bias"), antithetic=unit.antithetic
         )
-        return _back(self, out)
+        return out.movedim(0, d)
 
 
 class PerturbedConv1d(UnitHost, nn.Conv1d):
