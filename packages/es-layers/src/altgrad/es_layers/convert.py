@@ -22,7 +22,7 @@ from .hosts import PerturbedConv1d, PerturbedEmbedding, PerturbedLayerNorm
 from .linear import FlipoutLinear, LowRankLinear, PermutedLinear, PerturbedLinear, SparsePerturbedLinear
 from .model import PerturbedModel
 from .recurrent import PerturbedGRU, PerturbedLSTM
-from .units import UnitHost, make_unit
+from .units import MODE_OPTIONS, UnitHost, make_unit
 
 __all__ = ["MODES", "perturb"]
 
@@ -35,13 +35,6 @@ MODES: dict[str, tuple[type[nn.Module], type[nn.Module] | None]] = {
     "lowrank": (LowRankLinear, LowRankConv2d),
 }
 _ALIASES = {"perturbed": "iid", "synthetic": "flipout", "signflip": "flipout", "sign_flip": "flipout"}
-_MODE_OPTIONS = {
-    "iid": set(),
-    "sparse": {"sparsity"},
-    "permuted": {"permutation", "in_sparsity", "out_sparsity"},
-    "flipout": {"flip"},
-    "lowrank": {"rank"},
-}
 _COMMON_OPTIONS = {"antithetic", "noise_scale", "options"}
 
 
@@ -248,7 +241,7 @@ def perturb(
     key = _ALIASES.get(mode, mode)
     if key not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)} (or {sorted(_ALIASES)}), got {mode!r}")
-    allowed = _MODE_OPTIONS[key] | _COMMON_OPTIONS
+    allowed = set(MODE_OPTIONS[key]) | _COMMON_OPTIONS
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for mode {key!r}; allowed: {sorted(allowed)}")
