@@ -31,7 +31,6 @@ class _PerturbedRNN(UnitHost):
     hidden_size: int
     dropout: float
     training: bool
-    _gates: int
 
     @staticmethod
     def _cell(gx: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
