@@ -287,6 +287,42 @@ def test_generic_fallback_matches_member_loop(mode, cls, path):
         es.perturb(nn.Sequential(nn.Linear(4, 5), cls(5)), 3, strict=True)
 
 
+class _Attend(nn.Module):
+    """``nn.MultiheadAttention`` called as a transformer layer calls it: the output is ``(y, None)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=DT, **options)
+
+    def forward(self, q, kv):
+        return self.attn(q, kv, kv, need_weights=False)
+
+
+class _PairCounter(_Counter):
+    """A loop-path forward whose output has a ``None`` leaf."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs", "path"),
+    [
+        (lambda: _Attend(add_bias_kv=True), ((4, 3, 8), (4, 5, 8)), "generic (vmap)"),
+        (lambda: _Attend(kdim=6, vdim=6), ((4, 3, 8), (4, 5, 6)), "generic (vmap)"),
+        (lambda: _PairCounter(5), ((4, 5),), "generic (loop)"),
+    ],
+)
+def test_generic_output_with_a_none_leaf(make, inputs, path):
+    # an attention without a batched path returns (y, None): both generic paths raised on the None (vmap and
+    # torch.stack take tensors only)
+    torch.manual_seed(0)
+    pm = es.perturb(make(), 2, mode="lowrank", seed=11)
+    y = _check_population(pm, tuple(torch.randn(*shape, dtype=DT) for shape in inputs), 0)
+    assert y[1] is None
+    assert {p.path for p in pm.es_plan()} == {path}
+
+
 def test_strict_failure_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 5), _Scale(5))
     with pytest.raises(ValueError, match="strict=True"):

@@ -83,9 +83,16 @@ class GenericHost(UnitHost):
 
         split_leaves = [split(t) if b else t for t, b in zip(leaves, batched)]
 
-        def one(p: dict, member_leaves: list) -> Any:
+        # the output's structure and its non-tensor leaves (``None`` weights of an attention, ...): the same for
+        # every member; the members return only the tensors (vmap and torch.stack take nothing else)
+        out_tree: list[Any] = []
+
+        def one(p: dict, member_leaves: list) -> tuple[Tensor, ...]:
             a, kw = pytree.tree_unflatten(member_leaves, spec)
-            return torch.func.functional_call(self, p, a, kw, tie_weights=False)  # type: ignore[arg-type]
+            out = torch.func.functional_call(self, p, a, kw, tie_weights=False)  # type: ignore[arg-type]
+            out_leaves, tree = pytree.tree_flatten(out)
+            out_tree[:] = [tree, out_leaves]
+            return tuple(t for t in out_leaves if isinstance(t, Tensor))
 
         self._es_inside = True
         try:
@@ -99,12 +106,10 @@ class GenericHost(UnitHost):
                     pv = {k: t[v] for k, t in params.items()}
                     lv = [t[v] if b else t for t, b in zip(split_leaves, batched)]
                     outs.append(one(pv, lv))
-                out = (
-                    pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
-                    if len(outs) > 1
-                    else (pytree.tree_map(lambda t: t.unsqueeze(0), outs[0]))
-                )
+                out = tuple(torch.stack(ts) for ts in zip(*outs))
                 self.es_generic_path = "loop"
         finally:
             self._es_inside = False
-        return pytree.tree_map(lambda t: merge(t) if isinstance(t, Tensor) else t, out)
+        tree, out_leaves = out_tree
+        merged = iter(merge(t) for t in out)
+        return pytree.tree_unflatten([next(merged) if isinstance(t, Tensor) else t for t in out_leaves], tree)
