@@ -151,7 +151,7 @@ def _dense(delta: tuple, shape: tuple[int, ...]) -> Tensor:
     if dense is not None:
         return dense
     a, b = factors
-    return torch.bmm(a, b.transpose(1, 2)).view(a.shape[0], *shape)
+    return EF.lowrank_dense(a, b, shape)
 
 
 def _rows(t: Any, members: Any, directions: int) -> Any:
