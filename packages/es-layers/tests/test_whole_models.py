@@ -528,6 +528,29 @@ def test_tied_weights_with_different_noise_are_refused():
         es.perturb(model, 2, mode="lowrank", rank=1)
 
 
+def test_refused_tie_changes_nothing():
+    # the tie check runs once the model is converted (PerturbedModel); its refusal must undo the conversion (the
+    # Embedding kept its PerturbedEmbedding class, the Linear its replacement, the encoder its nested-tensor flag)
+    emb = nn.Embedding(5, 3)
+    tail = nn.Linear(5, 4)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), 1)
+    model = nn.Sequential(emb, es.LowRankLinear(3, 5, 2, bias=False, rank=2), tail, encoder)
+    model[1].weight = emb.weight
+    assert encoder.use_nested_tensor
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="different noise"):
+        es.perturb(model, 2, mode="lowrank", rank=1)
+    assert type(model[0]) is nn.Embedding
+    assert "_es_units" not in model[0].__dict__
+    assert model[2] is tail
+    assert type(tail) is nn.Linear
+    assert type(encoder.layers[0].self_attn) is nn.MultiheadAttention
+    assert encoder.use_nested_tensor
+    assert list(model.state_dict()) == keys
+    es.perturb(model, 2, mode="lowrank", rank=2)  # the refused call left no trace: a valid call converts it
+    assert type(model[0]).__name__ == "PerturbedEmbedding"
+
+
 def test_generic_module_output_shape_errors_are_clear():
     class Bad(nn.Module):
         def __init__(self):

@@ -332,7 +332,7 @@ def perturb(
             new = _convert(module, cls, directions, options)  # type: ignore[arg-type]
             if pop_dim and type(module) is nn.Linear:
                 setattr(new, "population_dim", pop_dim)  # noqa: B010 (a class attribute of the layer)
-            replacements.append((names[mid], new))
+            replacements.append((names[mid], new, module))
         elif what == "host":
             host = _native_host(module)
             assert host is not None
@@ -343,15 +343,30 @@ def perturb(
             swaps.append(
                 (module, generic_cls, _generic_units(module, key, directions, unit_options), pop_dim)
             )
-    for all_names, new in replacements:
-        for name in all_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
+    classes = [(module, type(module)) for module, *_ in swaps]
+    nested = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+
+    def place(which: int) -> None:
+        """Put the converted layers (``which=1``) or the original modules (``which=2``) at all their names."""
+        for entry in replacements:
+            for name in entry[0]:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, entry[which])
+
+    place(1)
     for module, swapped, units, pop_dim in swaps:
         module.__class__ = swapped
         cast(UnitHost, module)._es_attach(units, pop_dim)
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder):
-            module.use_nested_tensor = False  # the nested-tensor fast path bypasses the perturbed submodules
-    return PerturbedModel(model, directions, seed=seed)
+    for module, _ in nested:
+        module.use_nested_tensor = False  # the nested-tensor fast path bypasses the perturbed submodules
+    try:
+        return PerturbedModel(model, directions, seed=seed)  # ties noise: refuses tied uses of different laws
+    except BaseException:  # nothing changed: the original modules, classes and flags come back
+        place(2)
+        for module, cls in classes:
+            module.__class__ = cls
+            module.__dict__.pop("_es_units", None)
+            module.__dict__.pop("population_dim", None)
+        for module, flag in nested:
+            module.use_nested_tensor = flag
+        raise
