@@ -73,9 +73,14 @@ def lowrank_linear(
         b = b.as_strided(b.shape, (b.stride(0), 1, b.shape[1]), b.storage_offset())
     # one repeat at a time, in the rows' own layout: no copy of x, of the output or of the factors (at batch =
     # population = 1024, (1024, 1024), copies of b, [a; ε] and [h, 1] per call cost 0.2-0.3x of the plain GEMM)
+    # addcmul_/baddbmm_ have no vmap batching rule (torch falls back to a per-member loop, ~20x slower for
+    # zero-order's vmapped population): inside a torch.func transform the product is formed, then added
+    fused = torch._C._functorch.maybe_current_level() is None
     for rep, c in enumerate(_repeat_signs(x4.shape[0], antithetic, sigma)):
         h = torch.bmm(x4[rep], b)  # (n, t, r): x_i b_k
-        if rank == 1:  # the outer product as one broadcast pass
+        if not fused:
+            out4[rep].add_(h * a_t if rank == 1 else torch.bmm(h, a_t), alpha=c)
+        elif rank == 1:  # the outer product as one broadcast pass
             out4[rep].addcmul_(h, a_t, value=c)
         else:
             out4[rep].baddbmm_(h, a_t, alpha=c)  # out += c σ (x b_k) a_kᵀ, accumulated in place
