@@ -33,6 +33,10 @@ def _lowrank_checks(weight, a, b, noise_b):
     return n, r
 
 
+#: Up to this many repeats the low-rank Linear accumulates in place repeat by repeat; more take one batched product.
+_LOOP_REPEATS = 2
+
+
 def lowrank_linear(
     x: Tensor,
     weight: Tensor,
@@ -71,16 +75,22 @@ def lowrank_linear(
         # the same elements with the strides of a transposed (1, k) matrix: torch's CPU bmm takes a ~10x faster path
         # for this layout than for a contiguous (k, 1) one (0.12 vs 1.2 ms at n = k = 1024, one row per member)
         b = b.as_strided(b.shape, (b.stride(0), 1, b.shape[1]), b.storage_offset())
-    # one repeat at a time, in the rows' own layout: no copy of x, of the output or of the factors (at batch =
+    signs = _repeat_signs(x4.shape[0], antithetic, sigma)
+    if len(signs) > _LOOP_REPEATS or torch._C._functorch.maybe_current_level() is not None:
+        # many repeats (a shared input: one tiny bmm per repeat would cost more than the product), or inside a
+        # torch.func transform (addcmul_/baddbmm_ have no vmap batching rule; torch would loop over the members):
+        # every repeat in one product, formed, scaled by σ c_r, then added
+        h = torch.matmul(x4, b)  # (R, n, t, r)
+        prod = h * a_t if rank == 1 else torch.matmul(h, a_t)  # (R, n, t, m)
+        if noise_b is not None:
+            prod.add_(noise_b.unsqueeze(1))
+        out4.add_(_scale_(prod, antithetic, sigma))
+        return out
+    # few repeats: one at a time, in the rows' own layout, no copy of x, of the output or of the factors (at batch =
     # population = 1024, (1024, 1024), copies of b, [a; ε] and [h, 1] per call cost 0.2-0.3x of the plain GEMM)
-    # addcmul_/baddbmm_ have no vmap batching rule (torch falls back to a per-member loop, ~20x slower for
-    # zero-order's vmapped population): inside a torch.func transform the product is formed, then added
-    fused = torch._C._functorch.maybe_current_level() is None
-    for rep, c in enumerate(_repeat_signs(x4.shape[0], antithetic, sigma)):
+    for rep, c in enumerate(signs):
         h = torch.bmm(x4[rep], b)  # (n, t, r): x_i b_k
-        if not fused:
-            out4[rep].add_(h * a_t if rank == 1 else torch.bmm(h, a_t), alpha=c)
-        elif rank == 1:  # the outer product as one broadcast pass
+        if rank == 1:  # the outer product as one broadcast pass
             out4[rep].addcmul_(h, a_t, value=c)
         else:
             out4[rep].baddbmm_(h, a_t, alpha=c)  # out += c σ (x b_k) a_kᵀ, accumulated in place
