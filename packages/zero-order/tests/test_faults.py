@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import altgrad.zero_order as zo
-from altgrad.zero_order import ZeroOrderGradientModule, estimate_gradient, zero_order
-from altgrad.zero_order.population import PopulationEvaluator, VmapFallbackWarning
+from altgrad.zero_order import VmapFallbackWarning, ZeroOrderGradientModule, estimate_gradient, zero_order
+from altgrad.zero_order.population import PopulationEvaluator
 
 X = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
 Y = torch.randn(12, 1, generator=torch.Generator().manual_seed(2))

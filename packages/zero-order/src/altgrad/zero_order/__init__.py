@@ -17,6 +17,7 @@ from .distributions import NoiseTable, Samplable, SeededDistribution, SeededNorm
 from .estimators import METHODS, direction_weights
 from .gradient import SigmaResolutionWarning, estimate_gradient
 from .module import ZeroOrderGradientModule
+from .population import VmapFallbackWarning
 from .zo_sgd import ZOSGD
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SeededNormal",
     "SeededRademacher",
     "SigmaResolutionWarning",
+    "VmapFallbackWarning",
     "ZeroOrderGradientModule",
     "__version__",
     "direction_weights",
