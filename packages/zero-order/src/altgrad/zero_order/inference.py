@@ -245,6 +245,31 @@ def run_functional(
     return _finish(grads, params, finite, g)
 
 
+#: Tensor attributes whose reads carry no values (a property like ``.T``, ``.mT`` or ``.data`` does: it is a read).
+_METADATA = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "layout",
+        "ndim",
+        "requires_grad",
+        "grad",
+        "grad_fn",
+        "is_leaf",
+        "names",
+        "is_cuda",
+    }
+)
+
+
+def _metadata_read(func: Any) -> bool:
+    """Whether ``func`` is the getter of a Tensor attribute that carries no values (``p.shape``, ``p.dtype``)."""
+    if getattr(func, "__name__", "") != "__get__":
+        return False
+    return getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
+
+
 class _OutsideReads(torch.overrides.TorchFunctionMode):
     """Records which watched Parameters (by id) a torch function receives: the unperturbed value was read."""
 
@@ -256,7 +281,7 @@ class _OutsideReads(torch.overrides.TorchFunctionMode):
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if not self.paused and getattr(func, "__name__", "") != "__get__":
+        if not self.paused and not _metadata_read(func):
             stack: list[Any] = [*args, *kwargs.values()]
             while stack:
                 a = stack.pop()
