@@ -150,8 +150,12 @@ def test_recurrent_matches_member_loop(data):
     reps = draw(st.sampled_from([1, 2] if antithetic else [1, 3]))
     t, d_in, h = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
     with_state = draw(st.booleans())
+    # an LSTM may project h to proj_size < hidden_size (weight_hr, perturbed too)
+    proj = {"proj_size": draw(st.integers(0, h - 1))} if cell is nn.LSTM and h > 1 else {}
     g = torch.Generator().manual_seed(draw(st.integers(0, 999)))
-    rnn = cell(d_in, h, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, dtype=DT)
+    rnn = cell(
+        d_in, h, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, dtype=DT, **proj
+    )
     model = rnn  # the root itself is perturbed in place
     b = reps * n
     x = torch.randn((b, t, d_in) if batch_first else (t, b, d_in), generator=g, dtype=DT)
@@ -162,8 +166,11 @@ def test_recurrent_matches_member_loop(data):
     if not with_state:
         _check_population(pm, (x,), pop_dim, antithetic=antithetic)
         return
-    h0 = torch.randn(layers * (2 if bidirectional else 1), b, h, generator=g, dtype=DT)
-    state = (h0, torch.randn(h0.shape, generator=g, dtype=DT)) if cell is nn.LSTM else h0
+    h0 = torch.randn(
+        layers * (2 if bidirectional else 1), b, proj.get("proj_size") or h, generator=g, dtype=DT
+    )
+    c0 = torch.randn(layers * (2 if bidirectional else 1), b, h, generator=g, dtype=DT)
+    state = (h0, c0) if cell is nn.LSTM else h0
     pm.set_noise(0.3)
     with torch.no_grad():
         out, final = pm(x, state)
@@ -564,6 +571,22 @@ def test_generic_module_output_shape_errors_are_clear():
     pm.set_noise()
     with pytest.raises(ValueError, match=r"batch size \(3\) must be a multiple"):
         pm(torch.randn(3, 3))
+
+
+def test_generic_module_returning_a_state_off_the_population_dim_is_refused():
+    # a custom cell returning (y, state) with the state as (layers, B, H): the population is on dim 1 of the
+    # state, not population_dim=0; the generic path used to merge it as if it were and return a scrambled state
+    class Cell(_Scale):
+        def forward(self, x):
+            y = super().forward(x)
+            return y, torch.stack([y, x])
+
+    pm = es.perturb(nn.Sequential(Cell(3)), 2, seed=0, antithetic=False)
+    pm.set_noise()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"tensor 1 of shape \(2, 3, 3\) per member"):
+        pm(
+            torch.randn(6, 3, dtype=DT)
+        )  # 3 repeats of 2 members: each member's (3, 3) rows; the state (2, 3, 3)
 
 
 def test_dtype_move_regenerates_the_noise_of_modules_perturbed_in_place():

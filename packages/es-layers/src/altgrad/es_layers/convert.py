@@ -110,7 +110,7 @@ def _native_host(module: nn.Module) -> type[UnitHost] | None:
         return PerturbedLayerNorm
     if t is nn.MultiheadAttention and supports_attention(cast(nn.MultiheadAttention, module)):
         return PerturbedMultiheadAttention
-    if t is nn.LSTM and module.proj_size == 0:
+    if t is nn.LSTM:
         return PerturbedLSTM
     if t is nn.GRU:
         return PerturbedGRU
@@ -129,6 +129,8 @@ def _host_units(module: nn.Module, cls: type[UnitHost], key: str, directions: in
             for sfx in ("", "_reverse") if rnn.bidirectional else ("",):
                 for part in ("ih", "hh"):
                     pairs.append((f"weight_{part}_l{layer}{sfx}", f"bias_{part}_l{layer}{sfx}"))
+                if getattr(rnn, "proj_size", 0):  # the LSTM's projection of h (no bias)
+                    pairs.append((f"weight_hr_l{layer}{sfx}", f"bias_hr_l{layer}{sfx}"))
     else:
         pairs = [("weight", "bias")]
     groups = getattr(module, "groups", 1) if cls is PerturbedConv1d else 1

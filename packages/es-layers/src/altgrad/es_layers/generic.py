@@ -110,6 +110,13 @@ class GenericHost(UnitHost):
                 self.es_generic_path = "loop"
         finally:
             self._es_inside = False
+        for k, t in enumerate(out):  # (signs*n, *member shape): each member's rows on population_dim
+            if t.dim() <= pd + 1 or t.shape[pd + 1] != per:
+                raise ValueError(
+                    f"{type(self).__name__} (generic path): returned tensor {k} of shape {tuple(t.shape[1:])} per "
+                    f"member does not carry the member's {per} row(s) on population_dim={pd}; every tensor the "
+                    "forward returns must hold the population on that dimension"
+                )
         tree, out_leaves = out_tree
         merged = iter(merge(t) for t in out)
         return pytree.tree_unflatten([next(merged) if isinstance(t, Tensor) else t for t in out_leaves], tree)

@@ -6,8 +6,9 @@ so every weight matrix (input and recurrent) and every bias is perturbed.
 
 **Population dimension.** The batch dimension: dim 0 of ``(B, T, in)`` inputs with ``batch_first=True``, dim 1 of
 ``(T, B, in)`` otherwise (torch's default), and dim 1 of ``h_0``/``c_0`` ``(layers * directions, B, H)``;
-``B = repeat_size * n`` with the member index fastest. Packed sequences and ``proj_size > 0`` are not batched
-here (``proj_size`` takes the generic path; a ``PackedSequence`` is refused).
+``B = repeat_size * n`` with the member index fastest. An LSTM with ``proj_size > 0`` projects each step's
+hidden state with its (perturbed) ``weight_hr`` as torch does: ``h_0``/``h_n`` are ``(layers * directions, B,
+proj_size)``, ``c_0``/``c_n`` keep ``hidden_size``. Packed sequences are refused.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ class _PerturbedRNN(UnitHost):
         x = input if self.batch_first else input.transpose(0, 1)  # (B, T, in)
         b, t = x.shape[0], x.shape[1]
         d = 2 if self.bidirectional else 1
-        zeros = x.new_zeros(self.num_layers * d, b, self.hidden_size)
-        h0 = zeros if h0 is None else h0
-        c0 = zeros if c0 is None else c0
-        for name, s in (("h_0", h0), ("c_0", c0)):
+        proj = getattr(self, "proj_size", 0)  # an LSTM's h is projected to proj_size (0: not projected)
+        h_zeros = x.new_zeros(self.num_layers * d, b, proj or self.hidden_size)
+        c_zeros = x.new_zeros(self.num_layers * d, b, self.hidden_size)
+        h0 = h_zeros if h0 is None else h0
+        c0 = c_zeros if c0 is None else c0
+        for name, s, zeros in (("h_0", h0, h_zeros), ("c_0", c0, c_zeros)):
             if s.shape != zeros.shape:
                 raise ValueError(f"{name}: expected shape {tuple(zeros.shape)}, got {tuple(s.shape)}")
         h_n, c_n = [], []
@@ -62,12 +65,15 @@ class _PerturbedRNN(UnitHost):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
                 gx = unit_linear(self._unit("weight_ih" + sfx), layer_input)  # (B, T, G*H)
                 hh = self._unit("weight_hh" + sfx)
+                hr = self._unit("weight_hr" + sfx) if proj else None
                 h, c = h0[layer * d + direction], c0[layer * d + direction]
                 ys: list[Tensor] = [x] * t
                 for step in range(t - 1, -1, -1) if direction else range(t):
                     h, c = self._cell(gx[:, step], unit_linear(hh, h), h, c)
+                    if hr is not None:
+                        h = unit_linear(hr, h)
                     ys[step] = h
-                outs.append(torch.stack(ys, dim=1) if t else gx.new_zeros(b, 0, self.hidden_size))
+                outs.append(torch.stack(ys, dim=1) if t else gx.new_zeros(b, 0, h.shape[-1]))
                 h_n.append(h)
                 c_n.append(c)
             layer_input = outs[0] if d == 1 else torch.cat(outs, dim=-1)
@@ -78,7 +84,7 @@ class _PerturbedRNN(UnitHost):
 
 
 class PerturbedLSTM(_PerturbedRNN, nn.LSTM):
-    """``nn.LSTM`` whose population perturbs every ``weight_ih``/``weight_hh`` and bias of every layer."""
+    """``nn.LSTM`` whose population perturbs every ``weight_ih``/``weight_hh``/``weight_hr`` and bias of every layer."""
 
     es_kind = "lstm"
 
@@ -89,7 +95,8 @@ class PerturbedLSTM(_PerturbedRNN, nn.LSTM):
 
         Args:
             input: ``(T, B, in)`` (``(B, T, in)`` with ``batch_first``), ``B = repeat_size * n``, member fastest.
-            hx: ``(h_0, c_0)``, each ``(num_layers * directions, B, H)``, or ``None`` (zeros).
+            hx: ``(h_0, c_0)``: ``(num_layers * directions, B, proj_size or H)`` and ``(num_layers * directions,
+                B, H)``, or ``None`` (zeros).
 
         Returns:
             ``(output, (h_n, c_n))`` as ``nn.LSTM``.
