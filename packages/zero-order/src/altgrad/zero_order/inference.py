@@ -43,6 +43,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._noise import NoiseSource, compute_dtype
+from ._reads import ValueReads
 from .estimators import ANTITHETIC_METHODS, direction_weights
 from .population import check_output
 
@@ -245,55 +246,6 @@ def run_functional(
     return _finish(grads, params, finite, g)
 
 
-#: Tensor attributes whose reads carry no values (a property like ``.T``, ``.mT`` or ``.data`` does: it is a read).
-_METADATA = frozenset(
-    {
-        "shape",
-        "dtype",
-        "device",
-        "layout",
-        "ndim",
-        "requires_grad",
-        "grad",
-        "grad_fn",
-        "is_leaf",
-        "names",
-        "is_cuda",
-    }
-)
-
-
-def _metadata_read(func: Any) -> bool:
-    """Whether ``func`` is the getter of a Tensor attribute that carries no values (``p.shape``, ``p.dtype``)."""
-    if getattr(func, "__name__", "") != "__get__":
-        return False
-    return getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA
-
-
-class _OutsideReads(torch.overrides.TorchFunctionMode):
-    """Records which watched Parameters (by id) a torch function receives: the unperturbed value was read."""
-
-    def __init__(self, watched: dict[int, int]) -> None:
-        super().__init__()
-        self.watched, self.found, self.paused = watched, set[int](), 0
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if not self.paused and not _metadata_read(func):
-            stack: list[Any] = [*args, *kwargs.values()]
-            while stack:
-                a = stack.pop()
-                if isinstance(a, (list, tuple)):
-                    stack.extend(a)
-                elif isinstance(a, dict):
-                    stack.extend(a.values())
-                elif isinstance(a, Tensor) and id(a) in self.watched:
-                    self.found.add(self.watched[id(a)])
-        return func(*args, **kwargs)
-
-
 def _set(m: nn.Module, name: str, value: Tensor) -> None:
     """Put ``value`` in ``m``'s parameter slot ``name`` (and in the weight list an ``nn.RNNBase`` forward reads)."""
     m._parameters[name] = value  # type: ignore[assignment]
@@ -342,7 +294,7 @@ class ModulePerturbation:
         self.depth: dict[int, int] = {}
         self.installed: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = {}
         self.handles: list[Any] = []
-        self.detector: _OutsideReads | None = None
+        self.detector: ValueReads | None = None
 
     def __enter__(self) -> ModulePerturbation:
         for m in self.owned:
@@ -431,7 +383,7 @@ class ModulePerturbation:
                 return forward()
         watched = {id(p): j for j, p in enumerate(self.params)}
         while True:
-            self.detector = _OutsideReads(watched)
+            self.detector = ValueReads(watched)
             try:
                 with self._member(k, c), self.detector:
                     value = forward()

@@ -31,6 +31,7 @@ import altgrad.es_layers.functional as EF
 
 from . import inference
 from ._noise import NoiseSource
+from ._reads import ValueReads
 from .directions import Dense, Direction, Flipout, LowRank, Workspace
 from .distributions import Samplable, SeededDistribution
 from .gradient import EstimatorOptions, check_distributed_source, default_plans, run_estimate
@@ -143,7 +144,9 @@ class _ModuleCall:
         if not layers or self.options.memory == "inference":  # the inference mode has no fast path to plan
             with _active(self.module):
                 return self.forward(self.module, *self.args, **self.kwargs)
-        watch = _WeightUse({id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None})
+        watch = ValueReads(
+            {id(t): id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
+        )
         for layer in layers:
             layer.forward = functools.partial(_trusted_forward, layer, watch)  # type: ignore[method-assign]
         try:
@@ -160,7 +163,7 @@ class _ModuleCall:
                 id(layer)
                 for layer in layers
                 if not any(
-                    t is not None and (id(t) in watch.used or holders[id(t)] > 1)
+                    t is not None and (id(t) in watch.found or holders[id(t)] > 1)
                     for t in (layer.weight, layer.bias)
                 )
             }
@@ -293,38 +296,14 @@ def _estimate_inference(
     return grads
 
 
-class _WeightUse(torch.overrides.TorchFunctionMode):
-    """Records which watched tensors (by id) a forward passes to any torch function outside `_trusted_forward`."""
-
-    def __init__(self, watched: set[int]) -> None:
-        super().__init__()
-        self.watched, self.used, self.trusted = watched, set[int](), 0
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if not self.trusted and self.watched:
-            stack: list[Any] = [*args, *kwargs.values()]
-            while stack:
-                a = stack.pop()
-                if isinstance(a, (list, tuple)):
-                    stack.extend(a)
-                elif isinstance(a, dict):
-                    stack.extend(a.values())
-                elif id(a) in self.watched and isinstance(a, Tensor):
-                    self.used.add(id(a))
-        return func(*args, **kwargs)
-
-
-def _trusted_forward(layer: nn.Linear, watch: _WeightUse, input: Tensor) -> Tensor:
+def _trusted_forward(layer: nn.Linear, watch: ValueReads, input: Tensor) -> Tensor:
     """``nn.Linear.forward`` of ``layer`` during the unperturbed forward: its own use of the weight is not counted.
     The argument is named ``input`` as in ``nn.Linear.forward`` (``layer(input=x)`` works)."""
-    watch.trusted += 1
+    watch.paused += 1
     try:
         return torch.nn.functional.linear(input, layer.weight, layer.bias)
     finally:
-        watch.trusted -= 1
+        watch.paused -= 1
 
 
 class _DenseLinear(torch.autograd.Function):
