@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     if group is not None:
+        dist.barrier()  # leave together: tearing gloo down while a peer still finishes its last exchange can abort
         dist.destroy_process_group()
     if not identical:
         raise SystemExit("replicas diverged")
