@@ -221,6 +221,43 @@ def run_copy(
 # --------------------------------------------------------------------------- step time
 
 
+class Floor:
+    """What a DNI step cannot avoid: a backprop step plus the synthesizers' own forward, backward and update.
+
+    The synthesizers are copies of ``dni``'s, fed the activations of a real forward pass (and, for cDNI, the
+    one-hot labels) and regressed onto fixed targets, stepped by the optimizer the wrapper builds for them.
+    ``DNI step / floor`` is the wrapper's own overhead (issue 25, item 4: goal <= 1.25).
+    """
+
+    def __init__(self, dni: Trainer, layers: int, width: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        import copy
+
+        from altgrad.dni._optim import optimizer_factory
+
+        self.backprop = Trainer("backprop", layers, width, 0, lr=1e-3, sg_lr=1e-4, sg_hidden=256)
+        wrapper = dni.model
+        assert isinstance(wrapper, DNI)
+        self.synths = [copy.deepcopy(iface.synthesizer) for iface in wrapper.interfaces.values()]
+        factory = optimizer_factory("adam", 1e-4, "grad_optim")
+        assert factory is not None
+        self.opt = factory([p for s in self.synths for p in s.parameters()])
+        with torch.no_grad():
+            h, self.inputs = x, []
+            for block in self.backprop.net[:-1]:
+                h = block(h)
+                context = F.one_hot(y, 10).to(h.dtype) if dni.conditional else None
+                self.inputs.append(h if context is None else torch.cat([h, context], 1))
+        self.targets = [torch.randn(batch.shape[0], width) * 1e-3 for batch in self.inputs]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.backprop.step(x, y)
+        for synth, inp, target in zip(self.synths, self.inputs, self.targets, strict=True):
+            pred = synth(inp)[0]
+            torch.autograd.backward(pred, (pred.detach() - target) * (2.0 / inp.shape[0]))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def run_timing(layers: int, width: int, batch: int, min_run_time: float) -> dict[str, Any]:
     xtr, ytr, _, _ = load_digits_split()
     x, y = xtr[:batch], ytr[:batch]
@@ -230,14 +267,17 @@ def run_timing(layers: int, width: int, batch: int, min_run_time: float) -> dict
     out: dict[str, Any] = {"layers": layers, "width": width, "batch": batch, "ms": {}}
     timers = {}
     for method in ("backprop", "dni", "cdni"):
-        trainer = Trainer(method, layers, width, 0, lr=1e-3, sg_lr=1e-4, sg_hidden=256)
-        for _ in range(5):
-            trainer.step(x, y)
-        timers[method] = benchmark.Timer(
-            stmt="trainer.step(x, y)",
-            globals={"trainer": trainer, "x": x, "y": y},
-            num_threads=torch.get_num_threads(),
-        )
+        trainer: Trainer | Floor = Trainer(method, layers, width, 0, lr=1e-3, sg_lr=1e-4, sg_hidden=256)
+        for name, runner in [(method, trainer)] + (
+            [(f"{method}_floor", Floor(trainer, layers, width, x, y))] if method != "backprop" else []
+        ):
+            for _ in range(5):
+                runner.step(x, y)
+            timers[name] = benchmark.Timer(
+                stmt="runner.step(x, y)",
+                globals={"runner": runner, "x": x, "y": y},
+                num_threads=torch.get_num_threads(),
+            )
     # Interleaved rounds, best median per method: robust to other jobs sharing the machine.
     rounds = 5
     for _ in range(rounds):
@@ -246,6 +286,8 @@ def run_timing(layers: int, width: int, batch: int, min_run_time: float) -> dict
             out["ms"][method] = min(out["ms"].get(method, float("inf")), m.median * 1e3)
     base = out["ms"]["backprop"]
     out["ratio"] = {k: v / base for k, v in out["ms"].items()}
+    # The wrapper's own overhead: a DNI step over its floor (a backprop step plus the synthesizers' work).
+    out["over_floor"] = {m: out["ms"][m] / out["ms"][f"{m}_floor"] for m in ("dni", "cdni")}
     return out
 
 
@@ -271,6 +313,11 @@ def print_tables(res: dict[str, Any]) -> None:
     for t, row in c["max_length"].items():
         ratio = row["dni"] / row["bptt"] if row["bptt"] else float("inf")
         print(f"{t:>3} | {row['bptt']:6.1f} | {row['dni']:6.1f} | {ratio:9.2f}")
+    print("\nDNI step over its floor (backprop step + the synthesizers' forward, backward, update)")
+    for t in res["timing"]:
+        if "over_floor" in t:
+            cfg = f"{t['layers']}L w{t['width']} b{t['batch']}"
+            print(f"{cfg:>22} | DNI {t['over_floor']['dni']:.3f} | cDNI {t['over_floor']['cdni']:.3f}")
     print("\nStep time (median, ms; ratio to backprop)")
     print(f"{'config':>22} | {'backprop':>8} | {'DNI':>7} | {'cDNI':>7} | {'DNI/bp':>6} | {'cDNI/bp':>7}")
     for t in res["timing"]:

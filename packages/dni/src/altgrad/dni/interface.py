@@ -293,7 +293,10 @@ class BackwardInterface(nn.Module):
             feature_dim if feature_dim is not None else getattr(synthesizer, "feature_dim", -1)
         )
         self.diagnostics = bool(diagnostics)
-        self.last_loss: Tensor | None = None
+        self._loss: Tensor | None = None
+        self._loss_args: tuple[Tensor, Tensor, int] | None = (
+            None  # (prediction, target, B) of the last target
+        )
         self.last_cosine: Tensor | None = None
         self.last_target: Tensor | None = None
         self.last_prediction: Tensor | None = None
@@ -437,6 +440,8 @@ class BackwardInterface(nn.Module):
 
     def _abandon_stale(self) -> int:
         """Abandon the pending predictions older than one whose target has arrived (see the class docstring)."""
+        if not self._records:  # nothing pending: the common case, on every step
+            return 0
         records = [ref() for serial, ref in list(self._records.items()) if serial < self._last_arrived]
         return sum(record.abandon() for record in records if record is not None)
 
@@ -552,8 +557,19 @@ class BackwardInterface(nn.Module):
         anchor = pred.detach().requires_grad_(pred.requires_grad or not any(t.requires_grad for t in tensors))
         return _Boundary.apply(record, anchor, *tensors)
 
+    @property
+    def last_loss(self) -> Tensor | None:
+        """The last synthesizer loss (a detached float32 scalar tensor), or ``None``.
+
+        Computed when read, from the last prediction and target (kept detached), so that training steps do not
+        pay for a loss nobody reads.
+        """
+        if self._loss is None and self._loss_args is not None:
+            self._loss = sg_loss(*self._loss_args)
+        return self._loss
+
     def _observe(self, pred: Tensor, target: Tensor, batch_size: int) -> None:
-        self.last_loss = sg_loss(pred, target, batch_size)
+        self._loss, self._loss_args = None, (pred.detach(), target.detach(), batch_size)
         if self.diagnostics:
             self.last_prediction = pred.detach()
             self.last_target = target.detach()

@@ -314,6 +314,7 @@ class DNI(nn.Module):
         self._module_optimizer_names: list[str] = []
         self._ready: dict[int, torch.optim.Optimizer] = {}
         self._batching = False
+        self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
         for name, module in self._wrapped.items():
             if _is_feature_map(module) and self._feature_dim != 1:
                 raise ValueError(
@@ -384,6 +385,7 @@ class DNI(nn.Module):
         are copied together with the parameters they hold, so they step the copy's parameters.
         """
         super().__setstate__(state)
+        self.__dict__.setdefault("_eval_grads", False)  # copies pickled before the flag existed
         self._register_param_hooks()
         for module in self._wrapped.values():
             _OWNERS[module] = weakref.ref(self)
@@ -601,6 +603,7 @@ class DNI(nn.Module):
         (saliency maps, adversarial examples and gradient checks must not train the model).
         """
         if not self.training:
+            self._eval_grads = True  # dropped at the next training forward
             return
         if self._batching:
             self._ready[id(optimizer)] = optimizer
@@ -690,11 +693,14 @@ class DNI(nn.Module):
             self._active_mode = "observe" if self.num_steps < self.warmup_steps else self._mode
             self.num_steps += 1
             self.step_synthesizers()
-            # The wrapper owns the wrapped modules' updates and consumes their gradients as it steps, so any
-            # gradient found here was left by a backward pass in eval mode (a saliency map, say): drop it,
-            # or it would leak into this training step.
-            for opt in self._module_optimizers:
-                opt.zero_grad(set_to_none=True)
+            # The wrapper owns the wrapped modules' updates and consumes their gradients as it steps, so a
+            # gradient can only be left by a backward pass in eval mode (a saliency map, say; _on_grad notes
+            # it): drop it, or it would leak into this training step. Checked by flag, not by a zero_grad of
+            # every module optimizer on every step.
+            if self._eval_grads:
+                for opt in self._module_optimizers:
+                    opt.zero_grad(set_to_none=True)
+                self._eval_grads = False
             if self.synthetic_inputs:
                 self._trigger = args[0].detach().reshape(args[0].shape[0], -1)
         since = next_serial()
