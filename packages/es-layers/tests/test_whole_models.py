@@ -726,3 +726,79 @@ def test_generic_module_around_an_already_perturbed_layer_is_refused():
     with pytest.raises(ValueError, match=r"submodule 'inner' is already perturbed"):
         es.perturb(model, 2)
     assert type(model[0]) is Wrap  # nothing changed
+
+
+# ----------------------------------------------------------------------------- Embedding padding_idx
+def _padded_pair(mode, padding_idx, tied=False):
+    """Twin models (same weights, seed and noise), one with ``padding_idx``, one without."""
+    out = []
+    for pad in (padding_idx, None):
+        torch.manual_seed(0)
+        emb = nn.Embedding(6, 4, padding_idx=pad, dtype=DT)
+        head = nn.Linear(4, 6, bias=False, dtype=DT)
+        if tied:
+            head.weight = emb.weight  # LM weight tying: the head reads every row, the padding row too
+        out.append(es.perturb(nn.Sequential(emb, head), 3, mode=mode, seed=5, antithetic=True, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_padding_row_is_never_perturbed_and_gets_no_gradient(mode):
+    # backprop gives an Embedding's padding_idx row no gradient; the ES population used to perturb it and
+    # set_grad gave it Σ w_k E_k[p], pure noise that made the padding vector drift under any optimizer
+    padded, plain = _padded_pair(mode, padding_idx=1)
+    idx = torch.tensor([[1, 2, 1], [0, 1, 5], [3, 4, 1]]).repeat(2, 1)  # 2 antithetic repeats of 3 members
+    for pm in (padded, plain):
+        pm.set_noise(0.3)
+    with torch.no_grad():
+        rows, rows_plain = padded.model[0](idx), plain.model[0](idx)
+    w = padded.model[0].weight.detach()
+    # exact: torch.where copies the unperturbed row unchanged
+    assert torch.equal(rows[idx == 1], w[1].expand(int((idx == 1).sum()), 4))
+    assert not torch.equal(rows_plain[idx == 1], w[1].expand(int((idx == 1).sum()), 4))  # exact: differs
+    torch.testing.assert_close(rows[idx != 1], rows_plain[idx != 1], **TOL)  # the other rows: unchanged
+    # the whole population against the per-member loop (member parameters from dense_noise, padding row zero)
+    with torch.no_grad():
+        out = padded(idx)
+    ref = population_reference(padded, 6, lambda params, i: run_member(padded.model, params, idx[i : i + 1]))
+    torch.testing.assert_close(out, torch.cat(ref), **TOL)
+    weights = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    padded.set_grad(weights)
+    plain.set_grad(weights)
+    g, g_plain = padded.model[0].weight.grad, plain.model[0].weight.grad
+    assert not g[1].any()  # exact: the row is assigned zero
+    assert g_plain[1].abs().sum() > 0
+    torch.testing.assert_close(g[torch.arange(6) != 1], g_plain[torch.arange(6) != 1], **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tied_embedding_padding_row_keeps_the_heads_gradient(mode):
+    # tied to a head that reads every row, the padding row's estimate is the head's part, as in backprop
+    padded, plain = _padded_pair(mode, padding_idx=1, tied=True)
+    for pm in (padded, plain):
+        pm.set_noise(0.3)
+    weights = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    padded.set_grad(weights)
+    plain.set_grad(weights)
+    g, g_plain = padded.model[0].weight.grad, plain.model[0].weight.grad
+    assert g[1].abs().sum() > 0
+    torch.testing.assert_close(g, g_plain, **TOL)
+
+
+def test_explicit_population_reads_the_padding_row_with_its_delta():
+    # population() evaluates exactly θ + δ_k, as the plain Embedding (whose forward reads the padding row) would
+    from altgrad.es_layers.explicit import deltas_from_vectors, perturbed_parameters, population
+
+    padded, _ = _padded_pair("lowrank", padding_idx=1)
+    params = perturbed_parameters(padded)
+    center = torch.nn.utils.parameters_to_vector(params.values())
+    values = center + 0.3 * torch.randn(
+        3, center.numel(), generator=torch.Generator().manual_seed(1), dtype=DT
+    )
+    idx = torch.tensor([[1, 2], [1, 0], [4, 1]])
+    with torch.no_grad(), population(padded, deltas_from_vectors(padded, values)):
+        out = padded(idx)
+    for k in range(3):
+        member = {name: torch.empty_like(p) for name, p in params.items()}
+        torch.nn.utils.vector_to_parameters(values[k], member.values())
+        torch.testing.assert_close(out[k], run_member(padded.model, member, idx[k : k + 1])[0], **TOL)

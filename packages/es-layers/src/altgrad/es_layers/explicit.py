@@ -259,7 +259,7 @@ def population(model: PerturbedModel, deltas: Mapping[str, Delta]) -> Iterator[N
         TypeError: For deltas that are not floating-point tensors.
     """
     plan = _plan(model, deltas)
-    attrs = ("_population_forward", "_current_noise", "mode", "antithetic")
+    attrs = ("_population_forward", "_current_noise", "mode", "antithetic", "es_explicit")
     saved = []
     try:
         for layer, forward, noise, mode in plan:
@@ -270,6 +270,9 @@ def population(model: PerturbedModel, deltas: Mapping[str, Delta]) -> Iterator[N
                 layer.__dict__["mode"] = mode
             layer.__dict__["_current_noise"] = lambda noise=noise: noise
             layer.__dict__["antithetic"] = False
+            layer.__dict__["es_explicit"] = (
+                True  # member k is exactly θ + δ_k (an Embedding's padding row too)
+            )
         yield
     finally:
         for layer, old in reversed(saved):

@@ -9,6 +9,7 @@ an input with no dimension before it besides its features (indices ``(B,)``, a `
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,7 +28,8 @@ def _population_dim(host: UnitHost, x: Tensor, features: int) -> int:
 
 class PerturbedEmbedding(UnitHost, nn.Embedding):
     """``nn.Embedding`` whose population looks up rows of ``W + c E_k`` (low rank: ``A_k[idx] B_kᵀ``; Flipout:
-    ``r_k[idx] E[idx] ∘ s_k``; IID: ``E_k[idx]``). The ``padding_idx`` row is perturbed like any other row."""
+    ``r_k[idx] E[idx] ∘ s_k``; IID: ``E_k[idx]``). As in backprop, the ``padding_idx`` row takes no part: every
+    member looks it up unperturbed, and its ES gradient is zero unless another use (a tied head) reads it."""
 
     es_kind = "embedding"
 
@@ -45,7 +47,13 @@ class PerturbedEmbedding(UnitHost, nn.Embedding):
         if input.dim() < 1:
             raise ValueError(f"{type(self).__name__}: the population needs a batched input, got a scalar")
         d = _population_dim(self, input, 0)
-        return unit_rows(self._es_units[0], input.movedim(d, 0)).movedim(0, d)
+        idx = input.movedim(d, 0)
+        unit = self._es_units[0]
+        out = unit_rows(unit, idx)
+        if self.padding_idx is not None and not unit.es_explicit:  # the padding row is never perturbed
+            pad = (idx == self.padding_idx).unsqueeze(-1)
+            out = torch.where(pad, self.weight[self.padding_idx].to(out.dtype), out)
+        return out.movedim(0, d)
 
 
 class PerturbedLayerNorm(UnitHost, nn.LayerNorm):

@@ -32,6 +32,14 @@ def _fingerprint(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _padding_rows(layer: Any) -> set[int] | None:
+    """The ``padding_idx`` row an Embedding unit leaves unperturbed, as a set (``None``: the use reads every row)."""
+    host = getattr(layer, "host", None)
+    if getattr(layer, "kind", None) != "embedding" or getattr(host, "padding_idx", None) is None:
+        return None
+    return {int(host.padding_idx)}
+
+
 class PerturbedModel:
     """Wrap a model containing perturbed layers (NESgpu's ``PerturbedModel``).
 
@@ -284,15 +292,25 @@ class PerturbedModel:
         Everything is computed before any ``.grad`` is written, so bad weights leave every ``.grad`` unchanged.
         """
         sums: dict[int, tuple[nn.Parameter, Tensor, bool]] = {}
+        padded: dict[
+            int, set[int] | None
+        ] = {}  # rows every use of a weight leaves out (Embedding padding_idx)
         for layer in self.perturbed_layers:
             g_w, g_b = layer.es_grad(weights)
             for p, g, is_weight in ((layer.weight, g_w, True), (layer.bias, g_b, False)):
                 if p is None or g is None:
                     continue
                 sums.setdefault(id(p), (p, g, is_weight))  # a tied parameter's later uses: the same term
+                if is_weight:
+                    rows = _padding_rows(layer)
+                    before = padded.get(id(p), rows)
+                    padded[id(p)] = None if rows is None or before is None else rows & before
         out = []
         with torch.no_grad():
             for p, g, is_weight in sums.values():
+                for row in sorted(padded.get(id(p)) or ()):
+                    # as backprop: an Embedding's padding_idx row gets no gradient when no other use reads it
+                    g[row] = 0
                 if is_weight and l1:
                     g += l1 * torch.sign(p)
                 if is_weight and l2:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as EF
@@ -57,7 +58,10 @@ class ParamUnit(Perturbed):
         weight_name: Qualified name of the weight inside ``host`` (for example ``"in_proj_weight"``).
         bias_name: Name of the bias, or ``None``.
         kind: The batched path the host runs (``"attention"``, ``"lstm"``, ``"embedding"``, ``"generic"``, ...).
+        es_explicit: True while :func:`~altgrad.es_layers.population` supplies the members' deltas.
     """
+
+    es_explicit = False
 
     def _init_unit(
         self,
@@ -88,6 +92,15 @@ class ParamUnit(Perturbed):
     def bias(self) -> Tensor | None:  # type: ignore[override]
         """The bias whose noise this unit also draws, or ``None``."""
         return None if self.bias_name is None else self.host.get_parameter(self.bias_name)
+
+    def dense_noise(self, members: Any = None) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`Perturbed.dense_noise`; an Embedding's ``padding_idx`` row is zero (its forward never reads the
+        perturbed row; a tied use elsewhere reads it through its own unit)."""
+        e, eps = super().dense_noise(members)
+        pad = getattr(self.host, "padding_idx", None) if self.kind == "embedding" else None
+        if pad is not None and not self.es_explicit:
+            e = e.index_fill(1, torch.tensor([pad], device=e.device), 0)  # a copy: the noise is not written
+        return e, eps
 
     def __repr__(self) -> str:
         bias = f", bias={self.bias_name!r}" if self.bias_name else ""
