@@ -217,4 +217,24 @@ void run_scan(const ScanProblem& p, int num_threads) {
   parallel_parts(parts, [&](int k) { K->columns(&p, items * k / parts, items * (k + 1) / parts); });
 }
 
+void run_rl(const RlProblem& p, int num_threads) {
+  const Kernels* K = kernels();
+  const int64_t numel = p.outer * p.n * p.inner;
+  if (numel == 0) return;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, 256));
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, numel / g_min_elements_per_thread));
+  // Independent rows (inner == 1) or groups of kRlColumns adjacent columns, split evenly among the threads.
+  const bool rows = p.inner == 1;
+  const int64_t items = rows ? p.outer : p.outer * ((p.inner + kRlColumns - 1) / kRlColumns);
+  const int parts = static_cast<int>(std::min<int64_t>(threads, items));
+  parallel_parts(parts, [&](int k) {
+    const int64_t i0 = items * k / parts, i1 = items * (k + 1) / parts;
+    if (rows) {
+      K->rl_rows(&p, i0, i1);
+    } else {
+      K->rl_columns(&p, i0, i1);
+    }
+  });
+}
+
 }  // namespace altgrad_dc

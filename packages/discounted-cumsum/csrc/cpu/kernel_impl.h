@@ -500,6 +500,8 @@ void columns_impl(const ScanProblem* p, int64_t i0, int64_t i1) {
   }
 }
 
+#include "cpu/rl_kernel.h"
+
 // ------------------------------------------------------------------------------------------------------------
 // dtype dispatch
 // ------------------------------------------------------------------------------------------------------------
@@ -520,9 +522,13 @@ void segment_entry(const ScanProblem* p, int64_t row, int64_t s0, int64_t s1, do
                    int store, SegmentSummary* out) {
   ALTGRAD_DISPATCH(p->dtype, segment_impl, p, row, s0, s1, carry, has_carry, store, out)
 }
+void rl_rows_entry(const RlProblem* p, int64_t r0, int64_t r1) { ALTGRAD_DISPATCH(p->dtype, rl_rows_impl, p, r0, r1) }
+void rl_columns_entry(const RlProblem* p, int64_t i0, int64_t i1) {
+  ALTGRAD_DISPATCH(p->dtype, rl_columns_impl, p, i0, i1)
+}
 #undef ALTGRAD_DISPATCH
 
-const Kernels kTable = {ALTGRAD_ISA_NAME, rows_entry, columns_entry, segment_entry};
+const Kernels kTable = {ALTGRAD_ISA_NAME, rows_entry, columns_entry, segment_entry, rl_rows_entry, rl_columns_entry};
 
 }  // namespace
 

@@ -62,6 +62,20 @@ def _set_chunk_tuning(min_chunked_row: int, min_elements_per_thread: int) -> tup
     return tuple(_require(_cpu, _cpu_error, "cpu")._set_tuning(min_chunked_row, min_elements_per_thread))
 
 
+def cpu_module() -> ModuleType:
+    """The compiled CPU module.
+
+    Raises:
+        RuntimeError: If it could not be imported (the reason is in the message).
+    """
+    return _require(_cpu, _cpu_error, "cpu")
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernels' code for a floating dtype (see csrc/cpu/problem.h, DType)."""
+    return _DTYPE_CODES[dtype]
+
+
 def _require(module: ModuleType | None, error: str | None, device: str) -> ModuleType:
     if module is None:
         hint = (

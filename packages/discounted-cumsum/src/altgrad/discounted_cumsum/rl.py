@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _rl
 from ._args import compute_dtype
 from .core import discounted_cumsum
 
@@ -99,12 +100,24 @@ def generalized_advantage_estimate(
     dones: torch.Tensor | None = None,
     bootstrap: float | torch.Tensor | None = None,
     dim: int = -1,
+    *,
+    terminated: torch.Tensor | None = None,
+    next_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""Generalized advantage estimation (Schulman et al., 2016).
+    r"""Generalized advantage estimation (Schulman et al., 2016), fused into one pass of the C++ kernel.
 
-    $\delta_t = r_t + \gamma (1 - d_t) V_{t+1} - V_t$ and
-    $A_t = \delta_t + \gamma \lambda (1 - d_t) A_{t+1}$, with $V_T$ = ``bootstrap`` and
-    $A_T = 0$. The value targets used by PPO are ``advantages + values``.
+    $\delta_t = r_t + \gamma (1 - \mathrm{term}_t) V'_t - V_t$ and
+    $A_t = \delta_t + \gamma \lambda (1 - d_t) A_{t+1}$, with $A_T = 0$. The next value $V'_t$ is
+    ``next_values[t]`` when given, else $V_{t+1}$ (and ``bootstrap`` after the last step). The value targets used
+    by PPO are ``advantages + values``.
+
+    Without ``terminated``, ``dones`` are terminal states (no bootstrap, as in CleanRL and SB3's buffer without
+    timeouts). With ``terminated``, ``dones`` mark every episode end and ``terminated`` the terminal ones; a done step
+    that is not terminated (a time-limit truncation) bootstraps from ``next_values[t]``, the value of the state the
+    episode was cut at, which is why ``terminated`` needs ``next_values``. A terminated step also ends the episode.
+
+    On CPU tensors with no gradient needed this runs the fused kernel (no temporaries); otherwise the same formula
+    runs on the differentiable scan (gradients w.r.t. rewards, values, next values, bootstrap, gamma and lam).
 
     Args:
         rewards: Rewards, time along ``dim``.
@@ -112,17 +125,21 @@ def generalized_advantage_estimate(
         gamma: Discount: a number or a tensor broadcastable to ``rewards`` (a per-row tensor is also accepted).
         lam: GAE $\lambda$: a number or a tensor like ``gamma``.
         dones: Optional episode ends, broadcastable to ``rewards``.
-        bootstrap: Optional value of the state after the last step, shape of ``rewards`` without ``dim``.
+        bootstrap: Optional value of the state after the last step, shape of ``rewards`` without ``dim``
+            (only without ``next_values``).
         dim: Time dimension.
+        terminated: Optional terminal flags, broadcastable to ``rewards`` (needs ``next_values``).
+        next_values: Optional values of the states after each step, same shape as ``rewards``.
 
     Returns:
         The advantages, shaped like ``rewards``.
 
     Raises:
         TypeError: If ``rewards`` is not a floating tensor with at least one dimension, or ``gamma``, ``lam``,
-            ``dones`` or ``bootstrap`` has the wrong type.
-        ValueError: If ``values`` does not have the shape of ``rewards``, or ``gamma``, ``lam``, ``dones`` or
-            ``bootstrap`` does not fit it.
+            ``dones``, ``terminated`` or ``bootstrap`` has the wrong type.
+        ValueError: If ``values`` or ``next_values`` does not have the shape of ``rewards``, ``gamma``, ``lam``,
+            ``dones``, ``terminated`` or ``bootstrap`` does not fit it, ``terminated`` comes without
+            ``next_values``, or both ``bootstrap`` and ``next_values`` are given.
         IndexError: If ``dim`` is out of range.
 
     Example:
@@ -137,31 +154,26 @@ def generalized_advantage_estimate(
     if not isinstance(values, torch.Tensor) or values.shape != rewards.shape:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"`values` must have the shape of `rewards` {tuple(rewards.shape)}, got {shape}")
-    if not -rewards.dim() <= dim < rewards.dim():
-        raise IndexError(f"`dim` is {dim} but `rewards` has {rewards.dim()} dimension(s)")
-    d = dim % rewards.dim()
-    n = rewards.shape[d]
-    cd = compute_dtype(rewards.dtype)
-    row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
-    last = _bootstrap(bootstrap, rewards, d)
-    last = torch.zeros((), dtype=cd, device=rewards.device) if last is None else last.to(cd)
-    last = last.expand(row_shape)
-    v = values.to(cd)
-    next_values = torch.cat([v.narrow(d, 1, n - 1), last.unsqueeze(d)], d) if n > 0 else v
-    if dones is not None:
-        if not isinstance(dones, torch.Tensor):
-            raise TypeError(f"`dones` must be a tensor or None, got {type(dones).__name__}")
-        if dones.dim() > rewards.dim() or any(
-            s not in (1, t) for s, t in zip(reversed(dones.shape), reversed(rewards.shape))
-        ):
-            raise ValueError(
-                f"`dones` of shape {tuple(dones.shape)} does not broadcast to `rewards` of shape {tuple(rewards.shape)}"
-            )
-        # where, not (1 - d) * V: a NaN/inf value of the next episode's first state must not leak back
-        next_values = torch.where(dones != 0, torch.zeros((), dtype=cd, device=v.device), next_values)
-    g = _rate("gamma", gamma, rewards, d)
-    lm = _rate("lam", lam, rewards, d)
-    delta = rewards.to(cd) + g * next_values - v
-    gl = g * lm
-    adv = discounted_cumsum(delta, gl, dim=d, reverse=True, dones=dones)
+    if terminated is not None and next_values is None:
+        raise ValueError(
+            "`terminated` needs `next_values`: a truncated step bootstraps from the value of the state it was cut "
+            "at, which `values` does not hold"
+        )
+    if terminated is None:
+        terminated = dones
+    names = {"reward": "rewards", "value": "values", "next_value": "next_values", "done": "dones"}
+    adv, _ = _rl.estimate(
+        _rl.GAE,
+        rewards,
+        values,
+        next_values,
+        gamma,
+        lam,
+        done=dones,
+        terminated=terminated,
+        bootstrap=bootstrap,
+        dim=dim,
+        second=False,
+        names=names,
+    )
     return adv.to(rewards.dtype)

@@ -1,0 +1,199 @@
+"""Fused RL estimators (GAE, TD(lambda), V-trace) against a float64 per-step loop, on both routes.
+
+The fused C++ kernel runs when no gradient is needed; the composed route (torch ops over the differentiable scan)
+runs when one is. Both are compared with ``loop``, written from the formulas with terminated and truncated steps kept
+apart. Tolerances: conftest's TOL[dtype] * (max|ref| + 1) (float64 1e-10, float32 2e-5, bfloat16 3e-2: the output
+rounding plus a float32-or-better carry over at most a few hundred discounted steps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from altgrad.discounted_cumsum import _rl, generalized_advantage_estimate
+
+NAN = float("nan")
+
+
+def loop(mode, r, v, nv, g, lam, done, term, lp=None, lm=None, rho_bar=1.0, c_bar=1.0):
+    """Time on the last dim; float64; gamma and lam are numbers or tensors of r's shape."""
+    r, v, nv = r.double(), v.double(), nv.double()
+    n = r.shape[-1]
+    g = torch.as_tensor(g, dtype=torch.float64).expand(r.shape)
+    lam = torch.as_tensor(lam, dtype=torch.float64).expand(r.shape)
+    out1, out2 = torch.zeros_like(r), torch.zeros_like(r)
+    y = torch.zeros(r.shape[:-1], dtype=torch.float64)
+    for t in reversed(range(n)):
+        end = done[..., t] | term[..., t] | (t == n - 1)
+        gt, lt = g[..., t], lam[..., t]
+        boot = torch.where(term[..., t], 0.0, gt * nv[..., t])
+        if mode == _rl.GAE:
+            x = r[..., t] + boot - v[..., t]
+            y = torch.where(end, x, x + gt * lt * y)
+            out1[..., t], out2[..., t] = y, y + v[..., t]
+        elif mode == _rl.TD_LAMBDA:
+            # TorchRL's loop: at an episode end the bootstrapped gain is the next value itself
+            y = torch.where(end, r[..., t] + boot, r[..., t] + (1 - lt) * boot + gt * lt * y)
+            out1[..., t], out2[..., t] = y, y - v[..., t]
+        else:
+            rho = (lp[..., t].double() - lm[..., t].double()).exp()
+            pc, cc = rho.clamp_max(rho_bar), rho.clamp_max(c_bar)
+            vs_after = y + (v[..., t + 1] if t + 1 < n else 0.0)
+            vs_next = torch.where(end, nv[..., t], vs_after)
+            adv = pc * (r[..., t] + torch.where(term[..., t], 0.0, gt * vs_next) - v[..., t])
+            x = pc * (r[..., t] + boot - v[..., t])
+            y = torch.where(end, x, x + gt * cc * y)
+            out1[..., t], out2[..., t] = y + v[..., t], adv
+    return out1, out2
+
+
+def _inputs(shape, dtype, p_done=0.1):
+    r, v, nv, lp = (torch.randn(shape, dtype=torch.float64) for _ in range(4))
+    lm = lp + 0.5 * torch.randn(shape, dtype=torch.float64)  # rho spread around 1: both clips matter
+    done = torch.rand(shape) < p_done
+    term = done & (torch.rand(shape) < 0.5)  # terminated is a subset of done: the rest is truncated
+    return [t.to(dtype) for t in (r, v, nv, lp, lm)], done, term
+
+
+MODES = [_rl.GAE, _rl.TD_LAMBDA, _rl.VTRACE]
+ROUTES = ["fused", "composed"]
+
+
+def _run(route, mode, r, v, nv, g, lam, done, term, dim, lp, lm, **kw):
+    if route == "composed":  # a gradient makes the call take the composed route
+        r = r.clone().requires_grad_()
+    vt = {"log_pi": lp, "log_mu": lm, "rho_bar": 1.0, "c_bar": 0.9} if mode == _rl.VTRACE else {}
+    a, b = _rl.estimate(mode, r, v, nv, g, lam, done, term, dim=dim, **vt, **kw)
+    return a.detach(), b.detach()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [((5, 37), -1), ((37, 5), 0), ((3, 300, 4), 1), ((2, 3, 600), -1), ((1,), 0), ((70, 3), 0)],
+)
+def test_matches_loop(route, mode, shape, dim, close):
+    (r, v, nv, lp, lm), done, term = _inputs(shape, torch.float64)
+    got = _run(route, mode, r, v, nv, 0.97, 0.9, done, term, dim, lp, lm)
+    mv = [t.movedim(dim, -1) for t in (r, v, nv, done, term, lp, lm)]
+    want = loop(mode, *mv[:3], 0.97, 0.9, mv[3], mv[4], mv[5], mv[6], 1.0, 0.9)
+    for a, w in zip(got, want):
+        close(a, w.movedim(-1, dim), torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs(route, mode, dtype, close):
+    (r, v, nv, lp, lm), done, term = _inputs((4, 513), dtype)
+    got = _run(route, mode, r, v, nv, 0.99, 0.95, done, term, -1, lp, lm)
+    want = loop(mode, r, v, nv, 0.99, 0.95, done, term, lp, lm, 1.0, 0.9)
+    for a, w in zip(got, want):
+        assert a.dtype == dtype
+        close(a, w, dtype)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_tensor_gamma_and_lam(route, mode, dim, close):
+    (r, v, nv, lp, lm), done, term = _inputs((6, 40), torch.float64)
+    g_elem = 0.9 + 0.1 * torch.rand(6, 40, dtype=torch.float64)
+    lam_row = 0.8 + 0.2 * torch.rand(40 if dim == 0 else 6, dtype=torch.float64)  # one per row
+    got = _run(route, mode, r, v, nv, g_elem, lam_row, done, term, dim, lp, lm)
+    lam_full = lam_row.unsqueeze(0).expand(6, 40) if dim == 0 else lam_row.unsqueeze(1).expand(6, 40)
+    mv = [t.movedim(dim, -1) for t in (r, v, nv, g_elem, lam_full, done, term, lp, lm)]
+    want = loop(mode, *mv[:3], mv[3], mv[4], mv[5], mv[6], mv[7], mv[8], 1.0, 0.9)
+    for a, w in zip(got, want):
+        close(a, w.movedim(-1, dim), torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+def test_shifted_values_and_bootstrap(route, mode, close):
+    """Without next values: V'_t = V_{t+1}, and the bootstrap after the last step (rows of several blocks)."""
+    (r, v, _, lp, lm), done, term = _inputs((3, 700), torch.float64)
+    boot = torch.randn(3, dtype=torch.float64)
+    got = _run(route, mode, r, v, None, 0.99, 0.95, done, term, -1, lp, lm, bootstrap=boot)
+    nv = torch.cat([v[:, 1:], boot[:, None]], 1)
+    want = loop(mode, r, v, nv, 0.99, 0.95, done, term, lp, lm, 1.0, 0.9)
+    for a, w in zip(got, want):
+        close(a, w, torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_from_another_episode_does_not_leak(route, mode):
+    """A NaN next value at a terminated step and a NaN in the next episode stay out of this one."""
+    r, v, nv = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    done = torch.tensor([0, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    term = done.clone()
+    nv[2] = NAN  # the state after a terminal step has no meaningful value
+    r[5] = NAN  # the next episode's data
+    a, b = _run(route, mode, r, v, nv, 0.99, 0.95, done, term, -1, torch.zeros(8), torch.zeros(8))
+    assert a[:3].isfinite().all(), a
+    assert b[:3].isfinite().all(), b
+
+
+def test_truncation_bootstraps_from_its_next_value():
+    """Golden numbers: gamma = 0.5, lam = 1; step 1 is truncated (done, not terminated), step 3 terminated."""
+    r = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    v = torch.zeros(1, 4)
+    nv = torch.tensor([[0.0, 10.0, 0.0, 10.0]])
+    done = torch.tensor([[False, True, False, True]])
+    term = torch.tensor([[False, False, False, True]])
+    adv = generalized_advantage_estimate(r, v, 0.5, 1.0, dones=done, terminated=term, next_values=nv)
+    # step 1: 1 + 0.5 * 10 = 6; step 0: 1 + 0.5 * 6 = 4; step 3: 1 (no bootstrap); step 2: 1 + 0.5 = 1.5
+    torch.testing.assert_close(adv, torch.tensor([[4.0, 6.0, 1.5, 1.0]]), rtol=0, atol=1e-6)
+    # the old meaning of `dones` alone (terminal states): step 1 does not bootstrap
+    old = generalized_advantage_estimate(r, v, 0.5, 1.0, dones=done, next_values=nv)
+    torch.testing.assert_close(old, torch.tensor([[1.5, 1.0, 1.5, 1.0]]), rtol=0, atol=1e-6)
+
+
+def test_gae_helper_argument_errors():
+    r = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="`terminated` needs `next_values`"):
+        generalized_advantage_estimate(r, r, 0.9, 0.9, dones=r > 0, terminated=r > 0)
+    with pytest.raises(ValueError, match="`bootstrap` or `next_values`"):
+        generalized_advantage_estimate(r, r, 0.9, 0.9, bootstrap=1.0, next_values=r)
+    with pytest.raises(ValueError, match="`next_values`"):
+        generalized_advantage_estimate(r, r, 0.9, 0.9, next_values=torch.zeros(5))
+    with pytest.raises(ValueError, match="`terminated`"):
+        generalized_advantage_estimate(r, r, 0.9, 0.9, terminated=torch.zeros(3) > 0, next_values=r)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(7, 3000), (3000, 70)])
+def test_fused_result_does_not_depend_on_threads(mode, shape):
+    (r, v, nv, lp, lm), done, term = _inputs(shape, torch.float32)
+    dim = -1 if shape[0] < shape[1] else 0
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for k in (1, 3):
+            torch.set_num_threads(k)
+            outs.append(_run("fused", mode, r, v, nv, 0.99, 0.95, done, term, dim, lp, lm))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)  # exact: same kernel; each row's arithmetic does not depend on the split
+
+
+@pytest.mark.parametrize("mode", [_rl.GAE, _rl.TD_LAMBDA])
+def test_gradcheck(mode):
+    """The estimators are linear in rewards, values and next values for fixed flags; float64 gradcheck."""
+    (r, v, nv, _, _), done, term = _inputs((3, 9), torch.float64, p_done=0.3)
+    r, v, nv = (t.requires_grad_() for t in (r, v, nv))
+
+    def f(r, v, nv):
+        return _rl.estimate(mode, r, v, nv, 0.9, 0.8, done, term, dim=-1)
+
+    assert torch.autograd.gradcheck(f, (r, v, nv))
+    boot = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = torch.full((3, 9), 0.9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda r, v, b, g: _rl.estimate(mode, r, v, None, g, 0.8, done, term, bootstrap=b, dim=-1),
+        (r, v, boot, g),
+    )
