@@ -1,0 +1,1 @@
+"""Drop-in replacements for other libraries' APIs (``compat.torchrl``: TorchRL's functional value estimators)."""
