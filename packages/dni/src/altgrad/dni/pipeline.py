@@ -1,0 +1,525 @@
+"""A decoupled pipeline on ``torch.distributed``: one stage per process, updated from synthetic gradients.
+
+Stage ``k`` of ``K`` runs in process (group rank) ``k``. For every batch ``t`` it
+
+1. receives its input ``h_{k-1}(t)`` from stage ``k-1`` (stage 0 reads the batch itself),
+2. computes ``h_k(t)``, back-propagates its synthesizer's prediction ``ŝ = M_k(h_k(t)[, y])`` into itself and
+   steps its optimizer at once (update unlocking, as :class:`~altgrad.dni.DNI` does in one process),
+3. sends ``h_k(t)`` on to stage ``k+1`` (non-blocking) and sends the gradient that arrived at its own input,
+   ``∂/∂h_{k-1}``, back to stage ``k-1``: the last stage's is the true loss gradient, a middle stage's is its
+   synthetic gradient back-propagated through it (bootstrapped, as with stacked interfaces in one process),
+4. goes on to the next batch. The gradient for ``h_k(t)`` comes back from stage ``k+1`` later; it is the
+   regression target of ``M_k``, which is trained on it (prediction recomputed from the kept ``h_k(t)``) before
+   the forward of batch ``t + 1 + staleness``.
+
+``staleness=s`` bounds how far a stage runs ahead: at the forward of batch ``t`` stage ``k``'s synthesizer has
+been trained on the targets of every batch up to ``t - 1 - s``, so a stage is at most ``s + 1`` batches ahead
+of the next one. ``staleness=0`` is exactly the single-process wrapper's schedule (no overlap: a check of the
+semantics); ``staleness >= 1`` lets the stages overlap. The maths (synthesizer loss, gradient mix) is
+:mod:`altgrad.dni._functional`'s and the synthesizer sits in a :class:`~altgrad.dni.BackwardInterface`, as in
+one process.
+
+Every message starts with a small header (status, batch index, shape), so a stage that fails sends its
+neighbours a *failure* header instead of data: they raise :class:`PipelineError` naming the failing stage and
+pass the failure on; a stage whose process dies closes its connections, which its neighbours see at once.
+The first failure's text is kept in the process group's store, so every rank reports the stage that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._functional import mix_gradient, sg_loss_grad
+from ._optim import optimizer_factory
+from .interface import BackwardInterface
+from .synthesizers import LinearDNI
+from .wrapper import _infer_features
+
+__all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
+
+_HEADER = 10  # int64: status, batch index, dtype code, ndim, up to 6 sizes
+_MAX_DIMS = _HEADER - 4
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INSTANCES = (
+    itertools.count()
+)  # every rank builds its pipelines in the same order: the n-th shares a store key
+
+
+class PipelineError(RuntimeError):
+    """A stage of a :class:`DecoupledPipeline` failed (an exception, or its process stopped)."""
+
+
+def split_sequential(model: nn.Sequential, points: Sequence[int]) -> list[nn.Sequential]:
+    """Cut ``model`` before each index in ``points``: ``split_sequential(m, [2])`` gives ``m[:2]``, ``m[2:]``.
+
+    Args:
+        model: The model, an ``nn.Sequential``.
+        points: Strictly increasing indices in ``(0, len(model))``.
+
+    Returns:
+        ``len(points) + 1`` stages, each an ``nn.Sequential`` sharing ``model``'s modules.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
+    cuts = [0, *points, len(model)]
+    if any(not isinstance(p, int) or isinstance(p, bool) for p in points) or any(
+        a >= b for a, b in itertools.pairwise(cuts)
+    ):
+        raise ValueError(f"points must be strictly increasing ints in (0, {len(model)}), got {list(points)}")
+    return [cast(nn.Sequential, model[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+def _has(module: nn.Module, kinds: tuple[type, ...]) -> bool:
+    return any(isinstance(m, kinds) for m in module.modules())
+
+
+class DecoupledPipeline:
+    """Train ``stages`` as a pipeline of processes, each stage updated at once from its synthetic gradient.
+
+    Every rank of the process group constructs the pipeline with the same arguments and calls :meth:`step`
+    with the same batches (each rank reads the data: stage 0 uses the inputs, the last stage and, with
+    ``context_size``, every stage use the labels). Rank ``k`` of the group runs ``stages[k]``.
+
+    Args:
+        stages: One module per rank, in order, or zero-argument callables that build them (only the local
+            one is built). :func:`split_sequential` cuts an ``nn.Sequential`` into stages.
+        loss_fn: ``loss_fn(output, target) -> scalar`` of the last stage.
+        optimizer: The stages' optimizer: a name (as :class:`~altgrad.dni.DNI`'s ``optim``), an
+            ``Optimizer`` class, or a callable ``params -> Optimizer``.
+        lr: Learning rate for a name or class ``optimizer``.
+        hidden_size: Hidden width of each synthesizer.
+        dni_network: Synthesizer class (feed-forward, no batch norm: the prediction is recomputed when its
+            target arrives, which would count a batch twice in running statistics).
+        dni_params: Extra keyword arguments for ``dni_network``.
+        grad_optim: Optimizer of the synthesizers (name, class or callable).
+        grad_lr: Its learning rate.
+        context_size: Number of classes for cDNI (label-conditioned synthesizers); 0 disables it.
+        scale: Factor applied to the synthetic gradients.
+        staleness: Bound ``s >= 0`` on the age of the targets (see the module docstring).
+        group: The process group (default: the world). Its size must be ``len(stages)``.
+        device: Where the stage runs; default ``cuda`` (current device) under NCCL, else CPU.
+        failure_timeout: Seconds a failing stage waits for its neighbours to take its failure header.
+
+    Forward unlocking (synthetic inputs) is not offered: every stage waits for its real input.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module | Callable[[], nn.Module]],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        optimizer: Any = "adam",
+        *,
+        lr: float = 1e-3,
+        hidden_size: int = 256,
+        dni_network: type[nn.Module] = LinearDNI,
+        dni_params: dict[str, Any] | None = None,
+        grad_optim: Any = "adam",
+        grad_lr: float = 1e-3,
+        context_size: int = 0,
+        scale: float = 1.0,
+        staleness: int = 1,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        failure_timeout: float = 5.0,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DecoupledPipeline needs an initialised torch.distributed process group")
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
+            raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
+        self.group = group
+        self.num_stages = dist.get_world_size(group)
+        self.stage = dist.get_rank(group)
+        if len(stages) != self.num_stages:
+            raise ValueError(
+                f"stages has {len(stages)} entries but the process group has {self.num_stages} ranks: one stage "
+                "per rank"
+            )
+        if self.num_stages < 2:
+            raise ValueError("a pipeline needs at least 2 stages (ranks); use DNI in one process")
+        backend = dist.get_backend(group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        self.device = torch.device(device)
+        entry = stages[self.stage]
+        module = entry if isinstance(entry, nn.Module) else entry()
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"stages[{self.stage}] must be an nn.Module or build one, got {type(module).__name__}"
+            )
+        self.module = module.to(self.device)
+        self.loss_fn = loss_fn
+        self.staleness = staleness
+        self.scale = float(scale)
+        self.context_size = context_size
+        self.failure_timeout = float(failure_timeout)
+        self.first = self.stage == 0
+        self.last = self.stage == self.num_stages - 1
+        self._peers = [
+            dist.get_global_rank(group, r) if group is not None else r for r in range(self.num_stages)
+        ]
+        make_opt = optimizer if callable(optimizer) and not isinstance(optimizer, type) else None
+        if make_opt is None:
+            make_opt = optimizer_factory(optimizer, float(lr), "optimizer")
+        if make_opt is None:
+            raise ValueError("optimizer must not be None: the pipeline steps every stage itself")
+        self.optimizer: torch.optim.Optimizer = make_opt(
+            [p for p in self.module.parameters() if p.requires_grad]
+        )
+        make_synth_opt = (
+            grad_optim
+            if callable(grad_optim) and not isinstance(grad_optim, type)
+            else optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
+        )
+        if make_synth_opt is None:
+            raise ValueError("grad_optim must not be None: each stage trains its own synthesizer")
+        self._grad_optim: Callable[[list[nn.Parameter]], torch.optim.Optimizer] = make_synth_opt
+        self.dni_network = dni_network
+        self.dni_params = dict(dni_params or {})
+        self.hidden_size = hidden_size
+        self.interface: BackwardInterface | None = None
+        self.grad_optimizer: torch.optim.Optimizer | None = None
+        if not self.last:
+            features = _infer_features(self.module, -1)
+            if features is not None:
+                self._build(features)
+        self.num_steps = 0  # batches this stage has run
+        self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
+        self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
+        self._sends: deque[tuple[Any, tuple[Tensor, ...]]] = deque()
+        self._store = self._default_store()
+        key = f"altgrad_dni_pipeline/{next(_INSTANCES)}"
+        self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, features: int) -> None:
+        synth = self.dni_network(
+            input_size=features + self.context_size,
+            hidden_size=self.hidden_size,
+            output_size=features,
+            **self.dni_params,
+        )
+        if _has(synth, (nn.modules.batchnorm._BatchNorm,)) or hasattr(synth, "rnn"):
+            raise ValueError(
+                f"dni_network={type(synth).__name__} has batch norm or recurrent state; the pipeline recomputes a "
+                "prediction when its target arrives, so it needs a stateless synthesizer such as LinearDNI"
+            )
+        ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        synth = synth.to(device=self.device, dtype=ref.dtype if ref is not None else None)
+        self.interface = BackwardInterface(synth, context_size=self.context_size, scale=self.scale)
+        self.grad_optimizer = self._grad_optim([p for p in synth.parameters() if p.requires_grad])
+        self._features = features
+
+    @staticmethod
+    def _default_store() -> Any:
+        with contextlib.suppress(Exception):
+            return dist.distributed_c10d._get_default_store()
+        return None
+
+    # ------------------------------------------------------------------ messages
+    def _header(self, status: int, batch: int, tensor: Tensor | None) -> Tensor:
+        head = torch.zeros(_HEADER, dtype=torch.int64)
+        head[0], head[1] = status, batch
+        if tensor is not None:
+            if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
+                raise ValueError(
+                    f"stage {self.stage} output must be a floating tensor of at most {_MAX_DIMS} dims, got "
+                    f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+                )
+            head[2], head[3] = _DTYPES.index(tensor.dtype), tensor.dim()
+            head[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape)
+        return head.to(self.device)
+
+    def _send(self, stage: int, batch: int, tensor: Tensor) -> None:
+        head = self._header(0, batch, tensor)
+        payload = tensor.detach().contiguous()
+        try:
+            works = (
+                dist.isend(head, self._peers[stage], group=self.group),
+                dist.isend(payload, self._peers[stage], group=self.group),
+            )
+        except RuntimeError as exc:
+            self._lost(stage, exc)
+        self._sends.append((works, (head, payload)))
+        while len(self._sends) > 2 * (self.staleness + 2):
+            self._wait_send()
+
+    def _wait_send(self) -> None:
+        works, _ = self._sends.popleft()
+        for work in works:
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                self._lost(None, exc)
+
+    def _recv(self, stage: int, batch: int) -> Tensor:
+        head = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        try:
+            _work(dist.irecv(head, self._peers[stage], group=self.group)).wait()
+        except RuntimeError as exc:
+            self._lost(stage, exc)
+        head = head.cpu()
+        if int(head[0]) != 0:
+            self._failed_elsewhere(int(head[0]) - 1, source=stage)
+        if int(head[1]) != batch:
+            raise self._fail(
+                PipelineError(
+                    f"stage {self.stage} expected batch {batch} from stage {stage} but got batch {int(head[1])}: "
+                    "the ranks are out of step (every rank must call step() for every batch)"
+                )
+            )
+        ndim = int(head[3])
+        out = torch.empty(head[4 : 4 + ndim].tolist(), dtype=_DTYPES[int(head[2])], device=self.device)
+        try:
+            _work(dist.irecv(out, self._peers[stage], group=self.group)).wait()
+        except RuntimeError as exc:
+            self._lost(stage, exc)
+        return out
+
+    # ------------------------------------------------------------------ failures
+    def _record_failure(self, message: str) -> str:
+        """Keep the first failure's text in the store; return the text every rank should report."""
+        store = self._store
+        if store is None:
+            return message
+        with contextlib.suppress(Exception):
+            if store.add(self._failure_count, 1) == 1:
+                store.set(self._failure_key, message)
+                return message
+            store.wait([self._failure_key], datetime.timedelta(seconds=self.failure_timeout))
+            return store.get(self._failure_key).decode()
+        return message
+
+    def _first_failure(self, fallback: str) -> str:
+        store = self._store
+        with contextlib.suppress(Exception):
+            if store is not None:
+                store.wait([self._failure_key], datetime.timedelta(seconds=self.failure_timeout))
+                return store.get(self._failure_key).decode()
+        return fallback
+
+    def _poison(self, failed: int, skip: int | None = None) -> None:
+        """Send a failure header to the neighbours (except ``skip``) so that none of them waits for data."""
+        works = []
+        for stage in (self.stage - 1, self.stage + 1):
+            if 0 <= stage < self.num_stages and stage != skip:
+                with contextlib.suppress(Exception):
+                    works.append(
+                        _work(
+                            dist.isend(
+                                self._header(failed + 1, -1, None), self._peers[stage], group=self.group
+                            )
+                        )
+                    )
+        for work in works:
+            with contextlib.suppress(Exception):
+                work.wait(datetime.timedelta(seconds=self.failure_timeout))
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        """This stage failed: record it, tell the neighbours, and return ``exc`` for the caller to raise."""
+        self._record_failure(f"stage {self.stage} raised {type(exc).__name__}: {exc}")
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"raised in altgrad.dni pipeline stage {self.stage} of {self.num_stages}")
+        self._poison(self.stage)
+        return exc
+
+    def _failed_elsewhere(self, failed: int, source: int) -> NoReturn:
+        message = self._first_failure(f"stage {failed} failed")
+        self._poison(failed, skip=source)
+        raise PipelineError(f"pipeline stopped: {message} (stage {self.stage} stops too)")
+
+    def _lost(self, stage: int | None, exc: BaseException) -> NoReturn:
+        peer = "a neighbour" if stage is None else f"stage {stage}"
+        message = self._record_failure(
+            f"{peer} stopped: its connection closed ({exc}); was its process killed?"
+        )
+        self._poison(stage if stage is not None else self.stage, skip=stage)
+        raise PipelineError(f"pipeline stopped: {message} (seen by stage {self.stage})") from exc
+
+    # ------------------------------------------------------------------ training
+    def _train_synthesizer(self, upto: int) -> None:
+        """Receive the targets of the kept batches up to ``upto`` and train the synthesizer on them."""
+        trained = False
+        while self._stash and self._stash[0][0] <= upto:
+            batch, h, labels = self._stash.popleft()
+            target = self._recv(self.stage + 1, batch)
+            iface = self.interface
+            assert iface is not None
+            x = iface._synth_input((h,), labels)
+            pred = iface._call(x, None, (h,))[0]
+            torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
+            iface._observe(pred, target, h.shape[iface.batch_dim])
+            self.targets_applied += 1
+            trained = True
+        if trained:
+            assert self.grad_optimizer is not None
+            self.grad_optimizer.step()
+            self.grad_optimizer.zero_grad(set_to_none=True)
+
+    def step(self, x: Tensor | None = None, y: Tensor | None = None) -> Tensor | None:
+        """Run this rank's stage on one batch (every rank calls it for every batch).
+
+        Args:
+            x: The batch's inputs (used by stage 0; may be ``None`` elsewhere).
+            y: The batch's targets (used by the last stage, and by every stage with ``context_size``).
+
+        Returns:
+            The loss (detached) on the last stage, ``None`` elsewhere.
+
+        Raises:
+            PipelineError: If another stage failed or stopped; the text names it.
+        """
+        batch = self.num_steps
+        try:
+            loss = self._step(batch, x, y)
+        except PipelineError:
+            raise
+        except BaseException as exc:
+            raise self._fail(exc) from None
+        self.num_steps += 1
+        return loss
+
+    def _step(self, batch: int, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+        labels = None if y is None else y.to(self.device)
+        if (self.last or self.context_size) and labels is None:
+            raise TypeError(f"stage {self.stage} needs the batch's targets y")
+        if self.first:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"stage 0 needs the batch's inputs x, got {type(x).__name__}")
+            h_in = x.to(self.device)
+        else:
+            h_in = self._recv(self.stage - 1, batch).requires_grad_(True)
+        loss = None
+        if self.last:
+            loss = self.loss_fn(self.module(h_in), cast(Tensor, labels))
+            loss.backward()
+        else:
+            self._train_synthesizer(batch - 1 - self.staleness)
+            h = self.module(h_in)
+            if self.interface is None:
+                self._build(h.shape[-1])
+            iface = self.interface
+            assert iface is not None
+            context = labels if self.context_size else None
+            sg = iface.synthetic_gradient(h, context)
+            torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.first:
+            assert h_in.grad is not None
+            self._send(self.stage - 1, batch, h_in.grad)
+        if not self.last:
+            self._send(self.stage + 1, batch, h.detach())
+            self._stash.append((batch, h.detach(), context))
+        return None if loss is None else loss.detach()
+
+    def flush(self) -> None:
+        """Train every synthesizer on all targets still on their way and complete all sends (collective)."""
+        try:
+            if not self.last:
+                self._train_synthesizer(self.num_steps)
+            while self._sends:
+                self._wait_send()
+        except PipelineError:
+            raise
+        except BaseException as exc:
+            raise self._fail(exc) from None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's state: module, optimizer, synthesizer and its optimizer, counters (after :meth:`flush`)."""
+        if self._stash or self._sends:
+            raise RuntimeError("call flush() before state_dict(): targets or messages are still in flight")
+        state: dict[str, Any] = {
+            "stage": self.stage,
+            "num_stages": self.num_stages,
+            "num_steps": self.num_steps,
+            "targets_applied": self.targets_applied,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if self.interface is not None and self.grad_optimizer is not None:
+            state["features"] = self._features
+            state["synthesizer"] = self.interface.synthesizer.state_dict()
+            state["grad_optimizer"] = self.grad_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s data for this stage."""
+        if state.get("stage") != self.stage or state.get("num_stages") != self.num_stages:
+            raise ValueError(
+                f"this is stage {self.stage} of {self.num_stages}; the state is stage {state.get('stage')} of "
+                f"{state.get('num_stages')}"
+            )
+        if self._stash or self._sends:
+            raise RuntimeError(
+                "call flush() before load_state_dict(): targets or messages are still in flight"
+            )
+        if "synthesizer" in state and self.interface is None:
+            self._build(int(state["features"]))
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "synthesizer" in state:
+            assert self.interface is not None
+            assert self.grad_optimizer is not None
+            self.interface.synthesizer.load_state_dict(state["synthesizer"])
+            self.grad_optimizer.load_state_dict(state["grad_optimizer"])
+        self.num_steps = int(state["num_steps"])
+        self.targets_applied = int(state["targets_applied"])
+
+    def save(self, path: str) -> None:
+        """Write every stage's state to one file (collective: call it on every rank; rank 0 writes).
+
+        The pipeline is flushed first, so the file holds no message in flight.
+        """
+        self.flush()
+        local = _to_cpu(self.state_dict())
+        gathered: list[Any] = [None] * self.num_stages if self.stage == 0 else []
+        dist.gather_object(local, gathered if self.stage == 0 else None, dst=self._peers[0], group=self.group)
+        if self.stage == 0:
+            torch.save({"version": 1, "stages": gathered}, path)
+        dist.barrier(group=self.group)
+
+    def load(self, path: str) -> None:
+        """Restore every stage from :meth:`save`'s file (collective: every rank reads its stage's part)."""
+        self.flush()
+        saved = torch.load(path, map_location=self.device, weights_only=True)
+        if (
+            not isinstance(saved, dict)
+            or saved.get("version") != 1
+            or len(saved["stages"]) != self.num_stages
+        ):
+            raise ValueError(f"{path} is not a checkpoint of a {self.num_stages}-stage DecoupledPipeline")
+        self.load_state_dict(saved["stages"][self.stage])
+        dist.barrier(group=self.group)
+
+
+def _work(work: Any) -> Any:
+    """The work handle of a point-to-point call (``None`` only for ranks outside the group, never here)."""
+    if work is None:
+        raise RuntimeError(
+            "point-to-point call returned no work handle: this rank is not in the process group"
+        )
+    return work
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

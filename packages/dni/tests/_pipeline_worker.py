@@ -1,0 +1,173 @@
+"""Worker for test_pipeline: one process of a 2-rank gloo group (spawned; importable via sys.path)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from altgrad.dni import LinearDNI
+from altgrad.dni.pipeline import DecoupledPipeline
+
+STEPS, SPLIT, CLASSES = 6, 3, 4
+HIDDEN = 8
+
+
+def stages(seed: int = 0) -> list[nn.Module]:
+    """A small net cut in two: ``Linear -> BatchNorm -> ReLU`` and ``Linear -> ReLU -> Linear``."""
+    torch.manual_seed(seed)
+    first = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU())
+    second = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, CLASSES))
+    return [first, second]
+
+
+def batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        (torch.randn(10, 6, generator=g), torch.randint(0, CLASSES, (10,), generator=g)) for _ in range(n)
+    ]
+
+
+def synth_init(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Non-zero synthesizer weights (a fresh one predicts 0), shared by the pipeline and the reference."""
+    torch.manual_seed(seed)
+    synth = LinearDNI(12 + CLASSES, HIDDEN, 12, num_layers=1)
+    with torch.no_grad():
+        synth.final.weight.normal_(0.0, 0.1)
+    return synth.state_dict()
+
+
+def pipeline(staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None) -> DecoupledPipeline:
+    pipe = DecoupledPipeline(
+        stages(seed),
+        loss_fn,
+        "adam",
+        lr=1e-2,
+        hidden_size=HIDDEN,
+        dni_network=LinearDNI,
+        dni_params={"num_layers": 1},
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=CLASSES,
+        staleness=staleness,
+        failure_timeout=2.0,
+        group=group,
+    )
+    if pipe.interface is not None:
+        pipe.interface.synthesizer.load_state_dict(synth_init())
+    return pipe
+
+
+def snapshot(pipe: DecoupledPipeline) -> dict[str, torch.Tensor]:
+    out = {f"module.{k}": v.detach().clone() for k, v in pipe.module.state_dict().items()}
+    if pipe.interface is not None:
+        out.update(
+            {f"synth.{k}": v.detach().clone() for k, v in pipe.interface.synthesizer.state_dict().items()}
+        )
+    return out
+
+
+def run(rank: int, tmp: str) -> None:
+    """Staleness 0 step by step, checkpoint/resume, and the staleness bound (one spawn, every case)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    torch.set_num_threads(1)
+    data = batches()
+    result: dict[str, object] = {}
+    pipe = pipeline(staleness=0)
+    steps = []
+    for i, (x, y) in enumerate(data):
+        pipe.step(x, y)
+        if i == SPLIT - 1:
+            pipe.save(f"{tmp}/ckpt.pt")
+        pipe.flush()  # staleness 0: the target of this batch is trained on before the next forward anyway
+        steps.append(snapshot(pipe))
+    result["steps"] = steps
+    resumed = pipeline(staleness=0, seed=7)  # other initial weights: everything must come from the file
+    resumed.load(f"{tmp}/ckpt.pt")
+    for x, y in data[SPLIT:]:
+        resumed.step(x, y)
+        resumed.flush()
+    result["resumed"] = snapshot(resumed)
+    result["resumed_steps"] = resumed.num_steps
+    stale = pipeline(staleness=1)
+    applied = []
+    for x, y in data:
+        stale.step(x, y)
+        applied.append(stale.targets_applied)
+    stale.flush()
+    applied.append(stale.targets_applied)
+    result["applied"] = applied
+    torch.save(result, f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+CASES = ("raise1", "raise0", "kill1")  # the killed one last: it ends rank 1
+
+
+def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[str, object]:
+    """Stage 1 (``raise1``, ``kill1``) or 0 (``raise0``) fails at batch 3; return what this rank raised, when."""
+    failing = 0 if case == "raise0" else 1
+    state = {"batch": 0}
+
+    def loss_fn(out, y):
+        if rank == failing and state["batch"] == 3:
+            if case == "kill1":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("boom in the loss")
+        return F.cross_entropy(out, y)
+
+    pipe = pipeline(staleness=1, loss_fn=loss_fn, group=group)
+    if case == "raise0" and rank == 0:
+        forward = pipe.module.forward
+
+        def broken(x):
+            if state["batch"] == 3:
+                raise ValueError("boom in stage 0")
+            return forward(x)
+
+        pipe.module.forward = broken  # type: ignore[method-assign]
+    outcome: dict[str, object] = {"error": None}
+    start = time.monotonic()
+    try:
+        for x, y in batches(8):
+            pipe.step(x, y)
+            state["batch"] += 1
+            start = time.monotonic()
+        pipe.flush()
+    except Exception as exc:
+        outcome = {"error": type(exc).__name__, "message": str(exc), "notes": getattr(exc, "__notes__", [])}
+    outcome["seconds"] = time.monotonic() - start
+    return outcome
+
+
+def fail(rank: int, tmp: str) -> None:
+    """Every failure case on its own process group of the same two processes; outcomes go to rank<r>.json."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    groups = {case: dist.new_group([0, 1]) for case in CASES}
+    outcomes = {}
+    for case in CASES:
+        outcomes[case] = fail_case(rank, tmp, case, groups[case])
+        with open(f"{tmp}/rank{rank}.json", "w") as fh:
+            json.dump(outcomes, fh)
+    os._exit(0)  # the groups are broken on purpose (a peer was killed): no teardown
