@@ -200,6 +200,7 @@ def accumulate(params: Sequence[Tensor], noise: MemberNoise, weights: Tensor) ->
         for k, wk in enumerate(w):
             z, _ = noise.direction(j, k, p)
             grad.add_(z, alpha=wk)
+            del z  # freed before the next draw: one direction alive at a time, not two
         grads.append(grad)
     return grads
 
@@ -236,6 +237,7 @@ def run_functional(
         for j, p in enumerate(params):
             z, fresh = noise.direction(j, k, p)
             leaves.append(perturbed(p, z, fresh, c))
+            del z
         return fn(*leaves)
 
     device = params[0].device

@@ -162,6 +162,7 @@ class ZOSGD(torch.optim.Optimizer):
             for k, wk in enumerate(w):
                 z, _ = noise.direction(j, k, p)
                 work.add_(z, alpha=-lr * wk)
+                del z  # freed before the next draw: one direction alive at a time, not two
             if work is not p:
                 p.copy_(work)
         return loss
