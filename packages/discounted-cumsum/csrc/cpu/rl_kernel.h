@@ -18,8 +18,7 @@ void rl_lanes(const RlProblem* p, int64_t b0, int64_t ks, int64_t ts, int64_t ri
   const S* r = static_cast<const S*>(p->reward);
   const S* v = static_cast<const S*>(p->value);
   const S* nv = static_cast<const S*>(p->next_value);
-  const S* lp = static_cast<const S*>(p->log_pi);
-  const S* lm = static_cast<const S*>(p->log_mu);
+  const S* lp = static_cast<const S*>(p->rho);
   S* o1 = static_cast<S*>(p->out1);
   S* o2 = static_cast<S*>(p->out2);
   const G* ge = p->gamma_per_elem ? static_cast<const G*>(p->gamma) : nullptr;
@@ -57,8 +56,7 @@ void rl_lanes(const RlProblem* p, int64_t b0, int64_t ks, int64_t ts, int64_t ri
         T::store(o1, i, y[k]);
         if (o2) T::store(o2, i, y[k] - vt);
       } else {
-        const A lr = static_cast<A>(T::load(lp, i)) - static_cast<A>(T::load(lm, i));
-        const A rho = static_cast<A>(__builtin_exp(static_cast<double>(lr)));
+        const A rho = static_cast<A>(T::load(lp, i));
         const A pc = rho < rho_bar ? rho : rho_bar;
         const A cc = rho < c_bar ? rho : c_bar;
         const A vs_next = end ? nvt : y[k] + vn[k];  // v_s at t + 1 (y still holds y[t+1])
@@ -87,7 +85,7 @@ struct RlRow {
   using A = typename T::A;
   using S = typename T::S;
   using G = typename T::G;
-  const S *r, *v, *nv, *lp, *lm;
+  const S *r, *v, *nv, *lp;
   S *o1, *o2;
   const G *ge, *le;
   const uint8_t *dn, *tm;
@@ -107,8 +105,7 @@ struct RlRow {
     r = at(p->reward);
     v = at(p->value);
     nv = at(p->next_value);
-    lp = at(p->log_pi);
-    lm = at(p->log_mu);
+    lp = at(p->rho);
     o1 = static_cast<S*>(p->out1) + base;
     o2 = p->out2 ? static_cast<S*>(p->out2) + base : nullptr;
     ge = p->gamma_per_elem ? static_cast<const G*>(p->gamma) + base : nullptr;
@@ -121,7 +118,7 @@ struct RlRow {
     y = A(0);  // y of the step after the block (never used at the last step: its gate is 0)
     const A gc = ge ? A(0) : static_cast<A>(static_cast<const double*>(p->gamma)[row]);
     const A lc = (le || MODE == kRlVtrace) ? A(0) : static_cast<A>(static_cast<const double*>(p->lam)[row]);
-    for (int64_t j = 0; j < kRlBlock; ++j) {
+    for (int64_t j = 0; j < (n < kRlBlock ? n : kRlBlock); ++j) {  // short rows: only what a block reads
       gb[j] = gc;
       lb[j] = lc;
       vb[j] = A(0);
@@ -240,11 +237,7 @@ struct RlRow {
     if (t1 == n) e_[m - 1] = 1;
     if constexpr (MODE == kRlVtrace) {
       const S* __restrict pp = lp + t0;
-      const S* __restrict qq = lm + t0;
-      for (int64_t j = 0; j < m; ++j) {
-        const A lr = static_cast<A>(T::load(pp, j)) - static_cast<A>(T::load(qq, j));
-        p_[j] = static_cast<A>(__builtin_exp(static_cast<double>(lr)));
-      }
+      for (int64_t j = 0; j < m; ++j) p_[j] = static_cast<A>(T::load(pp, j));
     }
     for (int64_t j = 0; j < m; ++j) {
       const A rt = static_cast<A>(T::load(rr, j));

@@ -15,8 +15,8 @@ and ``bootstrap`` at the last step when no next value is given):
 A done step that is not terminated is *truncated*: nothing flows back across it, but it bootstraps from its own next
 value. Every mask selects (``where``), so a NaN or inf from another episode never leaks through a cut.
 
-Two routes compute the same formulas: the fused C++ kernel (CPU, one pass, no temporaries; used when no gradient is
-needed) and a composition over the differentiable scan op (every device; gradients w.r.t. every floating input,
+Two routes compute the same formulas: the fused C++ kernel (CPU, one pass, no temporaries but V-trace's
+importance ratios; used when no gradient is needed) and a composition over the differentiable scan op (every device; gradients w.r.t. every floating input,
 the backward being the transposed scan).
 """
 
@@ -211,6 +211,8 @@ def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar,
     if r.numel() == 0:
         return out1, out2
     buf = {k: t.to(dtype).resolve_conj().resolve_neg().contiguous() for k, t in tensors.items()}
+    if mode == VTRACE:  # the importance ratios, by torch's vectorised exp (the kernel's only temporary)
+        buf["rho"] = torch.sub(buf.pop("log_pi"), buf.pop("log_mu")).exp_()
     cd = compute_dtype(dtype)
     gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
     lbuf, lval, lper = _rate_buffer(lm, shape, d, cd)
@@ -227,8 +229,7 @@ def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar,
         ptr(buf["reward"]),
         ptr(buf.get("value")),
         ptr(buf.get("next_value")),
-        ptr(buf.get("log_pi")),
-        ptr(buf.get("log_mu")),
+        ptr(buf.get("rho")),
         ptr(out1),
         ptr(out2),
         _native.dtype_code(dtype),

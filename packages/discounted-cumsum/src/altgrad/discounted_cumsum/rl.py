@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from . import _rl
-from ._args import compute_dtype
 from .core import discounted_cumsum
 
 
@@ -34,27 +33,6 @@ def _bootstrap(bootstrap, rewards: torch.Tensor, d: int):
             f"the time dim, {tuple(row_shape)}"
         )
     return bootstrap
-
-
-def _rate(name: str, v, rewards: torch.Tensor, d: int):
-    """Checks a discount-like argument (``gamma``, ``lam``) and aligns a per-row tensor with ``rewards``."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if not isinstance(v, torch.Tensor) or v.dtype.is_complex or v.dtype == torch.bool:
-        kind = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
-        raise TypeError(f"`{name}` must be a number or a real tensor, got {kind}")
-    v = v.to(compute_dtype(rewards.dtype))
-    row_shape = rewards.shape[:d] + rewards.shape[d + 1 :]
-    if rewards.dim() > 1 and v.dim() == rewards.dim() - 1 and v.shape == row_shape:
-        return v.unsqueeze(d)  # per-row, as accepted by discounted_cumsum
-    if v.dim() > rewards.dim() or any(
-        s not in (1, t) for s, t in zip(reversed(v.shape), reversed(rewards.shape))
-    ):
-        raise ValueError(
-            f"`{name}` of shape {tuple(v.shape)} does not broadcast to `rewards` of shape {tuple(rewards.shape)} "
-            f"and is not per-row (expected {tuple(row_shape)})"
-        )
-    return v
 
 
 def discounted_returns(

@@ -137,6 +137,25 @@ def vec_generalized_advantage_estimate(
     return _estimate(_rl.GAE, gamma, lmbda, state_value, next_state_value, reward, done, terminated, time_dim)
 
 
+def _td0(gamma, state_value, next_state_value, reward, terminated):
+    """TD(0) has no recursion: ``r + γ V'`` where not terminated, else ``r``, elementwise (as fast as TorchRL's one
+    expression; selecting keeps a terminal state's NaN value out)."""
+    if not isinstance(reward, torch.Tensor) or not reward.is_floating_point():
+        raise TypeError("`reward` must be a floating tensor")
+    for name, t in (("next_state_value", next_state_value), ("state_value", state_value)):
+        if t is not None:
+            _rl._same_shape(name, t, reward, "reward")
+    terminated = _rl._flags("terminated", terminated, reward, "reward")
+    g = _rl._rate("gamma", _broadcasting(gamma, reward), reward, reward.dim() - 1, "reward")
+    dtype = torch.promote_types(reward.dtype, next_state_value.dtype)
+    if isinstance(g, torch.Tensor):
+        boot = reward.to(dtype) + g.to(dtype) * next_state_value
+    else:
+        boot = torch.add(reward.to(dtype), next_state_value, alpha=g)
+    out = torch.where(terminated, reward.to(dtype), boot)
+    return out if state_value is None else out - state_value
+
+
 def td0_return_estimate(
     gamma: float | torch.Tensor,
     next_state_value: torch.Tensor,
@@ -154,11 +173,7 @@ def td0_return_estimate(
         terminated = done
     if terminated is None:
         raise ValueError("`terminated` is required (or the deprecated `done`)")
-    g = _broadcasting(gamma, reward)
-    out, _ = _rl.estimate(
-        _rl.TD_LAMBDA, reward, None, next_state_value, g, 0.0, None, terminated, dim=-1, names=_NAMES
-    )
-    return out
+    return _td0(gamma, None, next_state_value, reward, terminated)
 
 
 def td0_advantage_estimate(
@@ -172,11 +187,7 @@ def td0_advantage_estimate(
     r"""TD(0) advantage $r_t + \gamma (1 - \mathrm{terminated}_t) V'_t - V_t$ (``terminated`` defaults to ``done``)."""
     if terminated is None:
         terminated = done
-    g = _broadcasting(gamma, reward)
-    _, adv = _rl.estimate(
-        _rl.TD_LAMBDA, reward, state_value, next_state_value, g, 0.0, None, terminated, dim=-1, names=_NAMES
-    )
-    return adv
+    return _td0(gamma, state_value, next_state_value, reward, terminated)
 
 
 def td1_return_estimate(
