@@ -87,7 +87,7 @@ struct Kernels {
   void (*rl_columns)(const RlProblem* p, int64_t i0, int64_t i1);
 };
 
-constexpr int64_t kRlColumns = 64;
+constexpr int64_t kRlColumns = 256;
 
 constexpr int64_t kColumnBlock = 256;
 
