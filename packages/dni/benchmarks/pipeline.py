@@ -1,0 +1,336 @@
+"""Benchmark: the decoupled pipeline against torch's pipeline schedules and single-process backprop (issue 25).
+
+Same data (sklearn's digits, standardised), same samples, same initial weights for every method:
+
+* ``backprop@T``: one process, plain backprop + Adam at ``T`` intra-op threads (1 and 2; the best counts);
+* ``cdni``: one process, :class:`altgrad.dni.DNI` with one interface at the pipeline's cut (accuracy reference);
+* ``gpipe`` / ``1f1b``: ``torch.distributed.pipelining`` with the same 2 stages, 2 processes x 1 thread (gloo),
+  ``ScheduleGPipe`` / ``Schedule1F1B`` with 4 micro-batches, Adam after each batch;
+* ``dni_pipeline``: :class:`altgrad.dni.DecoupledPipeline`, 2 processes x 1 thread (gloo), cDNI, staleness 1.
+
+Models: the digits MLP (64-256-256-10, batch 64, cut after the first block) and a wide MLP (6 layers of width
+1024, batch 256, cut after the third block). Each method runs ``--rounds`` times, the methods interleaved round
+by round (the machine is shared); samples/s is the best round, accuracy the test accuracy after the fixed number
+of samples (identical across rounds up to thread timing). Per-stage step times (ms) of the DNI pipeline are
+recorded for the 4/8-stage model in the docs.
+
+Usage::
+
+    python packages/dni/benchmarks/pipeline.py --out docs/dni/pipeline.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import load_digits_split
+
+from altgrad.dni import DNI, DecoupledPipeline, LinearDNI, split_sequential
+
+MODELS = {
+    # name: (hidden blocks, width, batch, cut after this many blocks, samples)
+    "digits": (2, 256, 64, 1, 64 * 400),
+    "wide": (5, 1024, 256, 3, 256 * 100),
+}
+LR, SG_LR = 1e-3, 1e-3
+
+
+def make_mlp(blocks: int, width: int, seed: int = 0) -> nn.Sequential:
+    """``blocks`` hidden ``Linear -> BatchNorm1d -> ReLU`` blocks and a linear classifier (one child each)."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    fan_in = 64
+    for _ in range(blocks):
+        mods.append(nn.Sequential(nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU()))
+        fan_in = width
+    mods.append(nn.Linear(fan_in, 10))
+    return nn.Sequential(*mods)
+
+
+def batches(model: str, seed: int = 0):
+    _blocks, _width, batch, _cut, samples = MODELS[model]
+    xtr, ytr, _, _ = load_digits_split()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(samples // batch):
+        idx = torch.randint(0, len(xtr), (batch,), generator=g)
+        yield xtr[idx], ytr[idx]
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module) -> float:
+    _, _, xte, yte = load_digits_split()
+    net.eval()
+    return (net(xte).argmax(1) == yte).float().mean().item()
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def single(model: str, method: str, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    blocks, width, batch, cut, samples = MODELS[model]
+    net = make_mlp(blocks, width)
+    if method == "cdni":
+        names = [str(i) for i in range(cut)]
+        dni = DNI(
+            net,
+            modules=[names[-1]],
+            hidden_size=width,
+            dni_network=LinearDNI,
+            dni_params={"num_layers": 0},
+            optim="adam",
+            lr=LR,
+            grad_optim="adam",
+            grad_lr=SG_LR,
+            context_size=10,
+        )
+        # The interface sits on the last block below the cut, which the wrapper steps at forward time; the blocks
+        # before it (the wide MLP's first two) receive the same synthetic gradient through it and are stepped
+        # here with the layers above the cut (which the loss trains): the pipeline's stage 0, in one process.
+        opt = torch.optim.Adam([p for i, m in enumerate(net) if i != cut - 1 for p in m.parameters()], lr=LR)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=LR)
+    start = time.perf_counter()
+    for x, y in batches(model):
+        opt.zero_grad(set_to_none=True)
+        out = dni(x, context=y) if method == "cdni" else net(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": samples // batch * batch / seconds, "test_acc": accuracy(net)}
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _stages(model: str) -> list[nn.Sequential]:
+    blocks, width, _batch, cut, _samples = MODELS[model]
+    return split_sequential(make_mlp(blocks, width), [cut])
+
+
+def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    torch.set_num_threads(1)
+    _blocks, width, batch, _cut, samples = MODELS[model]
+    stages = _stages(model)
+    mine = stages[rank]
+    step_ms: list[float] = []
+    if method == "dni_pipeline":
+        pipe = DecoupledPipeline(
+            stages,
+            F.cross_entropy,
+            "adam",
+            lr=LR,
+            hidden_size=width,
+            dni_network=LinearDNI,
+            dni_params={"num_layers": 0},
+            grad_optim="adam",
+            grad_lr=SG_LR,
+            context_size=10,
+            staleness=1,
+        )
+        dist.barrier()
+        start = time.perf_counter()
+        for x, y in batches(model):
+            t0 = time.perf_counter()
+            pipe.step(x, y)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        pipe.flush()
+    else:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        stage = PipelineStage(mine, rank, 2, torch.device("cpu"))
+        cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
+        schedule = cls(stage, n_microbatches=4, loss_fn=F.cross_entropy)
+        # The first step infers the stages' shapes by running the modules on uninitialised tensors, which writes
+        # NaN into BatchNorm running statistics (test accuracy 0.10); an untimed first step, then the initial
+        # state is restored.
+        initial = {k: v.clone() for k, v in mine.state_dict().items()}
+        x0, y0 = next(iter(batches(model)))
+        if rank == 0:
+            schedule.step(x0)
+        else:
+            schedule.step(target=y0, losses=[])
+        mine.load_state_dict(initial)
+        mine.zero_grad(set_to_none=True)
+        opt = torch.optim.Adam(mine.parameters(), lr=LR)
+        dist.barrier()
+        start = time.perf_counter()
+        for x, y in batches(model):
+            opt.zero_grad(set_to_none=True)
+            if rank == 0:
+                schedule.step(x)
+            else:
+                schedule.step(target=y, losses=[])
+            opt.step()
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    states: list[Any] | None = [None, None] if rank == 0 else None
+    dist.gather_object(mine.state_dict(), states, dst=0)
+    if rank == 0:
+        assert states is not None
+        full = _stages(model)
+        for part, state in zip(full, states, strict=True):
+            part.load_state_dict(state)
+        result = {
+            "samples_per_s": samples // batch * batch / seconds,
+            "test_acc": accuracy(nn.Sequential(*full)),
+        }
+        Path(tmp, "result.json").write_text(json.dumps(result))
+    # median compute+wait time per step on this rank (the DNI pipeline's per-stage time)
+    if step_ms:
+        Path(tmp, f"stage{rank}.json").write_text(json.dumps(sorted(step_ms)[len(step_ms) // 2]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two(model: str, method: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_two_ranks, args=(tmp, model, method), nprocs=2)
+        result = json.loads(Path(tmp, "result.json").read_text())
+        if method == "dni_pipeline":
+            result["stage_ms"] = [json.loads(Path(tmp, f"stage{r}.json").read_text()) for r in range(2)]
+        return result
+
+
+def stage_times(model: str) -> list[float]:
+    """Per-stage compute time (ms) of one DNI pipeline step, measured in one process with no communication."""
+    torch.set_num_threads(1)
+    _blocks, width, _batch, _cut, _samples = MODELS[model]
+    stages = _stages(model)
+    x, y = next(iter(batches(model)))
+    synth = LinearDNI(width + 10, width, width, num_layers=0)
+    opts = [torch.optim.Adam(s.parameters(), lr=LR, fused=True) for s in stages]
+    sopt = torch.optim.Adam(synth.parameters(), lr=SG_LR, fused=True)
+    ctx = F.one_hot(y, 10).float()
+
+    def first() -> torch.Tensor:
+        h = stages[0](x)
+        sg = synth(torch.cat([h.detach(), ctx], 1))[0]
+        h.backward(sg.detach())
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        pred = synth(torch.cat([h.detach(), ctx], 1))[0]  # the recomputed prediction, trained on its target
+        pred.backward(pred.detach() * 0.01)
+        sopt.step()
+        sopt.zero_grad(set_to_none=True)
+        return h.detach()
+
+    h = first()
+
+    def second() -> None:
+        inp = h.clone().requires_grad_(True)
+        F.cross_entropy(stages[1](inp), y).backward()
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+
+    out = []
+    for fn in (first, second):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out.append(sorted(times)[len(times) // 2])
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _run_single(args: tuple[str, str, int, str]) -> None:
+    model, method, threads, path = args
+    Path(path).write_text(json.dumps(single(model, method, threads)))
+
+
+def single_in_process(model: str, method: str, threads: int) -> dict[str, Any]:
+    """Run a one-process method in a fresh process (its own thread pool, as the pipelines' ranks have)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "r.json")
+        proc = mp.get_context("spawn").Process(target=_run_single, args=((model, method, threads, path),))
+        proc.start()
+        proc.join()
+        return json.loads(Path(path).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="write results as JSON to this path")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--quick", action="store_true", help="one round, fewer samples (smoke test)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = 1
+        for name, (blocks, width, batch, cut, samples) in list(MODELS.items()):
+            MODELS[name] = (blocks, width, batch, cut, samples // 10)
+    methods = ["backprop@1", "backprop@2", "cdni", "gpipe", "1f1b", "dni_pipeline"]
+    res: dict[str, Any] = {
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "models": {
+            k: dict(zip(["blocks", "width", "batch", "cut", "samples"], v, strict=True))
+            for k, v in MODELS.items()
+        },
+        "load_before": os.getloadavg(),
+        "results": {},
+    }
+    for model in args.models:
+        rows: dict[str, Any] = {}
+        for r in range(args.rounds):
+            for method in methods:
+                if method.startswith("backprop"):
+                    out = single_in_process(model, "backprop", int(method.split("@")[1]))
+                elif method == "cdni":
+                    out = single_in_process(model, "cdni", 1)
+                else:
+                    out = two(model, method)
+                row = rows.setdefault(method, {"samples_per_s": 0.0, "rounds": []})
+                row["rounds"].append(out["samples_per_s"])
+                row["samples_per_s"] = max(row["samples_per_s"], out["samples_per_s"])
+                row["test_acc"] = out["test_acc"]
+                if "stage_ms" in out:
+                    row["stage_ms"] = out["stage_ms"]
+                print(
+                    f"{model} round {r} {method:12s} {out['samples_per_s']:9.0f} samples/s  test acc "
+                    f"{out['test_acc']:.4f}  load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+        rows["stage_compute_ms"] = stage_times(model)
+        res["results"][model] = rows
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res["results"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
