@@ -34,10 +34,10 @@ def _fingerprint(text: str) -> int:
 
 def _padding_rows(layer: Any) -> set[int] | None:
     """The ``padding_idx`` row an Embedding unit leaves unperturbed, as a set (``None``: the use reads every row)."""
-    host = getattr(layer, "host", None)
-    if getattr(layer, "kind", None) != "embedding" or getattr(host, "padding_idx", None) is None:
+    pad = getattr(getattr(layer, "host", None), "padding_idx", None)
+    if getattr(layer, "kind", None) != "embedding" or pad is None:
         return None
-    return {int(host.padding_idx)}
+    return {int(pad)}
 
 
 class PerturbedModel:
