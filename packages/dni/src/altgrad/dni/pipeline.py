@@ -19,7 +19,8 @@ semantics); ``staleness >= 1`` lets the stages overlap. The maths (synthesizer l
 :mod:`altgrad.dni._functional`'s and the synthesizer sits in a :class:`~altgrad.dni.BackwardInterface`, as in
 one process.
 
-Every message starts with a small header (status, batch index, shape), so a stage that fails sends its
+Every message is one buffer of bytes, a small header (status, batch index, shape) then the tensor (a larger
+message than the receiver's buffer is announced first), so a stage that fails sends its
 neighbours a *failure* header instead of data: they raise :class:`PipelineError` naming the failing stage and
 pass the failure on; a stage whose process dies closes its connections, which its neighbours see at once.
 The first failure's text is kept in the process group's store, so every rank reports the stage that failed.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -48,6 +50,8 @@ __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
 _HEADER = 10  # int64: status, batch index, dtype code, ndim, up to 6 sizes
 _MAX_DIMS = _HEADER - 4
+_HEADER_BYTES = 8 * _HEADER
+_GROW = -1  # status of a header announcing a larger next message
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INSTANCES = (
     itertools.count()
@@ -198,7 +202,9 @@ class DecoupledPipeline:
         self.num_steps = 0  # batches this stage has run
         self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
         self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
-        self._sends: deque[tuple[Any, tuple[Tensor, ...]]] = deque()
+        self._sends: deque[tuple[Any, Tensor]] = deque()  # (work, message kept alive until sent)
+        self._capacity_out: dict[int, int] = {}  # bytes each neighbour can take in one message
+        self._capacity_in: dict[int, int] = {}
         self._store = self._default_store()
         key = f"altgrad_dni_pipeline/{next(_INSTANCES)}"
         self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
@@ -230,6 +236,7 @@ class DecoupledPipeline:
 
     # ------------------------------------------------------------------ messages
     def _header(self, status: int, batch: int, tensor: Tensor | None) -> Tensor:
+        """The message header as bytes (on the stage's device): status, batch, dtype, ndim, shape."""
         head = torch.zeros(_HEADER, dtype=torch.int64)
         head[0], head[1] = status, batch
         if tensor is not None:
@@ -240,37 +247,48 @@ class DecoupledPipeline:
                 )
             head[2], head[3] = _DTYPES.index(tensor.dtype), tensor.dim()
             head[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape)
-        return head.to(self.device)
+        return head.view(torch.uint8).to(self.device)
 
-    def _send(self, stage: int, batch: int, tensor: Tensor) -> None:
-        head = self._header(0, batch, tensor)
-        payload = tensor.detach().contiguous()
+    def _isend(self, stage: int, message: Tensor) -> None:
         try:
-            works = (
-                dist.isend(head, self._peers[stage], group=self.group),
-                dist.isend(payload, self._peers[stage], group=self.group),
-            )
+            work = _work(dist.isend(message, self._peers[stage], group=self.group))
         except RuntimeError as exc:
             self._lost(stage, exc)
-        self._sends.append((works, (head, payload)))
-        while len(self._sends) > 2 * (self.staleness + 2):
+        self._sends.append((work, message))
+
+    def _send(self, stage: int, batch: int, tensor: Tensor) -> None:
+        """One message: header and payload bytes together (a receiver takes up to its current capacity)."""
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        message = torch.cat([self._header(0, batch, tensor), data])
+        if message.numel() > self._capacity_out.get(stage, _HEADER_BYTES):
+            grow = self._header(_GROW, batch, None).view(torch.int64)
+            grow[2] = message.numel()
+            self._isend(stage, grow.view(torch.uint8))  # the receiver enlarges its buffer first
+            self._capacity_out[stage] = message.numel()
+        self._isend(stage, message)
+        while len(self._sends) > 4 * (self.staleness + 2):
             self._wait_send()
 
     def _wait_send(self) -> None:
-        works, _ = self._sends.popleft()
-        for work in works:
-            try:
-                work.wait()
-            except RuntimeError as exc:
-                self._lost(None, exc)
+        work, _ = self._sends.popleft()
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            self._lost(None, exc)
 
     def _recv(self, stage: int, batch: int) -> Tensor:
-        head = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        try:
-            _work(dist.irecv(head, self._peers[stage], group=self.group)).wait()
-        except RuntimeError as exc:
-            self._lost(stage, exc)
-        head = head.cpu()
+        while True:
+            buf = torch.empty(
+                self._capacity_in.get(stage, _HEADER_BYTES), dtype=torch.uint8, device=self.device
+            )
+            try:
+                _work(dist.irecv(buf, self._peers[stage], group=self.group)).wait()
+            except RuntimeError as exc:
+                self._lost(stage, exc)
+            head = buf[:_HEADER_BYTES].view(torch.int64).cpu()
+            if int(head[0]) != _GROW:
+                break
+            self._capacity_in[stage] = int(head[2])
         if int(head[0]) != 0:
             self._failed_elsewhere(int(head[0]) - 1, source=stage)
         if int(head[1]) != batch:
@@ -280,13 +298,9 @@ class DecoupledPipeline:
                     "the ranks are out of step (every rank must call step() for every batch)"
                 )
             )
-        ndim = int(head[3])
-        out = torch.empty(head[4 : 4 + ndim].tolist(), dtype=_DTYPES[int(head[2])], device=self.device)
-        try:
-            _work(dist.irecv(out, self._peers[stage], group=self.group)).wait()
-        except RuntimeError as exc:
-            self._lost(stage, exc)
-        return out
+        dtype, shape = _DTYPES[int(head[2])], head[4 : 4 + int(head[3])].tolist()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        return buf[_HEADER_BYTES : _HEADER_BYTES + nbytes].view(dtype).view(shape)
 
     # ------------------------------------------------------------------ failures
     def _record_failure(self, message: str) -> str:
@@ -486,10 +500,25 @@ class DecoupledPipeline:
         """
         self.flush()
         local = _to_cpu(self.state_dict())
-        gathered: list[Any] = [None] * self.num_stages if self.stage == 0 else []
-        dist.gather_object(local, gathered if self.stage == 0 else None, dst=self._peers[0], group=self.group)
         if self.stage == 0:
+            gathered = [local]
+            for stage in range(
+                1, self.num_stages
+            ):  # each stage's torch.save bytes (no pickle of live objects)
+                size = torch.empty(1, dtype=torch.int64, device=self.device)
+                dist.recv(size, self._peers[stage], group=self.group)
+                data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+                dist.recv(data, self._peers[stage], group=self.group)
+                raw = bytearray(data.numel())
+                torch.frombuffer(raw, dtype=torch.uint8).copy_(data.cpu())
+                gathered.append(torch.load(io.BytesIO(bytes(raw)), weights_only=True))
             torch.save({"version": 1, "stages": gathered}, path)
+        else:
+            buf = io.BytesIO()
+            torch.save(local, buf)
+            data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8).to(self.device)
+            dist.send(torch.tensor([data.numel()], device=self.device), self._peers[0], group=self.group)
+            dist.send(data, self._peers[0], group=self.group)
         dist.barrier(group=self.group)
 
     def load(self, path: str) -> None:

@@ -650,18 +650,16 @@ class DNI(nn.Module):
         if isinstance(context, Tensor) and not context.is_floating_point() and self.context_size:
             if context.dim() != 1:
                 raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
-            if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
-                raise ValueError(
-                    f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
-                )
-            ref = next(iter(self.interfaces.values()), None)
-            dtype = (
-                next(ref.parameters()).dtype
-                if ref is not None and any(True for _ in ref.parameters())
-                else None
-            )
+            if context.numel():
+                low, high = torch.aminmax(context)  # one pass, one sync
+                if int(low) < 0 or int(high) >= self.context_size:
+                    raise ValueError(
+                        f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
+                    )
+            # The interfaces cast the context to each activation's dtype (broadcast_context), so its dtype here
+            # does not change a value: no per-step look-up of the synthesizers' dtype.
             return torch.nn.functional.one_hot(context.long(), self.context_size).to(
-                dtype or torch.get_default_dtype()
+                torch.get_default_dtype()
             )
         return context
 
