@@ -85,7 +85,7 @@ def test_matches_loop(route, mode, shape, dim, close):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_inputs(route, mode, dtype, close):
     (r, v, nv, lp, lm), done, term = _inputs((4, 513), dtype)
     got = _run(route, mode, r, v, nv, 0.99, 0.95, done, term, -1, lp, lm)
