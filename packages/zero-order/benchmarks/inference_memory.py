@@ -18,8 +18,10 @@ Methods (one SGD step each):
 
 Memory: every (case, method, N) runs in its own process (1 thread); the number is the peak resident set (VmHWM)
 after the steps minus the peak after two warm unperturbed forwards under ``no_grad`` (the process's inference peak).
-One-time library costs (lazy imports, the first torch function mode, vmap, the autograd engine) are paid first by one
-step of the same method on a tiny model, so they count for no method.
+One-time library costs (lazy imports, the first torch function mode, vmap, the autograd engine, the first
+``torch.optim`` optimizer) are paid first by one step of the same method on a tiny model, so they count for no
+method. Every worker runs under glibc's default allocator and again with a fixed 128 KiB mmap threshold
+(`ALLOCATORS`): the default's rising threshold lets layer-sized blocks fragment the heap between activations.
 Time: one process per case runs the methods in interleaved rounds (one step each per round) and reports medians; on a
 shared machine the ratios of one round are more stable than the absolute times. Drift: max |Δθ| and the fraction of
 parameter elements changed by one MeZO-style perturb/restore cycle (+σz, −2σz, +σz) without an update; ours never
