@@ -395,6 +395,9 @@ def _package_tests(session: nox.Session, pkg: Package) -> None:
 LM_EXAMPLE_REQUIREMENTS = ("transformers>=4.40", "peft>=0.10")
 #: examples/es_evotorch_pgpe.py runs EvoTorch's functional PGPE (ask/tell) on es-layers' batched evaluation.
 PGPE_EXAMPLE_REQUIREMENTS = ("evotorch>=0.5",)
+#: examples/rl_advantages_cartpole.py rolls out gymnasium's CartPole-v1 and checks discounted-cumsum's estimators
+#: against TorchRL's functions (both install in about 15 s into a venv that already has torch).
+RL_EXAMPLE_REQUIREMENTS = ("gymnasium>=1.1", "torchrl>=0.14.1,<0.15")
 
 
 def _install_everything(session: nox.Session, *extras: str) -> None:
@@ -436,7 +439,13 @@ def integration(session: nox.Session) -> None:
         "nox",
     ]
     _install_everything(
-        session, "pytest>=8", "scikit-learn", *LM_EXAMPLE_REQUIREMENTS, *PGPE_EXAMPLE_REQUIREMENTS, *tools
+        session,
+        "pytest>=8",
+        "scikit-learn",
+        *LM_EXAMPLE_REQUIREMENTS,
+        *PGPE_EXAMPLE_REQUIREMENTS,
+        *RL_EXAMPLE_REQUIREMENTS,
+        *tools,
     )
     _run_passes(
         session, {"all": lambda: _run_pytest(session, ROOT / "tests" / "integration", *session.posargs)}
@@ -703,7 +712,13 @@ def gpu(session: nox.Session) -> None:
 @venv_session(default=False)
 def demo(session: nox.Session) -> None:
     """The main job: install every package and run the examples, printing a summary table."""
-    _install_everything(session, "scikit-learn", *LM_EXAMPLE_REQUIREMENTS, *PGPE_EXAMPLE_REQUIREMENTS)
+    _install_everything(
+        session,
+        "scikit-learn",
+        *LM_EXAMPLE_REQUIREMENTS,
+        *PGPE_EXAMPLE_REQUIREMENTS,
+        *RL_EXAMPLE_REQUIREMENTS,
+    )
     session.run("python", str(ROOT / "examples" / "run_all.py"), *session.posargs)
 
 

@@ -8,7 +8,9 @@ Examples, in order:
   next to backprop + Adam;
 * ``zero_order_lora_lm``: a ``transformers`` GPT-2 (from a config) fine-tuned through a ``peft`` LoRA with zero-order
   SGD at inference memory (zero-order's ``ZOSGD``);
-* ``dni_digits``: backprop vs DNI vs cDNI on digits (dni).
+* ``dni_digits``: backprop vs DNI vs cDNI on digits (dni);
+* ``rl_advantages_cartpole``: PPO's GAE and TD(λ) returns on a gymnasium CartPole-v1 rollout (terminated and
+  truncated episode ends) with discounted-cumsum's fused estimators, checked against TorchRL's functions.
 
 Usage: ``python examples/run_all.py [--quick] [--only NAME ...] [--json results.json]``.
 """
@@ -27,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table
 
-EXAMPLES = ("es_cartpole", "es_evotorch_pgpe", "zero_order_digits", "zero_order_lora_lm", "dni_digits")
+EXAMPLES = (
+    "es_cartpole",
+    "es_evotorch_pgpe",
+    "zero_order_digits",
+    "zero_order_lora_lm",
+    "dni_digits",
+    "rl_advantages_cartpole",
+)
 
 
 def run(names: tuple[str, ...] = EXAMPLES, quick: bool = False, seed: int = 0) -> list[dict]:

@@ -181,6 +181,46 @@ def test_zero_order_lora_lm_fine_tunes_adapters_only():
     assert result["passed"]
 
 
+# ------------------------------------------------------------------ RL advantages on a gymnasium rollout
+
+
+def test_rl_advantages_cartpole_match_torchrl_and_a_float64_loop():
+    pytest.importorskip("gymnasium")  # installed by the integration and demo sessions
+    pytest.importorskip("torchrl")
+    result = _load("rl_advantages_cartpole").main(quick=True, seed=0)
+    for name, diff in result["max_diff"].items():
+        assert diff <= result["bound"][name], (name, diff, result["bound"][name])
+    # both kinds of episode end occur in the rollout, as gymnasium reported them
+    assert result["episodes_terminated"] > 0
+    assert result["episodes_truncated"] > 0
+    assert result["passed"], result["summary"]
+    # An independent float64 loop over the rollout: a terminated step drops the bootstrap, a truncated one
+    # bootstraps from its own next value, and nothing crosses an episode end.
+    roll = result["rollout"]
+    r, v, nv = (roll[k].double() for k in ("rewards", "values", "next_values"))
+    done, term = roll["dones"], roll["terminated"]
+    gamma, lam = 0.99, 0.95
+    adv = torch.zeros_like(r)
+    ret = torch.zeros_like(r)
+    gae = torch.zeros(r.shape[1], dtype=torch.float64)
+    g = torch.zeros(r.shape[1], dtype=torch.float64)
+    for t in reversed(range(r.shape[0])):
+        boot = torch.where(term[t], 0.0, nv[t])
+        gae = r[t] + gamma * boot - v[t] + gamma * lam * torch.where(done[t], 0.0, gae)
+        last = t == r.shape[0] - 1
+        g = r[t] + gamma * ((1 - lam) * boot + lam * (boot if last else torch.where(done[t], boot, g)))
+        adv[t], ret[t] = gae, g
+    # The kernel carries float32 inputs in float64 and rounds once to float32 at the end: error <= eps32 of the
+    # magnitude, doubled for margin (the float64 loop's own error is ~1e-14).
+    eps32 = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(
+        result["advantages"].double(), adv, rtol=0, atol=2 * eps32 * max(1.0, adv.abs().max().item())
+    )
+    torch.testing.assert_close(
+        result["td_lambda_returns"].double(), ret, rtol=0, atol=2 * eps32 * max(1.0, ret.abs().max().item())
+    )
+
+
 # ------------------------------------------------------------------ run_all
 
 
