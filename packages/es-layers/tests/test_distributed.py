@@ -151,6 +151,13 @@ MISMATCH_WORKER = textwrap.dedent(
     attempt("rows", lambda: es.all_gather_fitness(local[:-1] if rank else local, pm))  # rank 1: wrong rows
     attempt("indices_step", lambda: es.all_gather_fitness(local, members, N, step=5 + rank))
     attempt("final", gather)
+    # broadcast_seed: the source's seed everywhere; paired with all_gather_fitness, or with another src on one
+    # rank, every rank raises (it used to broadcast one int64 against the other's header)
+    attempt("seed_ok", lambda: torch.tensor(es.broadcast_seed(1234 + rank, src=1)))
+    attempt("seed_vs_gather", (lambda: torch.tensor(es.broadcast_seed(5))) if rank == 0 else gather)
+    attempt("seed_src", lambda: torch.tensor(es.broadcast_seed(5, src=rank)))
+    attempt("seed_bad_src", lambda: torch.tensor(es.broadcast_seed(5, src=2 if rank else 0)))
+    attempt("after_seed", gather)
     with open(out, "w") as f:
         json.dump(results, f)
     dist.barrier()
@@ -198,6 +205,15 @@ def test_all_gather_fitness_checks_step_and_settings_on_every_rank(tmp_path):
         kind, msg = res[r]["indices_step"]
         assert kind == "RankMismatchError"
         assert "rank 0: 5, rank 1: 6" in msg
+        assert res[r]["seed_ok"] == ["ok", 1235]  # rank 1's seed
+        kind, msg = res[r]["seed_vs_gather"]
+        assert kind == "RankMismatchError", (r, msg)
+        assert ("another collective" in msg) if r == 0 else ("paired with all_gather_fitness" in msg)
+        kind, msg = res[r]["seed_src"]
+        assert kind == "RankMismatchError" and "rank 0: 0, rank 1: 1" in msg, (r, msg)
+        kind, msg = res[r]["seed_bad_src"]
+        assert kind == "ValueError" and "rank(s) [1]" in msg, (r, msg)
+        assert res[r]["after_seed"] == ["ok", full]  # nothing was left half-exchanged
     assert res[1]["rows"][0] == "ValueError"
     assert "one row per local member" in res[1]["rows"][1]
     assert res[0]["rows"][0] == "RankMismatchError"

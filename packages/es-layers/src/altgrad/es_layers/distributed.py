@@ -90,20 +90,56 @@ def shard(perturbed_model: PerturbedModel, group: Any = None) -> range:
 def broadcast_seed(seed: int | None = None, src: int = 0, group: Any = None) -> int:
     """Return rank ``src``'s seed on every rank (drawn from the operating system there if ``None``).
 
+    The ranks exchange a header of the same size as :func:`all_gather_fitness`'s, tagged with what it is and the
+    ``src`` each rank named: a rank that calls the other collective at this point, or names another ``src``, makes
+    **every** rank raise :class:`RankMismatchError` instead of pairing a seed with fitness values.
+
     Args:
         seed: The seed on rank ``src`` (ignored elsewhere).
-        src: Source rank.
+        src: Source rank (a global rank, as for ``torch.distributed.broadcast``).
         group: Process group (default: the world).
 
     Returns:
         The common seed (a non-negative int below ``2**63``).
+
+    Raises:
+        RankMismatchError: On every rank, if the ranks are out of step or name different sources.
+        ValueError: On every rank, if ``src`` is not a rank of the group.
     """
     dist = _dist()
-    value = secrets.randbits(63) if seed is None else int(seed) % (1 << 63)
+    world = dist.get_world_size(group)
+    index = -1  # src's rank within the group
+    if not isinstance(src, bool) and isinstance(src, int):
+        try:
+            index = src if group is None or group is dist.group.WORLD else dist.get_group_rank(group, src)
+        except (ValueError, RuntimeError):  # src is not in the group
+            index = -1
+    ok = 0 <= index < world
+    rank = dist.get_rank(group)
+    value = (secrets.randbits(63) if seed is None else int(seed) % (1 << 63)) if ok and rank == index else 0
     device = _collective_device(dist, group)
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=src, group=group)
-    return int(t.item())
+    header = [_SEED_MAGIC, src if ok else -1, value, 0, 0, 0, int(ok), 0]  # _HEADER's length
+    mine = torch.tensor(header, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    headers = [g.tolist() for g in gathered]
+    if any(h[0] != _SEED_MAGIC for h in headers):
+        shown = ", ".join(
+            f"rank {r}: {'broadcast_seed' if h[0] == _SEED_MAGIC else 'another collective'}"
+            for r, h in enumerate(headers)
+        )
+        raise RankMismatchError(f"broadcast_seed: the ranks are out of step ({shown})")
+    bad = [r for r, h in enumerate(headers) if not h[6]]
+    if bad:
+        raise ValueError(
+            f"broadcast_seed: src must be a rank of the group; rank(s) {bad} gave one that is not "
+            f"(this rank: {src!r}; every rank raises)"
+        )
+    sources = [h[1] for h in headers]
+    if len(set(sources)) > 1:
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(sources))
+        raise RankMismatchError(f"broadcast_seed: the ranks name different sources ({shown})")
+    return int(headers[index][2])
 
 
 def _collective_device(dist: Any, group: Any) -> torch.device:
@@ -132,6 +168,7 @@ _HEADER = (
     ("count", "number of local members"),
 )
 _MAGIC = 0x45534C4649544E53 >> 1  # "ESLFITNS": identifies this collective's header
+_SEED_MAGIC = 0x45534C5345454453 >> 1  # "ESLSEEDS": broadcast_seed's header (same length as _HEADER)
 _NOT_GIVEN = -2
 
 
