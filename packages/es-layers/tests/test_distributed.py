@@ -210,9 +210,11 @@ def test_all_gather_fitness_checks_step_and_settings_on_every_rank(tmp_path):
         assert kind == "RankMismatchError", (r, msg)
         assert ("another collective" in msg) if r == 0 else ("paired with all_gather_fitness" in msg)
         kind, msg = res[r]["seed_src"]
-        assert kind == "RankMismatchError" and "rank 0: 0, rank 1: 1" in msg, (r, msg)
+        assert kind == "RankMismatchError", (r, msg)
+        assert "rank 0: 0, rank 1: 1" in msg
         kind, msg = res[r]["seed_bad_src"]
-        assert kind == "ValueError" and "rank(s) [1]" in msg, (r, msg)
+        assert kind == "ValueError", (r, msg)
+        assert "rank(s) [1]" in msg
         assert res[r]["after_seed"] == ["ok", full]  # nothing was left half-exchanged
     assert res[1]["rows"][0] == "ValueError"
     assert "one row per local member" in res[1]["rows"][1]
