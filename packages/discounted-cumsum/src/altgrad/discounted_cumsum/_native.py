@@ -71,6 +71,21 @@ def cpu_module() -> ModuleType:
     return _require(_cpu, _cpu_error, "cpu")
 
 
+def cuda_rl(device: torch.device, *args) -> None:
+    """Launches the fused RL estimator kernel (csrc/cuda/rl.cu, binding ``rl``) on ``device``'s current stream.
+
+    ``args`` are the binding's arguments but the stream (raw device addresses, sizes, rates; see
+    csrc/cuda/module.cpp). The buffers must stay alive until the kernel has run: tensors allocated on the current
+    stream are, as the caching allocator reuses their memory only for work queued after it on that stream.
+
+    Raises:
+        RuntimeError: If the CUDA module is missing or the launch fails.
+    """
+    mod = _require(_cuda, _cuda_error, "cuda")
+    with torch.cuda.device(device):
+        mod.rl(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 def dtype_code(dtype: torch.dtype) -> int:
     """The kernels' code for a floating dtype (see csrc/cpu/problem.h, DType)."""
     return _DTYPE_CODES[dtype]

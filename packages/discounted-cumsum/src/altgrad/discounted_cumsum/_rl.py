@@ -15,9 +15,10 @@ and ``bootstrap`` at the last step when no next value is given):
 A done step that is not terminated is *truncated*: nothing flows back across it, but it bootstraps from its own next
 value. Every mask selects (``where``), so a NaN or inf from another episode never leaks through a cut.
 
-Two routes compute the same formulas: the fused C++ kernel (CPU, one pass, no temporaries but V-trace's
-importance ratios; used when no gradient is needed) and a composition over the differentiable scan op (every device; gradients w.r.t. every floating input,
-the backward being the transposed scan).
+Two routes compute the same formulas: the fused kernels (used when no gradient is needed: C++ on the CPU, one pass,
+no temporaries but V-trace's importance ratios; CUDA, one launch, one thread per sequence, for sequences of at most
+4096 steps or at least 16384 sequences) and a composition over the differentiable scan op (every device; gradients
+w.r.t. every floating input, the backward being the transposed scan).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def estimate(
     args = (mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second)
     if _fusable(tensors, g, lm, bootstrap):
         return _fused(*args)
+    if _cuda_fusable(tensors, g, lm, bootstrap, d):
+        return _fused_cuda(*args)
     return _composed(*args)
 
 
@@ -186,6 +189,83 @@ def _fusable(tensors: dict, g, lm, bootstrap) -> bool:
         ):
             return False
     return True
+
+
+# The CUDA kernel gives each sequence one thread, which walks its steps one after another; the composed route's scan
+# splits a row over many threads. So few very long sequences go to the composed route. The limits are unmeasured
+# guesses (written without a GPU): a thread's serial walk of 4096 steps, or 16384 sequences (about 128 threads on
+# each of an H100's 132 SMs, enough to keep memory busy whatever the length).
+_CUDA_MAX_SERIAL_STEPS = 4096
+_CUDA_MIN_SEQUENCES = 16384
+
+
+def _cuda_fusable(tensors: dict, g, lm, bootstrap, d: int) -> bool:
+    """The CUDA kernel runs on plain CUDA tensors when no gradient is needed and nothing is being traced."""
+    r = tensors["reward"]
+    if r.device.type != "cuda" or not _native.cuda_available():
+        return False
+    if torch.compiler.is_compiling() or _modes_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (*tensors.values(), g, lm, bootstrap):
+        if isinstance(t, torch.Tensor) and (
+            type(t) is not torch.Tensor or t.device != r.device or (grad and t.requires_grad)
+        ):
+            return False
+    outer, n, inner = _layout(r.shape, d)
+    return n <= _CUDA_MAX_SERIAL_STEPS or outer * inner >= _CUDA_MIN_SEQUENCES
+
+
+def _fused_cuda(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
+    """The CUDA kernel (csrc/cuda/rl.cu): one launch on the current stream, V-trace's ratios computed in it.
+
+    Same buffers as ``_fused`` (on the device), except that ``log_pi`` and ``log_mu`` go to the kernel as they are.
+    With contiguous inputs of the result dtype, bool flags and number or per-row rates, the launch is the only
+    kernel run; anything else adds the conversions and copies that make the buffers.
+    """
+    r = tensors["reward"]
+    shape, dev = r.shape, r.device
+    outer, n, inner = _layout(shape, d)
+    out1 = torch.empty(shape, dtype=dtype, device=dev)
+    out2 = torch.empty(shape, dtype=dtype, device=dev) if second and "value" in tensors else None
+    if r.numel() == 0:
+        return out1, out2
+    buf = {k: t.to(dtype).resolve_conj().resolve_neg().contiguous() for k, t in tensors.items()}
+    cd = compute_dtype(dtype)
+    gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
+    lbuf, lval, lper = _rate_buffer(lm, shape, d, cd)
+    flags = [None if f is None else f.expand(shape).contiguous() for f in (done, terminated)]
+    boot = None
+    if bootstrap is not None:
+        boot = bootstrap.to(torch.float64).expand(shape[:d] + shape[d + 1 :]).contiguous()
+    p = _native._ptr
+    _native.cuda_rl(
+        dev,
+        mode,
+        p(buf["reward"]),
+        p(buf.get("value")),
+        p(buf.get("next_value")),
+        p(buf.get("log_pi")),
+        p(buf.get("log_mu")),
+        p(out1),
+        p(out2),
+        _native.dtype_code(dtype),
+        outer,
+        n,
+        inner,
+        p(gbuf),
+        gval,
+        gper,
+        p(lbuf),
+        lval,
+        lper,
+        p(flags[0]),
+        p(flags[1]),
+        p(boot),
+        rho_bar,
+        c_bar,
+    )
+    return out1, out2
 
 
 def _layout(shape: torch.Size, d: int) -> tuple[int, int, int]:
