@@ -294,7 +294,7 @@ def test_mixed_devices_are_rejected():
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_rl_estimators_on_cuda_match_the_cpu_kernel(mode, close):
-    """On CUDA the estimators run as the composition over the scan; the CPU runs the fused kernel."""
+    """Without a gradient both devices run a fused kernel (CUDA: csrc/cuda/rl.cu; CPU: csrc/cpu/rl_kernel.h)."""
     from altgrad.discounted_cumsum import _rl
 
     shape = (8, 700, 3)
@@ -311,3 +311,177 @@ def test_rl_estimators_on_cuda_match_the_cpu_kernel(mode, close):
     for a, b in zip(got, want):
         assert a.device.type == "cuda"
         close(a, b, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused RL estimators' CUDA kernel (csrc/cuda/rl.cu) against the composed route (torch ops over the scan, taken
+# when a gradient is needed) on the GPU and against the CPU kernel on the same inputs copied to the CPU, within the
+# error bound derived in conftest.py (rl_helpers.bound). 16-bit V-trace is compared with the composed route only
+# (the CPU route's ratios come from torch's exp in the data dtype; see conftest.py).
+# ---------------------------------------------------------------------------------------------------------------
+
+RL_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+RL_LAYOUTS = [((16, 300), -1), ((40, 7, 5), 1), ((300, 33), 0)]
+
+
+@pytest.fixture
+def cuda_route(monkeypatch):
+    """Counts the calls of `_rl._fused_cuda` (the CUDA kernel's route)."""
+    from altgrad.discounted_cumsum import _rl
+
+    calls = []
+    real = _rl._fused_cuda
+
+    def spy(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(_rl, "_fused_cuda", spy)
+    return calls
+
+
+def _three_routes(h, kw, cuda_route, cpu=True):
+    """(CUDA kernel, composed route on CUDA, CPU kernel or None) for the arguments `kw` (on the CPU)."""
+    from altgrad.discounted_cumsum import _rl
+
+    gkw = h.to(kw, "cuda")
+    before = len(cuda_route)
+    with torch.no_grad():
+        got = _rl.estimate(**gkw)
+    assert len(cuda_route) == before + 1, "no gradient needed: the CUDA kernel should run"
+    # a reward that needs a gradient sends the call to the composed route
+    reward = gkw["reward"].clone().requires_grad_()
+    with torch.enable_grad():
+        composed = _rl.estimate(**{**gkw, "reward": reward})
+    assert len(cuda_route) == before + 1, "a gradient is needed: the composed route should run"
+    composed = tuple(None if t is None else t.detach() for t in composed)
+    want_cpu = None
+    if cpu:
+        with torch.no_grad():
+            want_cpu = _rl.estimate(**kw)
+    for t in got:
+        assert t is None or t.is_cuda
+    return got, composed, want_cpu
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("dtype", RL_DTYPES)
+@pytest.mark.parametrize(("shape", "dim"), RL_LAYOUTS)
+def test_rl_kernel_matches_composed_and_cpu(mode, dtype, shape, dim, cuda_route, rl_helpers):
+    """Every combination of rates (number, per row, per element), flags and next values / bootstrap."""
+    for rates in ("number", "per_row", "per_elem"):
+        for flags in ("none", "done", "terminated", "both"):
+            for nxt in ("shifted", "next_value", "bootstrap"):
+                kw = rl_helpers.inputs(mode, shape, dim, dtype, rates, flags, nxt)
+                cpu = not (mode == 2 and dtype in (torch.float16, torch.bfloat16))
+                got, composed, want_cpu = _three_routes(rl_helpers, kw, cuda_route, cpu=cpu)
+                rl_helpers.check(got, composed, rl_helpers.bound(kw, dtype, composed))
+                if want_cpu is not None:
+                    rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, dtype, want_cpu))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_rl_kernel_float16(mode, cuda_route, rl_helpers):
+    kw = rl_helpers.inputs(mode, (12, 200), -1, torch.float16, "per_row", "both", "bootstrap")
+    got, composed, want_cpu = _three_routes(rl_helpers, kw, cuda_route, cpu=mode != 2)
+    rl_helpers.check(got, composed, rl_helpers.bound(kw, torch.float16, composed))
+    if want_cpu is not None:
+        rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, torch.float16, want_cpu))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize(("shape", "dim"), [((6, 50), -1), ((50, 6), 0)])
+@pytest.mark.parametrize("nxt", ["shifted", "next_value"])
+def test_rl_kernel_nan_after_a_terminal_step_does_not_leak(mode, shape, dim, nxt, cuda_route, rl_helpers):
+    """A terminal step at t0 of every sequence, a NaN value (and next value) right after it: nothing at or before
+    t0 is NaN, and the NaN positions after it are the composed and CPU routes' ones."""
+    d = dim % len(shape)
+    t0 = 20
+    kw = rl_helpers.inputs(mode, shape, dim, torch.float32, "per_row", "done", nxt)
+    kw["terminated"] = torch.zeros(shape, dtype=torch.bool)
+    kw["terminated"].narrow(d, t0, 1).fill_(True)
+    kw["value"].narrow(d, t0 + 1, 1).fill_(float("nan"))
+    if kw["next_value"] is not None:
+        kw["next_value"].narrow(d, t0, 1).fill_(float("nan"))
+    got, composed, want_cpu = _three_routes(rl_helpers, kw, cuda_route)
+    for out in got:
+        assert out.narrow(d, 0, t0 + 1).isfinite().all()
+    rl_helpers.check(got, composed, rl_helpers.bound(kw, torch.float32, composed))
+    rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, torch.float32, want_cpu))
+
+
+def test_rl_kernel_td_lambda_without_values_and_single_outputs(cuda_route, rl_helpers):
+    """TD(lambda) from next values alone (no second output), and each estimator with second=False."""
+    from altgrad.discounted_cumsum import _rl
+
+    kw = rl_helpers.inputs(1, (9, 130), -1, torch.float32, "number", "both", "next_value")
+    kw["value"] = None
+    got, composed, want_cpu = _three_routes(rl_helpers, kw, cuda_route)
+    assert got[1] is None
+    rl_helpers.check(got, composed, rl_helpers.bound(kw, torch.float32, composed))
+    rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, torch.float32, want_cpu))
+    for mode in (0, 1, 2):
+        kw = rl_helpers.inputs(mode, (130, 9), 0, torch.float32, "per_elem", "both", "bootstrap")
+        with torch.no_grad():
+            one = _rl.estimate(**rl_helpers.to(kw, "cuda"), second=False)
+            both = _rl.estimate(**rl_helpers.to(kw, "cuda"))
+        assert one[1] is None
+        # exact: the same deterministic kernel on the same inputs; the second output does not feed the first
+        assert torch.equal(one[0], both[0])
+
+
+def test_rl_kernel_empty_and_single_step(cuda_route, rl_helpers):
+    from altgrad.discounted_cumsum import _rl
+
+    for shape in [(0, 5), (4, 0), (3, 1), (1, 1)]:
+        kw = rl_helpers.inputs(0, shape, -1, torch.float32, "number", "done", "bootstrap")
+        with torch.no_grad():
+            got = _rl.estimate(**rl_helpers.to(kw, "cuda"))
+            want = _rl.estimate(**kw)
+        for a, b in zip(got, want):
+            assert a.shape == shape
+            if a.numel():
+                # one step: adv = r + gamma * boot - v, one float64 evaluation each side (the same expression on
+                # the CPU kernel), rounded to float32 once: within one float32 rounding of each other
+                err = (a.double().cpu() - b.double()).abs().max().item()
+                assert err <= 2 * 2.0**-24 * (b.double().abs().max().item() + 1)
+
+
+def test_rl_kernel_runs_on_the_current_stream(cuda_route, rl_helpers):
+    """On a side stream (inputs made on it) the result equals the default stream's one, bit for bit."""
+    from altgrad.discounted_cumsum import _rl
+
+    kw = rl_helpers.to(
+        rl_helpers.inputs(2, (256, 700), -1, torch.float32, "per_row", "both", "shifted"), "cuda"
+    )
+    with torch.no_grad():
+        want = _rl.estimate(**kw)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            got = _rl.estimate(**kw)
+        s.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)  # exact: the same deterministic kernel (no atomics) on the same inputs
+    assert len(cuda_route) == 2
+
+
+def test_rl_routes_on_cuda(cuda_route):
+    """Gradients, very long rows with few sequences and compiled code take the composed route."""
+    from altgrad.discounted_cumsum import _rl
+
+    r = torch.randn(2, _rl._CUDA_MAX_SERIAL_STEPS + 1, device="cuda")
+    v = torch.randn_like(r)
+    with torch.no_grad():
+        _rl.estimate(0, r, v, None, 0.99, 0.95)
+    assert cuda_route == []
+    # as many sequences as the limit: the kernel again, whatever the length (shape-only views, no memory)
+    many = torch.zeros((), device="cuda").expand(_rl._CUDA_MIN_SEQUENCES, _rl._CUDA_MAX_SERIAL_STEPS + 1)
+    assert _rl._cuda_fusable({"reward": many, "value": many}, 0.99, 0.95, None, 1)
+    assert not _rl._cuda_fusable({"reward": many[:-1], "value": many[:-1]}, 0.99, 0.95, None, 1)
+    r = torch.randn(8, 64, device="cuda", requires_grad=True)
+    _rl.estimate(0, r, torch.randn_like(r), None, 0.99, 0.95)
+    assert cuda_route == []
+    with torch.no_grad():
+        _rl.estimate(0, r, torch.randn_like(r), None, 0.99, 0.95)
+    assert cuda_route == [0]
