@@ -65,7 +65,7 @@ def _run(route, mode, r, v, nv, g, lam, done, term, dim, lp, lm, **kw):
         r = r.clone().requires_grad_()
     vt = {"log_pi": lp, "log_mu": lm, "rho_bar": 1.0, "c_bar": 0.9} if mode == _rl.VTRACE else {}
     a, b = _rl.estimate(mode, r, v, nv, g, lam, done, term, dim=dim, **vt, **kw)
-    return a.detach(), b.detach()
+    return a.detach(), None if b is None else b.detach()
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -81,6 +81,46 @@ def test_matches_loop(route, mode, shape, dim, close):
     want = loop(mode, *mv[:3], 0.97, 0.9, mv[3], mv[4], mv[5], mv[6], 1.0, 0.9)
     for a, w in zip(got, want):
         close(a, w.movedim(-1, dim), torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("flags", ["none", "done", "terminated", "both"])
+@pytest.mark.parametrize("lam", [0.9, 0.0])
+@pytest.mark.parametrize("next_values", [True, False])
+@pytest.mark.parametrize("second", [True, False])
+def test_every_flag_and_output_combination(route, mode, flags, lam, next_values, second, close):
+    """The kernel has one straight loop per combination of flags, next values, second output and lam == 0
+    (TD(0): no carried dependency); each against the loop, float64."""
+    (r, v, nv, lp, lm), done, term = _inputs((3, 301), torch.float64, p_done=0.05)
+    d = done if flags in ("done", "both") else None
+    m = term if flags in ("terminated", "both") else None
+    boot = None if next_values else torch.randn(3, dtype=torch.float64)
+    got = _run(
+        route,
+        mode,
+        r,
+        v,
+        nv if next_values else None,
+        0.97,
+        lam,
+        d,
+        m,
+        -1,
+        lp,
+        lm,
+        bootstrap=boot,
+        second=second,
+    )
+    zero = torch.zeros_like(done)
+    ref_nv = nv if next_values else torch.cat([v[:, 1:], boot[:, None]], 1)
+    ref_done = d if d is not None else (m if m is not None else zero)
+    want = loop(mode, r, v, ref_nv, 0.97, lam, ref_done, m if m is not None else zero, lp, lm, 1.0, 0.9)
+    close(got[0], want[0], torch.float64)
+    if second:
+        close(got[1], want[1], torch.float64)
+    else:
+        assert got[1] is None
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -118,6 +118,11 @@ struct RlRow {
     y = A(0);  // y of the step after the block (never used at the last step: its gate is 0)
     gc = ge ? A(0) : static_cast<A>(static_cast<const double*>(p->gamma)[row]);
     lc = (le || MODE == kRlVtrace) ? A(0) : static_cast<A>(static_cast<const double*>(p->lam)[row]);
+  }
+
+  // The blocked path's constant buffers (the straight loops below read none of them: at (4096, 128) filling them
+  // for every row cost as much as the row itself).
+  void fill_buffers() {
     for (int64_t j = 0; j < (n < kRlBlock ? n : kRlBlock); ++j) {  // short rows: only what a block reads
       gb[j] = gc;
       lb[j] = lc;
@@ -138,7 +143,7 @@ struct RlRow {
   // plain scan, most of it stalled on loads.
   // FL: which flags exist (0 none, 1 done only, 2 terminated only or the same array as done, 3 both); NV: next
   // values given; O2: second output. Each combination is its own straight loop (no invariant tests inside).
-  template <int FL, bool NV, bool O2>
+  template <int FL, bool NV, bool O2, bool CARRY>
   void fused_row_t() {
     // Plain local copies of the members, no lambdas capturing them: otherwise the compiler keeps them in memory
     // and reloads each pointer after every store (measured 4x slower with two outputs).
@@ -172,21 +177,31 @@ struct RlRow {
       } else {
         x = end ? rt + b : rt + (A(1) - l) * b;
       }
-      const A a = end ? A(0) : gl;
-      yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+      if constexpr (CARRY) {
+        const A a = end ? A(0) : gl;
+        yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+      } else {
+        yy = x;  // gamma * lam == 0 (TD(0)): every gate is zero, no step depends on the next one
+      }
       T::store(out1, t, yy);
       if constexpr (O2) T::store(out2, t, MODE == kRlGae ? yy + vt : yy - vt);
       vnext = vt;
     }
   }
 
+
+  template <int FL, bool CARRY>
+  void fused_row_c() {
+    if (nv) {
+      if (o2) fused_row_t<FL, true, true, CARRY>(); else fused_row_t<FL, true, false, CARRY>();
+    } else {
+      if (o2) fused_row_t<FL, false, true, CARRY>(); else fused_row_t<FL, false, false, CARRY>();
+    }
+  }
+
   template <int FL>
   void fused_row_fl() {
-    if (nv) {
-      if (o2) fused_row_t<FL, true, true>(); else fused_row_t<FL, true, false>();
-    } else {
-      if (o2) fused_row_t<FL, false, true>(); else fused_row_t<FL, false, false>();
-    }
+    if (gc * lc != A(0)) fused_row_c<FL, true>(); else fused_row_c<FL, false>();
   }
 
   void fused_row() {
@@ -196,6 +211,69 @@ struct RlRow {
       if (tm || dn == nullptr) fused_row_fl<2>(); else fused_row_fl<1>();
     } else {
       fused_row_fl<0>();
+    }
+  }
+
+  // V-trace with the row's own gamma: the same single descending loop. v_s at t + 1 (y[t+1] + V[t+1]) and the
+  // value after the step are kept from the previous step, so the advantage is written in the same pass.
+  template <int FL, bool NV, bool O2>
+  void vtrace_row_t() {
+    const S* __restrict rr = r;
+    const S* __restrict vv = v;
+    const S* __restrict nn = nv;
+    const S* __restrict pp = lp;
+    const uint8_t* __restrict dd = dn;
+    const uint8_t* __restrict mm = FL == 2 ? (tm ? tm : dn) : tm;
+    S* __restrict out1 = o1;
+    S* __restrict out2 = o2;
+    const A g = gc, rb = rho_bar, cb = c_bar;
+    A yy = A(0);
+    A vnext = boot;     // value[t + 1] (boot after the last step), used when there is no next_value
+    A vs_after = A(0);  // v_s[t + 1]; never read at the last step (it ends the episode)
+    for (int64_t t = n - 1; t >= 0; --t) {
+      const A rt = static_cast<A>(T::load(rr, t));
+      const A vt = static_cast<A>(T::load(vv, t));
+      const A rho = static_cast<A>(T::load(pp, t));
+      const bool term = FL >= 2 && mm[t] != 0;
+      const bool end = t == n - 1 || (FL == 3 ? (term || dd[t] != 0) : FL == 2 ? term : FL == 1 && dd[t] != 0);
+      A nvt;
+      if constexpr (NV) {
+        nvt = static_cast<A>(T::load(nn, t));
+      } else {
+        nvt = vnext;
+      }
+      const A pc = rho < rb ? rho : rb;
+      const A cc = rho < cb ? rho : cb;
+      const A b = term ? A(0) : g * nvt;
+      if constexpr (O2) {
+        const A vs_next = end ? nvt : vs_after;
+        T::store(out2, t, pc * (rt + (term ? A(0) : g * vs_next) - vt));
+      }
+      const A x = pc * (rt + b - vt);
+      const A a = end ? A(0) : g * cc;
+      yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+      vs_after = yy + vt;
+      T::store(out1, t, vs_after);
+      vnext = vt;
+    }
+  }
+
+  template <int FL>
+  void vtrace_row_fl() {
+    if (nv) {
+      if (o2) vtrace_row_t<FL, true, true>(); else vtrace_row_t<FL, true, false>();
+    } else {
+      if (o2) vtrace_row_t<FL, false, true>(); else vtrace_row_t<FL, false, false>();
+    }
+  }
+
+  void vtrace_row() {
+    if (tm && dn && tm != dn) {
+      vtrace_row_fl<3>();
+    } else if (tm || dn) {
+      if (tm || dn == nullptr) vtrace_row_fl<2>(); else vtrace_row_fl<1>();
+    } else {
+      vtrace_row_fl<0>();
     }
   }
 
@@ -373,7 +451,13 @@ void rl_row(const RlProblem* p, int64_t row) {
       st.fused_row();
       return;
     }
+  } else {
+    if (!st.ge) {
+      st.vtrace_row();
+      return;
+    }
   }
+  st.fill_buffers();
   for (int64_t t1 = p->n; t1 > 0; t1 -= kRlBlock) {
     const int64_t t0 = t1 > kRlBlock ? t1 - kRlBlock : 0;
     if constexpr (MODE != kRlVtrace) {

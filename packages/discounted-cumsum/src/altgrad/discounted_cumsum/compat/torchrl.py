@@ -138,22 +138,29 @@ def vec_generalized_advantage_estimate(
 
 
 def _td0(gamma, state_value, next_state_value, reward, terminated):
-    """TD(0) has no recursion: ``r + γ V'`` where not terminated, else ``r``, elementwise (as fast as TorchRL's one
-    expression; selecting keeps a terminal state's NaN value out)."""
-    if not isinstance(reward, torch.Tensor) or not reward.is_floating_point():
-        raise TypeError("`reward` must be a floating tensor")
-    for name, t in (("next_state_value", next_state_value), ("state_value", state_value)):
-        if t is not None:
-            _rl._same_shape(name, t, reward, "reward")
-    terminated = _rl._flags("terminated", terminated, reward, "reward")
-    g = _rl._rate("gamma", _broadcasting(gamma, reward), reward, reward.dim() - 1, "reward")
-    dtype = torch.promote_types(reward.dtype, next_state_value.dtype)
-    if isinstance(g, torch.Tensor):
-        boot = reward.to(dtype) + g.to(dtype) * next_state_value
-    else:
-        boot = torch.add(reward.to(dtype), next_state_value, alpha=g)
-    out = torch.where(terminated, reward.to(dtype), boot)
-    return out if state_value is None else out - state_value
+    """TD(0) has no recursion: ``r + γ V'`` where not terminated, else ``r`` (selected, so a terminal state's NaN
+    value stays out). It is TD(λ) at λ = 0, which the fused kernel runs as one loop without a carried dependency."""
+    if not isinstance(reward, torch.Tensor) or not reward.is_floating_point() or reward.dim() == 0:
+        raise TypeError("`reward` must be a floating tensor with at least one dimension")
+    if next_state_value is None:
+        raise ValueError("`next_state_value` is required")
+    g = _broadcasting(gamma, reward)
+    # Any dim gives the same numbers at λ = 0; the last one longer than 1 gives the kernel whole contiguous rows
+    # (TorchRL's [B, T, 1] on the last dim would be B * T rows of one step).
+    dim = max([i for i, s in enumerate(reward.shape) if s > 1], default=reward.dim() - 1)
+    ret, adv = _rl.estimate(
+        _rl.TD_LAMBDA,
+        reward,
+        state_value,
+        next_state_value,
+        g,
+        0.0,
+        terminated=terminated,
+        dim=dim,
+        names=_NAMES,
+        second=state_value is not None,
+    )
+    return ret if state_value is None else adv
 
 
 def td0_return_estimate(
