@@ -44,7 +44,9 @@ def synth_init(seed: int = 1) -> dict[str, torch.Tensor]:
     return synth.state_dict()
 
 
-def pipeline(staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None) -> DecoupledPipeline:
+def pipeline(
+    staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None, **kwargs
+) -> DecoupledPipeline:
     pipe = DecoupledPipeline(
         stages(seed),
         loss_fn,
@@ -59,6 +61,7 @@ def pipeline(staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None)
         staleness=staleness,
         failure_timeout=2.0,
         group=group,
+        **kwargs,
     )
     if pipe.interface is not None:
         pipe.interface.synthesizer.load_state_dict(synth_init())
@@ -70,6 +73,13 @@ def snapshot(pipe: DecoupledPipeline) -> dict[str, torch.Tensor]:
     if pipe.interface is not None:
         out.update(
             {f"synth.{k}": v.detach().clone() for k, v in pipe.interface.synthesizer.state_dict().items()}
+        )
+    if pipe.forward_interface is not None:
+        out.update(
+            {
+                f"fsynth.{k}": v.detach().clone()
+                for k, v in pipe.forward_interface.synthesizer.state_dict().items()
+            }
         )
     return out
 
@@ -110,6 +120,97 @@ def run(rank: int, tmp: str) -> None:
     stale.flush()
     applied.append(stale.targets_applied)
     result["applied"] = applied
+    torch.save(result, f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+UNLOCK_STEPS = 40  # forward unlocking: batches per run
+FORWARD_SEED = 3  # the global seed right before stage 1 builds its forward synthesizer (at its first step)
+
+
+def unlocked_run(tmp: str, name: str, rank: int, delay: bool) -> dict[str, object]:
+    """Forward unlocking at staleness 1 over UNLOCK_STEPS batches, saved after batch SPLIT - 1.
+
+    ``delay`` makes the ranks sleep at a few batches (each one in turn), so that messages arrive at other
+    points of the other rank's work: the result must not depend on it.
+    """
+    pipe = pipeline(staleness=1, synthetic_inputs=True)
+    applied, losses = [], []
+    for i, (x, y) in enumerate(batches(UNLOCK_STEPS)):
+        if delay and i % 7 == rank * 3:
+            time.sleep(0.01)
+        pipe.step(x, y)
+        if i == SPLIT - 1:
+            pipe.save(f"{tmp}/{name}.pt")
+        applied.append(pipe.inputs_applied)
+        if pipe.forward_interface is not None and pipe.forward_interface.last_loss is not None:
+            losses.append(float(pipe.forward_interface.last_loss))
+    pipe.flush()
+    return {"final": snapshot(pipe), "applied": applied, "losses": losses, "applied_end": pipe.inputs_applied}
+
+
+def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
+    """What each bad construction raised on this rank (``None``: nothing)."""
+    from altgrad.dni import Conv2dDNI
+
+    def stages_conv(seed: int = 0) -> list[nn.Module]:
+        first, _ = stages(seed)
+        return [first, nn.Sequential(nn.Flatten(), nn.Linear(12, CLASSES))]
+
+    cases = {
+        "stage0": lambda: pipeline(0, synthetic_inputs=[0, 1]),
+        "outside": lambda: pipeline(0, synthetic_inputs=[1, 2]),
+        "type": lambda: pipeline(0, synthetic_inputs="all"),
+        "conv_synth": lambda: DecoupledPipeline(
+            stages(), F.cross_entropy, synthetic_inputs=True, dni_network=Conv2dDNI
+        ),
+        "no_width": lambda: DecoupledPipeline(stages_conv(), F.cross_entropy, synthetic_inputs=True),
+    }
+    out: dict[str, tuple[str, str] | None] = {}
+    for case, build in cases.items():  # the last case succeeds on rank 0: no pipeline is used after these
+        try:
+            build()
+            out[case] = None
+        except (TypeError, ValueError) as exc:
+            out[case] = (type(exc).__name__, str(exc))
+    return out
+
+
+def unlocked(rank: int, tmp: str) -> None:
+    """Forward unlocking: two runs (one with delays), a resumed run, bad arguments (one spawn)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    torch.set_num_threads(1)
+    s0 = pipeline(staleness=0, synthetic_inputs=True)
+    torch.manual_seed(FORWARD_SEED)
+    steps = []
+    for x, y in batches():
+        s0.step(x, y)
+        s0.flush()  # staleness 0: the targets of this batch are trained on before the next forward anyway
+        steps.append(snapshot(s0))
+    result: dict[str, object] = {
+        "steps": steps,
+        "plain": unlocked_run(tmp, "plain", rank, delay=False),
+        "delayed": unlocked_run(tmp, "delayed", rank, delay=True),
+    }
+    resumed = pipeline(
+        staleness=1, seed=7, synthetic_inputs=True
+    )  # other weights: all must come from the file
+    resumed.load(f"{tmp}/plain.pt")
+    for x, y in batches(UNLOCK_STEPS)[SPLIT:]:
+        resumed.step(x, y)
+    resumed.flush()
+    result["resumed"] = snapshot(resumed)
+    result["resumed_applied"] = resumed.inputs_applied
+    result["saved_keys"] = sorted(torch.load(f"{tmp}/plain.pt", weights_only=True)["stages"][rank])
+    dist.barrier()
+    result["bad"] = bad_arguments(rank)
     torch.save(result, f"{tmp}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

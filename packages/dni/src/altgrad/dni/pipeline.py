@@ -24,6 +24,15 @@ message than the receiver's buffer is announced first), so a stage that fails se
 neighbours a *failure* header instead of data: they raise :class:`PipelineError` naming the failing stage and
 pass the failure on; a stage whose process dies closes its connections, which its neighbours see at once.
 The first failure's text is kept in the process group's store, so every rank reports the stage that failed.
+
+Forward unlocking (``synthetic_inputs``, paper §3.3): a stage ``k >= 1`` with it does not wait for
+``h_{k-1}(t)``. It predicts its input ``ĥ_{k-1}(t) = I_k(x(t)[, y(t)])`` from the batch's inputs ``x`` (flattened
+to ``(B, -1)``; every rank reads the same batches) and, with ``context_size``, the labels, runs forward, backward
+and its optimizer step on ``ĥ`` at once and sends the gradient at ``ĥ`` back to stage ``k-1`` (the target of
+``M_{k-1}``). The real ``h_{k-1}(t)`` still comes from stage ``k-1``; it only trains ``I_k`` (a
+:class:`~altgrad.dni.ForwardInterface`, regression ``‖ĥ − h‖² / B`` on a recomputed prediction), before the
+forward of batch ``t + 1 + staleness``. No step is taken on the real input: as in the paper's complete unlock and
+the single-process wrapper, the layers above a cut train on synthetic inputs only.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ from torch import Tensor, nn
 
 from ._functional import mix_gradient, sg_loss_grad
 from ._optim import optimizer_factory
+from .forward import ForwardInterface
 from .interface import BackwardInterface
 from .synthesizers import LinearDNI
-from .wrapper import _infer_features
+from .wrapper import _SHAPE_PRESERVING, _infer_features
 
 __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
@@ -86,6 +96,47 @@ def _has(module: nn.Module, kinds: tuple[type, ...]) -> bool:
     return any(isinstance(m, kinds) for m in module.modules())
 
 
+def _input_features(module: nn.Module) -> int | None:
+    """Input features of ``module`` (last dim) when its first layer tells (else ``None``)."""
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            if isinstance(child, _SHAPE_PRESERVING):
+                continue
+            return _input_features(child)
+        return None
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.BatchNorm1d):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return int(module.normalized_shape[0])
+    return None
+
+
+def _unlocked_stages(synthetic_inputs: Any, num_stages: int) -> frozenset[int]:
+    """The stages that get a forward synthesizer: ``True`` is every stage but 0, a sequence names them."""
+    if isinstance(synthetic_inputs, bool):
+        return frozenset(range(1, num_stages)) if synthetic_inputs else frozenset()
+    if not isinstance(synthetic_inputs, (list, tuple, set, frozenset, range)) or any(
+        isinstance(k, bool) or not isinstance(k, int) for k in synthetic_inputs
+    ):
+        raise TypeError(
+            f"synthetic_inputs must be a bool or a sequence of stage indices, got {synthetic_inputs!r}"
+        )
+    stages = frozenset(synthetic_inputs)
+    if 0 in stages:
+        raise ValueError(
+            "synthetic_inputs names stage 0, which reads the batch itself: only stages 1 .. "
+            f"{num_stages - 1} can predict their input"
+        )
+    bad = sorted(k for k in stages if not 0 < k < num_stages)
+    if bad:
+        raise ValueError(
+            f"synthetic_inputs names stages {bad}, outside 1 .. {num_stages - 1} of this {num_stages}-stage pipeline"
+        )
+    return stages
+
+
 class DecoupledPipeline:
     """Train ``stages`` as a pipeline of processes, each stage updated at once from its synthetic gradient.
 
@@ -112,8 +163,13 @@ class DecoupledPipeline:
         group: The process group (default: the world). Its size must be ``len(stages)``.
         device: Where the stage runs; default ``cuda`` (current device) under NCCL, else CPU.
         failure_timeout: Seconds a failing stage waits for its neighbours to take its failure header.
-
-    Forward unlocking (synthetic inputs) is not offered: every stage waits for its real input.
+        synthetic_inputs: Forward unlocking (see the module docstring): ``True`` gives every stage ``k >= 1`` a
+            forward synthesizer ``I_k`` (a ``dni_network`` of ``hidden_size``, trained by ``grad_optim`` at
+            ``grad_lr``, one step per arrived activation) that predicts its input from the batch's ``x``
+            (and ``y`` with ``context_size``); a sequence of stage indices picks the stages. Those stages need
+            ``x`` in :meth:`step`, a first layer that tells their input width (``nn.Linear``,
+            ``nn.BatchNorm1d``, ``nn.LayerNorm``) and ``(B, features)`` inputs; ``dni_network`` must be
+            feature-last (e.g. ``LinearDNI``).
     """
 
     def __init__(
@@ -134,6 +190,7 @@ class DecoupledPipeline:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         failure_timeout: float = 5.0,
+        synthetic_inputs: bool | Sequence[int] = False,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DecoupledPipeline needs an initialised torch.distributed process group")
@@ -153,6 +210,12 @@ class DecoupledPipeline:
             )
         if self.num_stages < 2:
             raise ValueError("a pipeline needs at least 2 stages (ranks); use DNI in one process")
+        unlocked = _unlocked_stages(synthetic_inputs, self.num_stages)
+        if unlocked and int(getattr(dni_network, "feature_dim", -1)) != -1:
+            raise ValueError(
+                f"synthetic_inputs needs a feature-last dni_network (e.g. LinearDNI): the forward synthesizer "
+                f"maps (B, features) inputs, got dni_network={getattr(dni_network, '__name__', dni_network)}"
+            )
         backend = dist.get_backend(group)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
@@ -199,6 +262,21 @@ class DecoupledPipeline:
             features = _infer_features(self.module, -1)
             if features is not None:
                 self._build(features)
+        self.synthetic_inputs = self.stage in unlocked  # this stage predicts its input (forward unlocking)
+        self.forward_interface: ForwardInterface | None = None
+        self.forward_optimizer: torch.optim.Optimizer | None = None
+        self._input_features: int | None = None
+        if self.synthetic_inputs:
+            self._input_features = _input_features(self.module)
+            if self._input_features is None:
+                raise ValueError(
+                    f"synthetic_inputs: stage {self.stage} ({type(self.module).__name__}) must start with an "
+                    "nn.Linear, nn.BatchNorm1d or nn.LayerNorm, whose width tells the shape of the input to predict"
+                )
+        # real inputs the forward synthesizer trained on (batches 0 .. inputs_applied - 1)
+        self.inputs_applied = 0
+        # (batch, x, labels) of the batches whose real input h_{k-1} is still to come
+        self._inputs: deque[tuple[int, Tensor, Tensor | None]] = deque()
         self.num_steps = 0  # batches this stage has run
         self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
         self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
@@ -227,6 +305,28 @@ class DecoupledPipeline:
         self.interface = BackwardInterface(synth, context_size=self.context_size, scale=self.scale)
         self.grad_optimizer = self._grad_optim([p for p in synth.parameters() if p.requires_grad])
         self._features = features
+
+    def _build_forward(self, trigger_features: int) -> None:
+        assert self._input_features is not None
+        synth = self.dni_network(
+            input_size=trigger_features + self.context_size,
+            hidden_size=self.hidden_size,
+            output_size=self._input_features,
+            **self.dni_params,
+        )
+        if _has(synth, (nn.modules.batchnorm._BatchNorm,)) or hasattr(synth, "rnn"):
+            raise ValueError(
+                f"synthetic_inputs with dni_network={type(synth).__name__}: it has batch norm or recurrent state; "
+                "the forward synthesizer's prediction is recomputed when the real input arrives, so it needs a "
+                "stateless synthesizer such as LinearDNI"
+            )
+        ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        synth = synth.to(device=self.device, dtype=ref.dtype if ref is not None else None)
+        self.forward_optimizer = self._grad_optim([p for p in synth.parameters() if p.requires_grad])
+        self.forward_interface = ForwardInterface(
+            synth, context_size=self.context_size, optimizer=self.forward_optimizer
+        )
+        self._trigger_features = trigger_features
 
     @staticmethod
     def _default_store() -> Any:
@@ -382,11 +482,43 @@ class DecoupledPipeline:
             self.grad_optimizer.step()
             self.grad_optimizer.zero_grad(set_to_none=True)
 
+    def _train_forward(self, upto: int) -> None:
+        """Receive the real inputs of the kept batches up to ``upto``; regress the forward synthesizer onto them."""
+        while self._inputs and self._inputs[0][0] <= upto:
+            batch, trigger, labels = self._inputs.popleft()
+            h = self._recv(self.stage - 1, batch)
+            iface = self.forward_interface
+            assert iface is not None
+            iface(h, trigger, labels)  # recomputed prediction, loss ‖ĥ − h‖² / B, backward, optimizer step
+            self.inputs_applied += 1
+
+    def _synthetic_input(self, batch: int, x: Tensor | None, context: Tensor | None) -> Tensor:
+        """``ĥ_{k-1} = I_k(x[, y])`` for this batch (forward unlocking); keeps the trigger for ``I_k``'s target."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"stage {self.stage} needs the batch's inputs x: with synthetic_inputs it predicts its input from "
+                f"them, got {type(x).__name__}"
+            )
+        trigger = x.to(self.device).reshape(x.shape[0], -1)
+        if self.forward_interface is None:
+            self._build_forward(trigger.shape[1])
+        iface = self.forward_interface
+        assert iface is not None
+        assert self._input_features is not None
+        ref = next(iface.synthesizer.parameters(), None)
+        trigger = trigger.to(ref.dtype if ref is not None else torch.get_default_dtype())
+        self._train_forward(batch - 1 - self.staleness)
+        like = torch.empty(trigger.shape[0], self._input_features, device="meta")  # the shape to predict
+        h_in = iface.synthetic_input(trigger, like, context)
+        self._inputs.append((batch, trigger, context))
+        return h_in
+
     def step(self, x: Tensor | None = None, y: Tensor | None = None) -> Tensor | None:
         """Run this rank's stage on one batch (every rank calls it for every batch).
 
         Args:
-            x: The batch's inputs (used by stage 0; may be ``None`` elsewhere).
+            x: The batch's inputs (used by stage 0 and by stages with ``synthetic_inputs``; may be ``None``
+                elsewhere).
             y: The batch's targets (used by the last stage, and by every stage with ``context_size``).
 
         Returns:
@@ -409,10 +541,13 @@ class DecoupledPipeline:
         labels = None if y is None else y.to(self.device)
         if (self.last or self.context_size) and labels is None:
             raise TypeError(f"stage {self.stage} needs the batch's targets y")
+        context = labels if self.context_size else None
         if self.first:
             if not isinstance(x, Tensor):
                 raise TypeError(f"stage 0 needs the batch's inputs x, got {type(x).__name__}")
             h_in = x.to(self.device)
+        elif self.synthetic_inputs:
+            h_in = self._synthetic_input(batch, x, context).requires_grad_(True)
         else:
             h_in = self._recv(self.stage - 1, batch).requires_grad_(True)
         loss = None
@@ -426,7 +561,6 @@ class DecoupledPipeline:
                 self._build(h.shape[-1])
             iface = self.interface
             assert iface is not None
-            context = labels if self.context_size else None
             sg = iface.synthetic_gradient(h, context)
             torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
         self.optimizer.step()
@@ -442,6 +576,8 @@ class DecoupledPipeline:
     def flush(self) -> None:
         """Train every synthesizer on all targets still on their way and complete all sends (collective)."""
         try:
+            if self.synthetic_inputs:
+                self._train_forward(self.num_steps)
             if not self.last:
                 self._train_synthesizer(self.num_steps)
             while self._sends:
@@ -453,8 +589,8 @@ class DecoupledPipeline:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """This stage's state: module, optimizer, synthesizer and its optimizer, counters (after :meth:`flush`)."""
-        if self._stash or self._sends:
+        """This stage's state: module, optimizer, synthesizers and their optimizers, counters (after :meth:`flush`)."""
+        if self._stash or self._sends or self._inputs:
             raise RuntimeError("call flush() before state_dict(): targets or messages are still in flight")
         state: dict[str, Any] = {
             "stage": self.stage,
@@ -468,6 +604,11 @@ class DecoupledPipeline:
             state["features"] = self._features
             state["synthesizer"] = self.interface.synthesizer.state_dict()
             state["grad_optimizer"] = self.grad_optimizer.state_dict()
+        if self.forward_interface is not None and self.forward_optimizer is not None:
+            state["inputs_applied"] = self.inputs_applied
+            state["trigger_features"] = self._trigger_features
+            state["forward_synthesizer"] = self.forward_interface.synthesizer.state_dict()
+            state["forward_optimizer"] = self.forward_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -477,12 +618,19 @@ class DecoupledPipeline:
                 f"this is stage {self.stage} of {self.num_stages}; the state is stage {state.get('stage')} of "
                 f"{state.get('num_stages')}"
             )
-        if self._stash or self._sends:
+        if self._stash or self._sends or self._inputs:
             raise RuntimeError(
                 "call flush() before load_state_dict(): targets or messages are still in flight"
             )
+        if "forward_synthesizer" in state and not self.synthetic_inputs:
+            raise ValueError(
+                f"the state has a forward synthesizer for stage {self.stage}, but this pipeline was built without "
+                "synthetic_inputs for it"
+            )
         if "synthesizer" in state and self.interface is None:
             self._build(int(state["features"]))
+        if "forward_synthesizer" in state and self.forward_interface is None:
+            self._build_forward(int(state["trigger_features"]))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "synthesizer" in state:
@@ -490,8 +638,14 @@ class DecoupledPipeline:
             assert self.grad_optimizer is not None
             self.interface.synthesizer.load_state_dict(state["synthesizer"])
             self.grad_optimizer.load_state_dict(state["grad_optimizer"])
+        if "forward_synthesizer" in state:
+            assert self.forward_interface is not None
+            assert self.forward_optimizer is not None
+            self.forward_interface.synthesizer.load_state_dict(state["forward_synthesizer"])
+            self.forward_optimizer.load_state_dict(state["forward_optimizer"])
         self.num_steps = int(state["num_steps"])
         self.targets_applied = int(state["targets_applied"])
+        self.inputs_applied = int(state.get("inputs_applied", 0))
 
     def save(self, path: str) -> None:
         """Write every stage's state to one file (collective: call it on every rank; rank 0 writes).
