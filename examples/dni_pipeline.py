@@ -15,7 +15,9 @@ Run on CPU (gloo) or one GPU per process (nccl, chosen when CUDA is available)::
     torchrun --nproc-per-node 2 examples/dni_pipeline.py
     python examples/dni_pipeline.py          # starts the two processes itself (gloo, file:// rendezvous)
 
-Options: ``--epochs``, ``--staleness``, ``--quick``.
+Options: ``--epochs``, ``--staleness``, ``--quick``, ``--synthetic-inputs`` (forward unlocking: stage 1 runs on its
+input predicted from the image and label, and the single-process run is ``DNI(..., synthetic_inputs=True)``; its
+20-epoch result against the 2-point target has not been measured yet).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def accuracy(net: nn.Module, data: Digits) -> float:
     return acc
 
 
-def single_process(data: Digits, epochs: int, seed: int) -> tuple[float, float]:
+def single_process(
+    data: Digits, epochs: int, seed: int, synthetic_inputs: bool = False
+) -> tuple[float, float]:
     """Single-process cDNI with the interface at the pipeline's cut: (test accuracy, samples/s)."""
     net = make_mlp(seed)
     dni = DNI(
@@ -94,6 +98,7 @@ def single_process(data: Digits, epochs: int, seed: int) -> tuple[float, float]:
         grad_optim="adam",
         grad_lr=SG_LR,
         context_size=10,
+        synthetic_inputs=synthetic_inputs,
     )
     head = torch.optim.Adam(net[1].parameters(), lr=LR)
     samples, start = 0, time.perf_counter()
@@ -105,7 +110,16 @@ def single_process(data: Digits, epochs: int, seed: int) -> tuple[float, float]:
     return accuracy(net, data), samples / (time.perf_counter() - start)
 
 
-def worker(rank: int, world: int, init: str, epochs: int, staleness: int, seed: int, out: str | None) -> dict:
+def worker(
+    rank: int,
+    world: int,
+    init: str,
+    epochs: int,
+    staleness: int,
+    seed: int,
+    out: str | None,
+    synthetic_inputs: bool = False,
+) -> dict:
     """One rank: its stage of the pipeline; rank 0 then evaluates and compares with single-process cDNI."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -129,6 +143,7 @@ def worker(rank: int, world: int, init: str, epochs: int, staleness: int, seed: 
         grad_lr=SG_LR,
         context_size=10,
         staleness=staleness,
+        synthetic_inputs=synthetic_inputs,
     )
     samples, losses = 0, []
     dist.barrier()
@@ -148,13 +163,17 @@ def worker(rank: int, world: int, init: str, epochs: int, staleness: int, seed: 
         for stage, state in zip(split_sequential(net, [1]), states or [], strict=True):
             stage.load_state_dict(state)
         acc = accuracy(net, data)
-        ref_acc, ref_rate = single_process(data, epochs, seed)
+        ref_acc, ref_rate = single_process(data, epochs, seed, synthetic_inputs)
         rate = samples / seconds
         passed = abs(acc - ref_acc) <= TOLERANCE and acc > 0.5
         print_table(
-            f"Digits MLP, {epochs} epochs of batch {BATCH}: 2-stage pipeline (staleness {staleness}) vs one process",
+            f"Digits MLP, {epochs} epochs of batch {BATCH}: 2-stage pipeline (staleness {staleness}"
+            f"{', synthetic inputs' if synthetic_inputs else ''}) vs one process",
             ["run", "test acc", "samples/s"],
-            [["pipeline, 2 processes", acc, rate], ["single-process cDNI", ref_acc, ref_rate]],
+            [
+                ["pipeline, 2 processes", acc, rate],
+                [f"single-process cDNI{', synthetic inputs' if synthetic_inputs else ''}", ref_acc, ref_rate],
+            ],
         )
         result = {
             "name": "dni_pipeline",
@@ -174,8 +193,10 @@ def worker(rank: int, world: int, init: str, epochs: int, staleness: int, seed: 
     return result
 
 
-def _spawned(rank: int, init: str, epochs: int, staleness: int, seed: int, out: str) -> None:
-    worker(rank, 2, init, epochs, staleness, seed, out)
+def _spawned(
+    rank: int, init: str, epochs: int, staleness: int, seed: int, out: str, synthetic_inputs: bool
+) -> None:
+    worker(rank, 2, init, epochs, staleness, seed, out, synthetic_inputs)
 
 
 def main(argv: list[str] | None = None, quick: bool = False, seed: int = 0) -> dict:
@@ -186,6 +207,11 @@ def main(argv: list[str] | None = None, quick: bool = False, seed: int = 0) -> d
     parser.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 20)")
     parser.add_argument("--staleness", type=int, default=1, help="age bound of the synthesizers' targets")
     parser.add_argument("--quick", action="store_true", help="3 epochs")
+    parser.add_argument(
+        "--synthetic-inputs",
+        action="store_true",
+        help="forward unlocking: stage 1 runs on its input predicted from (x, y); compared with DNI(synthetic_inputs=True)",
+    )
     parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args(argv)
     epochs = args.epochs or (3 if (quick or args.quick) else 20)
@@ -198,10 +224,15 @@ def main(argv: list[str] | None = None, quick: bool = False, seed: int = 0) -> d
             args.staleness,
             args.seed,
             None,
+            args.synthetic_inputs,
         )
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_spawned, args=(f"file://{tmp}/init", epochs, args.staleness, args.seed, out), nprocs=2)
+        mp.spawn(
+            _spawned,
+            args=(f"file://{tmp}/init", epochs, args.staleness, args.seed, out, args.synthetic_inputs),
+            nprocs=2,
+        )
         return json.loads(Path(out).read_text())
 
 
