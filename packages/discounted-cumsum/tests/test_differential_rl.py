@@ -89,36 +89,39 @@ def test_matches_loop(route, mode, shape, dim, close):
 @pytest.mark.parametrize("lam", [0.9, 0.0])
 @pytest.mark.parametrize("next_values", [True, False])
 @pytest.mark.parametrize("second", [True, False])
-def test_every_flag_and_output_combination(route, mode, flags, lam, next_values, second, close):
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_every_flag_and_output_combination(route, mode, flags, lam, next_values, second, dim, close):
     """The kernel has one straight loop per combination of flags, next values, second output and lam == 0
-    (TD(0): no carried dependency); each against the loop, float64."""
+    (TD(0): no carried dependency), on rows (time last) and on columns (time first, several columns); each
+    against the loop, float64."""
     (r, v, nv, lp, lm), done, term = _inputs((3, 301), torch.float64, p_done=0.05)
+    boot = None if next_values else torch.randn(3, dtype=torch.float64)
+    zero = torch.zeros_like(done)
     d = done if flags in ("done", "both") else None
     m = term if flags in ("terminated", "both") else None
-    boot = None if next_values else torch.randn(3, dtype=torch.float64)
-    got = _run(
-        route,
-        mode,
-        r,
-        v,
-        nv if next_values else None,
-        0.97,
-        lam,
-        d,
-        m,
-        -1,
-        lp,
-        lm,
-        bootstrap=boot,
-        second=second,
-    )
-    zero = torch.zeros_like(done)
     ref_nv = nv if next_values else torch.cat([v[:, 1:], boot[:, None]], 1)
     ref_done = d if d is not None else (m if m is not None else zero)
     want = loop(mode, r, v, ref_nv, 0.97, lam, ref_done, m if m is not None else zero, lp, lm, 1.0, 0.9)
-    close(got[0], want[0], torch.float64)
+
+    def lay(t):  # time on `dim`
+        return None if t is None else t.movedim(-1, dim).contiguous()
+
+    args = (
+        lay(r),
+        lay(v),
+        lay(nv) if next_values else None,
+        0.97,
+        lam,
+        lay(d),
+        lay(m),
+        dim,
+        lay(lp),
+        lay(lm),
+    )
+    got = _run(route, mode, *args, bootstrap=boot, second=second)
+    close(got[0], want[0].movedim(-1, dim), torch.float64)
     if second:
-        close(got[1], want[1], torch.float64)
+        close(got[1], want[1].movedim(-1, dim), torch.float64)
     else:
         assert got[1] is None
 

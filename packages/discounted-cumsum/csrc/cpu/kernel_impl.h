@@ -16,6 +16,7 @@
 //    lanes and the loop over time carries a vector of states; the compiler vectorises the column loop.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "cpu/problem.h"

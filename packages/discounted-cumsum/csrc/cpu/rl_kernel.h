@@ -486,32 +486,42 @@ void rl_rows_impl(const RlProblem* p, int64_t r0, int64_t r1) {
 }
 
 // One step t of rl_columns_fast over m adjacent columns; the pointers do not alias (__restrict), so it vectorises.
-template <int D, int MODE, typename GP, typename LP>
+// The next values come from memory (NP = S: next_value's row t, or value's row t + 1) or, at the last step without
+// next values, from the per-column bootstrap (NP = A).
+template <int D, int MODE, bool O2, typename GP, typename LP, typename NP>
 void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict rr,
                      const typename IO<D>::S* __restrict vv, const uint8_t* __restrict dd,
                      const uint8_t* __restrict mm, const GP* __restrict gg, const LP* __restrict ll,
-                     const typename IO<D>::A* __restrict nn, typename IO<D>::A* __restrict y,
-                     typename IO<D>::A* __restrict vn, typename IO<D>::S* __restrict out1) {
+                     const NP* __restrict nn, typename IO<D>::A* __restrict y, typename IO<D>::S* __restrict out1,
+                     typename IO<D>::S* __restrict out2) {
   using T = IO<D>;
   using A = typename T::A;
+  using S = typename T::S;
   for (int64_t j = 0; j < m; ++j) {
     const A g = static_cast<A>(gg[j]), l = static_cast<A>(ll[j]);
     const A rt = static_cast<A>(T::load(rr, j)), vt = static_cast<A>(T::load(vv, j));
+    A nvt;
+    if constexpr (std::is_same<NP, S>::value) {
+      nvt = static_cast<A>(T::load(nn, j));
+    } else {
+      nvt = static_cast<A>(nn[j]);
+    }
     // flags as numbers of the compute type: masks of one width, which the vectoriser handles
     const A tf = static_cast<A>(mm[j]), ef = tf + static_cast<A>(dd[j]) + (last ? A(1) : A(0));
-    const A b = tf != A(0) ? A(0) : g * nn[j];
+    const A b = tf != A(0) ? A(0) : g * nvt;
     const A x = MODE == kRlGae ? rt - vt + b : (ef != A(0) ? rt + b : rt + (A(1) - l) * b);
     const A a = ef != A(0) ? A(0) : g * l;
-    y[j] = a != A(0) ? x + a * y[j] : x;  // a zero gate cuts: nothing crosses it, not even a NaN
-    T::store(out1, j, y[j]);
-    vn[j] = vt;
+    const A yj = a != A(0) ? x + a * y[j] : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+    y[j] = yj;
+    T::store(out1, j, yj);
+    if constexpr (O2) T::store(out2, j, MODE == kRlGae ? yj + vt : yj - vt);
   }
 }
 
 // GAE and TD(lambda) on columns (time-major [T, B] with dim=0, say): at each step, one branch-free loop over the m
 // adjacent columns of the block, which the compiler vectorises (the carries y live in a local array; the recurrence
-// runs along t). Absent inputs read local buffers of zeros or per-row constants; without next values, the value
-// of step t + 1 is kept from the previous step (vn, boot before the last one).
+// runs along t). Each input is read once, where it lies; absent ones read local buffers of zeros or per-row
+// constants; without next values, the next value is the value's row t + 1 (the bootstrap after the last step).
 template <int D, int MODE>
 void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
   using T = IO<D>;
@@ -519,12 +529,12 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
   using S = typename T::S;
   using G = typename T::G;
   const int64_t n = p->n, inner = p->inner, rid0 = o * inner + c0;
-  A y[kRlColumns], vn[kRlColumns], gc[kRlColumns], lc[kRlColumns];
+  A y[kRlColumns], bt[kRlColumns], gc[kRlColumns], lc[kRlColumns];
   S zs[kRlColumns];
   uint8_t zf[kRlColumns];
   for (int64_t j = 0; j < m; ++j) {
     y[j] = A(0);
-    vn[j] = p->boot ? static_cast<A>(p->boot[rid0 + j]) : A(0);
+    bt[j] = p->boot ? static_cast<A>(p->boot[rid0 + j]) : A(0);
     gc[j] = p->gamma_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->gamma)[rid0 + j]);
     lc[j] = p->lam_per_elem ? A(0) : static_cast<A>(static_cast<const double*>(p->lam)[rid0 + j]);
     zs[j] = S(0);
@@ -534,42 +544,38 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
   for (int64_t t = n - 1; t >= 0; --t) {
     const int64_t i = (o * n + t) * inner + c0;
     const bool last = t == n - 1;
-    const S* __restrict rr = at(p->reward, i);
-    const S* __restrict vv = p->value ? at(p->value, i) : zs;
-    const uint8_t* __restrict dd = p->done ? p->done + i : zf;
-    const uint8_t* __restrict mm = p->terminated ? p->terminated + i : zf;
-    S* __restrict out1 = static_cast<S*>(p->out1) + i;
-    S* __restrict out2 = p->out2 ? static_cast<S*>(p->out2) + i : nullptr;
-    auto body = [&](const auto* gg, const auto* ll, const A* nn) {
-      rl_columns_step<D, MODE>(m, last, rr, vv, dd, mm, gg, ll, nn, y, vn, out1);
-      if (out2) {
-        for (int64_t j = 0; j < m; ++j) {
-          const A vt = static_cast<A>(T::load(vv, j));
-          T::store(out2, j, MODE == kRlGae ? y[j] + vt : y[j] - vt);
+    const S* rr = at(p->reward, i);
+    const S* vv = p->value ? at(p->value, i) : zs;
+    const uint8_t* dd = p->done ? p->done + i : zf;
+    const uint8_t* mm = p->terminated ? p->terminated + i : zf;
+    S* out1 = static_cast<S*>(p->out1) + i;
+    S* out2 = p->out2 ? static_cast<S*>(p->out2) + i : nullptr;
+    auto body = [&](const auto* gg, const auto* ll) {
+      auto go = [&](const auto* nn) {
+        if (out2) {
+          rl_columns_step<D, MODE, true>(m, last, rr, vv, dd, mm, gg, ll, nn, y, out1, out2);
+        } else {
+          rl_columns_step<D, MODE, false>(m, last, rr, vv, dd, mm, gg, ll, nn, y, out1, out2);
         }
+      };
+      if (p->next_value) {
+        go(at(p->next_value, i));
+      } else if (!last) {
+        go(at(p->value, i + inner));  // value[t + 1]
+      } else {
+        go(static_cast<const A*>(bt));
       }
     };
-    // next values as A (vn, or next_value converted), gamma/lam as G rows or per-row constants
-    A nvb[kRlColumns];
-    const A* nn = vn;
-    if (p->next_value) {
-      const S* q = at(p->next_value, i);
-      for (int64_t j = 0; j < m; ++j) nvb[j] = static_cast<A>(T::load(q, j));
-      nn = nvb;
-    } else {
-      for (int64_t j = 0; j < m; ++j) nvb[j] = vn[j];  // vn is overwritten by this step
-      nn = nvb;
-    }
     const G* ge = p->gamma_per_elem ? static_cast<const G*>(p->gamma) + i : nullptr;
     const G* le = p->lam_per_elem ? static_cast<const G*>(p->lam) + i : nullptr;
     if (ge && le) {
-      body(ge, le, nn);
+      body(ge, le);
     } else if (ge) {
-      body(ge, lc, nn);
+      body(ge, lc);
     } else if (le) {
-      body(gc, le, nn);
+      body(gc, le);
     } else {
-      body(gc, lc, nn);
+      body(gc, lc);
     }
   }
 }
