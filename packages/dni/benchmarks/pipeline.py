@@ -16,7 +16,7 @@ recorded for the 4/8-stage model in the docs.
 
 Usage::
 
-    python packages/dni/benchmarks/pipeline.py --out docs/dni/pipeline.json [--quick]
+    python packages/dni/benchmarks/pipeline.py --out docs/dni/pipeline.json --plot docs/dni/pipeline.png [--quick]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from altgrad.dni import DNI, DecoupledPipeline, LinearDNI, split_sequential
 MODELS = {
     # name: (hidden blocks, width, batch, cut after this many blocks, samples)
     "digits": (2, 256, 64, 1, 64 * 400),
+    "digits-b256": (2, 256, 256, 1, 256 * 100),  # the same MLP at the issue's largest batch
     "wide": (5, 1024, 256, 3, 256 * 100),
 }
 LR, SG_LR = 1e-3, 1e-3
@@ -107,8 +108,9 @@ def single(model: str, method: str, threads: int) -> dict[str, Any]:
         opt = torch.optim.Adam([p for i, m in enumerate(net) if i != cut - 1 for p in m.parameters()], lr=LR)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=LR)
+    data = list(batches(model))  # before the clock: loading digits (sklearn's import and CSV) takes seconds
     start = time.perf_counter()
-    for x, y in batches(model):
+    for x, y in data:
         opt.zero_grad(set_to_none=True)
         out = dni(x, context=y) if method == "cdni" else net(x)
         F.cross_entropy(out, y).backward()
@@ -152,9 +154,10 @@ def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
             context_size=10,
             staleness=1,
         )
+        data = list(batches(model))
         dist.barrier()
         start = time.perf_counter()
-        for x, y in batches(model):
+        for x, y in data:
             t0 = time.perf_counter()
             pipe.step(x, y)
             step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -177,9 +180,10 @@ def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
         mine.load_state_dict(initial)
         mine.zero_grad(set_to_none=True)
         opt = torch.optim.Adam(mine.parameters(), lr=LR)
+        data = list(batches(model))
         dist.barrier()
         start = time.perf_counter()
-        for x, y in batches(model):
+        for x, y in data:
             opt.zero_grad(set_to_none=True)
             if rank == 0:
                 schedule.step(x)
@@ -286,6 +290,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="one round, fewer samples (smoke test)")
+    parser.add_argument("--plot", help="write a bar chart of samples/s (best round) to this PNG")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1
@@ -330,6 +335,35 @@ def main() -> None:
     print(json.dumps(res["results"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.plot:
+        plot(res, args.plot)
+
+
+def plot(res: dict[str, Any], path: str) -> None:
+    """Samples/s (best round) of every method over the best single-process backprop, one group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(res["results"])
+    methods = ["backprop@1", "backprop@2", "cdni", "gpipe", "1f1b", "dni_pipeline"]
+    fig, ax = plt.subplots(figsize=(2.6 * len(models) + 2, 3.8))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        vals = []
+        for model in models:
+            rows = res["results"][model]
+            best = max(rows["backprop@1"]["samples_per_s"], rows["backprop@2"]["samples_per_s"])
+            vals.append(rows[method]["samples_per_s"] / best)
+        ax.bar([i + k * width for i in range(len(models))], vals, width, label=method)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
+    ax.set_ylabel("samples/s / best backprop")
+    ax.set_title("2 cores: one process vs 2 stages x 1 thread (gloo)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
