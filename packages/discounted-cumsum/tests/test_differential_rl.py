@@ -126,6 +126,38 @@ def test_every_flag_and_output_combination(route, mode, flags, lam, next_values,
         assert got[1] is None
 
 
+@pytest.mark.parametrize("mode", [_rl.GAE, _rl.TD_LAMBDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("next_values", [True, False])
+def test_no_carry_path_in_low_precision(mode, dtype, next_values, close):
+    """lam = 0 (TD(0)) runs without a carry in float for 32- and 16-bit inputs (one more rounding than a double
+    sum, well inside the conftest bound) and still selects: a NaN next value of a terminal step stays out."""
+    (r, v, nv, _, _), done, term = _inputs((4, 513), dtype)
+    nv[term] = NAN
+    boot = None if next_values else torch.randn(4, dtype=torch.float64)
+    got = _run(
+        "fused",
+        mode,
+        r,
+        v,
+        nv if next_values else None,
+        0.99,
+        0.0,
+        done,
+        term,
+        -1,
+        None,
+        None,
+        bootstrap=boot,
+    )
+    ref_nv = nv if next_values else torch.cat([v[:, 1:].double(), boot[:, None]], 1)
+    want = loop(mode, r, v, ref_nv, 0.99, 0.0, done, term)
+    for a, w in zip(got, want):
+        assert a.dtype == dtype
+        assert a.isfinite().all()
+        close(a, w, dtype)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

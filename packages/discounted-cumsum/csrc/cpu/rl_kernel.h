@@ -143,7 +143,7 @@ struct RlRow {
   // plain scan, most of it stalled on loads.
   // FL: which flags exist (0 none, 1 done only, 2 terminated only or the same array as done, 3 both); NV: next
   // values given; O2: second output. Each combination is its own straight loop (no invariant tests inside).
-  template <int FL, bool NV, bool O2, bool CARRY>
+  template <int FL, bool NV, bool O2>
   void fused_row_t() {
     // Plain local copies of the members, no lambdas capturing them: otherwise the compiler keeps them in memory
     // and reloads each pointer after every store (measured 4x slower with two outputs).
@@ -177,12 +177,8 @@ struct RlRow {
       } else {
         x = end ? rt + b : rt + (A(1) - l) * b;
       }
-      if constexpr (CARRY) {
-        const A a = end ? A(0) : gl;
-        yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
-      } else {
-        yy = x;  // gamma * lam == 0 (TD(0)): every gate is zero, no step depends on the next one
-      }
+      const A a = end ? A(0) : gl;
+      yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
       T::store(out1, t, yy);
       if constexpr (O2) T::store(out2, t, MODE == kRlGae ? yy + vt : yy - vt);
       vnext = vt;
@@ -190,18 +186,50 @@ struct RlRow {
   }
 
 
-  template <int FL, bool CARRY>
-  void fused_row_c() {
-    if (nv) {
-      if (o2) fused_row_t<FL, true, true, CARRY>(); else fused_row_t<FL, true, false, CARRY>();
-    } else {
-      if (o2) fused_row_t<FL, false, true, CARRY>(); else fused_row_t<FL, false, false, CARRY>();
-    }
+  // gamma * lam == 0 (TD(0), or GAE at lam = 0): every gate is zero and no step depends on another, so there is no
+  // carry to keep in double: one ascending loop in the storage's SIMD compute type (float for float32 inputs, as
+  // TorchRL computes it: at most one more rounding, 2u relative, than a double sum), flags widened to that type,
+  // which the compiler vectorises; the last step (it reads boot and always ends the episode) apart.
+  template <int FL, bool NV, bool O2, bool HV>
+  static void no_carry_row(int64_t n, double g64, double l64, double boot64, const S* __restrict rr,
+                           const S* __restrict vv, const S* __restrict nn, const uint8_t* __restrict dd,
+                           const uint8_t* __restrict mm, S* __restrict out1, S* __restrict out2) {
+    using C = typename T::C;
+    const C g = static_cast<C>(g64), l1 = static_cast<C>(1.0 - l64);
+    auto one = [&](int64_t t, C nvt, bool last) {
+      const C rt = static_cast<C>(T::load(rr, t));
+      const C vt = HV ? static_cast<C>(T::load(vv, t)) : C(0);
+      const C tf = FL >= 2 ? static_cast<C>(mm[t]) : C(0);
+      const C ef = tf + (FL & 1 ? static_cast<C>(dd[t]) : C(0)) + (last ? C(1) : C(0));
+      const C b = tf != C(0) ? C(0) : g * nvt;
+      const C x = MODE == kRlGae ? rt - vt + b : (ef != C(0) ? rt + b : rt + l1 * b);
+      T::store(out1, t, x);
+      if constexpr (O2) T::store(out2, t, MODE == kRlGae ? x + vt : x - vt);
+    };
+    for (int64_t t = 0; t + 1 < n; ++t) one(t, static_cast<C>(T::load(NV ? nn : vv, NV ? t : t + 1)), false);
+    one(n - 1, NV ? static_cast<C>(T::load(nn, n - 1)) : static_cast<C>(boot64), true);
   }
 
   template <int FL>
   void fused_row_fl() {
-    if (gc * lc != A(0)) fused_row_c<FL, true>(); else fused_row_c<FL, false>();
+    if (gc * lc == A(0)) {
+      const uint8_t* mm = FL == 2 ? (tm ? tm : dn) : tm;
+      if (!v) {  // TD(lambda) with next values and no values: no second output
+        no_carry_row<FL, true, false, false>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
+      } else if (nv) {
+        if (o2) no_carry_row<FL, true, true, true>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
+        else no_carry_row<FL, true, false, true>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
+      } else {
+        if (o2) no_carry_row<FL, false, true, true>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
+        else no_carry_row<FL, false, false, true>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
+      }
+      return;
+    }
+    if (nv) {
+      if (o2) fused_row_t<FL, true, true>(); else fused_row_t<FL, true, false>();
+    } else {
+      if (o2) fused_row_t<FL, false, true>(); else fused_row_t<FL, false, false>();
+    }
   }
 
   void fused_row() {
