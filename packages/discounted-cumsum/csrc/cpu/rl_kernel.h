@@ -232,14 +232,21 @@ struct RlRow {
     }
   }
 
-  void fused_row() {
+  // Calls f with the flag case FL as a std::integral_constant (see fused_row_t): 0 none, 1 done only, 2 terminated
+  // only or the same array as done, 3 both.
+  template <typename F>
+  void by_flags(const F& f) {
     if (tm && dn && tm != dn) {
-      fused_row_fl<3>();
+      f(std::integral_constant<int, 3>{});
     } else if (tm || dn) {
-      if (tm || dn == nullptr) fused_row_fl<2>(); else fused_row_fl<1>();
+      if (tm || dn == nullptr) f(std::integral_constant<int, 2>{}); else f(std::integral_constant<int, 1>{});
     } else {
-      fused_row_fl<0>();
+      f(std::integral_constant<int, 0>{});
     }
+  }
+
+  void fused_row() {
+    by_flags([this](auto fl) { fused_row_fl<decltype(fl)::value>(); });
   }
 
   // V-trace with the row's own gamma: the same single descending loop. v_s at t + 1 (y[t+1] + V[t+1]) and the
@@ -296,13 +303,7 @@ struct RlRow {
   }
 
   void vtrace_row() {
-    if (tm && dn && tm != dn) {
-      vtrace_row_fl<3>();
-    } else if (tm || dn) {
-      if (tm || dn == nullptr) vtrace_row_fl<2>(); else vtrace_row_fl<1>();
-    } else {
-      vtrace_row_fl<0>();
-    }
+    by_flags([this](auto fl) { vtrace_row_fl<decltype(fl)::value>(); });
   }
 
   // GAE and TD(lambda): the block's x and a in one branch-free loop over the inputs (absent ones read the zero or

@@ -223,48 +223,12 @@ def _fused_cuda(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho
     With contiguous inputs of the result dtype, bool flags and number or per-row rates, the launch is the only
     kernel run; anything else adds the conversions and copies that make the buffers.
     """
-    r = tensors["reward"]
-    shape, dev = r.shape, r.device
-    outer, n, inner = _layout(shape, d)
-    out1 = torch.empty(shape, dtype=dtype, device=dev)
-    out2 = torch.empty(shape, dtype=dtype, device=dev) if second and "value" in tensors else None
-    if r.numel() == 0:
-        return out1, out2
-    buf = {k: t.to(dtype).resolve_conj().resolve_neg().contiguous() for k, t in tensors.items()}
-    cd = compute_dtype(dtype)
-    gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
-    lbuf, lval, lper = _rate_buffer(lm, shape, d, cd)
-    flags = [None if f is None else f.expand(shape).contiguous() for f in (done, terminated)]
-    boot = None
-    if bootstrap is not None:
-        boot = bootstrap.to(torch.float64).expand(shape[:d] + shape[d + 1 :]).contiguous()
-    p = _native._ptr
-    _native.cuda_rl(
-        dev,
-        mode,
-        p(buf["reward"]),
-        p(buf.get("value")),
-        p(buf.get("next_value")),
-        p(buf.get("log_pi")),
-        p(buf.get("log_mu")),
-        p(out1),
-        p(out2),
-        _native.dtype_code(dtype),
-        outer,
-        n,
-        inner,
-        p(gbuf),
-        gval,
-        gper,
-        p(lbuf),
-        lval,
-        lper,
-        p(flags[0]),
-        p(flags[1]),
-        p(boot),
-        rho_bar,
-        c_bar,
+    out1, out2, call = _kernel_call(
+        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, ratios=False
     )
+    if call is not None:
+        args, _alive = call  # the buffers stay referenced until the launch is queued
+        _native.cuda_rl(out1.device, *args)
     return out1, out2
 
 
@@ -292,16 +256,22 @@ def _threads(mode: int, g, lm, numel: int) -> int:
     return threads
 
 
-def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
+def _kernel_call(
+    mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, *, ratios
+):
+    """The outputs and the kernel's arguments (raw addresses of contiguous buffers, sizes, rates), shared by the CPU
+    and CUDA bindings: ``(out1, out2, (args, buffers))``, or ``(out1, out2, None)`` for an empty input. With
+    ``ratios`` V-trace's importance ratios ρ are formed here by torch's vectorised exp (the CPU kernel's only
+    temporary), else ``log_pi`` and ``log_mu`` are passed as they are."""
     r = tensors["reward"]
-    shape = r.shape
+    shape, dev = r.shape, r.device
     outer, n, inner = _layout(shape, d)
-    out1 = torch.empty(shape, dtype=dtype)
-    out2 = torch.empty(shape, dtype=dtype) if second and "value" in tensors else None
+    out1 = torch.empty(shape, dtype=dtype, device=dev)
+    out2 = torch.empty(shape, dtype=dtype, device=dev) if second and "value" in tensors else None
     if r.numel() == 0:
-        return out1, out2
+        return out1, out2, None
     buf = {k: t.to(dtype).resolve_conj().resolve_neg().contiguous() for k, t in tensors.items()}
-    if mode == VTRACE:  # the importance ratios, by torch's vectorised exp (the kernel's only temporary)
+    if mode == VTRACE and ratios:
         buf["rho"] = torch.sub(buf.pop("log_pi"), buf.pop("log_mu")).exp_()
     cd = compute_dtype(dtype)
     gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
@@ -310,35 +280,43 @@ def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar,
     boot = None
     if bootstrap is not None:
         boot = bootstrap.to(torch.float64).expand(shape[:d] + shape[d + 1 :]).contiguous()
-
-    def ptr(t):
-        return 0 if t is None else t.data_ptr()
-
-    _native.cpu_module().rl(
+    p = _native._ptr
+    pi_mu = [p(buf.get("rho"))] if ratios else [p(buf.get("log_pi")), p(buf.get("log_mu"))]
+    args = [
         mode,
-        ptr(buf["reward"]),
-        ptr(buf.get("value")),
-        ptr(buf.get("next_value")),
-        ptr(buf.get("rho")),
-        ptr(out1),
-        ptr(out2),
+        p(buf["reward"]),
+        p(buf.get("value")),
+        p(buf.get("next_value")),
+        *pi_mu,
+        p(out1),
+        p(out2),
         _native.dtype_code(dtype),
         outer,
         n,
         inner,
-        ptr(gbuf),
+        p(gbuf),
         gval,
         gper,
-        ptr(lbuf),
+        p(lbuf),
         lval,
         lper,
-        ptr(flags[0]),
-        ptr(flags[1]),
-        ptr(boot),
+        p(flags[0]),
+        p(flags[1]),
+        p(boot),
         rho_bar,
         c_bar,
-        _threads(mode, g, lm, r.numel()),
+    ]
+    return out1, out2, (args, (buf, gbuf, lbuf, flags, boot))
+
+
+def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
+    """The C++ CPU kernel, on up to ``_threads(...)`` threads."""
+    out1, out2, call = _kernel_call(
+        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, ratios=True
     )
+    if call is not None:
+        args, _alive = call
+        _native.cpu_module().rl(*args, _threads(mode, g, lm, out1.numel()))
     return out1, out2
 
 
