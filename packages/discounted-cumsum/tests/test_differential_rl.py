@@ -272,3 +272,37 @@ def test_gradcheck(mode):
         lambda r, v, b, g: _rl.estimate(mode, r, v, None, g, 0.8, done, term, bootstrap=b, dim=-1),
         (r, v, boot, g),
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("view", ["transposed", "expanded", "flipped", "negated", "promoted"])
+def test_views_give_the_values_of_their_contents(mode, view, close):
+    """Inputs that are views (transposed, expanded, flipped, a lazily negated `-x`) or of another float dtype go
+    through the kernel's buffer preparation; the result equals the call on plain contiguous copies (float64: the
+    same arithmetic on the same numbers, so the tolerance only absorbs the conftest bound)."""
+    (r, v, nv, lp, lm), done, term = _inputs((6, 40), torch.float64)
+
+    def as_view(t):
+        if view == "transposed":
+            return t.t().contiguous().t()
+        if view == "expanded":
+            return t[:1].expand(6, 40)
+        if view == "flipped":
+            return t.flip(1).flip(1)
+        if view == "negated":
+            return torch._neg_view(-t)
+        return t.float()
+
+    views = [as_view(t) for t in (r, v, nv, lp, lm)]
+    if view == "negated":
+        assert views[0].is_neg()
+    plain = [t.clone().contiguous() if view != "promoted" else t.float().double() for t in views]
+    if view == "promoted":  # one float32 input among float64 ones: the result is float64
+        views = [views[0], *plain[1:]]
+    dflags = done[:1].expand(6, 40) if view == "expanded" else done
+    tflags = dflags & term if view == "expanded" else term
+    got = _run("fused", mode, *views[:3], 0.97, 0.9, dflags, tflags, -1, views[3], views[4])
+    want = _run("fused", mode, *plain[:3], 0.97, 0.9, dflags.clone(), tflags.clone(), -1, plain[3], plain[4])
+    for a, w in zip(got, want):
+        assert a.dtype == torch.float64
+        close(a, w, torch.float64)

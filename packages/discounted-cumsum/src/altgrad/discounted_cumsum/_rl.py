@@ -60,7 +60,9 @@ def _flags(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor | N
         raise TypeError(f"`{name}` must be a bool, integer or float tensor or None, got {kind}")
     if t.device != like.device:
         raise ValueError(f"`{name}` is on {t.device} but `{like_name}` is on {like.device}")
-    if t.dim() > like.dim() or any(s not in (1, u) for s, u in zip(reversed(t.shape), reversed(like.shape))):
+    if t.shape != like.shape and (
+        t.dim() > like.dim() or any(s not in (1, u) for s, u in zip(reversed(t.shape), reversed(like.shape)))
+    ):
         raise ValueError(
             f"`{name}` of shape {tuple(t.shape)} does not broadcast to `{like_name}` of shape {tuple(like.shape)}"
         )
@@ -185,7 +187,7 @@ def _fusable(tensors: dict, g, lm, bootstrap) -> bool:
     grad = torch.is_grad_enabled()
     for t in (*tensors.values(), g, lm, bootstrap):
         if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad)
+            type(t) is not torch.Tensor or not t.is_cpu or (grad and t.requires_grad)
         ):
             return False
     return True
@@ -256,6 +258,14 @@ def _threads(mode: int, g, lm, numel: int) -> int:
     return threads
 
 
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype`` with no pending negation (a view's lazy ``-x``): itself when it
+    already is one (the usual case: each conversion is a dispatcher call even when it does nothing)."""
+    if t.dtype == dtype and t.is_contiguous() and not t.is_neg():
+        return t
+    return t.to(dtype).resolve_neg().contiguous()
+
+
 def _kernel_call(
     mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, *, ratios
 ):
@@ -270,13 +280,16 @@ def _kernel_call(
     out2 = torch.empty(shape, dtype=dtype, device=dev) if second and "value" in tensors else None
     if r.numel() == 0:
         return out1, out2, None
-    buf = {k: t.to(dtype).resolve_conj().resolve_neg().contiguous() for k, t in tensors.items()}
+    buf = {k: _plain(t, dtype) for k, t in tensors.items()}
     if mode == VTRACE and ratios:
         buf["rho"] = torch.sub(buf.pop("log_pi"), buf.pop("log_mu")).exp_()
     cd = compute_dtype(dtype)
     gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
     lbuf, lval, lper = _rate_buffer(lm, shape, d, cd)
-    flags = [None if f is None else f.expand(shape).contiguous() for f in (done, terminated)]
+    flags = [
+        None if f is None else f if f.shape == shape and f.is_contiguous() else f.expand(shape).contiguous()
+        for f in (done, terminated)
+    ]
     boot = None
     if bootstrap is not None:
         boot = bootstrap.to(torch.float64).expand(shape[:d] + shape[d + 1 :]).contiguous()
