@@ -139,8 +139,7 @@ def _sb3(b, t, d):
     buf.episode_starts[:] = starts.numpy()
     last_values, last_dones = torch.zeros(b), done[-1].numpy()
     theirs = lambda: buf.compute_returns_and_advantage(last_values, last_dones)  # noqa: E731
-    r0, v0, d0 = rew, val, done
-    ours_fn = lambda: generalized_advantage_estimate(r0, v0, GAMMA, LAM, dones=d0, bootstrap=0.0, dim=0)  # noqa: E731
+    ours_fn = lambda: generalized_advantage_estimate(rew, val, GAMMA, LAM, dones=done, bootstrap=0.0, dim=0)  # noqa: E731
     theirs()
     diff = (torch.from_numpy(buf.advantages).double() - ours_fn().double()).abs().max().item()
     return theirs, ours_fn, diff

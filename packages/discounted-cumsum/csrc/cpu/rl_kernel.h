@@ -120,6 +120,19 @@ struct RlRow {
     lc = (le || MODE == kRlVtrace) ? A(0) : static_cast<A>(static_cast<const double*>(p->lam)[row]);
   }
 
+  // The terminated flags of flag case FL (see fused_row_t): with terminated only, or the same array as done, case 2
+  // reads whichever is given.
+  template <int FL>
+  const uint8_t* terminated_flags() const {
+    return FL == 2 ? (tm ? tm : dn) : tm;
+  }
+
+  // Whether step t ends the episode in flag case FL (the last step always does), given its terminated flag.
+  template <int FL>
+  static bool episode_end(int64_t t, int64_t n, bool term, const uint8_t* __restrict dd) {
+    return t == n - 1 || (FL == 3 ? (term || dd[t] != 0) : FL == 2 ? term : FL == 1 && dd[t] != 0);
+  }
+
   // The blocked path's constant buffers (the straight loops below read none of them: at (4096, 128) filling them
   // for every row cost as much as the row itself).
   void fill_buffers() {
@@ -151,7 +164,7 @@ struct RlRow {
     const S* __restrict vv = v;
     const S* __restrict nn = nv;
     const uint8_t* __restrict dd = dn;
-    const uint8_t* __restrict mm = FL == 2 ? (tm ? tm : dn) : tm;
+    const uint8_t* __restrict mm = terminated_flags<FL>();
     S* __restrict out1 = o1;
     S* __restrict out2 = o2;
     const bool has_v = vv != nullptr;
@@ -162,8 +175,7 @@ struct RlRow {
       const A rt = static_cast<A>(T::load(rr, t));
       const A vt = has_v ? static_cast<A>(T::load(vv, t)) : A(0);
       const bool term = FL >= 2 && mm[t] != 0;
-      // the last step ends the episode
-      const bool end = t == n - 1 || (FL == 3 ? (term || dd[t] != 0) : FL == 2 ? term : FL == 1 && dd[t] != 0);
+      const bool end = episode_end<FL>(t, n, term, dd);
       A nvt;
       if constexpr (NV) {
         nvt = static_cast<A>(T::load(nn, t));
@@ -184,7 +196,6 @@ struct RlRow {
       vnext = vt;
     }
   }
-
 
   // gamma * lam == 0 (TD(0), or GAE at lam = 0): every gate is zero and no step depends on another, so there is no
   // carry to keep in double: one ascending loop in the storage's SIMD compute type (float for float32 inputs, as
@@ -213,7 +224,7 @@ struct RlRow {
   template <int FL>
   void fused_row_fl() {
     if (gc * lc == A(0)) {
-      const uint8_t* mm = FL == 2 ? (tm ? tm : dn) : tm;
+      const uint8_t* mm = terminated_flags<FL>();
       if (!v) {  // TD(lambda) with next values and no values: no second output
         no_carry_row<FL, true, false, false>(n, gc, lc, boot, r, v, nv, dn, mm, o1, o2);
       } else if (nv) {
@@ -258,7 +269,7 @@ struct RlRow {
     const S* __restrict nn = nv;
     const S* __restrict pp = lp;
     const uint8_t* __restrict dd = dn;
-    const uint8_t* __restrict mm = FL == 2 ? (tm ? tm : dn) : tm;
+    const uint8_t* __restrict mm = terminated_flags<FL>();
     S* __restrict out1 = o1;
     S* __restrict out2 = o2;
     const A g = gc, rb = rho_bar, cb = c_bar;
@@ -270,7 +281,7 @@ struct RlRow {
       const A vt = static_cast<A>(T::load(vv, t));
       const A rho = static_cast<A>(T::load(pp, t));
       const bool term = FL >= 2 && mm[t] != 0;
-      const bool end = t == n - 1 || (FL == 3 ? (term || dd[t] != 0) : FL == 2 ? term : FL == 1 && dd[t] != 0);
+      const bool end = episode_end<FL>(t, n, term, dd);
       A nvt;
       if constexpr (NV) {
         nvt = static_cast<A>(T::load(nn, t));

@@ -180,17 +180,25 @@ def _bootstrap(b, reward: torch.Tensor, d: int) -> torch.Tensor:
     return b.to(reward.device)
 
 
-def _fusable(tensors: dict, g, lm, bootstrap) -> bool:
-    """The fused kernel runs on plain CPU tensors when no gradient is needed and nothing is being traced."""
-    if torch.compiler.is_compiling() or not _native.cpu_available() or _modes_active():
+def _kernel_inputs(tensors: dict, g, lm, bootstrap, device: torch.device | None) -> bool:
+    """Whether a fused kernel may take these inputs: plain tensors (no subclass) on the CPU (``device`` None) or on
+    ``device``, no gradient needed, nothing being traced."""
+    if torch.compiler.is_compiling() or _modes_active():
         return False
     grad = torch.is_grad_enabled()
     for t in (*tensors.values(), g, lm, bootstrap):
         if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or not t.is_cpu or (grad and t.requires_grad)
+            type(t) is not torch.Tensor
+            or not (t.is_cpu if device is None else t.device == device)
+            or (grad and t.requires_grad)
         ):
             return False
     return True
+
+
+def _fusable(tensors: dict, g, lm, bootstrap) -> bool:
+    """The fused CPU kernel runs on plain CPU tensors when no gradient is needed and nothing is being traced."""
+    return _native.cpu_available() and _kernel_inputs(tensors, g, lm, bootstrap, None)
 
 
 # The CUDA kernel gives each sequence one thread, which walks its steps one after another; the composed route's scan
@@ -204,16 +212,12 @@ _CUDA_MIN_SEQUENCES = 16384
 def _cuda_fusable(tensors: dict, g, lm, bootstrap, d: int) -> bool:
     """The CUDA kernel runs on plain CUDA tensors when no gradient is needed and nothing is being traced."""
     r = tensors["reward"]
-    if r.device.type != "cuda" or not _native.cuda_available():
+    if (
+        not r.is_cuda
+        or not _native.cuda_available()
+        or not _kernel_inputs(tensors, g, lm, bootstrap, r.device)
+    ):
         return False
-    if torch.compiler.is_compiling() or _modes_active():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in (*tensors.values(), g, lm, bootstrap):
-        if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or t.device != r.device or (grad and t.requires_grad)
-        ):
-            return False
     outer, n, inner = _layout(r.shape, d)
     return n <= _CUDA_MAX_SERIAL_STEPS or outer * inner >= _CUDA_MIN_SEQUENCES
 
