@@ -109,6 +109,8 @@ PYBIND11_MODULE(_C, m) {
         "Fused GAE / TD(lambda) / V-trace over a contiguous [outer, n, inner] buffer, time along n (see problem.h).");
   m.def("isa", &altgrad_dc::cpu_isa,
         "The instruction set of the kernels in use (ALTGRAD_CPU_ISA, else the best one this CPU supports).");
+  m.def("thread_pool", &altgrad_dc::thread_pool_name,
+        "Where a call's parts run: 'openmp' (torch's GNU OpenMP workers) or 'std' (threads of the module's own).");
   m.def("supported_isas", &altgrad_dc::supported_isas,
         "Comma-separated instruction sets that are compiled in and supported by this CPU, best first.");
   m.def(

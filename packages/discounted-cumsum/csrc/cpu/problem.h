@@ -102,6 +102,8 @@ void run_scan(const ScanProblem& p, int num_threads);
 // Runs a fused RL estimator on up to `num_threads` threads (independent rows or column groups).
 void run_rl(const RlProblem& p, int num_threads);
 const char* cpu_isa();
+// Where a call's parts run: "openmp" (torch's GNU OpenMP workers, see dispatch.cpp) or "std".
+const char* thread_pool_name();
 // Comma-separated names of the instruction sets that are compiled in and that this CPU supports.
 const char* supported_isas();
 // Test hook: the thresholds of the chunked long-row path; returns the previous values through the pointers.

@@ -52,6 +52,13 @@ def supported_cpu_isas() -> list[str]:
     return _cpu.supported_isas().split(", ") if _cpu is not None else []
 
 
+def _thread_pool() -> str:
+    """Where the CPU kernels run a call's parts: ``"openmp"``, torch's own (GNU) OpenMP workers, found among the
+    loaded libraries at the first parallel call; or ``"std"``, threads of the module's own (another OpenMP runtime,
+    not Linux, or ``ALTGRAD_CPU_THREADS=std`` in the environment)."""
+    return _require(_cpu, _cpu_error, "cpu").thread_pool()
+
+
 def _set_chunk_tuning(min_chunked_row: int, min_elements_per_thread: int) -> tuple[int, int]:
     """Test hook: thresholds of the CPU kernel's chunked long-row path; returns the previous values.
 

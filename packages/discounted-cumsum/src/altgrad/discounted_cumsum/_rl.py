@@ -254,8 +254,9 @@ def _rate_buffer(v, shape: torch.Size, d: int, cd: torch.dtype):
 
 def _threads(mode: int, g, lm, numel: int) -> int:
     """Threads for the CPU kernel. Without a recursion (γλ = 0: TD(0)) a row is one vectorised streaming loop at
-    about 0.4 ns per step, so starting a thread (tens of µs) pays only from about 2^20 steps per thread; the
-    recursive estimators split rows among all of ``torch.get_num_threads()``."""
+    about 0.4 ns per step, so a second thread (tens of µs to start, measured with threads of the module's own,
+    before the kernels ran on torch's OpenMP workers) pays only from about 2^20 steps per thread; the recursive
+    estimators split rows among all of ``torch.get_num_threads()``."""
     threads = torch.get_num_threads()
     if mode != VTRACE and isinstance(g, float) and isinstance(lm, float) and g * lm == 0.0:
         threads = max(1, min(threads, numel >> 20))
