@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from types import ModuleType
@@ -52,10 +53,11 @@ def supported_cpu_isas() -> list[str]:
     return _cpu.supported_isas().split(", ") if _cpu is not None else []
 
 
+@functools.cache
 def _thread_pool() -> str:
     """Where the CPU kernels run a call's parts: ``"openmp"``, torch's own (GNU) OpenMP workers, found among the
     loaded libraries at the first parallel call; or ``"std"``, threads of the module's own (another OpenMP runtime,
-    not Linux, or ``ALTGRAD_CPU_THREADS=std`` in the environment)."""
+    not Linux, or ``ALTGRAD_CPU_THREADS=std`` in the environment). Fixed for the process once looked up."""
     return _require(_cpu, _cpu_error, "cpu").thread_pool()
 
 
