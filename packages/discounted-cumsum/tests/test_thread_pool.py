@@ -50,17 +50,25 @@ _CASES = textwrap.dedent(
 )
 
 
-def _run(tmp_path, name: str, **env: str) -> dict:
-    path = tmp_path / f"{name}.pt"
-    proc = subprocess.run(
-        [sys.executable, "-c", _CASES, str(path)],
+def _subprocess(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def _run(tmp_path, name: str, **env: str) -> dict:
+    path = tmp_path / f"{name}.pt"
+    proc = _subprocess(_CASES, str(path), **env)
     assert proc.returncode == 0, proc.stderr
     return torch.load(path)
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
 
 
 def _torch_uses_gnu_openmp() -> bool:
@@ -78,8 +86,7 @@ def test_own_threads_and_torchs_openmp_workers_give_the_same_bits(tmp_path):
     assert default["pool"] == ("openmp" if _torch_uses_gnu_openmp() else "std")
     for key, want in mine["out"].items():
         got = default["out"][key]
-        as_tuple = lambda v: v if isinstance(v, tuple) else (v,)  # noqa: E731
-        for a, b in zip(as_tuple(got), as_tuple(want), strict=True):
+        for a, b in zip(_as_tuple(got), _as_tuple(want), strict=True):
             # exact: both pools run the same parts, and a part's arithmetic does not depend on its thread
             assert torch.equal(a, b), key
 
@@ -90,3 +97,30 @@ def test_parts_run_on_torchs_openmp_workers():
 
     discounted_cumsum(torch.randn(4, 8), 0.9)  # any call; the pool is looked up at the first parallel one
     assert _native._thread_pool() == "openmp"
+
+
+_FIRST_PARALLEL_CALL = textwrap.dedent(
+    """
+    import torch
+    from altgrad.discounted_cumsum import _native, discounted_cumsum
+    torch.set_num_threads(2)
+    _native._set_chunk_tuning(4096, 64)
+    discounted_cumsum(torch.randn(64, 300), 0.9)
+    """
+)
+
+
+@pytest.mark.parametrize("value", ["own", "STD", "std "])
+def test_an_unknown_thread_pool_is_an_error_naming_the_choices(value):
+    out = _subprocess(_FIRST_PARALLEL_CALL, ALTGRAD_CPU_THREADS=value)
+    assert out.returncode != 0
+    assert f"ALTGRAD_CPU_THREADS={value} is not one of std, openmp" in out.stderr, out.stderr
+
+
+def test_forcing_openmp_where_torch_has_it_uses_it_else_is_an_error():
+    out = _subprocess(_FIRST_PARALLEL_CALL + "print(_native._thread_pool())\n", ALTGRAD_CPU_THREADS="openmp")
+    if _torch_uses_gnu_openmp():
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "openmp"
+    else:
+        assert "ALTGRAD_CPU_THREADS=openmp: torch's GNU OpenMP runtime" in out.stderr, out.stderr

@@ -109,8 +109,8 @@ void thread_parts(int parts, const Fn& fn) {
 // loaded), used for independent parts. After a parallel op torch's OpenMP workers spin-wait on their cores for a
 // while: threads of our own shared those cores with them, while the spinning workers take our parts at once and
 // no thread is started. Measured, GAE at (4096, 128) on 2 threads, 2-core Xeon: our own threads 0.70 ms alone and
-// 1.14-1.44 ms right after a matmul; torch's workers 0.52 and 0.56-0.61 ms. Not found (another OpenMP, not Linux,
-// or ALTGRAD_CPU_THREADS=std): our own threads. Only for parts that never wait for each other: a smaller team
+// 1.14-1.44 ms right after a matmul; torch's workers 0.52 and 0.56-0.61 ms. Not found (another OpenMP, not Linux)
+// or ALTGRAD_CPU_THREADS=std (see select_gomp): our own threads. Only for parts that never wait for each other: a smaller team
 // than asked for (a call from inside a parallel region) runs several parts one after another.
 struct Gomp {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
@@ -118,11 +118,9 @@ struct Gomp {
   int (*num_threads)() = nullptr;
 };
 
-Gomp find_gomp() {
+Gomp loaded_gomp() {
   Gomp g;
 #if defined(__linux__)
-  const char* env = std::getenv("ALTGRAD_CPU_THREADS");
-  if (env != nullptr && std::string(env) == "std") return g;
   void* h = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
   if (h == nullptr) return g;
   Gomp f;
@@ -134,8 +132,29 @@ Gomp find_gomp() {
   return g;
 }
 
+// ALTGRAD_CPU_THREADS=std|openmp forces the pool (std: our own threads; openmp: torch's, an error where it is not
+// found); unset or empty picks torch's when found. Anything else is an error, as for ALTGRAD_CPU_ISA.
+Gomp select_gomp() {
+  const char* env = std::getenv("ALTGRAD_CPU_THREADS");
+  const std::string want = env == nullptr ? "" : env;
+  if (want == "std") return Gomp{};
+  if (!want.empty() && want != "openmp") {
+    throw std::runtime_error("ALTGRAD_CPU_THREADS=" + want +
+                             " is not one of std, openmp (or unset: torch's OpenMP workers when found)");
+  }
+  const Gomp g = loaded_gomp();
+  if (!want.empty() && g.parallel == nullptr) {
+    throw std::runtime_error(
+        "ALTGRAD_CPU_THREADS=openmp: torch's GNU OpenMP runtime (libgomp.so.1) is not loaded in this process; "
+        "unset it or choose std");
+  }
+  return g;
+}
+
 const Gomp& gomp() {
-  static const Gomp g = find_gomp();  // looked up at the first parallel call, when torch is loaded
+  // Looked up at the first parallel call, when torch is loaded; a throw leaves it unset, so every later call
+  // reports it again.
+  static const Gomp g = select_gomp();
   return g;
 }
 

@@ -57,7 +57,12 @@ def supported_cpu_isas() -> list[str]:
 def _thread_pool() -> str:
     """Where the CPU kernels run a call's parts: ``"openmp"``, torch's own (GNU) OpenMP workers, found among the
     loaded libraries at the first parallel call; or ``"std"``, threads of the module's own (another OpenMP runtime,
-    not Linux, or ``ALTGRAD_CPU_THREADS=std`` in the environment). Fixed for the process once looked up."""
+    not Linux, or ``ALTGRAD_CPU_THREADS=std`` in the environment). Fixed for the process once looked up.
+
+    Raises:
+        RuntimeError: If ``ALTGRAD_CPU_THREADS`` is not ``std`` or ``openmp``, or is ``openmp`` where torch's GNU
+            OpenMP runtime is not loaded.
+    """
     return _require(_cpu, _cpu_error, "cpu").thread_pool()
 
 
