@@ -410,6 +410,19 @@ def test_rl_kernel_nan_after_a_terminal_step_does_not_leak(mode, shape, dim, nxt
     rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, torch.float32, want_cpu))
 
 
+@pytest.mark.parametrize(("shape", "dim"), [((6, 50), -1), ((50, 6), 0)])
+def test_rl_kernel_vtrace_nan_log_prob_stays_nan(shape, dim, cuda_route, rl_helpers):
+    """A NaN log-probability: a NaN ratio, kept NaN by the clipping (never the finite bar), where the composed
+    and CPU routes have their NaNs."""
+    d = dim % len(shape)
+    kw = rl_helpers.inputs(2, shape, dim, torch.float32, "per_row", "both", "next_value")
+    kw["log_pi"].narrow(d, 17, 1).fill_(float("nan"))
+    got, composed, want_cpu = _three_routes(rl_helpers, kw, cuda_route)
+    assert all(out.narrow(d, 17, 1).isnan().all() for out in got)
+    rl_helpers.check(got, composed, rl_helpers.bound(kw, torch.float32, composed))
+    rl_helpers.check(got, want_cpu, rl_helpers.bound(kw, torch.float32, want_cpu))
+
+
 def test_rl_kernel_td_lambda_without_values_and_single_outputs(cuda_route, rl_helpers):
     """TD(lambda) from next values alone (no second output), and each estimator with second=False."""
     from altgrad.discounted_cumsum import _rl

@@ -98,6 +98,18 @@ def test_nan_after_a_terminal_step_does_not_leak(mode, shape, dim, nxt, rl_helpe
     assert any(out.isnan().any() for out in got)  # the NaN does reach its own episode
 
 
+@pytest.mark.parametrize(("shape", "dim"), [((6, 50), -1), ((50, 6), 0), ((3, 50, 4), 1)])
+@pytest.mark.parametrize("rates", ["number", "per_elem"])
+def test_vtrace_nan_log_prob_stays_nan(shape, dim, rates, rl_helpers, routes):
+    """A NaN log-probability: a NaN ratio, kept NaN by the clipping (never the finite bar), where the CPU
+    kernel and the composed route have their NaNs."""
+    d = dim % len(shape)
+    kw = rl_helpers.inputs(2, shape, dim, torch.float32, rates, "both", "next_value")
+    kw["log_pi"].narrow(d, 17, 1).fill_(float("nan"))
+    got = _compare(rl_helpers, routes, kw, torch.float32)
+    assert all(out.narrow(d, 17, 1).isnan().all() for out in got)
+
+
 def test_td_lambda_without_values_and_single_outputs(rl_helpers, routes):
     kw = rl_helpers.inputs(1, (9, 130), -1, torch.float32, "number", "both", "next_value")
     kw["value"] = None

@@ -212,6 +212,32 @@ def test_nan_from_another_episode_does_not_leak(route, mode):
     assert b[:3].isfinite().all(), b
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("shape", "dim"), [((4, 300), -1), ((300, 4), 0), ((2, 40, 3), 1)])
+@pytest.mark.parametrize("gamma", ["number", "per_elem"])
+@pytest.mark.parametrize("bars", [(1.0, 1.0), (1.0, 0.9), (0.8, 1.2)])
+def test_vtrace_nan_log_prob_stays_nan(route, shape, dim, gamma, bars, close):
+    """A NaN log-probability gives a NaN ratio, which the clipping keeps NaN (as torch.clamp in TorchRL and the
+    loop): NaN outputs at its step and, through the carry, before it in its episode; never the finite clipped bar.
+    Every kernel path: rows, columns, per-element gamma (the blocked path), equal and distinct bars."""
+    (r, v, nv, lp, lm), done, term = _inputs(shape, torch.float64, p_done=0.02)
+    d = dim % len(shape)
+    lp.narrow(d, 17, 1).fill_(NAN)  # step 17 of every sequence
+    lm.narrow(d, 29, 1).fill_(NAN)  # and step 29, through the other log-probability
+    g = 0.97 if gamma == "number" else 0.9 + 0.09 * torch.rand(shape, dtype=torch.float64)
+    if route == "composed":
+        r = r.clone().requires_grad_()
+    got = _rl.estimate(
+        _rl.VTRACE, r, v, nv, g, 1.0, done, term, dim=dim, log_pi=lp, log_mu=lm, rho_bar=bars[0], c_bar=bars[1]
+    )
+    gm = g if gamma == "number" else g.movedim(dim, -1)
+    mv = [t.movedim(dim, -1) for t in (r.detach(), v, nv, done, term, lp, lm)]
+    want = loop(_rl.VTRACE, *mv[:3], gm, 1.0, mv[3], mv[4], mv[5], mv[6], *bars)
+    for a, w in zip(got, want):
+        assert w.narrow(-1, 17, 1).isnan().all()  # the loop's NaNs are where the checker will look for ours
+        close(a.detach(), w.movedim(-1, dim), torch.float64)
+
+
 def test_truncation_bootstraps_from_its_next_value():
     """Golden numbers: gamma = 0.5, lam = 1; step 1 is truncated (done, not terminated), step 3 terminated."""
     r = torch.tensor([[1.0, 1.0, 1.0, 1.0]])

@@ -115,8 +115,9 @@ __host__ __device__ __forceinline__ void rl_sequence(const RlProblem& p, int64_t
         const A b = term ? A(0) : g * nvt;
         if constexpr (MODE == kRlVtrace) {
           const A rho = pp[k];
-          const A pc = rho < rho_bar ? rho : rho_bar;
-          const A cc = rho < c_bar ? rho : c_bar;
+          // min(rho, bar) keeping a NaN ratio NaN, as torch.clamp (and the CPU kernel's clip_ratio) do
+          const A pc = rho_bar < rho ? rho_bar : rho;
+          const A cc = c_bar < rho ? c_bar : rho;
           const A vs_next = end ? nvt : y + vn;  // v_s at t+1 (y still holds y[t+1])
           const A adv = pc * (rt + (term ? A(0) : g * vs_next) - vt);
           const A x = pc * (rt + b - vt);
