@@ -135,9 +135,13 @@ struct RlRow {
   }
 
   // Whether step t ends the episode in flag case FL (the last step always does), given its terminated flag.
+  // Bitwise ors, not ||: one test of the combined flag in the loops, not a branch per flag.
   template <int FL>
   static bool episode_end(int64_t t, int64_t n, bool term, const uint8_t* __restrict dd) {
-    return t == n - 1 || (FL == 3 ? (term || dd[t] != 0) : FL == 2 ? term : FL == 1 && dd[t] != 0);
+    if constexpr (FL == 3) return (t == n - 1) | term | (dd[t] != 0);
+    if constexpr (FL == 2) return (t == n - 1) | term;
+    if constexpr (FL == 1) return (t == n - 1) | (dd[t] != 0);
+    return t == n - 1;
   }
 
   // The blocked path's constant buffers (the straight loops below read none of them: at (4096, 128) filling them
@@ -189,15 +193,16 @@ struct RlRow {
       } else {
         nvt = vnext;
       }
-      const A b = term ? A(0) : g * nvt;
-      A x;
-      if constexpr (MODE == kRlGae) {
-        x = rt - vt + b;
+      // Inside an episode (the common case, laid out as the straight path): bootstrap from the next value and
+      // carry from the next step (gl != 0 here: gl == 0 takes no_carry_row); at its end x alone: nothing crosses
+      // it, not even a NaN.
+      if (__builtin_expect(!end, 1)) {
+        const A b = g * nvt;
+        yy = (MODE == kRlGae ? rt - vt + b : rt + (A(1) - l) * b) + gl * yy;
       } else {
-        x = end ? rt + b : rt + (A(1) - l) * b;
+        const A b = term ? A(0) : g * nvt;
+        yy = MODE == kRlGae ? rt - vt + b : rt + b;
       }
-      const A a = end ? A(0) : gl;
-      yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
       T::store(out1, t, yy);
       if constexpr (O2) T::store(out2, t, MODE == kRlGae ? yy + vt : yy - vt);
       vnext = vt;
@@ -297,14 +302,18 @@ struct RlRow {
       }
       const A pc = clip_ratio(rho, rb);
       const A cc = EQ ? pc : clip_ratio(rho, cb);  // one clip when the bars are equal (the default): 15% faster
-      const A b = term ? A(0) : g * nvt;
-      if constexpr (O2) {
-        const A vs_next = end ? nvt : vs_after;
-        T::store(out2, t, pc * (rt + (term ? A(0) : g * vs_next) - vt));
+      // Inside an episode (the common case, laid out as the straight path): bootstrap from the next value and carry
+      // from the next step; at its end (terminated or not) x alone, and the advantage is x (same expression).
+      if (__builtin_expect(!end, 1)) {
+        const A x = pc * (rt + g * nvt - vt);
+        if constexpr (O2) T::store(out2, t, pc * (rt + g * vs_after - vt));
+        const A a = g * cc;
+        yy = __builtin_expect(a != A(0), 1) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+      } else {
+        const A x = pc * (rt + (term ? A(0) : g * nvt) - vt);
+        if constexpr (O2) T::store(out2, t, x);
+        yy = x;
       }
-      const A x = pc * (rt + b - vt);
-      const A a = end ? A(0) : g * cc;
-      yy = a != A(0) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
       vs_after = yy + vt;
       T::store(out1, t, vs_after);
       vnext = vt;
