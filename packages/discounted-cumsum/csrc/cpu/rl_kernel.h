@@ -3,79 +3,16 @@
 //
 // One pass from the last step to the first, touching each input once. Rows (inner == 1, see rl_row) are scanned one
 // at a time, the last row first, so that the whole pass reads memory downwards (interleaving rows costs 3-5x at
-// (256, 2048): the prefetchers lose the many backward streams). Columns (inner > 1: rl_columns_fast for GAE and
-// TD(lambda), rl_lanes for V-trace) advance kRlColumns lanes at a time, each step reading a contiguous run. Each lane's arithmetic is the same whatever the grouping, so
-// the split of the work among threads never changes a result.
+// (256, 2048): the prefetchers lose the many backward streams). Columns (inner > 1, rl_columns_fast) advance
+// kRlColumns lanes at a time, each step reading a contiguous run in a loop over the lanes that vectorises. Each
+// lane's arithmetic is the same whatever the grouping, so the split of the work among threads never changes a
+// result.
 
 // V-trace's clipped importance ratio min(rho, bar), with a NaN ratio kept NaN as torch.clamp keeps it (the form
 // rho < bar ? rho : bar would turn a NaN log-probability into the finite bar: a silent wrong advantage).
 template <typename A>
 inline A clip_ratio(A rho, A bar) {
   return bar < rho ? bar : rho;
-}
-
-// Lane k's element at step t sits at b0 + k * ks + t * ts; its per-row constants at rid0 + k.
-template <int D, int MODE, int K>
-void rl_lanes(const RlProblem* p, int64_t b0, int64_t ks, int64_t ts, int64_t rid0, int64_t lanes) {
-  const int64_t m = K == 1 ? 1 : lanes;
-  using T = IO<D>;
-  using A = typename T::A;
-  using S = typename T::S;
-  using G = typename T::G;
-  const S* r = static_cast<const S*>(p->reward);
-  const S* v = static_cast<const S*>(p->value);
-  const S* nv = static_cast<const S*>(p->next_value);
-  const S* lp = static_cast<const S*>(p->rho);
-  S* o1 = static_cast<S*>(p->out1);
-  S* o2 = static_cast<S*>(p->out2);
-  const G* ge = p->gamma_per_elem ? static_cast<const G*>(p->gamma) : nullptr;
-  const G* le = p->lam_per_elem ? static_cast<const G*>(p->lam) : nullptr;
-  const uint8_t* dn = p->done;
-  const uint8_t* tm = p->terminated;
-  const A rho_bar = static_cast<A>(p->rho_bar), c_bar = static_cast<A>(p->c_bar);
-  A y[K], vn[K], gk[K], lk[K];  // per lane: carry, value after the step, per-row gamma and lam
-  for (int64_t k = 0; k < m; ++k) {
-    y[k] = A(0);
-    vn[k] = p->boot ? static_cast<A>(p->boot[rid0 + k]) : A(0);  // value after the step: the next one's, or boot
-    gk[k] = ge ? A(0) : static_cast<A>(static_cast<const double*>(p->gamma)[rid0 + k]);
-    lk[k] = (le || MODE == kRlVtrace) ? A(0) : static_cast<A>(static_cast<const double*>(p->lam)[rid0 + k]);
-  }
-  for (int64_t t = p->n - 1; t >= 0; --t) {
-    const bool last = t == p->n - 1;
-    for (int64_t k = 0; k < m; ++k) {
-      const int64_t i = b0 + k * ks + t * ts;
-      const A g = ge ? static_cast<A>(ge[i]) : gk[k];
-      const bool term = tm && tm[i];
-      const bool end = last || term || (dn && dn[i]);
-      const A vt = v ? static_cast<A>(T::load(v, i)) : A(0);
-      const A nvt = nv ? static_cast<A>(T::load(nv, i)) : vn[k];
-      const A rt = static_cast<A>(T::load(r, i));
-      const A b = term ? A(0) : g * nvt;
-      if constexpr (MODE == kRlGae) {
-        const A l = le ? static_cast<A>(le[i]) : lk[k];
-        const A x = rt - vt + b;
-        y[k] = end ? x : x + (g * l) * y[k];
-        T::store(o1, i, y[k]);
-        if (o2) T::store(o2, i, y[k] + vt);
-      } else if constexpr (MODE == kRlTdLambda) {
-        const A l = le ? static_cast<A>(le[i]) : lk[k];
-        y[k] = end ? rt + b : rt + (A(1) - l) * b + (g * l) * y[k];
-        T::store(o1, i, y[k]);
-        if (o2) T::store(o2, i, y[k] - vt);
-      } else {
-        const A rho = static_cast<A>(T::load(lp, i));
-        const A pc = clip_ratio(rho, rho_bar);
-        const A cc = clip_ratio(rho, c_bar);
-        const A vs_next = end ? nvt : y[k] + vn[k];  // v_s at t + 1 (y still holds y[t+1])
-        const A adv = pc * (rt + (term ? A(0) : g * vs_next) - vt);
-        const A x = pc * (rt + b - vt);
-        y[k] = end ? x : x + (g * cc) * y[k];
-        T::store(o1, i, y[k] + vt);
-        if (o2) T::store(o2, i, adv);
-      }
-      vn[k] = vt;
-    }
-  }
 }
 
 // Rows (inner == 1), in blocks of kRlBlock steps from the end: (1) the block's inputs x_t and gates a_t (0 at an
@@ -579,7 +516,43 @@ void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict r
   }
 }
 
-// GAE and TD(lambda) on columns (time-major [T, B] with dim=0, say): at each step, one branch-free loop over the m
+// One step t of rl_columns_fast for V-trace (the formulas of vtrace_row_t, selects as numbers): pp the ratios, va
+// the value after the step (value's row t + 1; zeros at the last step, which ends the episode).
+template <int D, bool O2, bool EQ, typename GP, typename NP>
+void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __restrict rr,
+                            const typename IO<D>::S* __restrict vv, const uint8_t* __restrict dd,
+                            const uint8_t* __restrict mm, const GP* __restrict gg, const NP* __restrict nn,
+                            const typename IO<D>::S* __restrict pp, const typename IO<D>::S* __restrict va,
+                            typename IO<D>::A rb, typename IO<D>::A cb, typename IO<D>::A* __restrict y,
+                            typename IO<D>::S* __restrict out1, typename IO<D>::S* __restrict out2) {
+  using T = IO<D>;
+  using A = typename T::A;
+  using S = typename T::S;
+  for (int64_t j = 0; j < m; ++j) {
+    const A g = static_cast<A>(gg[j]);
+    const A rt = static_cast<A>(T::load(rr, j)), vt = static_cast<A>(T::load(vv, j));
+    A nvt;
+    if constexpr (std::is_same<NP, S>::value) {
+      nvt = static_cast<A>(T::load(nn, j));
+    } else {
+      nvt = static_cast<A>(nn[j]);
+    }
+    const A rho = static_cast<A>(T::load(pp, j));
+    const A pc = clip_ratio(rho, rb);
+    const A cc = EQ ? pc : clip_ratio(rho, cb);
+    const A tf = static_cast<A>(mm[j]), ef = tf + static_cast<A>(dd[j]) + (last ? A(1) : A(0));
+    const A b = tf != A(0) ? A(0) : g * nvt;
+    const A vs_next = ef != A(0) ? nvt : y[j] + static_cast<A>(T::load(va, j));  // v_s at t + 1
+    const A x = pc * (rt + b - vt);
+    const A a = ef != A(0) ? A(0) : g * cc;
+    const A yj = a != A(0) ? x + a * y[j] : x;  // a zero gate cuts: nothing crosses it, not even a NaN
+    if constexpr (O2) T::store(out2, j, pc * (rt + (tf != A(0) ? A(0) : g * vs_next) - vt));
+    y[j] = yj;
+    T::store(out1, j, yj + vt);
+  }
+}
+
+// GAE, TD(lambda) and V-trace on columns (time-major [T, B] with dim=0, say): at each step, one branch-free loop over the m
 // adjacent columns of the block, which the compiler vectorises (the carries y live in a local array; the recurrence
 // runs along t). Each input is read once, where it lies; absent ones read local buffers of zeros or per-row
 // constants; without next values, the next value is the value's row t + 1 (the bootstrap after the last step).
@@ -613,7 +586,23 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
     S* out2 = p->out2 ? static_cast<S*>(p->out2) + i : nullptr;
     auto body = [&](const auto* gg, const auto* ll) {
       auto go = [&](const auto* nn) {
-        if (out2) {
+        if constexpr (MODE == kRlVtrace) {
+          const S* pp = at(p->rho, i);
+          const S* va = last ? zs : at(p->value, i + inner);
+          const A rb = static_cast<A>(p->rho_bar), cb = static_cast<A>(p->c_bar);
+          if (out2) {
+            if (rb == cb) {
+              rl_columns_vtrace_step<D, true, true>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+            } else {
+              rl_columns_vtrace_step<D, true, false>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+            }
+          } else if (rb == cb) {
+            rl_columns_vtrace_step<D, false, true>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+          } else {
+            rl_columns_vtrace_step<D, false, false>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+          }
+          (void)ll;
+        } else if (out2) {
           rl_columns_step<D, MODE, true>(m, last, rr, vv, dd, mm, gg, ll, nn, y, out1, out2);
         } else {
           rl_columns_step<D, MODE, false>(m, last, rr, vv, dd, mm, gg, ll, nn, y, out1, out2);
@@ -643,15 +632,11 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
 
 template <int D, int MODE>
 void rl_columns_mode(const RlProblem* p, int64_t i0, int64_t i1) {
-  const int64_t n = p->n, inner = p->inner, groups = (inner + kRlColumns - 1) / kRlColumns;
+  const int64_t inner = p->inner, groups = (inner + kRlColumns - 1) / kRlColumns;
   for (int64_t item = i1 - 1; item >= i0; --item) {
     const int64_t o = item / groups, c0 = (item % groups) * kRlColumns;
     const int64_t m = inner - c0 < kRlColumns ? inner - c0 : kRlColumns;
-    if constexpr (MODE == kRlVtrace) {
-      rl_lanes<D, MODE, kRlColumns>(p, o * n * inner + c0, 1, inner, o * inner + c0, m);
-    } else {
-      rl_columns_fast<D, MODE>(p, o, c0, m);
-    }
+    rl_columns_fast<D, MODE>(p, o, c0, m);
   }
 }
 
