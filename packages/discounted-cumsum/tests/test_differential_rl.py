@@ -238,6 +238,34 @@ def test_vtrace_nan_log_prob_stays_nan(route, shape, dim, gamma, bars, close):
         close(a.detach(), w.movedim(-1, dim), torch.float64)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_vtrace_zero_ratio_cuts_the_carry(route, dim):
+    """log_pi = -inf at step 3: ratio 0, so its gate gamma * c is 0 and nothing from later steps reaches it, not even
+    an inf reward at step 5 (0 * inf would be NaN, as TorchRL gives at steps 0-3): every route selects instead of
+    multiplying, rows and columns."""
+    n = 8
+    r, v, nv = torch.ones(n, 2), torch.zeros(n, 2), torch.zeros(n, 2)
+    lp, lm = torch.zeros(n, 2), torch.zeros(n, 2)
+    lp[3] = -float("inf")
+    r[5] = float("inf")
+    if dim == -1:
+        r, v, nv, lp, lm = (t.t().contiguous() for t in (r, v, nv, lp, lm))
+    if route == "composed":
+        r = r.clone().requires_grad_()
+    no = torch.zeros_like(v, dtype=torch.bool)
+    vs, adv = _rl.estimate(_rl.VTRACE, r, v, nv, 0.9, 1.0, no, no, dim=dim, log_pi=lp, log_mu=lm)
+    vs, adv = (t.detach().movedim(dim, 0) for t in (vs, adv))
+    # step 3: p = c = 0, so v_s = V = 0; steps 0-2 carry from v_s(3) = 0 with ratio 1: y_2 = 1, y_1 = 1 + 0.9,
+    # y_0 = 1 + 0.9 + 0.81; steps 4 and 5 see the inf
+    want = torch.tensor([2.71, 1.9, 1.0, 0.0]).unsqueeze(1).expand(4, 2)
+    torch.testing.assert_close(vs[:4], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adv[:3], want[:3], rtol=0, atol=1e-6)  # r + gamma v_s(t + 1) - V, V = 0
+    assert vs[4:6].isinf().all()
+    # the advantage at step 3 is 0 * (r + gamma * v_s(4) - V) with v_s(4) = inf: NaN, a product, not a gate
+    assert adv[3].isnan().all()
+
+
 def test_truncation_bootstraps_from_its_next_value():
     """Golden numbers: gamma = 0.5, lam = 1; step 1 is truncated (done, not terminated), step 3 terminated."""
     r = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
