@@ -228,7 +228,19 @@ def test_vtrace_nan_log_prob_stays_nan(route, shape, dim, gamma, bars, close):
     if route == "composed":
         r = r.clone().requires_grad_()
     got = _rl.estimate(
-        _rl.VTRACE, r, v, nv, g, 1.0, done, term, dim=dim, log_pi=lp, log_mu=lm, rho_bar=bars[0], c_bar=bars[1]
+        _rl.VTRACE,
+        r,
+        v,
+        nv,
+        g,
+        1.0,
+        done,
+        term,
+        dim=dim,
+        log_pi=lp,
+        log_mu=lm,
+        rho_bar=bars[0],
+        c_bar=bars[1],
     )
     gm = g if gamma == "number" else g.movedim(dim, -1)
     mv = [t.movedim(dim, -1) for t in (r.detach(), v, nv, done, term, lp, lm)]
