@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from altgrad.discounted_cumsum import _rl, generalized_advantage_estimate
 
@@ -17,7 +19,8 @@ NAN = float("nan")
 
 
 def loop(mode, r, v, nv, g, lam, done, term, lp=None, lm=None, rho_bar=1.0, c_bar=1.0):
-    """Time on the last dim; float64; gamma and lam are numbers or tensors of r's shape."""
+    """Time on the last dim; float64; gamma and lam are numbers or tensors of r's shape. Every mask selects: an
+    episode end or a zero gate takes x alone, so nothing crosses it (0 * inf would be NaN)."""
     r, v, nv = r.double(), v.double(), nv.double()
     n = r.shape[-1]
     g = torch.as_tensor(g, dtype=torch.float64).expand(r.shape)
@@ -30,11 +33,17 @@ def loop(mode, r, v, nv, g, lam, done, term, lp=None, lm=None, rho_bar=1.0, c_ba
         boot = torch.where(term[..., t], 0.0, gt * nv[..., t])
         if mode == _rl.GAE:
             x = r[..., t] + boot - v[..., t]
-            y = torch.where(end, x, x + gt * lt * y)
+            y = torch.where(end | (gt * lt == 0), x, x + gt * lt * y)
             out1[..., t], out2[..., t] = y, y + v[..., t]
         elif mode == _rl.TD_LAMBDA:
             # TorchRL's loop: at an episode end the bootstrapped gain is the next value itself
-            y = torch.where(end, r[..., t] + boot, r[..., t] + (1 - lt) * boot + gt * lt * y)
+            y = torch.where(
+                end,
+                r[..., t] + boot,
+                torch.where(
+                    gt * lt == 0, r[..., t] + (1 - lt) * boot, r[..., t] + (1 - lt) * boot + gt * lt * y
+                ),
+            )
             out1[..., t], out2[..., t] = y, y - v[..., t]
         else:
             rho = (lp[..., t].double() - lm[..., t].double()).exp()
@@ -43,7 +52,7 @@ def loop(mode, r, v, nv, g, lam, done, term, lp=None, lm=None, rho_bar=1.0, c_ba
             vs_next = torch.where(end, nv[..., t], vs_after)
             adv = pc * (r[..., t] + torch.where(term[..., t], 0.0, gt * vs_next) - v[..., t])
             x = pc * (r[..., t] + boot - v[..., t])
-            y = torch.where(end, x, x + gt * cc * y)
+            y = torch.where(end | (gt * cc == 0), x, x + gt * cc * y)  # a zero gate cuts, as an end
             out1[..., t], out2[..., t] = y + v[..., t], adv
     return out1, out2
 
@@ -276,6 +285,49 @@ def test_vtrace_zero_ratio_cuts_the_carry(route, dim):
     assert vs[4:6].isinf().all()
     # the advantage at step 3 is 0 * (r + gamma * v_s(4) - V) with v_s(4) = inf: NaN, a product, not a gate
     assert adv[3].isnan().all()
+
+
+_SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0]
+
+
+# `close` is a pure function (conftest's checker), so reusing it across examples is safe
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    mode=st.sampled_from(MODES),
+    b=st.integers(1, 4),
+    n=st.integers(1, 40),
+    dim=st.sampled_from([-1, 0]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    per_elem_gamma=st.booleans(),
+    bars=st.sampled_from([(1.0, 1.0), (1.0, 0.9), (0.8, 1.2)]),
+    seed=st.integers(0, 2**31 - 1),
+    n_special=st.integers(0, 6),
+)
+def test_hostile_values_match_the_loop(mode, b, n, dim, dtype, per_elem_gamma, bars, seed, n_special, close):
+    """NaN, +-inf and zeros at random places of every input (rewards, values, next values, log-probabilities),
+    random done / terminated flags, rows (time last) and columns (time first), number or per-element gamma: the
+    fused kernel has the loop's NaNs and infs where the loop has them and its finite values elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (b, n)
+    r, v, nv, lp, lm = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(5))
+    ins = [r, v, nv, lp, lm]
+    for _ in range(n_special):
+        which = int(torch.randint(0, 5, (), generator=gen))
+        pos = (int(torch.randint(0, b, (), generator=gen)), int(torch.randint(0, n, (), generator=gen)))
+        ins[which][pos] = _SPECIAL[int(torch.randint(0, len(_SPECIAL), (), generator=gen))]
+    done = torch.rand(shape, generator=gen) < 0.15
+    term = done & (torch.rand(shape, generator=gen) < 0.5)
+    g = 0.9 + 0.09 * torch.rand(shape, generator=gen, dtype=torch.float64) if per_elem_gamma else 0.95
+    ins = [t.to(dtype) for t in ins]
+    want = loop(mode, *ins[:3], g, 0.9, done, term, ins[3], ins[4], *bars)
+    mv = [t.t().contiguous() if dim == 0 else t for t in (*ins, done, term)]
+    gm = g.t().contiguous() if dim == 0 and per_elem_gamma else g
+    vt = (
+        {"log_pi": mv[3], "log_mu": mv[4], "rho_bar": bars[0], "c_bar": bars[1]} if mode == _rl.VTRACE else {}
+    )
+    got = _rl.estimate(mode, *mv[:3], gm, 0.9, mv[5], mv[6], dim=dim, **vt)
+    for a, w in zip(got, want):
+        close(a.t() if dim == 0 else a, w, dtype)
 
 
 def test_truncation_bootstraps_from_its_next_value():
