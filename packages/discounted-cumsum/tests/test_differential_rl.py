@@ -294,6 +294,7 @@ _SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0]
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     mode=st.sampled_from(MODES),
+    route=st.sampled_from(ROUTES),
     b=st.integers(1, 4),
     n=st.integers(1, 40),
     dim=st.sampled_from([-1, 0]),
@@ -303,10 +304,12 @@ _SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0]
     seed=st.integers(0, 2**31 - 1),
     n_special=st.integers(0, 6),
 )
-def test_hostile_values_match_the_loop(mode, b, n, dim, dtype, per_elem_gamma, bars, seed, n_special, close):
+def test_hostile_values_match_the_loop(
+    mode, route, b, n, dim, dtype, per_elem_gamma, bars, seed, n_special, close
+):
     """NaN, +-inf and zeros at random places of every input (rewards, values, next values, log-probabilities),
-    random done / terminated flags, rows (time last) and columns (time first), number or per-element gamma: the
-    fused kernel has the loop's NaNs and infs where the loop has them and its finite values elsewhere."""
+    random done / terminated flags, rows (time last) and columns (time first), number or per-element gamma: both
+    routes have the loop's NaNs and infs where the loop has them and its finite values elsewhere."""
     gen = torch.Generator().manual_seed(seed)
     shape = (b, n)
     r, v, nv, lp, lm = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(5))
@@ -325,9 +328,10 @@ def test_hostile_values_match_the_loop(mode, b, n, dim, dtype, per_elem_gamma, b
     vt = (
         {"log_pi": mv[3], "log_mu": mv[4], "rho_bar": bars[0], "c_bar": bars[1]} if mode == _rl.VTRACE else {}
     )
-    got = _rl.estimate(mode, *mv[:3], gm, 0.9, mv[5], mv[6], dim=dim, **vt)
+    rr = mv[0].clone().requires_grad_() if route == "composed" else mv[0]  # a gradient: the composed route
+    got = _rl.estimate(mode, rr, *mv[1:3], gm, 0.9, mv[5], mv[6], dim=dim, **vt)
     for a, w in zip(got, want):
-        close(a.t() if dim == 0 else a, w, dtype)
+        close((a.t() if dim == 0 else a).detach(), w, dtype)
 
 
 def test_truncation_bootstraps_from_its_next_value():
