@@ -483,9 +483,18 @@ void rl_rows_impl(const RlProblem* p, int64_t r0, int64_t r1) {
   }
 }
 
+// Lane j's next value in rl_columns_fast: from memory (NP = S: next_value's row t, or value's row t + 1) or, at the
+// last step without next values, from the per-column bootstrap (NP = A).
+template <int D, typename NP>
+inline typename IO<D>::A next_value_at(const NP* __restrict nn, int64_t j) {
+  if constexpr (std::is_same<NP, typename IO<D>::S>::value) {
+    return static_cast<typename IO<D>::A>(IO<D>::load(nn, j));
+  } else {
+    return static_cast<typename IO<D>::A>(nn[j]);
+  }
+}
+
 // One step t of rl_columns_fast over m adjacent columns; the pointers do not alias (__restrict), so it vectorises.
-// The next values come from memory (NP = S: next_value's row t, or value's row t + 1) or, at the last step without
-// next values, from the per-column bootstrap (NP = A).
 template <int D, int MODE, bool O2, typename GP, typename LP, typename NP>
 void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict rr,
                      const typename IO<D>::S* __restrict vv, const uint8_t* __restrict dd,
@@ -494,16 +503,10 @@ void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict r
                      typename IO<D>::S* __restrict out2) {
   using T = IO<D>;
   using A = typename T::A;
-  using S = typename T::S;
   for (int64_t j = 0; j < m; ++j) {
     const A g = static_cast<A>(gg[j]), l = static_cast<A>(ll[j]);
     const A rt = static_cast<A>(T::load(rr, j)), vt = static_cast<A>(T::load(vv, j));
-    A nvt;
-    if constexpr (std::is_same<NP, S>::value) {
-      nvt = static_cast<A>(T::load(nn, j));
-    } else {
-      nvt = static_cast<A>(nn[j]);
-    }
+    const A nvt = next_value_at<D>(nn, j);
     // flags as numbers of the compute type: masks of one width, which the vectoriser handles
     const A tf = static_cast<A>(mm[j]), ef = tf + static_cast<A>(dd[j]) + (last ? A(1) : A(0));
     const A b = tf != A(0) ? A(0) : g * nvt;
@@ -527,16 +530,10 @@ void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __res
                             typename IO<D>::S* __restrict out1, typename IO<D>::S* __restrict out2) {
   using T = IO<D>;
   using A = typename T::A;
-  using S = typename T::S;
   for (int64_t j = 0; j < m; ++j) {
     const A g = static_cast<A>(gg[j]);
     const A rt = static_cast<A>(T::load(rr, j)), vt = static_cast<A>(T::load(vv, j));
-    A nvt;
-    if constexpr (std::is_same<NP, S>::value) {
-      nvt = static_cast<A>(T::load(nn, j));
-    } else {
-      nvt = static_cast<A>(nn[j]);
-    }
+    const A nvt = next_value_at<D>(nn, j);
     const A rho = static_cast<A>(T::load(pp, j));
     const A pc = clip_ratio(rho, rb);
     const A cc = EQ ? pc : clip_ratio(rho, cb);
