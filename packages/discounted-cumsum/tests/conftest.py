@@ -53,8 +53,8 @@ def close():
 # advantage from v_s at t + 1) add two more steps' worth. Hence |route1 - route2| <= u (L + 2) (50 M + 20 Y)
 # before the final rounding to `dtype`, which adds at most u_out (|y1| + |y2|) <= 2.1 u_out Y (u_out: 2^-24
 # float32, 2^-53 float64, 2^-8 bfloat16, 2^-11 float16).
-# 16-bit V-trace is compared with the composed route only: the CPU route takes its ratios from torch's exp in the
-# data dtype, which is off by (|log_pi - log_mu| + 2) u_out, far more than the other two routes' float32 ratios.
+# Every route forms V-trace's ratios in its compute dtype (float32 for 16-bit data: the CPU kernel's ratio_exp, the
+# CUDA kernel's exp, the composed route's torch.exp), so 16-bit V-trace is compared like the other estimators.
 # ---------------------------------------------------------------------------------------------------------------
 
 _UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -334,6 +334,37 @@ def test_hostile_values_match_the_loop(
         close((a.t() if dim == 0 else a).detach(), w, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_vtrace_ratio_is_exp_over_the_whole_range(dtype, dim):
+    """The kernels form rho = e^(log_pi - log_mu) themselves (no temporary). With no clipping (bars = inf), a reward
+    of 1, zero values and every step an episode end, v_s = rho: it equals torch.exp of the difference within 4 units
+    of the dtype's rounding (the difference itself is exact in the kernel's precision: double for float64, float
+    for float32, as torch computes it), across the range, through the subnormals to 0 and to inf, and NaN stays
+    NaN."""
+    lim = 760.0 if dtype == torch.float64 else 110.0
+    diff = torch.linspace(-lim, lim, 40001, dtype=torch.float64).to(dtype)
+    diff = torch.cat([diff, torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)])
+    lp, lm = diff.clone(), torch.zeros_like(diff)
+    lp[1::2], lm[1::2] = 0.5 * diff[1::2], -0.5 * diff[1::2]  # both log-probabilities move (halves are exact)
+    # one step per sequence, so every step ends its episode: rows (N, 1) along dim -1, or columns (1, N) along dim 0
+    shape = (-1, 1) if dim == -1 else (1, -1)
+    lp, lm = lp.reshape(shape), lm.reshape(shape)
+    r, v = torch.ones_like(lp), torch.zeros_like(lp)
+    inf = float("inf")
+    vs, _ = _rl.estimate(
+        _rl.VTRACE, r, v, None, 0.9, 1.0, None, None, dim=dim, log_pi=lp, log_mu=lm, rho_bar=inf, c_bar=inf
+    )
+    want = torch.exp(lp - lm)
+    assert torch.equal(vs.isnan(), want.isnan())  # exact: bool masks
+    assert torch.equal(vs[want.isinf()], want[want.isinf()])  # exact: overflow to inf
+    fin = want.isfinite()
+    tiny = torch.finfo(dtype).tiny
+    rel = ((vs[fin] - want[fin]).abs() / want[fin].clamp_min(tiny)).max().item()
+    assert rel <= 4 * torch.finfo(dtype).eps, rel
+    assert (vs[want == 0] == 0).all()
+
+
 def test_truncation_bootstraps_from_its_next_value():
     """Golden numbers: gamma = 0.5, lam = 1; step 1 is truncated (done, not terminated), step 3 terminated."""
     r = torch.tensor([[1.0, 1.0, 1.0, 1.0]])

@@ -44,8 +44,8 @@ void scan(std::uintptr_t x, std::uintptr_t y, int dtype, int64_t outer, int64_t 
 }
 
 // gamma / lam == 0: one value for every row, given by value (gamma_value / lam_value).
-void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t next_value, std::uintptr_t rho,
-        std::uintptr_t out1, std::uintptr_t out2, int dtype, int64_t outer, int64_t n,
+void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t next_value, std::uintptr_t log_pi,
+        std::uintptr_t log_mu, std::uintptr_t out1, std::uintptr_t out2, int dtype, int64_t outer, int64_t n,
         int64_t inner, std::uintptr_t gamma, double gamma_value, bool gamma_per_elem, std::uintptr_t lam,
         double lam_value, bool lam_per_elem, std::uintptr_t done, std::uintptr_t terminated, std::uintptr_t boot,
         double rho_bar, double c_bar, int num_threads) {
@@ -55,7 +55,7 @@ void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t ne
   const bool vtrace = mode == altgrad_dc::kRlVtrace;
   if (outer * n * inner > 0 &&
       (reward == 0 || out1 == 0 || (value == 0 && (mode != altgrad_dc::kRlTdLambda || next_value == 0 || out2 != 0)) ||
-       (vtrace && rho == 0) || (gamma == 0 && gamma_per_elem) || (lam == 0 && lam_per_elem))) {
+       (vtrace && (log_pi == 0 || log_mu == 0)) || (gamma == 0 && gamma_per_elem) || (lam == 0 && lam_per_elem))) {
     throw std::invalid_argument("rl: null pointer");
   }
   const std::size_t rows = static_cast<std::size_t>(outer * inner);
@@ -72,7 +72,8 @@ void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t ne
   p.reward = reinterpret_cast<const void*>(reward);
   p.value = reinterpret_cast<const void*>(value);
   p.next_value = reinterpret_cast<const void*>(next_value);
-  p.rho = reinterpret_cast<const void*>(rho);
+  p.log_pi = reinterpret_cast<const void*>(log_pi);
+  p.log_mu = reinterpret_cast<const void*>(log_mu);
   p.out1 = reinterpret_cast<void*>(out1);
   p.out2 = reinterpret_cast<void*>(out2);
   p.outer = outer;
@@ -101,7 +102,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gate"), py::arg("gate_value"), py::arg("gate_per_elem"), py::arg("done"), py::arg("init"),
         py::arg("reverse"), py::arg("num_threads"),
         "y[t] = x[t] + a[t] * y[t -/+ 1] along n of a contiguous [outer, n, inner] buffer (see problem.h).");
-  m.def("rl", &rl, py::arg("mode"), py::arg("reward"), py::arg("value"), py::arg("next_value"), py::arg("rho"),
+  m.def("rl", &rl, py::arg("mode"), py::arg("reward"), py::arg("value"), py::arg("next_value"), py::arg("log_pi"), py::arg("log_mu"),
         py::arg("out1"), py::arg("out2"), py::arg("dtype"), py::arg("outer"), py::arg("n"),
         py::arg("inner"), py::arg("gamma"), py::arg("gamma_value"), py::arg("gamma_per_elem"), py::arg("lam"),
         py::arg("lam_value"), py::arg("lam_per_elem"), py::arg("done"), py::arg("terminated"), py::arg("boot"),

@@ -40,7 +40,7 @@ struct SegmentSummary {
 // b = terminated[t] ? 0 : gamma[t] * next_value[t] (selected, so a NaN next value of a terminal state never leaks):
 //   GAE       y = r - v + b + (d ? 0 : gamma*lam * y[t+1]);                out1 = y (advantage), out2 = y + v
 //   TD(lam)   y = r + (d ? b : (1-lam) b + gamma*lam * y[t+1]);            out1 = y (return),    out2 = y - v
-//   V-trace   rho (given), p = min(rho, rho_bar), c = min(rho, c_bar):
+//   V-trace   rho = exp(log_pi - log_mu) (formed here), p = min(rho, rho_bar), c = min(rho, c_bar), a NaN kept:
 //             y = p (r + b - v) + (d ? 0 : gamma*c * y[t+1]);              out1 = y + v (v_s)
 //             out2 = p (r + (terminated ? 0 : gamma * (d ? next_value : out1[t+1])) - v)  (advantage)
 // next_value == nullptr: next_value[t] = value[t+1], and boot (0 when null) at t = n-1. "(d ? 0 : ...)" selects, so
@@ -50,7 +50,8 @@ struct RlProblem {
   const void* reward;
   const void* value;       // nullable only for kRlTdLambda with next_value given (then out2 is null too)
   const void* next_value;  // nullable: shifted value + boot
-  const void* rho;         // kRlVtrace only: the importance ratios exp(log_pi - log_mu), computed by torch
+  const void* log_pi;      // kRlVtrace only, in the data type: the kernel forms rho = exp(log_pi - log_mu)
+  const void* log_mu;      // kRlVtrace only, in the data type
   void* out1;
   void* out2;              // nullable
   int64_t outer;

@@ -8,6 +8,73 @@
 // lane's arithmetic is the same whatever the grouping, so the split of the work among threads never changes a
 // result.
 
+// V-trace's importance ratio e^(log_pi - log_mu), formed in the kernel from the log-probabilities (no temporary):
+// straight-line arithmetic without a call or a branch, so that a loop over a block of steps vectorises. In double
+// for float64 data, else in float (as torch's exp of float32 log-probabilities): x = k ln2 + r with |r| <= ln2/2
+// (Cody-Waite: k ln2_hi is exact), e^r by its Taylor series (degree 12 in double, 7 in float: the rest is below a
+// third of a unit of the type's rounding), and 2^k as two powers of two built in the exponent bits, so that k may
+// pass the normal range: e^x overflows to inf and underflows through the subnormals to 0 in the last
+// multiplication, as exp does. Error within a few units of the type's rounding (float: under 1e-6 relative, the
+// difference of two float32 log-probabilities being already rounded to float). x is clamped first to a range beyond
+// which the result is 0 or inf anyway; a NaN x stays NaN (the clamp's comparisons are false, and the polynomial
+// carries it).
+template <typename E>
+inline E ratio_exp(E x) {
+  constexpr bool dbl = sizeof(E) == 8;
+  using U = typename std::conditional<dbl, uint64_t, uint32_t>::type;
+  const E lo = dbl ? E(-746) : E(-104), hi = dbl ? E(710) : E(89);
+  const E shifter = dbl ? E(6755399441055744.0) : E(12582912.0f);  // 1.5 * 2^52 / 2^23: rounds to an integer
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const E kd = x * E(1.4426950408889634) + shifter;
+  const E k = kd - shifter;
+  E r;
+  if constexpr (dbl) {
+    r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  } else {
+    r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  }
+  E p;
+  if constexpr (dbl) {
+    p = 1.0 / 479001600.0;  // 1/12!
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+  } else {
+    p = 1.0f / 5040.0f;  // 1/7!
+  }
+  p = p * r + E(1.0 / 720.0);
+  p = p * r + E(1.0 / 120.0);
+  p = p * r + E(1.0 / 24.0);
+  p = p * r + E(1.0 / 6.0);
+  p = p * r + E(0.5);
+  p = p * r + E(1);
+  p = p * r + E(1);
+  // k + off from kd's low bits (off keeps it positive); split into two halves h, ku - h with biased exponents in
+  // range: double k in [-1076, 1025], off 1100; float k in [-150, 129], off 200.
+  constexpr U off = dbl ? 1100u : 200u, bias = dbl ? 1023u - 550u : 127u - 100u, mant = dbl ? 52 : 23;
+  constexpr U shifter_bits = dbl ? static_cast<U>(0x4338000000000000ull) : static_cast<U>(0x4B400000u);
+  U ku;
+  std::memcpy(&ku, &kd, sizeof ku);
+  ku = ku - shifter_bits + off;
+  const U h = ku >> 1;
+  const U e1 = (h + bias) << mant, e2 = (ku - h + bias) << mant;  // 2^(h - off/2), 2^(ku - h - off/2)
+  E s1, s2;
+  std::memcpy(&s1, &e1, sizeof s1);
+  std::memcpy(&s2, &e2, sizeof s2);
+  return p * s1 * s2;
+}
+
+// The ratio of step i in the precision ratio_exp uses for data type D.
+template <int D, typename S>
+inline typename IO<D>::A ratio_at(const S* __restrict pi, const S* __restrict mu, int64_t i) {
+  using E = typename std::conditional<D == kFloat64, double, float>::type;
+  return static_cast<typename IO<D>::A>(
+      ratio_exp(static_cast<E>(IO<D>::load(pi, i)) - static_cast<E>(IO<D>::load(mu, i))));
+}
+
 // V-trace's clipped importance ratio min(rho, bar), with a NaN ratio kept NaN as torch.clamp keeps it (the form
 // rho < bar ? rho : bar would turn a NaN log-probability into the finite bar: a silent wrong advantage).
 template <typename A>
@@ -29,7 +96,7 @@ struct RlRow {
   using A = typename T::A;
   using S = typename T::S;
   using G = typename T::G;
-  const S *r, *v, *nv, *lp;
+  const S *r, *v, *nv, *lpi, *lmu;
   S *o1, *o2;
   const G *ge, *le;
   const uint8_t *dn, *tm;
@@ -49,7 +116,8 @@ struct RlRow {
     r = at(p->reward);
     v = at(p->value);
     nv = at(p->next_value);
-    lp = at(p->rho);
+    lpi = at(p->log_pi);
+    lmu = at(p->log_mu);
     o1 = static_cast<S*>(p->out1) + base;
     o2 = p->out2 ? static_cast<S*>(p->out2) + base : nullptr;
     ge = p->gamma_per_elem ? static_cast<const G*>(p->gamma) + base : nullptr;
@@ -216,19 +284,25 @@ struct RlRow {
     const S* __restrict rr = r;
     const S* __restrict vv = v;
     const S* __restrict nn = nv;
-    const S* __restrict pp = lp;
+    const S* __restrict pi = lpi;
+    const S* __restrict mu = lmu;
     const uint8_t* __restrict dd = dn;
     const uint8_t* __restrict mm = terminated_flags<FL>();
     S* __restrict out1 = o1;
     S* __restrict out2 = o2;
+    A* __restrict ratios = pb;
     const A g = gc, rb = rho_bar, cb = c_bar;
     A yy = A(0);
     A vnext = boot;     // value[t + 1] (boot after the last step), used when there is no next_value
     A vs_after = A(0);  // v_s[t + 1]; never read at the last step (it ends the episode)
-    for (int64_t t = n - 1; t >= 0; --t) {
+    for (int64_t t1 = n; t1 > 0; t1 -= kRlBlock) {
+      const int64_t t0 = t1 > kRlBlock ? t1 - kRlBlock : 0;
+      // the block's ratios e^(log_pi - log_mu) first, in a loop that vectorises (no temporary in memory)
+      for (int64_t j = 0; j < t1 - t0; ++j) ratios[j] = ratio_at<D>(pi, mu, t0 + j);
+      for (int64_t t = t1 - 1; t >= t0; --t) {
       const A rt = static_cast<A>(T::load(rr, t));
       const A vt = static_cast<A>(T::load(vv, t));
-      const A rho = static_cast<A>(T::load(pp, t));
+      const A rho = ratios[t - t0];
       const bool term = FL >= 2 && mm[t] != 0;
       const bool end = episode_end<FL>(t, n, term, dd);
       A nvt;
@@ -254,6 +328,7 @@ struct RlRow {
       vs_after = yy + vt;
       T::store(out1, t, vs_after);
       vnext = vt;
+      }
     }
   }
 
@@ -382,8 +457,9 @@ struct RlRow {
     }
     if (t1 == n) e_[m - 1] = 1;
     if constexpr (MODE == kRlVtrace) {
-      const S* __restrict pp = lp + t0;
-      for (int64_t j = 0; j < m; ++j) p_[j] = static_cast<A>(T::load(pp, j));
+      const S* __restrict pi = lpi + t0;
+      const S* __restrict mu = lmu + t0;
+      for (int64_t j = 0; j < m; ++j) p_[j] = ratio_at<D>(pi, mu, j);
     }
     for (int64_t j = 0; j < m; ++j) {
       const A rt = static_cast<A>(T::load(rr, j));
@@ -519,13 +595,15 @@ void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict r
   }
 }
 
-// One step t of rl_columns_fast for V-trace (the formulas of vtrace_row_t, selects as numbers): pp the ratios, va
+// One step t of rl_columns_fast for V-trace (the formulas of vtrace_row_t, selects as numbers): pi, mu the
+// log-probabilities (the ratios formed here, in the loop that vectorises), va
 // the value after the step (value's row t + 1; zeros at the last step, which ends the episode).
 template <int D, bool O2, bool EQ, typename GP, typename NP>
 void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __restrict rr,
                             const typename IO<D>::S* __restrict vv, const uint8_t* __restrict dd,
                             const uint8_t* __restrict mm, const GP* __restrict gg, const NP* __restrict nn,
-                            const typename IO<D>::S* __restrict pp, const typename IO<D>::S* __restrict va,
+                            const typename IO<D>::S* __restrict pi, const typename IO<D>::S* __restrict mu,
+                            const typename IO<D>::S* __restrict va,
                             typename IO<D>::A rb, typename IO<D>::A cb, typename IO<D>::A* __restrict y,
                             typename IO<D>::S* __restrict out1, typename IO<D>::S* __restrict out2) {
   using T = IO<D>;
@@ -534,7 +612,7 @@ void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __res
     const A g = static_cast<A>(gg[j]);
     const A rt = static_cast<A>(T::load(rr, j)), vt = static_cast<A>(T::load(vv, j));
     const A nvt = next_value_at<D>(nn, j);
-    const A rho = static_cast<A>(T::load(pp, j));
+    const A rho = ratio_at<D>(pi, mu, j);
     const A pc = clip_ratio(rho, rb);
     const A cc = EQ ? pc : clip_ratio(rho, cb);
     const A tf = static_cast<A>(mm[j]), ef = tf + static_cast<A>(dd[j]) + (last ? A(1) : A(0));
@@ -584,19 +662,20 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
     auto body = [&](const auto* gg, const auto* ll) {
       auto go = [&](const auto* nn) {
         if constexpr (MODE == kRlVtrace) {
-          const S* pp = at(p->rho, i);
+          const S* pi = at(p->log_pi, i);
+          const S* mu = at(p->log_mu, i);
           const S* va = last ? zs : at(p->value, i + inner);
           const A rb = static_cast<A>(p->rho_bar), cb = static_cast<A>(p->c_bar);
           if (out2) {
             if (rb == cb) {
-              rl_columns_vtrace_step<D, true, true>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+              rl_columns_vtrace_step<D, true, true>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
             } else {
-              rl_columns_vtrace_step<D, true, false>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+              rl_columns_vtrace_step<D, true, false>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
             }
           } else if (rb == cb) {
-            rl_columns_vtrace_step<D, false, true>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+            rl_columns_vtrace_step<D, false, true>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
           } else {
-            rl_columns_vtrace_step<D, false, false>(m, last, rr, vv, dd, mm, gg, nn, pp, va, rb, cb, y, out1, out2);
+            rl_columns_vtrace_step<D, false, false>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
           }
           (void)ll;
         } else if (out2) {

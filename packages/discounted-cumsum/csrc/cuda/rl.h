@@ -1,7 +1,7 @@
 // Host interface of the CUDA fused RL estimators (implemented in rl.cu). No torch headers.
 //
-// The same problem as the CPU kernel's RlProblem (csrc/cpu/problem.h), with two differences: V-trace takes log_pi
-// and log_mu and forms rho = exp(log_pi - log_mu) in the kernel (no temporary, one launch), and a rate that is one
+// The same problem as the CPU kernel's RlProblem (csrc/cpu/problem.h; both take log_pi and log_mu and form
+// rho = exp(log_pi - log_mu) in the kernel: no temporary, one launch), with one difference: a rate that is one
 // number for every row comes by value (gamma == nullptr: gamma_value) instead of as a host buffer.
 #pragma once
 #include <cstdint>

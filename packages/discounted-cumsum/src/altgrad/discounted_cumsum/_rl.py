@@ -16,7 +16,7 @@ A done step that is not terminated is *truncated*: nothing flows back across it,
 value. Every mask selects (``where``), so a NaN or inf from another episode never leaks through a cut.
 
 Two routes compute the same formulas: the fused kernels (used when no gradient is needed: C++ on the CPU, one pass,
-no temporaries but V-trace's importance ratios; CUDA, one launch, one thread per sequence, for sequences of at most
+no temporaries, V-trace's importance ratios formed in it; CUDA, one launch, one thread per sequence, for sequences of at most
 4096 steps or at least 16384 sequences) and a composition over the differentiable scan op (every device; gradients
 w.r.t. every floating input, the backward being the transposed scan).
 """
@@ -225,12 +225,11 @@ def _cuda_fusable(tensors: dict, g, lm, bootstrap, d: int) -> bool:
 def _fused_cuda(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
     """The CUDA kernel (csrc/cuda/rl.cu): one launch on the current stream, V-trace's ratios computed in it.
 
-    Same buffers as ``_fused`` (on the device), except that ``log_pi`` and ``log_mu`` go to the kernel as they are.
-    With contiguous inputs of the result dtype, bool flags and number or per-row rates, the launch is the only
+    Same buffers as ``_fused`` (on the device). With contiguous inputs of the result dtype, bool flags and number or per-row rates, the launch is the only
     kernel run; anything else adds the conversions and copies that make the buffers.
     """
     out1, out2, call = _kernel_call(
-        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, ratios=False
+        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second
     )
     if call is not None:
         args, _alive = call  # the buffers stay referenced until the launch is queued
@@ -279,13 +278,10 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).resolve_neg().contiguous()
 
 
-def _kernel_call(
-    mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, *, ratios
-):
+def _kernel_call(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
     """The outputs and the kernel's arguments (raw addresses of contiguous buffers, sizes, rates), shared by the CPU
-    and CUDA bindings: ``(out1, out2, (args, buffers))``, or ``(out1, out2, None)`` for an empty input. With
-    ``ratios`` V-trace's importance ratios ρ are formed here by torch's vectorised exp (the CPU kernel's only
-    temporary), else ``log_pi`` and ``log_mu`` are passed as they are."""
+    and CUDA bindings: ``(out1, out2, (args, buffers))``, or ``(out1, out2, None)`` for an empty input. V-trace's
+    ``log_pi`` and ``log_mu`` go to the kernels as they are: both form the importance ratios themselves."""
     r = tensors["reward"]
     shape, dev = r.shape, r.device
     outer, n, inner = _layout(shape, d)
@@ -294,8 +290,6 @@ def _kernel_call(
     if r.numel() == 0:
         return out1, out2, None
     buf = {k: _plain(t, dtype) for k, t in tensors.items()}
-    if mode == VTRACE and ratios:
-        buf["rho"] = torch.sub(buf.pop("log_pi"), buf.pop("log_mu")).exp_()
     cd = compute_dtype(dtype)
     gbuf, gval, gper = _rate_buffer(g, shape, d, cd)
     lbuf, lval, lper = _rate_buffer(lm, shape, d, cd)
@@ -307,13 +301,13 @@ def _kernel_call(
     if bootstrap is not None:
         boot = bootstrap.to(torch.float64).expand(shape[:d] + shape[d + 1 :]).contiguous()
     p = _native._ptr
-    pi_mu = [p(buf.get("rho"))] if ratios else [p(buf.get("log_pi")), p(buf.get("log_mu"))]
     args = [
         mode,
         p(buf["reward"]),
         p(buf.get("value")),
         p(buf.get("next_value")),
-        *pi_mu,
+        p(buf.get("log_pi")),
+        p(buf.get("log_mu")),
         p(out1),
         p(out2),
         _native.dtype_code(dtype),
@@ -338,7 +332,7 @@ def _kernel_call(
 def _fused(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
     """The C++ CPU kernel, on up to ``_threads(...)`` threads."""
     out1, out2, call = _kernel_call(
-        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second, ratios=True
+        mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second
     )
     if call is not None:
         args, _alive = call
