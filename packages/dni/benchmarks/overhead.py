@@ -1,4 +1,4 @@
-"""Where a single-process DNI step's time goes (issue 25, item 4): the wrapper against its floor and a hand-written step.
+"""Where a single-process DNI step's time goes (issue 25, item 4): the wrapper, its floor and a hand-written step.
 
 Three ways to run the same training step on the digits MLP of ``run.py`` (hidden blocks ``Linear → BatchNorm1d →
 ReLU``, an interface on each, a linear classifier trained by the loss):

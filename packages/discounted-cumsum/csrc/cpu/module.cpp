@@ -55,7 +55,8 @@ void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t ne
   const bool vtrace = mode == altgrad_dc::kRlVtrace;
   if (outer * n * inner > 0 &&
       (reward == 0 || out1 == 0 || (value == 0 && (mode != altgrad_dc::kRlTdLambda || next_value == 0 || out2 != 0)) ||
-       (vtrace && (log_pi == 0 || log_mu == 0)) || (gamma == 0 && gamma_per_elem) || (lam == 0 && lam_per_elem))) {
+       (vtrace && (log_pi == 0 || log_mu == 0)) || (gamma == 0 && gamma_per_elem) ||
+       (lam == 0 && lam_per_elem))) {
     throw std::invalid_argument("rl: null pointer");
   }
   const std::size_t rows = static_cast<std::size_t>(outer * inner);
@@ -102,8 +103,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gate"), py::arg("gate_value"), py::arg("gate_per_elem"), py::arg("done"), py::arg("init"),
         py::arg("reverse"), py::arg("num_threads"),
         "y[t] = x[t] + a[t] * y[t -/+ 1] along n of a contiguous [outer, n, inner] buffer (see problem.h).");
-  m.def("rl", &rl, py::arg("mode"), py::arg("reward"), py::arg("value"), py::arg("next_value"), py::arg("log_pi"), py::arg("log_mu"),
-        py::arg("out1"), py::arg("out2"), py::arg("dtype"), py::arg("outer"), py::arg("n"),
+  m.def("rl", &rl, py::arg("mode"), py::arg("reward"), py::arg("value"), py::arg("next_value"), py::arg("log_pi"),
+        py::arg("log_mu"), py::arg("out1"), py::arg("out2"), py::arg("dtype"), py::arg("outer"), py::arg("n"),
         py::arg("inner"), py::arg("gamma"), py::arg("gamma_value"), py::arg("gamma_per_elem"), py::arg("lam"),
         py::arg("lam_value"), py::arg("lam_per_elem"), py::arg("done"), py::arg("terminated"), py::arg("boot"),
         py::arg("rho_bar"), py::arg("c_bar"), py::arg("num_threads"),

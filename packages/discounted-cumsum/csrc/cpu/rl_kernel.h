@@ -300,34 +300,36 @@ struct RlRow {
       // the block's ratios e^(log_pi - log_mu) first, in a loop that vectorises (no temporary in memory)
       for (int64_t j = 0; j < t1 - t0; ++j) ratios[j] = ratio_at<D>(pi, mu, t0 + j);
       for (int64_t t = t1 - 1; t >= t0; --t) {
-      const A rt = static_cast<A>(T::load(rr, t));
-      const A vt = static_cast<A>(T::load(vv, t));
-      const A rho = ratios[t - t0];
-      const bool term = FL >= 2 && mm[t] != 0;
-      const bool end = episode_end<FL>(t, n, term, dd);
-      A nvt;
-      if constexpr (NV) {
-        nvt = static_cast<A>(T::load(nn, t));
-      } else {
-        nvt = vnext;
-      }
-      const A pc = clip_ratio(rho, rb);
-      const A cc = EQ ? pc : clip_ratio(rho, cb);  // one clip when the bars are equal (the default): 15% faster
-      // Inside an episode (the common case, laid out as the straight path): bootstrap from the next value and carry
-      // from the next step; at its end (terminated or not) x alone, and the advantage is x (same expression).
-      if (__builtin_expect(!end, 1)) {
-        const A x = pc * (rt + g * nvt - vt);
-        if constexpr (O2) T::store(out2, t, pc * (rt + g * vs_after - vt));
-        const A a = g * cc;
-        yy = __builtin_expect(a != A(0), 1) ? x + a * yy : x;  // a zero gate cuts: nothing crosses it, not even a NaN
-      } else {
-        const A x = pc * (rt + (term ? A(0) : g * nvt) - vt);
-        if constexpr (O2) T::store(out2, t, x);
-        yy = x;
-      }
-      vs_after = yy + vt;
-      T::store(out1, t, vs_after);
-      vnext = vt;
+        const A rt = static_cast<A>(T::load(rr, t));
+        const A vt = static_cast<A>(T::load(vv, t));
+        const A rho = ratios[t - t0];
+        const bool term = FL >= 2 && mm[t] != 0;
+        const bool end = episode_end<FL>(t, n, term, dd);
+        A nvt;
+        if constexpr (NV) {
+          nvt = static_cast<A>(T::load(nn, t));
+        } else {
+          nvt = vnext;
+        }
+        const A pc = clip_ratio(rho, rb);
+        const A cc = EQ ? pc : clip_ratio(rho, cb);  // one clip with equal bars (the default): 15% faster
+        // Inside an episode (the common case, laid out as the straight path): bootstrap from the next value and
+        // carry from the next step; at its end (terminated or not) x alone, and the advantage is x (same
+        // expression).
+        if (__builtin_expect(!end, 1)) {
+          const A x = pc * (rt + g * nvt - vt);
+          if constexpr (O2) T::store(out2, t, pc * (rt + g * vs_after - vt));
+          const A a = g * cc;
+          // a zero gate cuts: nothing crosses it, not even a NaN
+          yy = __builtin_expect(a != A(0), 1) ? x + a * yy : x;
+        } else {
+          const A x = pc * (rt + (term ? A(0) : g * nvt) - vt);
+          if constexpr (O2) T::store(out2, t, x);
+          yy = x;
+        }
+        vs_after = yy + vt;
+        T::store(out1, t, vs_after);
+        vnext = vt;
       }
     }
   }
@@ -596,8 +598,8 @@ void rl_columns_step(int64_t m, bool last, const typename IO<D>::S* __restrict r
 }
 
 // One step t of rl_columns_fast for V-trace (the formulas of vtrace_row_t, selects as numbers): pi, mu the
-// log-probabilities (the ratios formed here, in the loop that vectorises), va
-// the value after the step (value's row t + 1; zeros at the last step, which ends the episode).
+// log-probabilities (the ratios formed here, in the loop that vectorises), va the value after the step (value's
+// row t + 1; zeros at the last step, which ends the episode).
 template <int D, bool O2, bool EQ, typename GP, typename NP>
 void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __restrict rr,
                             const typename IO<D>::S* __restrict vv, const uint8_t* __restrict dd,
@@ -627,9 +629,9 @@ void rl_columns_vtrace_step(int64_t m, bool last, const typename IO<D>::S* __res
   }
 }
 
-// GAE, TD(lambda) and V-trace on columns (time-major [T, B] with dim=0, say): at each step, one branch-free loop over the m
-// adjacent columns of the block, which the compiler vectorises (the carries y live in a local array; the recurrence
-// runs along t). Each input is read once, where it lies; absent ones read local buffers of zeros or per-row
+// GAE, TD(lambda) and V-trace on columns (time-major [T, B] with dim=0, say): at each step, one branch-free loop
+// over the m adjacent columns of the block, which the compiler vectorises (the carries y live in a local array; the
+// recurrence runs along t). Each input is read once, where it lies; absent ones read local buffers of zeros or per-row
 // constants; without next values, the next value is the value's row t + 1 (the bootstrap after the last step).
 template <int D, int MODE>
 void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
@@ -650,6 +652,7 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
     zf[j] = 0;
   }
   auto at = [](const void* q, int64_t i) { return q ? static_cast<const S*>(q) + i : nullptr; };
+  const A rb = static_cast<A>(p->rho_bar), cb = static_cast<A>(p->c_bar);  // V-trace's bars
   for (int64_t t = n - 1; t >= 0; --t) {
     const int64_t i = (o * n + t) * inner + c0;
     const bool last = t == n - 1;
@@ -665,18 +668,14 @@ void rl_columns_fast(const RlProblem* p, int64_t o, int64_t c0, int64_t m) {
           const S* pi = at(p->log_pi, i);
           const S* mu = at(p->log_mu, i);
           const S* va = last ? zs : at(p->value, i + inner);
-          const A rb = static_cast<A>(p->rho_bar), cb = static_cast<A>(p->c_bar);
-          if (out2) {
-            if (rb == cb) {
-              rl_columns_vtrace_step<D, true, true>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
-            } else {
-              rl_columns_vtrace_step<D, true, false>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
-            }
-          } else if (rb == cb) {
-            rl_columns_vtrace_step<D, false, true>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
-          } else {
-            rl_columns_vtrace_step<D, false, false>(m, last, rr, vv, dd, mm, gg, nn, pi, mu, va, rb, cb, y, out1, out2);
-          }
+          auto step = [&](auto o2, auto eq) {  // o2, eq: std::integral_constant<bool, ...>
+            rl_columns_vtrace_step<D, decltype(o2)::value, decltype(eq)::value>(m, last, rr, vv, dd, mm, gg, nn, pi,
+                                                                                mu, va, rb, cb, y, out1, out2);
+          };
+          auto with_o2 = [&](auto o2) {
+            if (rb == cb) step(o2, std::true_type{}); else step(o2, std::false_type{});
+          };
+          if (out2) with_o2(std::true_type{}); else with_o2(std::false_type{});
           (void)ll;
         } else if (out2) {
           rl_columns_step<D, MODE, true>(m, last, rr, vv, dd, mm, gg, ll, nn, y, out1, out2);

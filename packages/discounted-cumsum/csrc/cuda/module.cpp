@@ -40,8 +40,8 @@ void scan(std::uintptr_t x, std::uintptr_t y, int dtype, int64_t outer, int64_t 
   if (!err.empty()) throw std::runtime_error("altgrad.discounted_cumsum CUDA kernel failed: " + err);
 }
 
-// The CPU binding's arguments (csrc/cpu/module.cpp), with log_pi and log_mu in place of rho (the kernel forms
-// rho = exp(log_pi - log_mu)) and the stream in place of the thread count. gamma / lam == 0: one value for every
+// The CPU binding's arguments (csrc/cpu/module.cpp; both kernels form rho = exp(log_pi - log_mu) themselves), with
+// the stream in place of the thread count. gamma / lam == 0: one value for every
 // sequence, given by value (gamma_value / lam_value).
 void rl(int mode, std::uintptr_t reward, std::uintptr_t value, std::uintptr_t next_value, std::uintptr_t log_pi,
         std::uintptr_t log_mu, std::uintptr_t out1, std::uintptr_t out2, int dtype, int64_t outer, int64_t n,

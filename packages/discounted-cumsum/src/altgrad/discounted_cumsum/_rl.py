@@ -16,9 +16,9 @@ A done step that is not terminated is *truncated*: nothing flows back across it,
 value. Every mask selects (``where``), so a NaN or inf from another episode never leaks through a cut.
 
 Two routes compute the same formulas: the fused kernels (used when no gradient is needed: C++ on the CPU, one pass,
-no temporaries, V-trace's importance ratios formed in it; CUDA, one launch, one thread per sequence, for sequences of at most
-4096 steps or at least 16384 sequences) and a composition over the differentiable scan op (every device; gradients
-w.r.t. every floating input, the backward being the transposed scan).
+no temporaries, V-trace's importance ratios formed in it; CUDA, one launch, one thread per sequence, for sequences
+of at most 4096 steps or at least 16384 sequences) and a composition over the differentiable scan op (every device;
+gradients w.r.t. every floating input, the backward being the transposed scan).
 """
 
 from __future__ import annotations
@@ -225,8 +225,9 @@ def _cuda_fusable(tensors: dict, g, lm, bootstrap, d: int) -> bool:
 def _fused_cuda(mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second):
     """The CUDA kernel (csrc/cuda/rl.cu): one launch on the current stream, V-trace's ratios computed in it.
 
-    Same buffers as ``_fused`` (on the device). With contiguous inputs of the result dtype, bool flags and number or per-row rates, the launch is the only
-    kernel run; anything else adds the conversions and copies that make the buffers.
+    Same buffers as ``_fused`` (on the device). With contiguous inputs of the result dtype, bool flags and number or
+    per-row rates, the launch is the only kernel run; anything else adds the conversions and copies that make the
+    buffers.
     """
     out1, out2, call = _kernel_call(
         mode, tensors, dtype, g, lm, done, terminated, bootstrap, d, rho_bar, c_bar, second
