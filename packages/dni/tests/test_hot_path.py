@@ -6,11 +6,14 @@ of a ``zero_grad`` of every module optimizer on every step; the synthesizer loss
 wrapper's Adam is torch's fused kernel (one kernel per module step instead of a dozen foreach calls).
 """
 
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import DNI
+from altgrad.dni import DNI, wrapper
 
 
 def make() -> DNI:
@@ -24,24 +27,24 @@ def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def count_zero_grads(dni: DNI) -> list[int]:
+def count_zero_grads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the wrapper's clearing of a module optimizer's gradients (``zero_grad(set_to_none=True)``)."""
     calls = [0]
-    for opt in dni.optimizers.values():
-        original = opt.zero_grad
+    original = wrapper._clear_grads
 
-        def counted(*args, _original=original, **kwargs):
-            calls[0] += 1
-            return _original(*args, **kwargs)
+    def counted(opt: torch.optim.Optimizer) -> None:
+        calls[0] += 1
+        original(opt)
 
-        opt.zero_grad = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(wrapper, "_clear_grads", counted)
     return calls
 
 
-def test_a_training_step_does_not_zero_every_module_optimizer():
+def test_a_training_step_does_not_zero_every_module_optimizer(monkeypatch):
     dni = make()
     x, y = data()
     F.cross_entropy(dni(x), y).backward()
-    calls = count_zero_grads(dni)
+    calls = count_zero_grads(monkeypatch)
     for _ in range(3):
         F.cross_entropy(dni(x), y).backward()
     # The wrapper zeroes a module optimizer only after stepping it (one per wrapped module and step: 2 x 3);
@@ -49,7 +52,7 @@ def test_a_training_step_does_not_zero_every_module_optimizer():
     assert calls[0] == 2 * 3
 
 
-def test_eval_mode_gradients_are_still_dropped_at_the_next_training_step():
+def test_eval_mode_gradients_are_still_dropped_at_the_next_training_step(monkeypatch):
     dni = make()
     x, y = data()
     F.cross_entropy(dni(x), y).backward()
@@ -57,7 +60,7 @@ def test_eval_mode_gradients_are_still_dropped_at_the_next_training_step():
     F.cross_entropy(dni(x), y).backward()  # leaves .grad on the wrapped layers (plain autograd)
     assert dni.network[0].weight.grad is not None
     dni.train()
-    calls = count_zero_grads(dni)
+    calls = count_zero_grads(monkeypatch)
     dni(x)  # the forward drops them before the layers are stepped from their synthetic gradients
     assert calls[0] == 2 + 2  # the flag fired: both module optimizers dropped them, then each stepped once
     assert dni.network[0].weight.grad is None
@@ -97,3 +100,55 @@ def test_last_loss_is_the_regression_loss_of_the_last_target():
     assert loss.dtype == torch.float32
     # float32 sum of 16 x 8 squares vs float64: relative error <= 128 ulp(1) ~ 1.5e-5
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-12)
+
+
+def test_deferred_synthesizer_backward_gives_the_immediate_one():
+    """With ``grad_optim`` the wrapper collects the synthesizers' loss gradients and back-propagates them in one
+    pass before its synthesizer step; with ``grad_optim=None`` each is back-propagated as its target arrives (the
+    user steps). Same gradients, so the same training: 3 steps with SGD on both sides."""
+    x, y = data()
+    runs = []
+    for grad_optim in ("sgd", None):
+        dni = make_with(grad_optim)
+        user = None if grad_optim else torch.optim.SGD(dni.synthesizer_parameters(), lr=1e-2)
+        for step in range(3):
+            F.cross_entropy(dni(x[step:]), y[step:]).backward()
+            if user is not None:
+                user.step()
+                user.zero_grad(set_to_none=True)
+        dni.step_synthesizers()
+        runs.append([p.detach().clone() for p in dni.parameters()])
+    # The same float32 ops; one backward pass with three roots accumulates each synthesizer's gradient from its
+    # own root only, so the sums are the same: equal up to a reordering of float32 accumulation (none here).
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def make_with(grad_optim: str | None) -> DNI:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    dni = DNI(net, hidden_size=4, grad_optim=grad_optim, grad_lr=1e-2, lr=1e-2, optim="sgd")
+    with torch.no_grad():  # non-zero synthesizers: the zero-initialised last layers would hide a wrong target
+        for p in dni.synthesizer_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    return dni
+
+
+def test_a_copy_between_backward_and_the_next_forward_changes_nothing_and_trains_on_its_own():
+    """The wrapper holds graph-connected (prediction, gradient) pairs between the backward pass and its next
+    synthesizer step; ``copy.deepcopy`` cannot copy those, so copying back-propagates them first: the original
+    trains exactly as if it had not been copied, and the copy trains."""
+    x, y = data()
+    runs = []
+    for copy_it in (True, False):
+        dni = make_with("adam")
+        F.cross_entropy(dni(x), y).backward()
+        if copy_it:
+            twin = copy.deepcopy(dni)
+            F.cross_entropy(twin(x), y).backward()
+            twin(x)
+        F.cross_entropy(dni(x), y).backward()
+        dni.step_synthesizers()
+        runs.append([p.detach().clone() for p in dni.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)  # exact: the same ops from the same state

@@ -48,6 +48,24 @@ def next_serial() -> int:
     return next(_SERIAL)
 
 
+class PlainState(nn.Module):
+    """A module whose per-step bookkeeping attributes (``_STATE``) bypass ``nn.Module.__setattr__``.
+
+    ``nn.Module.__setattr__`` checks every assignment against the module's parameters, submodules and buffers
+    (about 6 µs on CPU). The interfaces and the wrapper set a few plain counters and flags dozens of times per
+    training step; those never hold a parameter, module or buffer, so they go straight to the instance
+    ``__dict__``, which is where ``nn.Module.__setattr__`` would put them too.
+    """
+
+    _STATE: frozenset[str] = frozenset()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
 def check_mode(mode: str) -> str:
     """Return ``mode`` if it is one of :data:`MODES`; raise ``ValueError`` naming it otherwise."""
     if mode not in MODES:
@@ -126,7 +144,13 @@ class _Prediction:
             iface._last_arrived = max(iface._last_arrived, self.serial)
             target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=fd)
             if pred.requires_grad:
-                torch.autograd.backward(pred, sg_loss_grad(pred, target, self.batch_size))
+                grad = sg_loss_grad(pred, target, self.batch_size)
+                if (
+                    iface._deferred is not None
+                ):  # the owner back-propagates it with the others, before its step
+                    iface._deferred.append((pred, grad))
+                else:
+                    torch.autograd.backward(pred, grad)
             iface._observe(pred, target, self.batch_size)
             iface._target_arrived()
         if not self.connected:
@@ -151,7 +175,11 @@ class _Boundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, record: _Prediction, anchor: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.record = record
-        return tuple(t.view_as(t) for t in tensors)
+        # detach, not view_as: an output that is a view made inside a custom Function may not be modified in
+        # place, and models do that right after the interface (ReLU(inplace=True)). The alias shares the
+        # version counter, so a block below that saved the activation still detects the change, as in plain
+        # autograd.
+        return tuple(t.detach() for t in tensors)
 
     @staticmethod
     @once_differentiable
@@ -195,7 +223,7 @@ def _check_lam(lam: Any) -> float:
         ) from None
 
 
-class BackwardInterface(nn.Module):
+class BackwardInterface(PlainState):
     """A decoupled neural interface (backward direction) on one activation.
 
     Feed-forward use: ``h = iface(h)`` right after the block that produces ``h``. In ``"dni"`` mode with
@@ -256,6 +284,20 @@ class BackwardInterface(nn.Module):
         last_prediction: The last synthetic gradient whose target arrived (``diagnostics=True``), or ``None``.
     """
 
+    _STATE = frozenset(
+        {
+            "_due",
+            "_pending",
+            "_hidden",
+            "_last_arrived",
+            "_loss",
+            "_loss_args",
+            "last_cosine",
+            "last_target",
+            "last_prediction",
+        }
+    )
+
     def __init__(
         self,
         synthesizer: nn.Module,
@@ -306,9 +348,18 @@ class BackwardInterface(nn.Module):
         self._last_arrived = -1  # serial of the newest prediction whose target arrived
         self._due = False
         self.abandoned = 0
+        # Set by an owner that steps the synthesizer itself (the DNI wrapper): the synthesizer's loss gradients
+        # are collected here, as (prediction, gradient) pairs, and back-propagated in one backward pass before
+        # the owner's next step (:meth:`flush_deferred`), instead of one nested backward pass per target.
+        self._deferred: list[tuple[Tensor, Tensor]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """State for ``copy.deepcopy`` / pickling: predictions waiting in the original's graph stay there."""
+        """State for ``copy.deepcopy`` / pickling: predictions waiting in the original's graph stay there.
+
+        Deferred synthesizer gradients (see ``_deferred``) are back-propagated first, so that the copy's
+        synthesizer holds the same ``.grad`` as the original's (the list, emptied, stays shared with the owner).
+        """
+        flush_deferred(self._deferred)
         state = self.__dict__.copy()
         state["_pending"] = 0
         state["_records"] = {}
@@ -535,6 +586,10 @@ class BackwardInterface(nn.Module):
         if self._pending == 0:
             self.step()
         x = self._synth_input(tensors, context)
+        if len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
+            # x is the activation itself, which the synthesizer keeps for its backward; the interface's output
+            # is an alias of it that the layers above may modify in place (ReLU(inplace=True)): read a copy.
+            x = x.clone()
         pred, hidden = self._call(x, self._hidden, tensors)
         self._hidden = _detach(hidden)
         return pred
@@ -580,6 +635,14 @@ class BackwardInterface(nn.Module):
         self._due = True
         if self._pending == 0:
             self.step()
+
+
+def flush_deferred(deferred: list[tuple[Tensor, Tensor]] | None) -> None:
+    """Back-propagate the collected ``(prediction, gradient)`` pairs in one backward pass and empty the list."""
+    if deferred:
+        preds, grads = zip(*deferred, strict=True)
+        deferred.clear()
+        torch.autograd.backward(preds, grads)
 
 
 def abandon_warning(count: int) -> None:
