@@ -40,6 +40,8 @@ def mix_gradient(true_grad: Tensor | None, synthetic: Tensor, lam: float, scale:
     ``lam == 1`` returns ``true_grad`` itself (bit-identical to backprop); ``lam == 0`` never reads it;
     ``lam == -1`` returns ``g + scale·ŝ`` (pytorch-dni HEAD's "DNI + BP").
     """
+    if lam == 0.0:  # pure DNI, the common case, first
+        return synthetic if scale == 1.0 else synthetic * scale
     if lam == -1.0:
         sg = synthetic if scale == 1.0 else synthetic * scale
         return sg if true_grad is None else true_grad + sg
@@ -48,8 +50,8 @@ def mix_gradient(true_grad: Tensor | None, synthetic: Tensor, lam: float, scale:
             return torch.zeros_like(synthetic)
         return true_grad
     sg = synthetic if scale == 1.0 else synthetic * scale
-    if lam == 0.0 or true_grad is None:
-        return sg if lam == 0.0 else sg * (1.0 - lam)
+    if true_grad is None:
+        return sg * (1.0 - lam)
     return true_grad * lam + sg * (1.0 - lam)
 
 
@@ -70,6 +72,8 @@ def broadcast_context(context: Tensor, like: Tensor, batch_dim: int, feature_dim
     nd = like.dim()
     bdim, fdim = batch_dim % nd, feature_dim % nd
     ctx = context.to(dtype=like.dtype, device=like.device)
+    if nd == 2 and bdim < fdim:  # (B, F): the context is (B, C) already
+        return ctx
     if bdim > fdim:
         ctx = ctx.t()
     view = [1] * nd

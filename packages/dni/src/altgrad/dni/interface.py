@@ -138,11 +138,11 @@ class _Prediction:
             )
         self.consumed = True
         pred, self.pred = self.pred, None
-        fd = iface.feature_dim
         if not self.abandoned:
             iface._records.pop(self.serial, None)
-            iface._last_arrived = max(iface._last_arrived, self.serial)
-            target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=fd)
+            if self.serial > iface._last_arrived:
+                iface._last_arrived = self.serial
+            target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=iface.feature_dim)
             if pred.requires_grad:
                 grad = sg_loss_grad(pred, target, self.batch_size)
                 if (
@@ -156,7 +156,7 @@ class _Prediction:
         if not self.connected:
             return (None,) * len(grads)
         sg = pred.detach()
-        parts = sg.split(self.sizes, dim=fd) if len(grads) > 1 else (sg,)
+        parts = sg.split(self.sizes, dim=iface.feature_dim) if len(grads) > 1 else (sg,)
         return tuple(
             mix_gradient(g, s, self.lam, iface.scale).to(g.dtype) for g, s in zip(grads, parts, strict=True)
         )
@@ -403,13 +403,18 @@ class BackwardInterface(PlainState):
             A tensor equal to ``h``. In eval mode, in ``"backprop"`` mode, or when ``h`` does not require
             grad, ``h`` itself.
         """
+        return self._forward(h, context)
+
+    def _forward(self, h: Tensor, context: Tensor | None) -> Tensor:
+        """:meth:`forward` itself, for callers that already run eagerly (the wrapper's hook calls it directly)."""
         if not isinstance(h, Tensor):
             raise TypeError(f"h must be a Tensor, got {type(h).__name__}")
         if not self.training or self._mode == "backprop" or not h.requires_grad:
             return h
         pred = self._predict((h,), context)
-        if self.unlocked:
-            torch.autograd.backward(h, mix_gradient(None, pred.detach(), 0.0, self.scale).to(h.dtype))
+        if self._mode == "dni" and self.lam == 0.0 and self.inject_mode == "immediate":  # self.unlocked
+            sg = mix_gradient(None, pred.detach(), 0.0, self.scale)
+            torch.autograd.backward(h, sg if sg.dtype == h.dtype else sg.to(h.dtype))
             return self._boundary(pred, (h.detach(),), connected=False)[0]
         return self._boundary(pred, (h,), connected=True)[0]
 
@@ -525,15 +530,15 @@ class BackwardInterface(PlainState):
         return type(state)(out)
 
     def _context(self, context: Tensor | None, like: Tensor) -> Tensor | None:
-        if self.context_size == 0:
+        if not self.context_size:
             if context is not None:
                 raise ValueError("context was given but the interface was built with context_size=0")
             return None
-        if context is None:
-            raise ValueError(
-                f"this interface is conditional (context_size={self.context_size}); pass context="
-            )
         if not isinstance(context, Tensor):
+            if context is None:
+                raise ValueError(
+                    f"this interface is conditional (context_size={self.context_size}); pass context="
+                )
             raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
         batch = like.shape[self.batch_dim]
         if not context.is_floating_point():
@@ -544,30 +549,34 @@ class BackwardInterface(PlainState):
                     f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
                 )
             context = F.one_hot(context.long(), self.context_size)
-        if context.dim() != 2 or context.shape != (batch, self.context_size):
+        if context.shape != (batch, self.context_size):
             raise ValueError(
                 f"context must have shape (B, context_size) = ({batch}, {self.context_size}), got {tuple(context.shape)}"
             )
         return broadcast_context(context.detach(), like, self.batch_dim, self.feature_dim)
 
     def _synth_input(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
-        fd = self.feature_dim
+        ctx = self._context(context, tensors[0])
+        if ctx is None and len(tensors) == 1:
+            return tensors[0].detach()
         parts = [t.detach() for t in tensors]
-        ctx = self._context(context, parts[0])
         if ctx is not None:
             parts.append(ctx)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
+        return torch.cat(parts, dim=self.feature_dim)
 
     def _call(self, x: Tensor, hidden: Any, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
-        wanted = getattr(self.synthesizer, "input_size", None)
+        synthesizer = self._modules["synthesizer"]  # not through nn.Module.__getattr__: this runs every step
+        wanted = getattr(synthesizer, "input_size", None)
         if isinstance(wanted, int) and x.shape[self.feature_dim] != wanted:
             raise ValueError(
                 f"synthesizer {type(self.synthesizer).__name__} reads {wanted} features along dim {self.feature_dim} "
                 f"but the activation (plus context) of shape {tuple(x.shape)} has {x.shape[self.feature_dim]}: it "
                 "cannot produce this activation's gradient (for a (B, C, H, W) feature map use Conv2dDNI)"
             )
-        out = self.synthesizer(x, hidden)
+        out = synthesizer(x, hidden)
         pred, hidden = out if isinstance(out, tuple) else (out, None)
+        if len(tensors) == 1 and isinstance(pred, Tensor) and pred.shape == tensors[0].shape:
+            return pred, hidden
         fd = self.feature_dim % tensors[0].dim()
         expected = list(tensors[0].shape)
         expected[fd] = sum(t.shape[fd] for t in tensors)
@@ -581,9 +590,9 @@ class BackwardInterface(PlainState):
         return pred, hidden
 
     def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
-        if self._pending > 0:
+        if self._pending:
             abandon_warning(self._abandon_stale())
-        if self._pending == 0:
+        if self._due and not self._pending:
             self.step()
         x = self._synth_input(tensors, context)
         if len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
@@ -591,7 +600,8 @@ class BackwardInterface(PlainState):
             # is an alias of it that the layers above may modify in place (ReLU(inplace=True)): read a copy.
             x = x.clone()
         pred, hidden = self._call(x, self._hidden, tensors)
-        self._hidden = _detach(hidden)
+        if hidden is not None or self._hidden is not None:
+            self._hidden = _detach(hidden)
         return pred
 
     def _boundary(
@@ -599,17 +609,14 @@ class BackwardInterface(PlainState):
     ) -> tuple[Tensor, ...]:
         if lam is None:
             lam = 1.0 if self._mode == "observe" else self.lam
-        record = _Prediction(
-            self,
-            pred,
-            [t.shape[self.feature_dim] for t in tensors],
-            int(tensors[0].shape[self.batch_dim]),
-            connected,
-            lam,
-        )
+        fd = self.feature_dim
+        sizes = [tensors[0].shape[fd]] if len(tensors) == 1 else [t.shape[fd] for t in tensors]
+        record = _Prediction(self, pred, sizes, int(tensors[0].shape[self.batch_dim]), connected, lam)
         # The anchor is a fresh leaf that makes the boundary's output require grad even when ``tensors`` are
         # detached; the prediction's own graph is back-propagated by the record, never by the outer pass.
-        anchor = pred.detach().requires_grad_(pred.requires_grad or not any(t.requires_grad for t in tensors))
+        anchor = pred.detach().requires_grad_(
+            not connected or pred.requires_grad
+        )  # connected: some input does
         return _Boundary.apply(record, anchor, *tensors)
 
     @property
@@ -632,9 +639,10 @@ class BackwardInterface(PlainState):
 
     def _target_arrived(self) -> None:
         self._pending -= 1
-        self._due = True
-        if self._pending == 0:
-            self.step()
+        if self.optimizer is not None:  # without one, nothing is ever due
+            self._due = True
+            if not self._pending:
+                self.step()
 
 
 def flush_deferred(deferred: list[tuple[Tensor, Tensor]] | None) -> None:

@@ -314,6 +314,9 @@ class DNI(PlainState):
         self._active_mode = mode
         self._building = False
         self._features: dict[str, int] = {}
+        # The interfaces by wrapped module name, with their activation sizes: the per-step look-up, a plain dict
+        # (``self.interfaces`` goes through nn.Module.__getattr__ and this class's own __getattr__).
+        self._by_name: dict[str, tuple[BackwardInterface, int]] = {}
         self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
         self._synth_optimizer: torch.optim.Optimizer | None = None
@@ -505,6 +508,7 @@ class DNI(PlainState):
             iface._deferred = self._deferred
         self._features[_key(name)] = features
         self.interfaces[_key(name)] = iface
+        self._by_name[name] = (iface, features)
         return iface
 
     def _dry_run(self, sample_input: Any) -> None:
@@ -521,13 +525,63 @@ class DNI(PlainState):
 
     # ------------------------------------------------------------------ the hook
     # torch.compile: the hook and forward run eagerly (a graph break), because they step optimizers, call
-    # autograd.backward and keep Python state across the forward and backward passes.
-    @torch.compiler.disable
+    # autograd.backward and keep Python state across the forward and backward passes. The hook checks for
+    # tracing itself rather than through torch.compiler.disable's wrapper, which costs more than the check on
+    # every call of every wrapped module.
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
-        if not (self.training or self._building) or (self._active_mode == "backprop" and not self._building):
+        if torch.compiler.is_compiling():
+            return self._hook_eager(name, module, args, output)
+        return self._run_hook(name, module, output)
+
+    @torch.compiler.disable
+    def _hook_eager(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
+        return self._run_hook(name, module, output)
+
+    def _run_hook(self, name: str, module: nn.Module, output: Any) -> Any:
+        building = self._building
+        if not (self.training or building) or (self._active_mode == "backprop" and not building):
             return None
         rest: Any = None
         path: list[int] | None = None
+        if isinstance(output, Tensor) and self.format_fn is None:
+            h = output
+        else:
+            h, rest, path = self._select_output(name, module, output)
+        if not h.is_floating_point():
+            return None
+        iface = self._interface_for(name, module, h)
+        if building or not h.requires_grad:
+            return None
+        if iface._mode != self._active_mode:
+            iface.mode = self._active_mode
+        # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
+        # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
+        self._batching = True
+        try:
+            if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
+                out = self._complete_unlock(name, module, iface, h)
+            else:
+                out = iface._forward(h, self._current_context())  # eager already: no torch.compile guard
+        finally:
+            self._batching = False
+            ready = self._ready
+            if ready:
+                self._ready = {}
+                for opt in ready.values():
+                    opt.step()
+                    _clear_grads(opt)
+        if path:
+            return _replace(output, path, out, iface.unlocked)
+        if rest is None:
+            return out
+        if iface.unlocked:
+            rest = _detach_all(rest)  # the module is cut off: only the synthetic gradient trains it
+        return type(output)((out, *rest))
+
+    def _select_output(
+        self, name: str, module: nn.Module, output: Any
+    ) -> tuple[Tensor, Any, list[int] | None]:
+        """``(h, rest, path)``: the tensor of ``output`` that gets the interface (``format_fn`` or the first)."""
         if self.format_fn is not None:
             h = self.format_fn(output)
             path = _find(output, h) if isinstance(h, Tensor) else None
@@ -537,45 +591,15 @@ class DNI(PlainState):
                     f"{name or type(module).__name__!r} (for example lambda out: out[0]), got "
                     f"{'a new tensor' if isinstance(h, Tensor) else type(h).__name__}: its gradient could not be routed"
                 )
-            if not path:
-                h = output
-        elif isinstance(output, Tensor):
-            h, rest = output, None
-        elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            h, rest = output[0], output[1:]
-        else:
-            raise TypeError(
-                f"DNI-wrapped module {name or type(module).__name__!r} returned {type(output).__name__}; expected a "
-                "Tensor or a tuple whose first element is a Tensor"
-            )
-        if not h.is_floating_point():
-            return None
-        iface = self._interface_for(name, module, h)
-        if self._building or not h.requires_grad:
-            return None
-        if iface.mode != self._active_mode:
-            iface.mode = self._active_mode
-        # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
-        # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
-        self._batching = True
-        try:
-            if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
-                out = self._complete_unlock(name, module, iface, h)
-            else:
-                out = iface(h, context=self._current_context())
-        finally:
-            self._batching = False
-            ready, self._ready = self._ready, {}
-            for opt in ready.values():
-                opt.step()
-                _clear_grads(opt)
-        if path:
-            return _replace(output, path, out, iface.unlocked)
-        if rest is None:
-            return out
-        if iface.unlocked:
-            rest = _detach_all(rest)  # the module is cut off: only the synthetic gradient trains it
-        return type(output)((out, *rest))
+            return (h if path else output), None, path
+        if isinstance(output, Tensor):
+            return output, None, None
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0], output[1:], None
+        raise TypeError(
+            f"DNI-wrapped module {name or type(module).__name__!r} returned {type(output).__name__}; expected a "
+            "Tensor or a tuple whose first element is a Tensor"
+        )
 
     def _complete_unlock(self, name: str, module: nn.Module, iface: BackwardInterface, h: Tensor) -> Tensor:
         """Synthetic gradient into ``module`` now; the layers above get the synthetic input, tapped for ``M``."""
@@ -603,9 +627,10 @@ class DNI(PlainState):
                 f"module {name or 'net'!r} produced an activation of shape {tuple(h.shape)}, which has no feature "
                 f"dimension {fd} for {self.dni_network.__name__}"
             )
-        key = _key(name)
-        iface = self._iface(key) if key in self.interfaces else self._build(name, h.shape[fd], module)
-        expected = self._features[key]
+        entry = self._by_name.get(name)
+        iface, expected = (
+            entry if entry is not None else (self._build(name, h.shape[fd], module), h.shape[fd])
+        )
         if h.shape[fd] != expected:
             hint = " (use Conv2dDNI for (B, C, H, W) feature maps)" if h.dim() == 4 and fd == -1 else ""
             raise ValueError(
@@ -624,11 +649,11 @@ class DNI(PlainState):
         Only in training mode: in ``eval()`` mode gradients accumulate in ``.grad`` as in plain autograd
         (saliency maps, adversarial examples and gradient checks must not train the model).
         """
+        if self._batching:  # inside a training forward's interface call (see _hook)
+            self._ready[id(optimizer)] = optimizer
+            return
         if not self.training:
             self._eval_grads = True  # dropped at the next training forward
-            return
-        if self._batching:
-            self._ready[id(optimizer)] = optimizer
             return
         optimizer.step()
         param.grad = None
@@ -656,16 +681,25 @@ class DNI(PlainState):
         Yields:
             Nothing; the context applies to this wrapper in the current thread.
         """
-        values = _CONTEXT.__dict__.setdefault("values", {})
-        previous = values.get(id(self))
-        values[id(self)] = self._one_hot(context)
+        previous = self._push_context(context)
         try:
             yield
         finally:
-            if previous is None:
-                values.pop(id(self), None)
-            else:
-                values[id(self)] = previous
+            self._pop_context(previous)
+
+    def _push_context(self, context: Tensor | None) -> Tensor | None:
+        """Make ``context`` this wrapper's context in this thread; returns the one it replaces."""
+        values = _CONTEXT.__dict__.setdefault("values", {})
+        previous = values.get(id(self))
+        values[id(self)] = self._one_hot(context)
+        return previous
+
+    def _pop_context(self, previous: Tensor | None) -> None:
+        values = _CONTEXT.__dict__["values"]
+        if previous is None:
+            values.pop(id(self), None)
+        else:
+            values[id(self)] = previous
 
     def _one_hot(self, context: Tensor | None) -> Tensor | None:
         """Encode integer labels once per forward (interfaces would otherwise each do it)."""
@@ -724,22 +758,25 @@ class DNI(PlainState):
             if self.synthetic_inputs:
                 self._trigger = args[0].detach().reshape(args[0].shape[0], -1)
         since = next_serial()
+        network = self._modules["network"]
+        previous, pushed = None, False
         try:
-            if context is None:
-                return self.network(*args, **kwargs)
-            with self.context(context):
-                return self.network(*args, **kwargs)
+            if context is not None:
+                previous, pushed = self._push_context(context), True
+            return network(*args, **kwargs)
         except BaseException:
             # A failed forward (an exception, Ctrl-C) returns no output, so no backward pass can reach its
             # predictions; its traceback may keep their graph alive. Stop waiting for them now, and do not count
             # the step (warm-up). Modules it already stepped with their synthetic gradient keep that step.
-            for key in self.interfaces:
-                self._iface(key).abandon_pending(since)
+            for iface, _ in self._by_name.values():
+                iface.abandon_pending(since)
             if self.training:
                 self.num_steps -= 1
             raise
         finally:
             self._trigger = None
+            if pushed:
+                self._pop_context(previous)
 
     def synthesizer_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of all synthesizers (separate from the model's).
@@ -802,10 +839,12 @@ class DNI(PlainState):
         ``RuntimeWarning`` and counted in :meth:`diagnostics`, and no longer holds the update back. (A forward
         that raises abandons its own predictions at once.)
         """
-        abandon_warning(sum(self._iface(k)._abandon_stale() for k in self.interfaces))
+        ifaces = [iface for iface, _ in self._by_name.values()]
+        if any(iface._records for iface in ifaces):  # some prediction is pending: any stale among them?
+            abandon_warning(sum(iface._abandon_stale() for iface in ifaces))
         flush_deferred(self._deferred)
         opt = self._synth_optimizer
-        if opt is None or any(self._iface(k)._pending > 0 for k in self.interfaces):
+        if opt is None or any(iface._pending for iface in ifaces):
             return
         if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
             opt.step()
