@@ -251,3 +251,32 @@ def test_bad_input_is_rejected_with_clear_errors():
         iface(torch.randn(2, 3, 5, 5, requires_grad=True))  # a feature map: shape mismatch
     with pytest.raises(TypeError, match="state"):
         iface.trigger("state")
+
+
+@pytest.mark.parametrize("inject", ["immediate", "deferred"])
+def test_a_second_backward_pass_through_an_interface_is_refused(inject):
+    """A target arrives once per prediction. A second backward pass through the same graph (retain_graph=True)
+    would be a second target for a prediction already trained on: refused with an error that says why, on the
+    unlocked cut (a leaf's hook) as on the connected boundary (an autograd Function)."""
+    torch.manual_seed(0)
+    block, upper = nn.Linear(5, 4), nn.Linear(4, 2)
+    iface = BackwardInterface(_randomise(LinearDNI(4, 8, 4)), inject=inject)
+    out = upper(iface(block(torch.randn(3, 5))))
+    out.sum().backward(retain_graph=True)
+    assert iface.last_loss is not None
+    with pytest.raises(RuntimeError, match="two separate backward passes"):
+        out.sum().backward()
+
+
+def test_the_unlocked_output_is_a_copy_the_layers_above_may_modify_in_place():
+    torch.manual_seed(0)
+    block, upper = nn.Linear(5, 4), nn.Linear(4, 2)
+    iface = BackwardInterface(_randomise(LinearDNI(4, 8, 4)), diagnostics=True)
+    h = block(torch.randn(3, 5))
+    out = iface(h)
+    assert torch.equal(out, h)  # exact: a copy
+    assert out.data_ptr() != h.data_ptr()
+    torch.relu_(out)
+    upper(out).sum().backward()
+    expected = (upper.weight.sum(0) * (h.detach() > 0)).expand(3, 4)  # d/d(out) of sum(upper(relu(h)))
+    torch.testing.assert_close(iface.last_target, expected, rtol=0, atol=0)  # exact: products with 0 and 1

@@ -161,6 +161,11 @@ class _Prediction:
             mix_gradient(g, s, self.lam, iface.scale).to(g.dtype) for g, s in zip(grads, parts, strict=True)
         )
 
+    def arrive(self, leaf: Tensor) -> None:
+        """Post-accumulate-grad hook of an unlocked cut's leaf (:meth:`BackwardInterface._cut`)."""
+        grad, leaf.grad = leaf.grad, None
+        self.backward((grad,))
+
     def __del__(self) -> None:
         # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
         if not getattr(self, "consumed", True) and not getattr(self, "abandoned", True):
@@ -411,11 +416,12 @@ class BackwardInterface(PlainState):
             raise TypeError(f"h must be a Tensor, got {type(h).__name__}")
         if not self.training or self._mode == "backprop" or not h.requires_grad:
             return h
-        pred = self._predict((h,), context)
         if self._mode == "dni" and self.lam == 0.0 and self.inject_mode == "immediate":  # self.unlocked
+            pred = self._predict((h,), context)
             sg = mix_gradient(None, pred.detach(), 0.0, self.scale)
             torch.autograd.backward(h, sg if sg.dtype == h.dtype else sg.to(h.dtype))
-            return self._boundary(pred, (h.detach(),), connected=False)[0]
+            return self._cut(pred, h)
+        pred = self._predict((h,), context, aliased=True)
         return self._boundary(pred, (h,), connected=True)[0]
 
     @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
@@ -437,7 +443,7 @@ class BackwardInterface(PlainState):
         tensors = self._as_tensors("state", state)
         if not self.training or self._mode == "backprop":
             return state
-        pred = self._predict(tensors, context)
+        pred = self._predict(tensors, context, aliased=True)
         lam = 1.0 if self._mode == "observe" else self.lam
         out = self._boundary(pred, tensors, connected=any(t.requires_grad for t in tensors), lam=lam)
         return self._restructure(state, out)
@@ -589,13 +595,14 @@ class BackwardInterface(PlainState):
             )
         return pred, hidden
 
-    def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+    def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None, aliased: bool = False) -> Tensor:
+        """The synthesizer's prediction for ``tensors``; ``aliased``: the caller returns an alias of them."""
         if self._pending:
             abandon_warning(self._abandon_stale())
         if self._due and not self._pending:
             self.step()
         x = self._synth_input(tensors, context)
-        if len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
+        if aliased and len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
             # x is the activation itself, which the synthesizer keeps for its backward; the interface's output
             # is an alias of it that the layers above may modify in place (ReLU(inplace=True)): read a copy.
             x = x.clone()
@@ -603,6 +610,20 @@ class BackwardInterface(PlainState):
         if hidden is not None or self._hidden is not None:
             self._hidden = _detach(hidden)
         return pred
+
+    def _cut(self, pred: Tensor, h: Tensor) -> Tensor:
+        """The unlocked boundary on ``h``: the block below is cut off; the gradient arriving above is the target.
+
+        A fresh leaf whose post-accumulate-grad hook hands its gradient to the prediction: no gradient goes
+        below, so the autograd ``Function`` of the connected modes is not needed (it costs more per step). The
+        layers above get a copy, which they may modify in place (a leaf may not be).
+        """
+        record = _Prediction(
+            self, pred, [h.shape[self.feature_dim]], int(h.shape[self.batch_dim]), False, 0.0
+        )
+        leaf = h.detach().requires_grad_()
+        leaf.register_post_accumulate_grad_hook(record.arrive)
+        return leaf.clone()
 
     def _boundary(
         self, pred: Tensor, tensors: tuple[Tensor, ...], *, connected: bool, lam: float | None = None
