@@ -295,8 +295,7 @@ class BackwardInterface(PlainState):
             "_pending",
             "_hidden",
             "_last_arrived",
-            "_loss",
-            "_loss_args",
+            "_last",
             "last_cosine",
             "last_target",
             "last_prediction",
@@ -340,10 +339,8 @@ class BackwardInterface(PlainState):
             feature_dim if feature_dim is not None else getattr(synthesizer, "feature_dim", -1)
         )
         self.diagnostics = bool(diagnostics)
-        self._loss: Tensor | None = None
-        self._loss_args: tuple[Tensor, Tensor, int] | None = (
-            None  # (prediction, target, B) of the last target
-        )
+        # (prediction, target, B, loss or None) of the last target: the loss is computed when read (last_loss).
+        self._last: list[Any] | None = None
         self.last_cosine: Tensor | None = None
         self.last_target: Tensor | None = None
         self.last_prediction: Tensor | None = None
@@ -369,6 +366,15 @@ class BackwardInterface(PlainState):
         state["_pending"] = 0
         state["_records"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy; one pickled by an earlier version gets the attributes added since."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_deferred", None)
+        if "_last" not in self.__dict__:
+            args = self.__dict__.pop("_loss_args", None)
+            self.__dict__.pop("_loss", None)
+            self._last = None if args is None else [*args, None]
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -647,12 +653,15 @@ class BackwardInterface(PlainState):
         Computed when read, from the last prediction and target (kept detached), so that training steps do not
         pay for a loss nobody reads.
         """
-        if self._loss is None and self._loss_args is not None:
-            self._loss = sg_loss(*self._loss_args)
-        return self._loss
+        last = self._last
+        if last is None:
+            return None
+        if last[3] is None:
+            last[3] = sg_loss(last[0], last[1], last[2])
+        return last[3]
 
     def _observe(self, pred: Tensor, target: Tensor, batch_size: int) -> None:
-        self._loss, self._loss_args = None, (pred.detach(), target.detach(), batch_size)
+        self._last = [pred.detach(), target.detach(), batch_size, None]
         if self.diagnostics:
             self.last_prediction = pred.detach()
             self.last_target = target.detach()

@@ -219,7 +219,7 @@ class DNI(PlainState):
         ValueError: If there is nothing to wrap (no trainable parameters) or an argument is out of range.
     """
 
-    _STATE = frozenset({"_batching", "_ready", "_active_mode", "num_steps", "_trigger", "_eval_grads"})
+    _STATE = frozenset({"_ready", "_active_mode", "num_steps", "_trigger", "_eval_grads"})
 
     def __init__(
         self,
@@ -334,8 +334,8 @@ class DNI(PlainState):
         self._hooks: list[Any] = []
         self._module_optimizers: list[torch.optim.Optimizer] = []
         self._module_optimizer_names: list[str] = []
-        self._ready: dict[int, torch.optim.Optimizer] = {}
-        self._batching = False
+        # While an interface call runs in a hook: the module optimizers whose gradients it completed (see _hook).
+        self._ready: dict[int, torch.optim.Optimizer] | None = None
         self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
         for name, module in self._wrapped.items():
             if _is_feature_map(module) and self._feature_dim != 1:
@@ -397,8 +397,7 @@ class DNI(PlainState):
         flush_deferred(self._deferred)  # graph-connected tensors cannot be copied; their gradients can
         state = self.__dict__.copy()
         state["_param_hooks"] = []
-        state["_ready"] = {}
-        state["_batching"] = False
+        state["_ready"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -408,7 +407,20 @@ class DNI(PlainState):
         are copied together with the parameters they hold, so they step the copy's parameters.
         """
         super().__setstate__(state)
-        self.__dict__.setdefault("_eval_grads", False)  # copies pickled before the flag existed
+        # Copies pickled by earlier versions: attributes added since, and _ready's meaning (None: not in a hook).
+        self.__dict__.setdefault("_eval_grads", False)
+        self._ready = None
+        if "_deferred" not in self.__dict__:
+            self._deferred = []
+            for key in self.interfaces:
+                if self._grad_optim is not None:
+                    self._iface(key)._deferred = self._deferred
+        if "_by_name" not in self.__dict__:
+            self._by_name = {
+                n: (self._iface(_key(n)), self._features[_key(n)])
+                for n in self._wrapped
+                if _key(n) in self.interfaces
+            }
         self._register_param_hooks()
         for module in self._wrapped.values():
             _OWNERS[module] = weakref.ref(self)
@@ -556,17 +568,15 @@ class DNI(PlainState):
             iface.mode = self._active_mode
         # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
         # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
-        self._batching = True
+        self._ready = {}
         try:
             if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
                 out = self._complete_unlock(name, module, iface, h)
             else:
                 out = iface._forward(h, self._current_context())  # eager already: no torch.compile guard
         finally:
-            self._batching = False
-            ready = self._ready
+            ready, self._ready = self._ready, None
             if ready:
-                self._ready = {}
                 for opt in ready.values():
                     opt.step()
                     _clear_grads(opt)
@@ -649,8 +659,9 @@ class DNI(PlainState):
         Only in training mode: in ``eval()`` mode gradients accumulate in ``.grad`` as in plain autograd
         (saliency maps, adversarial examples and gradient checks must not train the model).
         """
-        if self._batching:  # inside a training forward's interface call (see _hook)
-            self._ready[id(optimizer)] = optimizer
+        ready = self._ready
+        if ready is not None:  # inside a training forward's interface call (see _hook)
+            ready[id(optimizer)] = optimizer
             return
         if not self.training:
             self._eval_grads = True  # dropped at the next training forward
