@@ -30,13 +30,13 @@ def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def count_zero_grads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the wrapper's clearing of a module optimizer's gradients (``zero_grad(set_to_none=True)``)."""
     calls = [0]
-    original = wrapper._clear_grads
+    original = wrapper.clear_grads
 
     def counted(opt: torch.optim.Optimizer) -> None:
         calls[0] += 1
         original(opt)
 
-    monkeypatch.setattr(wrapper, "_clear_grads", counted)
+    monkeypatch.setattr(wrapper, "clear_grads", counted)
     return calls
 
 

@@ -50,6 +50,13 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its profiler record (a few µs per call, every step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:
     """Turn ``spec`` into ``params -> Optimizer``.
 

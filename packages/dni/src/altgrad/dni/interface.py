@@ -12,7 +12,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,7 @@ class _Prediction:
     def arrive(self, leaf: Tensor) -> None:
         """Post-accumulate-grad hook of an unlocked cut's leaf (:meth:`BackwardInterface._cut`)."""
         grad, leaf.grad = leaf.grad, None
+        assert grad is not None  # the hook runs after the gradient was accumulated
         self.backward((grad,))
 
     def __del__(self) -> None:
@@ -554,13 +555,7 @@ class BackwardInterface(PlainState):
             raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
         batch = like.shape[self.batch_dim]
         if not context.is_floating_point():
-            if context.dim() != 1:
-                raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
-            if context.numel() and (int(context.min()) < 0 or int(context.max()) >= self.context_size):
-                raise ValueError(
-                    f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
-                )
-            context = F.one_hot(context.long(), self.context_size)
+            context = one_hot_labels(context, self.context_size)
         if context.shape != (batch, self.context_size):
             raise ValueError(
                 f"context must have shape (B, context_size) = ({batch}, {self.context_size}), got {tuple(context.shape)}"
@@ -577,7 +572,8 @@ class BackwardInterface(PlainState):
         return torch.cat(parts, dim=self.feature_dim)
 
     def _call(self, x: Tensor, hidden: Any, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
-        synthesizer = self._modules["synthesizer"]  # not through nn.Module.__getattr__: this runs every step
+        # not through nn.Module.__getattr__: this runs every step
+        synthesizer = cast(nn.Module, self._modules["synthesizer"])
         wanted = getattr(synthesizer, "input_size", None)
         if isinstance(wanted, int) and x.shape[self.feature_dim] != wanted:
             raise ValueError(
@@ -673,6 +669,22 @@ class BackwardInterface(PlainState):
             self._due = True
             if not self._pending:
                 self.step()
+
+
+def one_hot_labels(labels: Tensor, size: int) -> Tensor:
+    """``(B,)`` integer labels as a ``(B, size)`` one-hot context in the default float dtype.
+
+    Raises:
+        ValueError: If ``labels`` is not one-dimensional or a label is outside ``[0, size)``.
+    """
+    if labels.dim() != 1:
+        raise ValueError(f"integer context must be (B,) labels, got shape {tuple(labels.shape)}")
+    if labels.numel():
+        low, high = torch.aminmax(labels)  # one pass, one sync
+        if int(low) < 0 or int(high) >= size:
+            raise ValueError(f"integer context labels must be in [0, {size}), got out-of-range labels")
+    # broadcast_context casts to each activation's dtype, so this dtype does not change a value.
+    return F.one_hot(labels.long(), size).to(torch.get_default_dtype())
 
 
 def flush_deferred(deferred: list[tuple[Tensor, Tensor]] | None) -> None:

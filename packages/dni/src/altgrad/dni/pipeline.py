@@ -50,9 +50,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._functional import mix_gradient, sg_loss_grad
-from ._optim import optimizer_factory
+from ._optim import clear_grads, optimizer_factory
 from .forward import ForwardInterface
-from .interface import BackwardInterface
+from .interface import BackwardInterface, one_hot_labels
 from .synthesizers import LinearDNI
 from .wrapper import _SHAPE_PRESERVING, _infer_features
 
@@ -337,17 +337,17 @@ class DecoupledPipeline:
     # ------------------------------------------------------------------ messages
     def _header(self, status: int, batch: int, tensor: Tensor | None) -> Tensor:
         """The message header as bytes (on the stage's device): status, batch, dtype, ndim, shape."""
-        head = torch.zeros(_HEADER, dtype=torch.int64)
-        head[0], head[1] = status, batch
+        fields = [status, batch, 0, 0]
         if tensor is not None:
             if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
                 raise ValueError(
                     f"stage {self.stage} output must be a floating tensor of at most {_MAX_DIMS} dims, got "
                     f"{tensor.dtype} of shape {tuple(tensor.shape)}"
                 )
-            head[2], head[3] = _DTYPES.index(tensor.dtype), tensor.dim()
-            head[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape)
-        return head.view(torch.uint8).to(self.device)
+            fields = [status, batch, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+        fields += [0] * (_HEADER - len(fields))
+        # one tensor from a list: a handful of element writes would each be a torch op (~50 µs per message)
+        return torch.tensor(fields, dtype=torch.int64).view(torch.uint8).to(self.device)
 
     def _isend(self, stage: int, message: Tensor) -> None:
         try:
@@ -471,7 +471,7 @@ class DecoupledPipeline:
             target = self._recv(self.stage + 1, batch)
             iface = self.interface
             assert iface is not None
-            x = iface._synth_input((h,), labels)
+            x = iface._synth_input((h,), labels)  # labels: the context as encoded at the forward (_step)
             pred = iface._call(x, None, (h,))[0]
             torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
             iface._observe(pred, target, h.shape[iface.batch_dim])
@@ -480,7 +480,7 @@ class DecoupledPipeline:
         if trained:
             assert self.grad_optimizer is not None
             self.grad_optimizer.step()
-            self.grad_optimizer.zero_grad(set_to_none=True)
+            clear_grads(self.grad_optimizer)
 
     def _train_forward(self, upto: int) -> None:
         """Receive the real inputs of the kept batches up to ``upto``; regress the forward synthesizer onto them."""
@@ -561,10 +561,14 @@ class DecoupledPipeline:
                 self._build(h.shape[-1])
             iface = self.interface
             assert iface is not None
+            if context is not None and not context.is_floating_point():
+                context = one_hot_labels(
+                    context, self.context_size
+                )  # once: the stash keeps it for the target
             sg = iface.synthetic_gradient(h, context)
             torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.optimizer)
         if not self.first:
             assert h_in.grad is not None
             self._send(self.stage - 1, batch, h_in.grad)

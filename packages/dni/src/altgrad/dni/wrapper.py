@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._optim import optimizer_factory
+from ._optim import clear_grads, optimizer_factory
 from .forward import ForwardInterface
 from .interface import (
     BackwardInterface,
@@ -26,6 +26,7 @@ from .interface import (
     check_mode,
     flush_deferred,
     next_serial,
+    one_hot_labels,
 )
 from .synthesizers import LinearDNI
 
@@ -95,13 +96,6 @@ def _is_feature_map(module: nn.Module) -> bool:
                 return _is_feature_map(child)
         return False
     return isinstance(module, (nn.modules.conv._ConvNd, nn.BatchNorm2d, nn.BatchNorm3d))
-
-
-def _clear_grads(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)`` without its profiler record (a few µs per call, per module)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
 
 
 def _key(name: str) -> str:
@@ -579,7 +573,7 @@ class DNI(PlainState):
             if ready:
                 for opt in ready.values():
                     opt.step()
-                    _clear_grads(opt)
+                    clear_grads(opt)
         if path:
             return _replace(output, path, out, iface.unlocked)
         if rest is None:
@@ -715,19 +709,7 @@ class DNI(PlainState):
     def _one_hot(self, context: Tensor | None) -> Tensor | None:
         """Encode integer labels once per forward (interfaces would otherwise each do it)."""
         if isinstance(context, Tensor) and not context.is_floating_point() and self.context_size:
-            if context.dim() != 1:
-                raise ValueError(f"integer context must be (B,) labels, got shape {tuple(context.shape)}")
-            if context.numel():
-                low, high = torch.aminmax(context)  # one pass, one sync
-                if int(low) < 0 or int(high) >= self.context_size:
-                    raise ValueError(
-                        f"integer context labels must be in [0, {self.context_size}), got out-of-range labels"
-                    )
-            # The interfaces cast the context to each activation's dtype (broadcast_context), so its dtype here
-            # does not change a value: no per-step look-up of the synthesizers' dtype.
-            return torch.nn.functional.one_hot(context.long(), self.context_size).to(
-                torch.get_default_dtype()
-            )
+            return one_hot_labels(context, self.context_size)
         return context
 
     @torch.compiler.disable
@@ -764,12 +746,12 @@ class DNI(PlainState):
             # every module optimizer on every step.
             if self._eval_grads:
                 for opt in self._module_optimizers:
-                    _clear_grads(opt)
+                    clear_grads(opt)
                 self._eval_grads = False
             if self.synthetic_inputs:
                 self._trigger = args[0].detach().reshape(args[0].shape[0], -1)
         since = next_serial()
-        network = self._modules["network"]
+        network = cast(nn.Module, self._modules["network"])  # not through __getattr__: this runs every step
         previous, pushed = None, False
         try:
             if context is not None:
