@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from altgrad.dni import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from altgrad.dni import (
+    RNNDNI,
+    Conv1dDNI,
+    Conv2dDNI,
+    Conv3dDNI,
+    DNINetwork,
+    LinearBatchNormDNI,
+    LinearDNI,
+    LinearSigmoidDNI,
+)
 
 
 @pytest.mark.parametrize("cls", [LinearDNI, LinearBatchNormDNI, LinearSigmoidDNI, RNNDNI])
@@ -23,6 +32,19 @@ def test_conv2d_dni_preserves_resolution_and_starts_at_zero():
     assert grad.shape == (2, 3, 7, 9)
     assert torch.count_nonzero(grad) == 0
     assert Conv2dDNI.feature_dim == 1
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape"), [(Conv1dDNI, (2, 5, 11)), (Conv2dDNI, (2, 5, 7, 9)), (Conv3dDNI, (2, 5, 3, 4, 6))]
+)
+def test_conv_synthesizers_of_every_dimensionality_preserve_resolution(cls, shape):
+    synth = cls(input_size=5, hidden_size=4, output_size=3, kernel_size=3)
+    grad, _ = synth(torch.randn(shape), None)
+    assert grad.shape == (2, 3, *shape[2:])
+    assert torch.count_nonzero(grad) == 0  # zero-initialised last convolution
+    assert cls.feature_dim == 1
+    with pytest.raises(ValueError, match=f"{cls.__name__} expects a"):
+        synth(torch.randn(*shape, 2), None)
 
 
 def test_linear_sigmoid_has_a_real_sigmoid():

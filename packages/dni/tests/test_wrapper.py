@@ -318,6 +318,11 @@ def test_bad_input():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     with pytest.raises(ValueError, match="Conv2dDNI"):
         DNI(conv)
+    conv1d = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4, 2))
+    with pytest.raises(ValueError, match=r"\(B, C, L\) feature maps.*use dni_network=Conv1dDNI"):
+        DNI(conv1d)
+    with pytest.raises(ValueError, match=r"Conv2dDNI predicts \(B, C, H, W\) gradients.*Conv1dDNI"):
+        DNI(conv1d, modules=["0"], dni_network=Conv2dDNI)
 
     class Custom(nn.Module):  # not recognisable as a conv: caught at the first forward
         def __init__(self):

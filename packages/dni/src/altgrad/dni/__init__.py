@@ -9,14 +9,23 @@
   synthetic gradient (:mod:`altgrad.dni.pipeline`).
 * :mod:`altgrad.dni.compat`: koz4k/dni-pytorch's API (``import altgrad.dni.compat as dni``).
 * Synthesizers: :class:`DNINetwork` (base class), :class:`LinearDNI`, :class:`LinearSigmoidDNI`,
-  :class:`LinearBatchNormDNI`, :class:`RNNDNI`, :class:`Conv2dDNI`.
+  :class:`LinearBatchNormDNI`, :class:`RNNDNI`, :class:`Conv1dDNI`, :class:`Conv2dDNI`, :class:`Conv3dDNI`.
 """
 
 from ._version import __version__
 from .forward import BidirectionalInterface, ForwardInterface
 from .interface import MODES, BackwardInterface
 from .pipeline import DecoupledPipeline, PipelineError, split_sequential
-from .synthesizers import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .synthesizers import (
+    RNNDNI,
+    Conv1dDNI,
+    Conv2dDNI,
+    Conv3dDNI,
+    DNINetwork,
+    LinearBatchNormDNI,
+    LinearDNI,
+    LinearSigmoidDNI,
+)
 from .util import detach_all, get_padding
 from .wrapper import _DNI as _DNI  # pytorch-dni exports it; its tasks import it
 from .wrapper import DNI
@@ -27,7 +36,9 @@ __all__ = [
     "RNNDNI",
     "BackwardInterface",
     "BidirectionalInterface",
+    "Conv1dDNI",
     "Conv2dDNI",
+    "Conv3dDNI",
     "DNINetwork",
     "DecoupledPipeline",
     "ForwardInterface",

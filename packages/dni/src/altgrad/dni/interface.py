@@ -579,7 +579,8 @@ class BackwardInterface(PlainState):
             raise ValueError(
                 f"synthesizer {type(self.synthesizer).__name__} reads {wanted} features along dim {self.feature_dim} "
                 f"but the activation (plus context) of shape {tuple(x.shape)} has {x.shape[self.feature_dim]}: it "
-                "cannot produce this activation's gradient (for a (B, C, H, W) feature map use Conv2dDNI)"
+                "cannot produce this activation's gradient (for a (B, C, ...) feature map use Conv1dDNI, Conv2dDNI "
+                "or Conv3dDNI)"
             )
         out = synthesizer(x, hidden)
         pred, hidden = out if isinstance(out, tuple) else (out, None)
@@ -593,7 +594,7 @@ class BackwardInterface(PlainState):
             raise ValueError(
                 f"synthesizer {type(self.synthesizer).__name__} must return a gradient of the activation's shape "
                 f"{tuple(expected)}, got {got}; the synthesizer cannot produce this activation's shape (for a "
-                f"(B, C, H, W) feature map use Conv2dDNI)"
+                f"(B, C, ...) feature map use Conv1dDNI, Conv2dDNI or Conv3dDNI)"
             )
         return pred, hidden
 

@@ -283,7 +283,73 @@ def _batch_of(hidden: Any) -> int:
     return int(h.shape[1])
 
 
-class Conv2dDNI(DNINetwork):
+class _ConvDNI(DNINetwork):
+    """Resolution-preserving convolutional synthesizer for ``(B, C, *spatial)`` activations (see subclasses).
+
+    ``(ConvNd → BatchNormNd → ReLU) × num_layers → ConvNd``, every convolution with ``padding="same"`` and no
+    pooling (the paper's CNN synthesizer), so the prediction has exactly the activation's shape. Label context
+    is broadcast over the spatial dimensions and concatenated on the channels.
+    """
+
+    feature_dim: ClassVar[int] = 1
+    dims: ClassVar[int] = 2  # spatial dimensions
+    _SHAPE: ClassVar[str] = "(B, C, H, W)"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        num_layers: int = 2,
+        kernel_size: int = 5,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(input_size, hidden_size, output_size)
+        self.num_layers = _check_size("num_layers", num_layers, minimum=0)
+        self.kernel_size = _check_size("kernel_size", kernel_size)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[self.dims - 1]
+        blocks: list[nn.Module] = []
+        width = input_size
+        for _ in range(self.num_layers):
+            blocks.append(conv(width, hidden_size, kernel_size, padding="same", bias=not batch_norm))
+            if batch_norm:
+                blocks.append(norm(hidden_size))
+            blocks.append(nn.ReLU())
+            width = hidden_size
+        self.body = nn.Sequential(*blocks)
+        self.final = conv(width, output_size, kernel_size, padding="same")
+        _zero_(self.final)
+
+    def forward(self, input: Tensor, hidden: Any = None) -> tuple[Tensor, Any]:
+        """Predict the gradient for a ``(B, C, *spatial)`` activation.
+
+        Args:
+            input: The detached activation (plus broadcast context channels).
+            hidden: Unused; returned unchanged.
+
+        Returns:
+            ``(grad, hidden)`` with ``grad`` of the activation's shape, ``output_size`` channels.
+        """
+        if input.dim() != self.dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} expects a {self._SHAPE} activation, got shape {tuple(input.shape)}"
+            )
+        return self.final(self.body(input)), hidden
+
+
+class Conv1dDNI(_ConvDNI):
+    """:class:`Conv2dDNI` for ``(B, C, L)`` activations (``nn.Conv1d`` feature maps: audio, sequences).
+
+    ``(Conv1d → BatchNorm1d → ReLU) × num_layers → Conv1d``, ``padding="same"``; same arguments as
+    :class:`Conv2dDNI`.
+    """
+
+    dims: ClassVar[int] = 1
+    _SHAPE: ClassVar[str] = "(B, C, L)"
+
+
+class Conv2dDNI(_ConvDNI):
     """Resolution-preserving convolutional synthesizer for ``(B, C, H, W)`` activations.
 
     ``(Conv2d → BatchNorm2d → ReLU) × num_layers → Conv2d``, every convolution with ``padding="same"`` and no
@@ -299,42 +365,16 @@ class Conv2dDNI(DNINetwork):
         batch_norm: Whether hidden blocks use ``BatchNorm2d``.
     """
 
-    feature_dim: ClassVar[int] = 1
+    dims: ClassVar[int] = 2
+    _SHAPE: ClassVar[str] = "(B, C, H, W)"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        output_size: int,
-        num_layers: int = 2,
-        kernel_size: int = 5,
-        batch_norm: bool = True,
-    ) -> None:
-        super().__init__(input_size, hidden_size, output_size)
-        self.num_layers = _check_size("num_layers", num_layers, minimum=0)
-        self.kernel_size = _check_size("kernel_size", kernel_size)
-        blocks: list[nn.Module] = []
-        width = input_size
-        for _ in range(self.num_layers):
-            blocks.append(nn.Conv2d(width, hidden_size, kernel_size, padding="same", bias=not batch_norm))
-            if batch_norm:
-                blocks.append(nn.BatchNorm2d(hidden_size))
-            blocks.append(nn.ReLU())
-            width = hidden_size
-        self.body = nn.Sequential(*blocks)
-        self.final = nn.Conv2d(width, output_size, kernel_size, padding="same")
-        _zero_(self.final)
 
-    def forward(self, input: Tensor, hidden: Any = None) -> tuple[Tensor, Any]:
-        """Predict the gradient for a ``(B, C, H, W)`` activation.
+class Conv3dDNI(_ConvDNI):
+    """:class:`Conv2dDNI` for ``(B, C, D, H, W)`` activations (``nn.Conv3d`` feature maps: video, volumes).
 
-        Args:
-            input: The detached activation (plus broadcast context channels).
-            hidden: Unused; returned unchanged.
+    ``(Conv3d → BatchNorm3d → ReLU) × num_layers → Conv3d``, ``padding="same"``; same arguments as
+    :class:`Conv2dDNI`.
+    """
 
-        Returns:
-            ``(grad, hidden)`` with ``grad`` of shape ``(B, output_size, H, W)``.
-        """
-        if input.dim() != 4:
-            raise ValueError(f"Conv2dDNI expects a (B, C, H, W) activation, got shape {tuple(input.shape)}")
-        return self.final(self.body(input)), hidden
+    dims: ClassVar[int] = 3
+    _SHAPE: ClassVar[str] = "(B, C, D, H, W)"

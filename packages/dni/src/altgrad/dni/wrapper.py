@@ -88,14 +88,23 @@ def _infer_features(module: nn.Module, feature_dim: int) -> int | None:
     return None
 
 
-def _is_feature_map(module: nn.Module) -> bool:
-    """Whether ``module`` produces a convolutional ``(B, C, ...)`` feature map (channels on dim 1)."""
+def _feature_map_dims(module: nn.Module) -> int:
+    """Spatial dimensions of the convolutional ``(B, C, ...)`` feature map ``module`` produces; 0 if none."""
     if isinstance(module, nn.Sequential):
         for child in reversed(list(module)):
             if not isinstance(child, _SHAPE_PRESERVING):
-                return _is_feature_map(child)
-        return False
-    return isinstance(module, (nn.modules.conv._ConvNd, nn.BatchNorm2d, nn.BatchNorm3d))
+                return _feature_map_dims(child)
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size)
+    return 2 if isinstance(module, nn.BatchNorm2d) else 3 if isinstance(module, nn.BatchNorm3d) else 0
+
+
+_CONV_SYNTH = {
+    1: ("Conv1dDNI", "(B, C, L)"),
+    2: ("Conv2dDNI", "(B, C, H, W)"),
+    3: ("Conv3dDNI", "(B, C, D, H, W)"),
+}
 
 
 def _key(name: str) -> str:
@@ -332,11 +341,19 @@ class DNI(PlainState):
         self._ready: dict[int, torch.optim.Optimizer] | None = None
         self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
         for name, module in self._wrapped.items():
-            if _is_feature_map(module) and self._feature_dim != 1:
+            dims = _feature_map_dims(module)
+            synth_dims = getattr(dni_network, "dims", None)
+            if dims and (self._feature_dim != 1 or (synth_dims is not None and synth_dims != dims)):
+                synth, shape = _CONV_SYNTH[dims]
                 raise ValueError(
-                    f"module {name or 'net'!r} ({type(module).__name__}) produces (B, C, H, W) feature maps, but "
-                    f"dni_network={dni_network.__name__} reads features along dim {self._feature_dim}, so it cannot "
-                    "produce their gradient; use dni_network=Conv2dDNI (or wrap only the linear layers)"
+                    f"module {name or 'net'!r} ({type(module).__name__}) produces {shape} feature maps, but "
+                    f"dni_network={dni_network.__name__} "
+                    + (
+                        f"reads features along dim {self._feature_dim}"
+                        if self._feature_dim != 1
+                        else f"predicts {_CONV_SYNTH.get(int(synth_dims or 0), ('', 'other'))[1]} gradients"
+                    )
+                    + f", so it cannot produce their gradient; use dni_network={synth} (or wrap only the linear layers)"
                 )
             self._hooks.append(module.register_forward_hook(functools.partial(self._hook, name)))
             features = _infer_features(module, self._feature_dim)
@@ -636,7 +653,8 @@ class DNI(PlainState):
             entry if entry is not None else (self._build(name, h.shape[fd], module), h.shape[fd])
         )
         if h.shape[fd] != expected:
-            hint = " (use Conv2dDNI for (B, C, H, W) feature maps)" if h.dim() == 4 and fd == -1 else ""
+            synth = _CONV_SYNTH.get(h.dim() - 2) if fd == -1 else None
+            hint = f" (use {synth[0]} for {synth[1]} feature maps)" if synth else ""
             raise ValueError(
                 f"module {name or 'net'!r} produced an activation of shape {tuple(h.shape)}; "
                 f"{self.dni_network.__name__} reads features along dim {fd} (size {h.shape[fd]}) but was built for "
