@@ -12,12 +12,13 @@ ReLU``, an interface on each, a linear classifier trained by the loss):
   synthesizer update. No records, checks, hooks or autograd ``Function``.
 
 ``wrapper / floor`` is item 4's measure (goal <= 1.25); ``hand / floor`` is what this step's maths costs in eager
-PyTorch, so ``wrapper / hand`` is the wrapper's own bookkeeping. Thread CPU time per step (``time.thread_time``),
-the best of ``--rounds`` interleaved rounds, one thread.
+PyTorch, so ``wrapper / hand`` is the wrapper's own bookkeeping. The best of ``--rounds`` interleaved rounds of
+the time per step: at one thread the thread's CPU time (``time.thread_time``, robust to other jobs), at more
+threads wall time (the intra-op workers' time counts).
 
 Usage::
 
-    python packages/dni/benchmarks/overhead.py [--out overhead.json] [--rounds 15]
+    python packages/dni/benchmarks/overhead.py [--out overhead.json] [--rounds 15] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def check_same_maths(method: str, layers: int, width: int, batch: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def measure(layers: int, width: int, batch: int, rounds: int, steps: int) -> dict[str, Any]:
+def measure(layers: int, width: int, batch: int, rounds: int, steps: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     xtr, ytr, _, _ = run.load_digits_split()
     reps = -(-batch // len(xtr))
     x, y = xtr.repeat(reps, 1)[:batch], ytr.repeat(reps)[:batch]
@@ -120,11 +123,11 @@ def measure(layers: int, width: int, batch: int, rounds: int, steps: int) -> dic
     best: dict[str, float] = {}
     for _ in range(rounds):  # interleaved: robust to other jobs sharing the machine
         for name, runner in runners.items():
-            t0 = time.thread_time()
+            t0 = clock()
             for _ in range(steps):
                 runner.step(x, y)
-            best[name] = min(best.get(name, float("inf")), (time.thread_time() - t0) / steps * 1e3)
-    out: dict[str, Any] = {"layers": layers, "width": width, "batch": batch, "ms": best}
+            best[name] = min(best.get(name, float("inf")), (clock() - t0) / steps * 1e3)
+    out: dict[str, Any] = {"layers": layers, "width": width, "batch": batch, "threads": threads, "ms": best}
     for method in ("dni", "cdni"):
         w, f, h = (best[f"{method}_{k}"] for k in ("wrapper", "floor", "hand"))
         out[method] = {"wrapper_over_floor": w / f, "hand_over_floor": h / f, "wrapper_over_hand": w / h}
@@ -137,6 +140,7 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write results as JSON to this path")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts")
     parser.add_argument("--quick", action="store_true", help="one small configuration, 2 rounds (smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -145,18 +149,21 @@ def main() -> None:
     for method in ("dni", "cdni"):
         check_same_maths(method, 4, 128, 128)
     results = [
-        measure(layers, width, batch, rounds, 5 if args.quick else 40) for layers, width, batch in cfgs
+        measure(layers, width, batch, rounds, 5 if args.quick else 40, threads)
+        for threads in ([1] if args.quick else args.threads)
+        for layers, width, batch in cfgs
     ]
     print(
-        "network                        | step   | wrapper / floor | hand-written / floor | wrapper / hand-written"
+        "network                        | threads | step   | wrapper / floor | hand-written / floor | "
+        "wrapper / hand-written"
     )
     for r in results:
         name = f"{r['layers']} layers, width {r['width']}, batch {r['batch']}"
         for method in ("dni", "cdni"):
             m = r[method]
             print(
-                f"{name:30s} | {method:6s} | {m['wrapper_over_floor']:15.2f} | {m['hand_over_floor']:20.2f} | "
-                f"{m['wrapper_over_hand']:.2f}"
+                f"{name:30s} | {r['threads']:7d} | {method:6s} | {m['wrapper_over_floor']:15.2f} | "
+                f"{m['hand_over_floor']:20.2f} | {m['wrapper_over_hand']:.2f}"
             )
     if args.out:
         Path(args.out).write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=1))

@@ -280,3 +280,17 @@ def test_the_unlocked_output_is_a_copy_the_layers_above_may_modify_in_place():
     upper(out).sum().backward()
     expected = (upper.weight.sum(0) * (h.detach() > 0)).expand(3, 4)  # d/d(out) of sum(upper(relu(h)))
     torch.testing.assert_close(iface.last_target, expected, rtol=0, atol=0)  # exact: products with 0 and 1
+
+
+def test_integer_labels_become_the_one_hot_context_and_bad_labels_are_refused():
+    from altgrad.dni.interface import one_hot_labels
+
+    labels = torch.tensor([3, 0, 9, 3])
+    assert torch.equal(one_hot_labels(labels, 10), F.one_hot(labels, 10).float())  # exact: zeros and ones
+    assert one_hot_labels(labels.int(), 10).dtype == torch.get_default_dtype()
+    assert one_hot_labels(torch.zeros(0, dtype=torch.long), 4).shape == (0, 4)
+    for bad in ([0, -1], [0, 10]):
+        with pytest.raises(ValueError, match=r"must be in \[0, 10\)"):
+            one_hot_labels(torch.tensor(bad), 10)
+    with pytest.raises(ValueError, match=r"\(B,\) labels"):
+        one_hot_labels(labels.reshape(2, 2), 10)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -680,12 +679,22 @@ def one_hot_labels(labels: Tensor, size: int) -> Tensor:
     """
     if labels.dim() != 1:
         raise ValueError(f"integer context must be (B,) labels, got shape {tuple(labels.shape)}")
-    if labels.numel():
-        low, high = torch.aminmax(labels)  # one pass, one sync
-        if int(low) < 0 or int(high) >= size:
-            raise ValueError(f"integer context labels must be in [0, {size}), got out-of-range labels")
+    index = labels.long().unsqueeze(1)
     # broadcast_context casts to each activation's dtype, so this dtype does not change a value.
-    return F.one_hot(labels.long(), size).to(torch.get_default_dtype())
+    out = torch.zeros(labels.shape[0], size, dtype=torch.get_default_dtype(), device=labels.device)
+    if labels.device.type == "cpu":
+        # scatter_ checks the bounds itself on CPU (both ends): no min / max pass (F.one_hot makes two).
+        try:
+            return out.scatter_(1, index, 1.0)
+        except RuntimeError:
+            pass
+    elif labels.numel():
+        low, high = torch.aminmax(labels)  # a device kernel would only assert: check first (one sync)
+        if not (int(low) < 0 or int(high) >= size):
+            return out.scatter_(1, index, 1.0)
+    else:
+        return out
+    raise ValueError(f"integer context labels must be in [0, {size}), got out-of-range labels")
 
 
 def flush_deferred(deferred: list[tuple[Tensor, Tensor]] | None) -> None:
