@@ -144,9 +144,7 @@ class _Prediction:
             target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=iface.feature_dim)
             if pred.requires_grad:
                 grad = sg_loss_grad(pred, target, self.batch_size)
-                if (
-                    iface._deferred is not None
-                ):  # the owner back-propagates it with the others, before its step
+                if iface._deferred is not None:  # the owner back-propagates them together before its step
                     iface._deferred.append((pred, grad))
                 else:
                     torch.autograd.backward(pred, grad)
@@ -636,10 +634,9 @@ class BackwardInterface(PlainState):
         sizes = [tensors[0].shape[fd]] if len(tensors) == 1 else [t.shape[fd] for t in tensors]
         record = _Prediction(self, pred, sizes, int(tensors[0].shape[self.batch_dim]), connected, lam)
         # The anchor is a fresh leaf that makes the boundary's output require grad even when ``tensors`` are
-        # detached; the prediction's own graph is back-propagated by the record, never by the outer pass.
-        anchor = pred.detach().requires_grad_(
-            not connected or pred.requires_grad
-        )  # connected: some input does
+        # detached (connected: some of them require grad); the prediction's own graph is back-propagated by the
+        # record, never by the outer pass.
+        anchor = pred.detach().requires_grad_(not connected or pred.requires_grad)
         return _Boundary.apply(record, anchor, *tensors)
 
     @property

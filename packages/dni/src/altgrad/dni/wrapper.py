@@ -342,18 +342,18 @@ class DNI(PlainState):
         self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
         for name, module in self._wrapped.items():
             dims = _feature_map_dims(module)
-            synth_dims = getattr(dni_network, "dims", None)
-            if dims and (self._feature_dim != 1 or (synth_dims is not None and synth_dims != dims)):
+            synth_dims = getattr(dni_network, "dims", dims)  # a convolutional synthesizer's spatial dims
+            if dims and (self._feature_dim != 1 or synth_dims != dims):
                 synth, shape = _CONV_SYNTH[dims]
+                why = (
+                    f"reads features along dim {self._feature_dim}"
+                    if self._feature_dim != 1
+                    else f"predicts {_CONV_SYNTH.get(synth_dims, ('', 'other'))[1]} gradients"
+                )
                 raise ValueError(
                     f"module {name or 'net'!r} ({type(module).__name__}) produces {shape} feature maps, but "
-                    f"dni_network={dni_network.__name__} "
-                    + (
-                        f"reads features along dim {self._feature_dim}"
-                        if self._feature_dim != 1
-                        else f"predicts {_CONV_SYNTH.get(int(synth_dims or 0), ('', 'other'))[1]} gradients"
-                    )
-                    + f", so it cannot produce their gradient; use dni_network={synth} (or wrap only the linear layers)"
+                    f"dni_network={dni_network.__name__} {why}, so it cannot produce their gradient; use "
+                    f"dni_network={synth} (or wrap only the linear layers)"
                 )
             self._hooks.append(module.register_forward_hook(functools.partial(self._hook, name)))
             features = _infer_features(module, self._feature_dim)
@@ -653,7 +653,9 @@ class DNI(PlainState):
             entry if entry is not None else (self._build(name, h.shape[fd], module), h.shape[fd])
         )
         if h.shape[fd] != expected:
-            synth = _CONV_SYNTH.get(h.dim() - 2) if fd == -1 else None
+            synth = (
+                _CONV_SYNTH.get(h.dim() - 2) if fd == -1 and h.dim() >= 4 else None
+            )  # (B, T, F) is not one
             hint = f" (use {synth[0]} for {synth[1]} feature maps)" if synth else ""
             raise ValueError(
                 f"module {name or 'net'!r} produced an activation of shape {tuple(h.shape)}; "
