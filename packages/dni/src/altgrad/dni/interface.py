@@ -144,8 +144,8 @@ class _Prediction:
             target = grads[0] if len(grads) == 1 else torch.cat(grads, dim=iface.feature_dim)
             if pred.requires_grad:
                 grad = sg_loss_grad(pred, target, self.batch_size)
-                if iface._deferred is not None:  # the owner back-propagates them together before its step
-                    iface._deferred.append((pred, grad))
+                if iface._deferred is not None:  # back-propagated with the others at the end of the pass
+                    iface._deferred.add(pred, grad)
                 else:
                     torch.autograd.backward(pred, grad)
             iface._observe(pred, target, self.batch_size)
@@ -349,9 +349,9 @@ class BackwardInterface(PlainState):
         self._due = False
         self.abandoned = 0
         # Set by an owner that steps the synthesizer itself (the DNI wrapper): the synthesizer's loss gradients
-        # are collected here, as (prediction, gradient) pairs, and back-propagated in one backward pass before
-        # the owner's next step (:meth:`flush_deferred`), instead of one nested backward pass per target.
-        self._deferred: list[tuple[Tensor, Tensor]] | None = None
+        # are collected there and back-propagated together (see DeferredGradients) instead of in one nested
+        # backward pass per target.
+        self._deferred: DeferredGradients | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """State for ``copy.deepcopy`` / pickling: predictions waiting in the original's graph stay there.
@@ -359,7 +359,8 @@ class BackwardInterface(PlainState):
         Deferred synthesizer gradients (see ``_deferred``) are back-propagated first, so that the copy's
         synthesizer holds the same ``.grad`` as the original's (the list, emptied, stays shared with the owner).
         """
-        flush_deferred(self._deferred)
+        if self._deferred is not None:
+            self._deferred.flush()
         state = self.__dict__.copy()
         state["_pending"] = 0
         state["_records"] = {}
@@ -369,6 +370,8 @@ class BackwardInterface(PlainState):
         """Restore a copy; one pickled by an earlier version gets the attributes added since."""
         super().__setstate__(state)
         self.__dict__.setdefault("_deferred", None)
+        if isinstance(self._deferred, list) and not isinstance(self._deferred, DeferredGradients):
+            self._deferred = None  # a plain list from an earlier version: the owner rewires it
         if "_last" not in self.__dict__:
             args = self.__dict__.pop("_loss_args", None)
             self.__dict__.pop("_loss", None)
@@ -694,12 +697,35 @@ def one_hot_labels(labels: Tensor, size: int) -> Tensor:
     raise ValueError(f"integer context labels must be in [0, {size}), got out-of-range labels")
 
 
-def flush_deferred(deferred: list[tuple[Tensor, Tensor]] | None) -> None:
-    """Back-propagate the collected ``(prediction, gradient)`` pairs in one backward pass and empty the list."""
-    if deferred:
-        preds, grads = zip(*deferred, strict=True)
-        deferred.clear()
-        torch.autograd.backward(preds, grads)
+class DeferredGradients(list):  # type: ignore[type-arg]
+    """Synthesizer loss gradients as ``(prediction, gradient)`` pairs, back-propagated together.
+
+    A target that arrives during a backward pass queues :meth:`flush` to run when that pass ends (an autograd
+    engine callback), so the synthesizers' ``.grad`` is complete when ``backward()`` returns, as if each target
+    had back-propagated its own loss at once, but in one backward pass instead of one nested pass per target.
+    While ``holding`` (the wrapper sets it around its own backward pass of a synthetic gradient at forward time)
+    targets only accumulate: they join the next pass's flush, or the owner's (:meth:`DNI.step_synthesizers`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.queued = False
+
+    def add(self, pred: Tensor, grad: Tensor) -> None:
+        """Collect one pair (called from a backward pass)."""
+        self.append((pred, grad))
+        if not (self.holding or self.queued):
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush)  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        """Back-propagate the collected pairs in one backward pass and forget them."""
+        self.queued = False
+        if self:
+            preds, grads = zip(*self, strict=True)
+            self.clear()
+            torch.autograd.backward(preds, grads)
 
 
 def abandon_warning(count: int) -> None:

@@ -21,10 +21,10 @@ from ._optim import clear_grads, optimizer_factory
 from .forward import ForwardInterface
 from .interface import (
     BackwardInterface,
+    DeferredGradients,
     PlainState,
     abandon_warning,
     check_mode,
-    flush_deferred,
     next_serial,
     one_hot_labels,
 )
@@ -325,8 +325,8 @@ class DNI(PlainState):
         self._synth_optimizer: torch.optim.Optimizer | None = None
         self._synth_groups: list[str] = []  # the synthesizer owning each of _synth_optimizer's param groups
         # The synthesizers' loss gradients, collected by the interfaces as their targets arrive and back-propagated
-        # in one pass at the next step_synthesizers (when the wrapper steps the synthesizers itself).
-        self._deferred: list[tuple[Tensor, Tensor]] = []
+        # together at the end of the backward pass (when the wrapper steps the synthesizers itself).
+        self._deferred = DeferredGradients()
         module_optim = optim if optim is not None else grad_optim
         self._module_optim = optimizer_factory(
             module_optim, float(lr if lr is not None else grad_lr), "optim"
@@ -405,7 +405,7 @@ class DNI(PlainState):
 
     def __getstate__(self) -> dict[str, Any]:
         """State for ``copy.deepcopy`` / pickling: everything but the parameter hook handles."""
-        flush_deferred(self._deferred)  # graph-connected tensors cannot be copied; their gradients can
+        self._deferred.flush()  # graph-connected tensors cannot be copied; their gradients can
         state = self.__dict__.copy()
         state["_param_hooks"] = []
         state["_ready"] = None
@@ -421,8 +421,8 @@ class DNI(PlainState):
         # Copies pickled by earlier versions: attributes added since, and _ready's meaning (None: not in a hook).
         self.__dict__.setdefault("_eval_grads", False)
         self._ready = None
-        if "_deferred" not in self.__dict__:
-            self._deferred = []
+        if not isinstance(self.__dict__.get("_deferred"), DeferredGradients):
+            self._deferred = DeferredGradients()
             for key in self.interfaces:
                 if self._grad_optim is not None:
                     self._iface(key)._deferred = self._deferred
@@ -580,12 +580,14 @@ class DNI(PlainState):
         # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
         # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
         self._ready = {}
+        self._deferred.holding = True  # targets that arrive in this call's backward pass join the next flush
         try:
             if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
                 out = self._complete_unlock(name, module, iface, h)
             else:
                 out = iface._forward(h, self._current_context())  # eager already: no torch.compile guard
         finally:
+            self._deferred.holding = False
             ready, self._ready = self._ready, None
             if ready:
                 for opt in ready.values():
@@ -855,7 +857,7 @@ class DNI(PlainState):
         ifaces = [iface for iface, _ in self._by_name.values()]
         if any(iface._records for iface in ifaces):  # some prediction is pending: any stale among them?
             abandon_warning(sum(iface._abandon_stale() for iface in ifaces))
-        flush_deferred(self._deferred)
+        self._deferred.flush()
         opt = self._synth_optimizer
         if opt is None or any(iface._pending for iface in ifaces):
             return
