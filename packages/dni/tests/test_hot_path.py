@@ -203,3 +203,36 @@ def test_synthesizer_gradients_are_complete_when_backward_returns():
         # the same float32 ops on the same values; one backward pass over all three predictions sums each
         # synthesizer's gradient from its own prediction only: equal up to a reordering of float32 sums.
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_synthesizer_gradients_are_complete_after_a_backward_pass_that_brings_no_target():
+    """Targets that arrive during the forward (the synthetic gradients back-propagated at once) are back-propagated
+    into their synthesizers when the forward returns, so ``.grad`` is complete even when the loss's backward pass
+    reaches no interface (``backward(inputs=...)``, ``torch.autograd.grad``), and nothing is held."""
+    x, y = data()
+    grads = []
+    for grad_optim in ("sgd", None):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(6, 8),
+            nn.Tanh(),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        )
+        dni = DNI(net, hidden_size=4, update_modules=False, grad_optim=grad_optim)
+        with torch.no_grad():
+            for i, p in enumerate(dni.synthesizer_parameters()):
+                p.add_(0.05 * (i % 5 + 1))
+        F.cross_entropy(dni(x), y).backward(inputs=list(net[6].parameters()))
+        grads.append([p.grad for p in dni.synthesizer_parameters()])
+        if grad_optim:
+            assert len(dni._deferred) == 0
+    # the two lower synthesizers got their (bootstrapped) targets in the forward; the top one none
+    assert [g is None for g in grads[0]] == [g is None for g in grads[1]] == [False] * 12 + [True] * 6
+    for a, b in zip(grads[0][:12], grads[1][:12], strict=True):
+        torch.testing.assert_close(
+            a, b, rtol=1e-6, atol=1e-7
+        )  # the same float32 ops, summed in another order

@@ -268,18 +268,57 @@ def test_a_second_backward_pass_through_an_interface_is_refused(inject):
         out.sum().backward()
 
 
-def test_the_unlocked_output_is_a_copy_the_layers_above_may_modify_in_place():
+def test_the_unlocked_output_may_be_modified_in_place_and_the_synthesizer_reads_the_original():
+    """The unlocked output is an alias of the activation (no copy for the layers above); the synthesizer, which reads
+    the bare activation here (no context), reads a copy, so an in-place op above changes neither its input nor its
+    target's meaning."""
     torch.manual_seed(0)
     block, upper = nn.Linear(5, 4), nn.Linear(4, 2)
     iface = BackwardInterface(_randomise(LinearDNI(4, 8, 4)), diagnostics=True)
     h = block(torch.randn(3, 5))
+    original = h.detach().clone()
     out = iface(h)
-    assert torch.equal(out, h)  # exact: a copy
-    assert out.data_ptr() != h.data_ptr()
+    assert torch.equal(out, h)  # exact: the same values
+    assert out.data_ptr() == h.data_ptr()  # an alias, not a copy
     torch.relu_(out)
     upper(out).sum().backward()
-    expected = (upper.weight.sum(0) * (h.detach() > 0)).expand(3, 4)  # d/d(out) of sum(upper(relu(h)))
+    expected = (upper.weight.sum(0) * (original > 0)).expand(3, 4)  # d/d(out) of sum(upper(relu(h)))
     torch.testing.assert_close(iface.last_target, expected, rtol=0, atol=0)  # exact: products with 0 and 1
+    assert torch.equal(iface.last_prediction, iface.synthetic_gradient(original))  # it read the original h
+
+
+def test_a_parameter_through_an_interface_may_not_be_modified_in_place():
+    """An interface on a parameter (or a view of one) returns a view, which autograd refuses to modify in place,
+    as it refuses for the parameter itself; an alias would let the write reach the parameter silently."""
+    state = nn.Parameter(torch.ones(2, 4))
+    for kwargs in ({}, {"lam": 0.5}):
+        iface = BackwardInterface(LinearDNI(4, 8, 4), **kwargs)
+        for tensor in (state, state[0:1]):
+            out = iface.trigger(tensor) if kwargs else iface(tensor)
+            with pytest.raises(RuntimeError, match="view"):
+                out.mul_(0.5)
+    assert torch.equal(state.detach(), torch.ones(2, 4))  # exact: untouched
+
+
+def test_an_undefined_gradient_above_the_interface_is_a_zero_target():
+    """A layer above that sends no gradient (a custom Function returning None) gives the synthesizer a zero
+    target, as autograd materialises it."""
+
+    class NoGradForFirst(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a + b
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, g
+
+    torch.manual_seed(0)
+    iface = BackwardInterface(_randomise(LinearDNI(4, 8, 4)), diagnostics=True)
+    out = iface(nn.Linear(4, 4)(torch.randn(3, 4)))
+    NoGradForFirst.apply(out, torch.randn(3, 4, requires_grad=True)).sum().backward()
+    assert torch.count_nonzero(iface.last_target) == 0
+    assert iface._pending == 0
 
 
 def test_integer_labels_become_the_one_hot_context_and_bad_labels_are_refused():

@@ -51,10 +51,19 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool:
 
 
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)`` without its profiler record (a few µs per call, every step)."""
+    """``optimizer.zero_grad(set_to_none=True)`` without its profiler record (a few µs per call, every step).
+
+    An optimizer class with its own ``zero_grad`` (one that keeps gradients elsewhere, say) gets that called.
+    """
+    if type(optimizer).zero_grad is not _ZERO_GRAD:
+        optimizer.zero_grad(set_to_none=True)
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+
+
+_ZERO_GRAD = torch.optim.Optimizer.zero_grad
 
 
 def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:

@@ -158,12 +158,6 @@ class _Prediction:
             mix_gradient(g, s, self.lam, iface.scale).to(g.dtype) for g, s in zip(grads, parts, strict=True)
         )
 
-    def arrive(self, leaf: Tensor) -> None:
-        """Post-accumulate-grad hook of an unlocked cut's leaf (:meth:`BackwardInterface._cut`)."""
-        grad, leaf.grad = leaf.grad, None
-        assert grad is not None  # the hook runs after the gradient was accumulated
-        self.backward((grad,))
-
     def __del__(self) -> None:
         # The graph was freed without a backward pass reaching this prediction: stop waiting for it.
         if not getattr(self, "consumed", True) and not getattr(self, "abandoned", True):
@@ -172,22 +166,52 @@ class _Prediction:
                 self.iface._records.pop(self.serial, None)
 
 
+def _alias(t: Tensor, protect: bool) -> Tensor:
+    """``t`` as a custom Function's output that the layers above may modify in place, like ``t`` itself.
+
+    A view made inside a custom Function may not be modified in place, and models do that right after an
+    interface (``ReLU(inplace=True)``), so the output is an alias (``detach``: same storage and version counter,
+    so whatever saved ``t`` for its backward still detects a change, as in plain autograd). When ``t`` is a
+    parameter, or a view of one (``protect``), a view is returned instead: autograd refuses to let it be modified
+    in place, as it refuses for the parameter itself.
+    """
+    return t.view_as(t) if protect else t.detach()
+
+
+def _protected(t: Tensor) -> bool:
+    """Whether ``t`` is a leaf that requires grad (a parameter), or a view of one."""
+    base = t._base if t._is_view() else t
+    return base is not None and base.is_leaf and base.requires_grad
+
+
 class _Boundary(torch.autograd.Function):
     """Identity on ``tensors``; its backward hands the arriving gradient to the :class:`_Prediction`."""
 
     @staticmethod
     def forward(ctx: Any, record: _Prediction, anchor: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.record = record
-        # detach, not view_as: an output that is a view made inside a custom Function may not be modified in
-        # place, and models do that right after the interface (ReLU(inplace=True)). The alias shares the
-        # version counter, so a block below that saved the activation still detects the change, as in plain
-        # autograd.
-        return tuple(t.detach() for t in tensors)
+        return tuple(_alias(t, _protected(t)) for t in tensors)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         return (None, None, *ctx.record.backward(grads))
+
+
+class _Cut(torch.autograd.Function):
+    """The update-unlocked boundary: the value of ``h`` cut off from the block below (nothing goes below it, so
+    unlike :class:`_Boundary` there is no gradient to keep from being differentiated twice); its backward hands
+    the arriving gradient, the synthesizer's target, to the :class:`_Prediction`."""
+
+    @staticmethod
+    def forward(ctx: Any, record: _Prediction, anchor: Tensor, h: Tensor, protect: bool) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return _alias(h, protect)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None]:  # type: ignore[override]
+        ctx.record.backward((grad,))
+        return None, None, None, None
 
 
 class _Inject(torch.autograd.Function):
@@ -423,12 +447,12 @@ class BackwardInterface(PlainState):
             raise TypeError(f"h must be a Tensor, got {type(h).__name__}")
         if not self.training or self._mode == "backprop" or not h.requires_grad:
             return h
+        pred = self._predict((h,), context)
         if self._mode == "dni" and self.lam == 0.0 and self.inject_mode == "immediate":  # self.unlocked
-            pred = self._predict((h,), context)
             sg = mix_gradient(None, pred.detach(), 0.0, self.scale)
+            protect = _protected(h)
             torch.autograd.backward(h, sg if sg.dtype == h.dtype else sg.to(h.dtype))
-            return self._cut(pred, h)
-        pred = self._predict((h,), context, aliased=True)
+            return self._cut(pred, h, protect)
         return self._boundary(pred, (h,), connected=True)[0]
 
     @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
@@ -450,7 +474,7 @@ class BackwardInterface(PlainState):
         tensors = self._as_tensors("state", state)
         if not self.training or self._mode == "backprop":
             return state
-        pred = self._predict(tensors, context, aliased=True)
+        pred = self._predict(tensors, context)
         lam = 1.0 if self._mode == "observe" else self.lam
         out = self._boundary(pred, tensors, connected=any(t.requires_grad for t in tensors), lam=lam)
         return self._restructure(state, out)
@@ -598,14 +622,14 @@ class BackwardInterface(PlainState):
             )
         return pred, hidden
 
-    def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None, aliased: bool = False) -> Tensor:
-        """The synthesizer's prediction for ``tensors``; ``aliased``: the caller returns an alias of them."""
+    def _predict(self, tensors: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+        """The synthesizer's prediction for ``tensors`` (whose aliases the caller returns)."""
         if self._pending:
             abandon_warning(self._abandon_stale())
         if self._due and not self._pending:
             self.step()
         x = self._synth_input(tensors, context)
-        if aliased and len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
+        if len(tensors) == 1 and self.context_size == 0 and torch.is_grad_enabled():
             # x is the activation itself, which the synthesizer keeps for its backward; the interface's output
             # is an alias of it that the layers above may modify in place (ReLU(inplace=True)): read a copy.
             x = x.clone()
@@ -614,19 +638,14 @@ class BackwardInterface(PlainState):
             self._hidden = _detach(hidden)
         return pred
 
-    def _cut(self, pred: Tensor, h: Tensor) -> Tensor:
-        """The unlocked boundary on ``h``: the block below is cut off; the gradient arriving above is the target.
-
-        A fresh leaf whose post-accumulate-grad hook hands its gradient to the prediction: no gradient goes
-        below, so the autograd ``Function`` of the connected modes is not needed (it costs more per step). The
-        layers above get a copy, which they may modify in place (a leaf may not be).
-        """
+    def _cut(self, pred: Tensor, h: Tensor, protect: bool) -> Tensor:
+        """The unlocked boundary on ``h`` (:class:`_Cut`): the block below is cut off; the gradient arriving above
+        is the synthesizer's target."""
         record = _Prediction(
             self, pred, [h.shape[self.feature_dim]], int(h.shape[self.batch_dim]), False, 0.0
         )
-        leaf = h.detach().requires_grad_()
-        leaf.register_post_accumulate_grad_hook(record.arrive)
-        return leaf.clone()
+        # The anchor makes the output require grad although h.detach() does not.
+        return _Cut.apply(record, pred.detach().requires_grad_(), h.detach(), protect)
 
     def _boundary(
         self, pred: Tensor, tensors: tuple[Tensor, ...], *, connected: bool, lam: float | None = None
@@ -703,8 +722,8 @@ class DeferredGradients(list):  # type: ignore[type-arg]
     A target that arrives during a backward pass queues :meth:`flush` to run when that pass ends (an autograd
     engine callback), so the synthesizers' ``.grad`` is complete when ``backward()`` returns, as if each target
     had back-propagated its own loss at once, but in one backward pass instead of one nested pass per target.
-    While ``holding`` (the wrapper sets it around its own backward pass of a synthetic gradient at forward time)
-    targets only accumulate: they join the next pass's flush, or the owner's (:meth:`DNI.step_synthesizers`).
+    While ``holding`` (the wrapper sets it during its forward, whose interfaces back-propagate synthetic
+    gradients at once) targets only accumulate, and the wrapper flushes them when the forward returns.
     """
 
     def __init__(self) -> None:

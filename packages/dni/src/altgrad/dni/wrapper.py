@@ -580,14 +580,12 @@ class DNI(PlainState):
         # During the interface call (which back-propagates the synthetic gradient at once in the unlocked
         # mode) parameter hooks only collect the optimizers to step; each is then stepped once.
         self._ready = {}
-        self._deferred.holding = True  # targets that arrive in this call's backward pass join the next flush
         try:
             if self.synthetic_inputs and iface.unlocked and self._trigger is not None:
                 out = self._complete_unlock(name, module, iface, h)
             else:
                 out = iface._forward(h, self._current_context())  # eager already: no torch.compile guard
         finally:
-            self._deferred.holding = False
             ready, self._ready = self._ready, None
             if ready:
                 for opt in ready.values():
@@ -775,10 +773,14 @@ class DNI(PlainState):
         since = next_serial()
         network = cast(nn.Module, self._modules["network"])  # not through __getattr__: this runs every step
         previous, pushed = None, False
+        # Targets that arrive during this forward (the synthetic gradients the interfaces back-propagate at once)
+        # are collected and their synthesizers' losses back-propagated together when it returns.
+        deferred = self._deferred
+        holding, deferred.holding = deferred.holding, True
         try:
             if context is not None:
                 previous, pushed = self._push_context(context), True
-            return network(*args, **kwargs)
+            out = network(*args, **kwargs)
         except BaseException:
             # A failed forward (an exception, Ctrl-C) returns no output, so no backward pass can reach its
             # predictions; its traceback may keep their graph alive. Stop waiting for them now, and do not count
@@ -789,9 +791,13 @@ class DNI(PlainState):
                 self.num_steps -= 1
             raise
         finally:
+            deferred.holding = holding
             self._trigger = None
             if pushed:
                 self._pop_context(previous)
+        if not holding:
+            deferred.flush()
+        return out
 
     def synthesizer_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of all synthesizers (separate from the model's).
