@@ -16,10 +16,20 @@ from torch import nn
 from altgrad.dni import DNI, wrapper
 
 
-def make() -> DNI:
+def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    return DNI(net, hidden_size=4, grad_optim="adam", grad_lr=1e-2, lr=1e-2)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def randomise_synthesizers(dni: DNI) -> None:
+    """Non-zero synthesizers: the zero-initialised last layers would hide a wrong target."""
+    with torch.no_grad():
+        for p in dni.synthesizer_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+
+
+def make() -> DNI:
+    return DNI(mlp(), hidden_size=4, grad_optim="adam", grad_lr=1e-2, lr=1e-2)
 
 
 def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +135,8 @@ def test_deferred_synthesizer_backward_gives_the_immediate_one():
 
 
 def make_with(grad_optim: str | None) -> DNI:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    dni = DNI(net, hidden_size=4, grad_optim=grad_optim, grad_lr=1e-2, lr=1e-2, optim="sgd")
-    with torch.no_grad():  # non-zero synthesizers: the zero-initialised last layers would hide a wrong target
-        for p in dni.synthesizer_parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    dni = DNI(mlp(), hidden_size=4, grad_optim=grad_optim, grad_lr=1e-2, lr=1e-2, optim="sgd")
+    randomise_synthesizers(dni)
     return dni
 
 
@@ -163,29 +169,20 @@ def test_one_optimizer_after_backward_trains_as_the_per_module_steps():
     x, y = data()
     nets = []
     for update_modules in (True, False):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        net = mlp()
         dni = DNI(net, hidden_size=4, grad_lr=1e-2, lr=1e-2, update_modules=update_modules)
         trained = net[4].parameters() if update_modules else net.parameters()
         opt = torch.optim.Adam(trained, lr=1e-2, fused=True)
-        with torch.no_grad():  # the same non-zero synthesizers on both sides
-            for p in dni.synthesizer_parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        randomise_synthesizers(dni)  # the same non-zero synthesizers on both sides
         for step in range(5):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(dni(x[step:]), y[step:]).backward()
             opt.step()
         nets.append(net)
-    moved = max((p - q).abs().max() for p, q in zip(nets[0].parameters(), mlp_init(), strict=True))
+    moved = max((p - q).abs().max() for p, q in zip(nets[0].parameters(), mlp().parameters(), strict=True))
     assert moved > 1e-3  # the check below is not vacuous: the weights moved
     for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-
-
-def mlp_init() -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    return [p.detach() for p in net.parameters()]
 
 
 def test_synthesizer_gradients_are_complete_when_backward_returns():

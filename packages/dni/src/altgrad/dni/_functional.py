@@ -40,16 +40,15 @@ def mix_gradient(true_grad: Tensor | None, synthetic: Tensor, lam: float, scale:
     ``lam == 1`` returns ``true_grad`` itself (bit-identical to backprop); ``lam == 0`` never reads it;
     ``lam == -1`` returns ``g + scale·ŝ`` (pytorch-dni HEAD's "DNI + BP").
     """
-    if lam == 0.0:  # pure DNI, the common case, first
-        return synthetic if scale == 1.0 else synthetic * scale
-    if lam == -1.0:
-        sg = synthetic if scale == 1.0 else synthetic * scale
-        return sg if true_grad is None else true_grad + sg
     if lam == 1.0:
         if true_grad is None:
             return torch.zeros_like(synthetic)
         return true_grad
     sg = synthetic if scale == 1.0 else synthetic * scale
+    if lam == 0.0:
+        return sg
+    if lam == -1.0:
+        return sg if true_grad is None else true_grad + sg
     if true_grad is None:
         return sg * (1.0 - lam)
     return true_grad * lam + sg * (1.0 - lam)

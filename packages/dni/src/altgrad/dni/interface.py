@@ -448,11 +448,10 @@ class BackwardInterface(PlainState):
         if not self.training or self._mode == "backprop" or not h.requires_grad:
             return h
         pred = self._predict((h,), context)
-        if self._mode == "dni" and self.lam == 0.0 and self.inject_mode == "immediate":  # self.unlocked
+        if self.unlocked:
             sg = mix_gradient(None, pred.detach(), 0.0, self.scale)
-            protect = _protected(h)
             torch.autograd.backward(h, sg if sg.dtype == h.dtype else sg.to(h.dtype))
-            return self._cut(pred, h, protect)
+            return self._cut(pred, h)
         return self._boundary(pred, (h,), connected=True)[0]
 
     @torch.compiler.disable  # runs eagerly under torch.compile (see the class docstring)
@@ -638,14 +637,14 @@ class BackwardInterface(PlainState):
             self._hidden = _detach(hidden)
         return pred
 
-    def _cut(self, pred: Tensor, h: Tensor, protect: bool) -> Tensor:
+    def _cut(self, pred: Tensor, h: Tensor) -> Tensor:
         """The unlocked boundary on ``h`` (:class:`_Cut`): the block below is cut off; the gradient arriving above
         is the synthesizer's target."""
         record = _Prediction(
             self, pred, [h.shape[self.feature_dim]], int(h.shape[self.batch_dim]), False, 0.0
         )
         # The anchor makes the output require grad although h.detach() does not.
-        return _Cut.apply(record, pred.detach().requires_grad_(), h.detach(), protect)
+        return _Cut.apply(record, pred.detach().requires_grad_(), h.detach(), _protected(h))
 
     def _boundary(
         self, pred: Tensor, tensors: tuple[Tensor, ...], *, connected: bool, lam: float | None = None

@@ -562,9 +562,8 @@ class DecoupledPipeline:
             iface = self.interface
             assert iface is not None
             if context is not None and not context.is_floating_point():
-                context = one_hot_labels(
-                    context, self.context_size
-                )  # once: the stash keeps it for the target
+                # encoded once: the stash keeps the encoding for the target
+                context = one_hot_labels(context, self.context_size)
             sg = iface.synthetic_gradient(h, context)
             torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
         self.optimizer.step()

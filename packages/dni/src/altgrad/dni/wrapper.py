@@ -653,9 +653,8 @@ class DNI(PlainState):
             entry if entry is not None else (self._build(name, h.shape[fd], module), h.shape[fd])
         )
         if h.shape[fd] != expected:
-            synth = (
-                _CONV_SYNTH.get(h.dim() - 2) if fd == -1 and h.dim() >= 4 else None
-            )  # (B, T, F) is not one
+            # a hint for (B, C, ...) feature maps; a (B, T, F) sequence is not one
+            synth = _CONV_SYNTH.get(h.dim() - 2) if fd == -1 and h.dim() >= 4 else None
             hint = f" (use {synth[0]} for {synth[1]} feature maps)" if synth else ""
             raise ValueError(
                 f"module {name or 'net'!r} produced an activation of shape {tuple(h.shape)}; "
