@@ -233,3 +233,99 @@ def test_synthesizer_gradients_are_complete_after_a_backward_pass_that_brings_no
         torch.testing.assert_close(
             a, b, rtol=1e-6, atol=1e-7
         )  # the same float32 ops, summed in another order
+
+
+class Lazy(nn.Module):
+    """A block whose activation size the wrapper cannot infer: its synthesizer is built at the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+def lazy_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), Lazy(), nn.Linear(8, 3))
+
+
+def test_synthesizers_share_one_parameter_group_with_the_same_updates():
+    """One group: one update call per step for all synthesizers (a group each cost a call each). The updates are
+    those of a group per synthesizer: Adam is elementwise, so the grouping changes no element's arithmetic (the
+    tolerance only allows a kernel that vectorises a tensor's tail differently)."""
+    x, y = data()
+    one = DNI(lazy_net(), hidden_size=4, grad_lr=1e-2, lr=1e-2, modules=["0", "1"])
+    split = DNI(lazy_net(), hidden_size=4, grad_lr=1e-2, lr=1e-2, modules=["0", "1"])
+    for dni in (one, split):
+        torch.manual_seed(2)  # Lazy's synthesizer's initial weights
+        F.cross_entropy(dni(x), y).backward()  # builds Lazy's synthesizer, which joins the group
+        randomise_synthesizers(dni)
+    opt = one.grad_optimizer
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["params"] == list(one.synthesizer_parameters())
+    old = split.grad_optimizer
+    per_synth = [list(iface.synthesizer.parameters()) for iface in split.interfaces.values()]
+    split._synth_optimizer = type(old)([{"params": ps} for ps in per_synth], **old.defaults)
+    split._synth_optimizer.load_state_dict(
+        old.state_dict()
+        | {
+            "param_groups": [
+                {
+                    **old.param_groups[0],
+                    "params": list(range(sum(map(len, per_synth[:i])), sum(map(len, per_synth[: i + 1])))),
+                }
+                for i in range(len(per_synth))
+            ]
+        }
+    )
+    before = [p.detach().clone() for p in one.synthesizer_parameters()]
+    for _ in range(3):
+        for dni in (one, split):
+            F.cross_entropy(dni(x), y).backward()
+            dni.step_synthesizers()
+    for a, b, a0 in zip(one.synthesizer_parameters(), split.synthesizer_parameters(), before, strict=True):
+        assert not torch.equal(a, a0)  # every synthesizer tensor was trained
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_parameter_the_fused_group_cannot_take_gets_its_own_group():
+    from altgrad.dni._optim import join_group
+
+    a = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([a], fused=True)
+    join_group(opt, [nn.Parameter(torch.zeros(2))])
+    assert len(opt.param_groups) == 1
+    assert len(opt.param_groups[0]["params"]) == 2
+    meta = nn.Parameter(torch.zeros(2, device="meta"))  # no fused kernel on this device
+    join_group(opt, [meta])
+    assert len(opt.param_groups) == 2
+    assert opt.param_groups[1]["fused"] is None
+    with pytest.raises(ValueError, match="already in the optimizer"):
+        join_group(opt, [a])
+
+
+def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints():
+    """Copies pickled by earlier versions hold one param group per synthesizer (and ``_synth_groups``)."""
+    x, y = data()
+    dni = DNI(lazy_net(), hidden_size=4, grad_lr=1e-2, lr=1e-2, modules=["0", "1"])
+    for _ in range(2):
+        F.cross_entropy(dni(x), y).backward()
+    dni.step_synthesizers()
+    want = dni.state_dict()["_extra_state"]["grad_optimizer"]
+    old = dni.grad_optimizer
+    per_synth = [list(iface.synthesizer.parameters()) for iface in dni.interfaces.values()]
+    legacy = type(old)([{"params": ps} for ps in per_synth], **old.defaults)
+    for p in (p for ps in per_synth for p in ps):
+        legacy.state[p] = old.state[p]
+    dni._synth_optimizer = legacy
+    dni.__dict__["_synth_groups"] = [name for name, _ in dni.__dict__.pop("_synth_owners")]
+    copied = copy.deepcopy(dni)
+    assert "_synth_groups" not in copied.__dict__
+    got = copied.state_dict()["_extra_state"]["grad_optimizer"]
+    assert list(got) == list(want) == ["interfaces.0", "interfaces.1"]
+    for name in want:
+        for s_got, s_want in zip(got[name]["state"], want[name]["state"], strict=True):
+            for key in s_want:
+                assert torch.equal(s_got[key], s_want[key]), (name, key)  # exact: the same tensors, copied

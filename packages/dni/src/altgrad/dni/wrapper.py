@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._optim import clear_grads, optimizer_factory
+from ._optim import clear_grads, join_group, optimizer_factory
 from .forward import ForwardInterface
 from .interface import (
     BackwardInterface,
@@ -323,7 +323,8 @@ class DNI(PlainState):
         self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
         self._synth_optimizer: torch.optim.Optimizer | None = None
-        self._synth_groups: list[str] = []  # the synthesizer owning each of _synth_optimizer's param groups
+        # (name, number of parameters) of each synthesizer, in the order of _synth_optimizer's parameters
+        self._synth_owners: list[tuple[str, int]] = []
         # The synthesizers' loss gradients, collected by the interfaces as their targets arrive and back-propagated
         # together at the end of the backward pass (when the wrapper steps the synthesizers itself).
         self._deferred = DeferredGradients()
@@ -426,6 +427,10 @@ class DNI(PlainState):
             for key in self.interfaces:
                 if self._grad_optim is not None:
                     self._iface(key)._deferred = self._deferred
+        if "_synth_owners" not in self.__dict__:  # one param group per synthesizer before
+            groups = self._synth_optimizer.param_groups if self._synth_optimizer is not None else []
+            names = self.__dict__.pop("_synth_groups", [])
+            self._synth_owners = [(n, len(g["params"])) for n, g in zip(names, groups, strict=True)]
         if "_by_name" not in self.__dict__:
             self._by_name = {
                 n: (self._iface(_key(n)), self._features[_key(n)])
@@ -497,12 +502,12 @@ class DNI(PlainState):
             synth = synth.to(device=ref.device, dtype=ref.dtype)
         params = [p for p in synth.parameters() if p.requires_grad]
         if self._grad_optim is not None and params:
-            # One optimizer for all synthesizers, stepped before the next prediction (see _step_synthesizers).
+            # One optimizer for all synthesizers, stepped before the next prediction (see step_synthesizers).
             if self._synth_optimizer is None:
                 self._synth_optimizer = self._grad_optim(params)
             else:
-                self._synth_optimizer.add_param_group({"params": params})
-            self._synth_groups.append(group)
+                join_group(self._synth_optimizer, params)
+            self._synth_owners.append((group, len(params)))
         return synth
 
     def _build_forward(self, name: str, trigger_features: int, module: nn.Module) -> ForwardInterface:
@@ -936,6 +941,15 @@ class DNI(PlainState):
         return self.network
 
     # ------------------------------------------------------------------ state
+    def _synth_slices(self, groups: list[dict[str, Any]]) -> Iterator[tuple[str, int, list[Any]]]:
+        """``(synthesizer name, group index, its parameters' ids)`` over a ``state_dict()``'s param groups."""
+        flat = [(g, i) for g, group in enumerate(groups) for i in group["params"]]
+        start = 0
+        for name, count in self._synth_owners:
+            part = flat[start : start + count]
+            start += count
+            yield name, part[0][0], [i for _, i in part]
+
     def get_extra_state(self) -> dict[str, Any]:
         """Everything besides the weights that determines the next step, keyed by name.
 
@@ -951,10 +965,10 @@ class DNI(PlainState):
             sd = self._synth_optimizer.state_dict()
             synth = {
                 name: {
-                    "options": {k: v for k, v in group.items() if k != "params"},
-                    "state": [sd["state"].get(i) for i in group["params"]],
+                    "options": {k: v for k, v in sd["param_groups"][g].items() if k != "params"},
+                    "state": [sd["state"].get(i) for i in ids],
                 }
-                for name, group in zip(self._synth_groups, sd["param_groups"], strict=True)
+                for name, g, ids in self._synth_slices(sd["param_groups"])
             }
         hidden = {
             key: self._iface(key)._hidden for key in self.interfaces if self._iface(key)._hidden is not None
@@ -1007,17 +1021,25 @@ class DNI(PlainState):
             optimizers[name].load_state_dict(saved)
         if self._synth_optimizer is not None and state["grad_optimizer"] is not None:
             current = self._synth_optimizer.state_dict()
-            groups, values = [], {}
-            for name, group in zip(self._synth_groups, current["param_groups"], strict=True):
+            groups = [dict(group) for group in current["param_groups"]]
+            values = dict(
+                current["state"]
+            )  # a synthesizer the checkpoint did not have yet keeps its fresh state
+            options_from: set[int] = set()
+            for name, g, ids in self._synth_slices(current["param_groups"]):
                 saved = state["grad_optimizer"].get(name)
-                if saved is None:  # a synthesizer the checkpoint did not have yet: keep its fresh state
-                    groups.append(group)
-                    values.update({i: current["state"][i] for i in group["params"] if i in current["state"]})
+                if saved is None:
                     continue
-                groups.append({**saved["options"], "params": group["params"]})
-                values.update(
-                    {i: v for i, v in zip(group["params"], saved["state"], strict=True) if v is not None}
-                )
+                if (
+                    g not in options_from
+                ):  # a group's options (learning rate...) from its first saved synthesizer
+                    options_from.add(g)
+                    groups[g] = {**saved["options"], "params": groups[g]["params"]}
+                for i, v in zip(ids, saved["state"], strict=True):
+                    if v is None:
+                        values.pop(i, None)
+                    else:
+                        values[i] = v
             self._synth_optimizer.load_state_dict({"state": values, "param_groups": groups})
         for key, hidden in state["hidden"].items():
             self._iface(key)._hidden = hidden
@@ -1031,7 +1053,7 @@ class DNI(PlainState):
                 f"{sorted(names)}: it was saved from a wrapper with other modules or update_modules setting"
             )
         synth = state["grad_optimizer"] or {}
-        known = {f"interfaces.{k}" for k in state["features"]} | set(self._synth_groups)
+        known = {f"interfaces.{k}" for k in state["features"]} | {name for name, _ in self._synth_owners}
         known |= {f"forward_interfaces.{k}" for k in state.get("trigger_features", {})}
         unknown = sorted(set(synth) - known)
         if unknown or (synth and self._grad_optim is None):
