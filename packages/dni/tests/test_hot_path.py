@@ -329,3 +329,42 @@ def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints():
         for s_got, s_want in zip(got[name]["state"], want[name]["state"], strict=True):
             for key in s_want:
                 assert torch.equal(s_got[key], s_want[key]), (name, key)  # exact: the same tensors, copied
+
+
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises: a backward pass that fails part-way."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("boom")
+
+
+def test_synthesizer_gradients_are_complete_after_an_earlier_backward_pass_failed():
+    """A backward pass that raises after a target arrived drops the end-of-pass flush the target queued. The next
+    backward pass still ends with the synthesizers' ``.grad`` complete and nothing held (the earlier code kept a
+    "queued" flag that stayed set, so targets waited for the next forward). Two forwards, then their backward
+    passes, the first failing: the second's gradients equal those of ``grad_optim=None``, which back-propagates
+    each target at once (the failed pass's target included, as it arrived before the failure)."""
+    x, y = data()
+    grads = []
+    for grad_optim in ("sgd", None):
+        dni = make_with(grad_optim)
+        side = torch.ones(1, requires_grad=True)
+        boom = _Boom.apply(side)  # created first: the engine runs it after the network's nodes
+        first = F.cross_entropy(dni(x[:8]), y[:8]) + boom.sum()
+        second = F.cross_entropy(dni(x[8:]), y[8:])
+        with pytest.raises(RuntimeError, match="boom"):
+            first.backward()
+        second.backward()
+        grads.append([p.grad for p in dni.synthesizer_parameters()])
+        if grad_optim:
+            assert len(dni._deferred) == 0
+    assert all(g is not None for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(
+            a, b, rtol=1e-6, atol=1e-7
+        )  # the same float32 ops, summed in another order

@@ -721,25 +721,25 @@ class DeferredGradients(list):  # type: ignore[type-arg]
     A target that arrives during a backward pass queues :meth:`flush` to run when that pass ends (an autograd
     engine callback), so the synthesizers' ``.grad`` is complete when ``backward()`` returns, as if each target
     had back-propagated its own loss at once, but in one backward pass instead of one nested pass per target.
-    While ``holding`` (the wrapper sets it during its forward, whose interfaces back-propagate synthetic
-    gradients at once) targets only accumulate, and the wrapper flushes them when the forward returns.
+    Every target queues its own callback (about 0.3 µs; the first flushes them all, the others find nothing):
+    a pass that fails drops the callbacks it queued, so a "queued" flag would stay set and leave the targets of
+    later passes waiting. A failed pass's targets wait for the next flush. While ``holding`` (the wrapper sets it
+    during its forward, whose interfaces back-propagate synthetic gradients at once) targets only accumulate, and
+    the wrapper flushes them when the forward returns.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.holding = False
-        self.queued = False
 
     def add(self, pred: Tensor, grad: Tensor) -> None:
         """Collect one pair (called from a backward pass)."""
         self.append((pred, grad))
-        if not (self.holding or self.queued):
-            self.queued = True
+        if not self.holding:
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         """Back-propagate the collected pairs in one backward pass and forget them."""
-        self.queued = False
         if self:
             preds, grads = zip(*self, strict=True)
             self.clear()
