@@ -113,13 +113,24 @@ def run(rank: int, tmp: str) -> None:
     result["resumed"] = snapshot(resumed)
     result["resumed_steps"] = resumed.num_steps
     stale = pipeline(staleness=1)
-    applied = []
+    applied, stale_steps, sent = [], [], []
+    send = stale._send
+
+    def recorded(stage: int, batch: int, tensor: torch.Tensor) -> None:
+        sent.append((stage, batch, tensor.detach().clone()))
+        send(stage, batch, tensor)
+
+    stale._send = recorded  # type: ignore[method-assign]
     for x, y in data:
         stale.step(x, y)
         applied.append(stale.targets_applied)
+        stale_steps.append(snapshot(stale))
     stale.flush()
     applied.append(stale.targets_applied)
+    stale_steps.append(snapshot(stale))
     result["applied"] = applied
+    result["stale_steps"] = stale_steps
+    result["sent"] = sent
     torch.save(result, f"{tmp}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
