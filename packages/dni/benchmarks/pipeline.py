@@ -231,20 +231,16 @@ def stage_times(model: str) -> list[float]:
     sopt = torch.optim.Adam(synth.parameters(), lr=SG_LR, fused=True)
     ctx = F.one_hot(y, 10).float()
 
-    kept: list[torch.Tensor] = []
-
     def first() -> torch.Tensor:
-        if kept:  # an earlier batch's prediction, trained on its target (which would arrive by now)
-            pred = kept.pop()
-            pred.backward(pred.detach() * 0.01)
-            sopt.step()
-            sopt.zero_grad(set_to_none=True)
         h = stages[0](x)
-        pred = synth(torch.cat([h.detach(), ctx], 1))[0]  # its graph kept until the target arrives
-        h.backward(pred.detach())
+        sg = synth(torch.cat([h.detach(), ctx], 1))[0]
+        h.backward(sg.detach())
         opts[0].step()
         opts[0].zero_grad(set_to_none=True)
-        kept.append(pred)
+        pred = synth(torch.cat([h.detach(), ctx], 1))[0]  # the recomputed prediction, trained on its target
+        pred.backward(pred.detach() * 0.01)
+        sopt.step()
+        sopt.zero_grad(set_to_none=True)
         return h.detach()
 
     h = first()

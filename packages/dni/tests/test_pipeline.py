@@ -106,9 +106,10 @@ def test_staleness_1_trains_each_synthesizer_on_the_promised_targets(ranks):
 
 
 def stale_reference(targets: dict[int, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Stage 0 at staleness 1, written out: the synthesizer regresses the prediction it made at each forward, at the
-    weights that made it (a differentiable copy of them, so later steps do not change its graph), once the target
-    arrives two forwards later; ``targets`` are the gradients stage 1 sent back."""
+    """Stage 0 at staleness 1, written out: the synthetic gradient of each forward is the prediction at the
+    synthesizer's weights then; when the target of batch ``t`` arrives (before the forward of batch ``t + 2``) the
+    prediction is recomputed from the kept input at the current weights and regressed onto it. ``targets`` are
+    the gradients stage 1 sent back."""
     net = w.stages(0)[0]
     synth = LinearDNI(12 + w.CLASSES, w.HIDDEN, 12, num_layers=1)
     synth.load_state_dict(w.synth_init())
@@ -120,10 +121,10 @@ def stale_reference(targets: dict[int, torch.Tensor]) -> list[dict[str, torch.Te
 
     def train(upto: int) -> None:
         done = sorted(b for b in kept if b <= upto)
+        for b in done:
+            pred = synth(kept.pop(b), None)[0]
+            pred.backward((pred.detach() - targets[b]) * (2.0 / pred.shape[0]))
         if done:
-            preds = [kept.pop(b) for b in done]
-            grads = [(p.detach() - targets[b]) * (2.0 / p.shape[0]) for p, b in zip(preds, done, strict=True)]
-            torch.autograd.backward(preds, grads)
             synth_opt.step()
             synth_opt.zero_grad(set_to_none=True)
 
@@ -135,23 +136,24 @@ def stale_reference(targets: dict[int, torch.Tensor]) -> list[dict[str, torch.Te
         train(t - 2)
         h = net(x)
         inp = torch.cat([h.detach(), F.one_hot(y, w.CLASSES).float()], 1)
-        weights = {name: p.clone() for name, p in synth.named_parameters()}
-        pred = torch.func.functional_call(synth, weights, (inp, None))
-        pred = pred[0] if isinstance(pred, tuple) else pred
-        torch.autograd.backward(h, pred.detach())
+        with torch.no_grad():
+            sg = synth(inp, None)[0]
+        torch.autograd.backward(h, sg)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        kept[t] = pred
+        kept[t] = inp
         out.append(snap())
     train(w.STEPS)
     out.append(snap())
     return out
 
 
-def test_staleness_1_regresses_the_prediction_made_at_the_forward(ranks):
-    """At staleness 1 stage 0's synthesizer is stepped between a prediction and its target: the update is the
-    gradient of the prediction it made, at the weights that made it (the single-process wrapper's semantics, and
-    no second forward of the synthesizer), checked against a copy written out with plain autograd."""
+def test_staleness_1_regresses_a_recomputed_prediction_on_each_target(ranks):
+    """At staleness 1 stage 0's synthesizer is stepped between a prediction and its target. The target trains a
+    prediction recomputed at the current weights. Regressing the kept prediction (its gradient at the weights
+    that made it, one update old) was tried: the wide MLP of the benchmark then reached 0.81 test accuracy
+    instead of 0.96 (delayed feedback in the regression). Checked against the schedule written out with plain
+    autograd, every weight after every step."""
     targets = {batch: g for stage, batch, g in ranks[1]["sent"] if stage == 0}
     assert sorted(targets) == list(range(w.STEPS))
     ref = stale_reference(targets)
@@ -355,16 +357,3 @@ def test_split_sequential_and_bad_arguments():
         split_sequential(model, [0])
     with pytest.raises(TypeError, match=r"nn\.Sequential"):
         split_sequential(nn.Linear(2, 2), [1])
-
-
-def test_a_saved_tensor_modified_in_place_before_the_target_is_refused():
-    """The kept prediction's saved tensors go through hooks, which turn autograd's own version check off; the
-    unpack hook checks instead."""
-    from altgrad.dni.pipeline import _unpack
-
-    t = torch.zeros(3)
-    saved = (t, t._version)
-    assert _unpack(saved) is t
-    t.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place before the target arrived"):
-        _unpack(saved)

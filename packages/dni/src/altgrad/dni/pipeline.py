@@ -92,17 +92,6 @@ def split_sequential(model: nn.Sequential, points: Sequence[int]) -> list[nn.Seq
     return [cast(nn.Sequential, model[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
-def _unpack(saved: tuple[Tensor, int]) -> Tensor:
-    """A saved tensor back, checked as autograd checks the tensors it saves itself (hooks turn its check off)."""
-    t, version = saved
-    if t._version != version:
-        raise RuntimeError(
-            "a tensor the synthesizer's prediction saved for its backward was modified in place before the "
-            "target arrived"
-        )
-    return t
-
-
 def _has(module: nn.Module, kinds: tuple[type, ...]) -> bool:
     return any(isinstance(m, kinds) for m in module.modules())
 
@@ -163,8 +152,8 @@ class DecoupledPipeline:
             ``Optimizer`` class, or a callable ``params -> Optimizer``.
         lr: Learning rate for a name or class ``optimizer``.
         hidden_size: Hidden width of each synthesizer.
-        dni_network: Synthesizer class, feed-forward (a prediction per batch: no recurrent state carried
-            between batches).
+        dni_network: Synthesizer class (feed-forward, no batch norm: the prediction is recomputed when its
+            target arrives, which would count a batch twice in running statistics).
         dni_params: Extra keyword arguments for ``dni_network``.
         grad_optim: Optimizer of the synthesizers (name, class or callable).
         grad_lr: Its learning rate.
@@ -290,8 +279,7 @@ class DecoupledPipeline:
         self._inputs: deque[tuple[int, Tensor, Tensor | None]] = deque()
         self.num_steps = 0  # batches this stage has run
         self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
-        # (batch, synthesizer prediction with its graph, batch rows) awaiting targets
-        self._stash: deque[tuple[int, Tensor, int]] = deque()
+        self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
         self._sends: deque[tuple[Any, Tensor]] = deque()  # (work, message kept alive until sent)
         self._capacity_out: dict[int, int] = {}  # bytes each neighbour can take in one message
         self._capacity_in: dict[int, int] = {}
@@ -307,10 +295,10 @@ class DecoupledPipeline:
             output_size=features,
             **self.dni_params,
         )
-        if hasattr(synth, "rnn"):
+        if _has(synth, (nn.modules.batchnorm._BatchNorm,)) or hasattr(synth, "rnn"):
             raise ValueError(
-                f"dni_network={type(synth).__name__} has recurrent state; the pipeline predicts each batch's gradient "
-                "on its own, so it needs a feed-forward synthesizer such as LinearDNI"
+                f"dni_network={type(synth).__name__} has batch norm or recurrent state; the pipeline recomputes a "
+                "prediction when its target arrives, so it needs a stateless synthesizer such as LinearDNI"
             )
         ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
         synth = synth.to(device=self.device, dtype=ref.dtype if ref is not None else None)
@@ -476,43 +464,23 @@ class DecoupledPipeline:
 
     # ------------------------------------------------------------------ training
     def _train_synthesizer(self, upto: int) -> None:
-        """Receive the targets of the kept predictions up to batch ``upto``; train the synthesizer on them."""
-        iface = self.interface
-        preds, grads = [], []
+        """Receive the targets of the kept batches up to ``upto`` and train the synthesizer on them."""
+        trained = False
         while self._stash and self._stash[0][0] <= upto:
-            batch, pred, rows = self._stash.popleft()
+            batch, h, labels = self._stash.popleft()
             target = self._recv(self.stage + 1, batch)
-            assert iface is not None  # a prediction was made
-            preds.append(pred)
-            grads.append(sg_loss_grad(pred, target, rows))
-            iface._observe(pred, target, rows)
+            iface = self.interface
+            assert iface is not None
+            x = iface._synth_input((h,), labels)  # labels: the context as encoded at the forward (_step)
+            pred = iface._call(x, None, (h,))[0]
+            torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
+            iface._observe(pred, target, h.shape[iface.batch_dim])
             self.targets_applied += 1
-        if preds:
-            torch.autograd.backward(preds, grads)
+            trained = True
+        if trained:
             assert self.grad_optimizer is not None
             self.grad_optimizer.step()
             clear_grads(self.grad_optimizer)
-
-    def _predict(self, h: Tensor, context: Tensor | None) -> Tensor:
-        """The synthesizer's prediction ``M(h[, c])``, its graph kept until the target arrives.
-
-        The weights the graph saves (a hidden layer's, to back-propagate through it; a linear synthesizer on its
-        detached input saves none) are saved as copies: the synthesizer is stepped before the target arrives
-        (staleness >= 1), and its gradient must be that of the prediction it made, at the weights that made it.
-        """
-        iface = self.interface
-        assert iface is not None
-        synth = cast(nn.Module, iface._modules["synthesizer"])
-        own = {p.untyped_storage().data_ptr() for p in synth.parameters()}
-
-        def pack(t: Tensor) -> tuple[Tensor, int]:
-            if t.untyped_storage().data_ptr() in own:
-                t = t.detach().clone()
-            return t, t._version
-
-        x = iface._synth_input((h,), context)
-        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-            return iface._call(x, None, (h,))[0]
 
     def _train_forward(self, upto: int) -> None:
         """Receive the real inputs of the kept batches up to ``upto``; regress the forward synthesizer onto them."""
@@ -594,9 +562,10 @@ class DecoupledPipeline:
             iface = self.interface
             assert iface is not None
             if context is not None and not context.is_floating_point():
+                # encoded once: the stash keeps the encoding for the target
                 context = one_hot_labels(context, self.context_size)
-            pred = self._predict(h, context)
-            torch.autograd.backward(h, mix_gradient(None, pred.detach(), 0.0, iface.scale).to(h.dtype))
+            sg = iface.synthetic_gradient(h, context)
+            torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
         self.optimizer.step()
         clear_grads(self.optimizer)
         if not self.first:
@@ -604,7 +573,7 @@ class DecoupledPipeline:
             self._send(self.stage - 1, batch, h_in.grad)
         if not self.last:
             self._send(self.stage + 1, batch, h.detach())
-            self._stash.append((batch, pred, h.shape[iface.batch_dim]))
+            self._stash.append((batch, h.detach(), context))
         return None if loss is None else loss.detach()
 
     def flush(self) -> None:
