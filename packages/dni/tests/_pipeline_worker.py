@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import LinearDNI
+from altgrad.dni import Conv1dDNI, LinearDNI
 from altgrad.dni.pipeline import DecoupledPipeline
 
 STEPS, SPLIT, CLASSES = 6, 3, 4
@@ -84,6 +84,62 @@ def snapshot(pipe: DecoupledPipeline) -> dict[str, torch.Tensor]:
     return out
 
 
+LENGTH = 7  # the conv stages' sequence length
+
+
+def conv_stages(seed: int = 0) -> list[nn.Module]:
+    """A Conv1d net cut after its first convolution: ``(B, C, L)`` feature maps cross the cut."""
+    torch.manual_seed(seed)
+    first = nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.ReLU())
+    second = nn.Sequential(
+        nn.Conv1d(5, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * LENGTH, CLASSES)
+    )
+    return [first, second]
+
+
+def conv_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(6)
+    return [
+        (torch.randn(10, 3, LENGTH, generator=g), torch.randint(0, CLASSES, (10,), generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def conv_synth_init() -> dict[str, torch.Tensor]:
+    """Non-zero weights for the Conv1dDNI (with batch norm) of the conv cut, shared with the reference."""
+    torch.manual_seed(2)
+    synth = Conv1dDNI(5 + CLASSES, HIDDEN, 5, num_layers=1, kernel_size=3)
+    with torch.no_grad():
+        synth.final.weight.normal_(0.0, 0.1)
+    return synth.state_dict()
+
+
+def conv_run() -> list[dict[str, torch.Tensor]]:
+    """The conv net at staleness 0 with a batch-norm convolutional synthesizer: a snapshot after every step."""
+    pipe = DecoupledPipeline(
+        conv_stages(),
+        F.cross_entropy,
+        "adam",
+        lr=1e-2,
+        hidden_size=HIDDEN,
+        dni_network=Conv1dDNI,
+        dni_params={"num_layers": 1, "kernel_size": 3},
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=CLASSES,
+        staleness=0,
+        failure_timeout=2.0,
+    )
+    if pipe.interface is not None:
+        pipe.interface.synthesizer.load_state_dict(conv_synth_init())
+    out = []
+    for x, y in conv_batches():
+        pipe.step(x, y)
+        pipe.flush()
+        out.append(snapshot(pipe))
+    return out
+
+
 def run(rank: int, tmp: str) -> None:
     """Staleness 0 step by step, checkpoint/resume, and the staleness bound (one spawn, every case)."""
     dist.init_process_group(
@@ -131,6 +187,12 @@ def run(rank: int, tmp: str) -> None:
     result["applied"] = applied
     result["stale_steps"] = stale_steps
     result["sent"] = sent
+    result["conv_steps"] = conv_run()
+    if rank == 0:  # a feature-last synthesizer on a conv stage: refused at construction (no message is sent)
+        try:
+            DecoupledPipeline(conv_stages(), F.cross_entropy, dni_network=LinearDNI, context_size=CLASSES)
+        except ValueError as exc:
+            result["conv_refused"] = str(exc)
     torch.save(result, f"{tmp}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import DNI, LinearDNI
+from altgrad.dni import DNI, Conv1dDNI, LinearDNI
 from altgrad.dni._optim import optimizer_factory
 from altgrad.dni.pipeline import split_sequential
 
@@ -162,6 +162,49 @@ def test_staleness_1_regresses_a_recomputed_prediction_on_each_target(ranks):
         for key, value in got.items():
             # the same float32 operations on the same values; bound as in the staleness-0 test
             torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=f"{key}@{step}")
+
+
+def test_a_conv_stage_with_a_batch_norm_synthesizer_matches_the_wrapper_step_by_step(ranks):
+    """``(B, C, L)`` feature maps across the cut, a Conv1dDNI with batch norm (features on dim 1, the context
+    broadcast along L): at staleness 0 every weight and running statistic equals the single-process wrapper's
+    after every step. The recomputed prediction updates throwaway copies of the synthesizer's running statistics,
+    so each batch counts once, as in the wrapper (before, the pipeline built the synthesizer for L features and
+    refused batch norm)."""
+    net = nn.Sequential(*w.conv_stages())
+    dni = DNI(
+        net,
+        modules=["0"],
+        hidden_size=w.HIDDEN,
+        dni_network=Conv1dDNI,
+        dni_params={"num_layers": 1, "kernel_size": 3},
+        optim="adam",
+        lr=1e-2,
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=w.CLASSES,
+    )
+    dni.interface("0").synthesizer.load_state_dict(w.conv_synth_init())
+    factory = optimizer_factory("adam", 1e-2, "optim")
+    assert factory is not None
+    head = factory(net[1].parameters())
+    for step, (x, y) in enumerate(w.conv_batches()):
+        head.zero_grad(set_to_none=True)
+        F.cross_entropy(dni(x, context=y), y).backward()
+        head.step()
+        dni.step_synthesizers()
+        want = [{f"module.{k}": v for k, v in net[i].state_dict().items()} for i in range(2)]
+        want[0].update({f"synth.{k}": v for k, v in dni.interface("0").synthesizer.state_dict().items()})
+        for rank in range(2):
+            got = ranks[rank]["conv_steps"][step]
+            assert set(got) == set(want[rank])
+            for key, value in got.items():
+                # bound as in the staleness-0 test (the same float32 operations on the same values)
+                torch.testing.assert_close(value, want[rank][key], rtol=1e-5, atol=1e-6, msg=f"{key}@{step}")
+    assert "num_batches_tracked" in " ".join(ranks[0]["conv_steps"][-1])
+    assert ranks[0]["conv_refused"] == (
+        "stage 0 (Sequential) produces (B, C, L) feature maps, but dni_network=LinearDNI reads features along dim "
+        "-1, so it cannot produce their gradient; use dni_network=Conv1dDNI (or cut after a linear layer)"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ from ._optim import clear_grads, optimizer_factory
 from .forward import ForwardInterface
 from .interface import BackwardInterface, one_hot_labels
 from .synthesizers import LinearDNI
-from .wrapper import _SHAPE_PRESERVING, _infer_features
+from .wrapper import _SHAPE_PRESERVING, _infer_features, check_synthesizer_fits
 
 __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
@@ -152,8 +152,8 @@ class DecoupledPipeline:
             ``Optimizer`` class, or a callable ``params -> Optimizer``.
         lr: Learning rate for a name or class ``optimizer``.
         hidden_size: Hidden width of each synthesizer.
-        dni_network: Synthesizer class (feed-forward, no batch norm: the prediction is recomputed when its
-            target arrives, which would count a batch twice in running statistics).
+        dni_network: Synthesizer class, feed-forward (no recurrent state); a stage that produces convolutional
+            feature maps needs the matching convolutional one (``Conv1dDNI``, ``Conv2dDNI``, ``Conv3dDNI``).
         dni_params: Extra keyword arguments for ``dni_network``.
         grad_optim: Optimizer of the synthesizers (name, class or callable).
         grad_lr: Its learning rate.
@@ -258,8 +258,12 @@ class DecoupledPipeline:
         self.hidden_size = hidden_size
         self.interface: BackwardInterface | None = None
         self.grad_optimizer: torch.optim.Optimizer | None = None
+        self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         if not self.last:
-            features = _infer_features(self.module, -1)
+            check_synthesizer_fits(
+                f"stage {self.stage}", self.module, dni_network, "or cut after a linear layer"
+            )
+            features = _infer_features(self.module, self._feature_dim)
             if features is not None:
                 self._build(features)
         self.synthetic_inputs = self.stage in unlocked  # this stage predicts its input (forward unlocking)
@@ -295,14 +299,16 @@ class DecoupledPipeline:
             output_size=features,
             **self.dni_params,
         )
-        if _has(synth, (nn.modules.batchnorm._BatchNorm,)) or hasattr(synth, "rnn"):
+        if hasattr(synth, "rnn"):
             raise ValueError(
-                f"dni_network={type(synth).__name__} has batch norm or recurrent state; the pipeline recomputes a "
-                "prediction when its target arrives, so it needs a stateless synthesizer such as LinearDNI"
+                f"dni_network={type(synth).__name__} has recurrent state; the pipeline predicts each batch's gradient "
+                "on its own, so it needs a feed-forward synthesizer such as LinearDNI"
             )
         ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
         synth = synth.to(device=self.device, dtype=ref.dtype if ref is not None else None)
-        self.interface = BackwardInterface(synth, context_size=self.context_size, scale=self.scale)
+        self.interface = BackwardInterface(
+            synth, context_size=self.context_size, scale=self.scale, feature_dim=self._feature_dim
+        )
         self.grad_optimizer = self._grad_optim([p for p in synth.parameters() if p.requires_grad])
         self._features = features
 
@@ -472,7 +478,7 @@ class DecoupledPipeline:
             iface = self.interface
             assert iface is not None
             x = iface._synth_input((h,), labels)  # labels: the context as encoded at the forward (_step)
-            pred = iface._call(x, None, (h,))[0]
+            pred = self._recompute(x, h)
             torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
             iface._observe(pred, target, h.shape[iface.batch_dim])
             self.targets_applied += 1
@@ -481,6 +487,21 @@ class DecoupledPipeline:
             assert self.grad_optimizer is not None
             self.grad_optimizer.step()
             clear_grads(self.grad_optimizer)
+
+    def _recompute(self, x: Tensor, h: Tensor) -> Tensor:
+        """The synthesizer's prediction for ``x`` again, at its current weights, with a graph to train it.
+
+        The forward already counted the batch in the synthesizer's running statistics (batch norm); the
+        recomputation updates throwaway copies of its buffers instead, so each batch counts once.
+        """
+        iface = self.interface
+        assert iface is not None
+        synth = cast(nn.Module, iface._modules["synthesizer"])
+        buffers = {name: b.clone() for name, b in synth.named_buffers()}
+        if not buffers:
+            return iface._call(x, None, (h,))[0]
+        out = torch.func.functional_call(synth, buffers, (x, None))
+        return out[0] if isinstance(out, tuple) else out  # the forward checked this shape already
 
     def _train_forward(self, upto: int) -> None:
         """Receive the real inputs of the kept batches up to ``upto``; regress the forward synthesizer onto them."""
@@ -558,7 +579,12 @@ class DecoupledPipeline:
             self._train_synthesizer(batch - 1 - self.staleness)
             h = self.module(h_in)
             if self.interface is None:
-                self._build(h.shape[-1])
+                if not -h.dim() <= self._feature_dim < h.dim():
+                    raise ValueError(
+                        f"stage {self.stage} produced an activation of shape {tuple(h.shape)}, which has no feature "
+                        f"dimension {self._feature_dim} for {self.dni_network.__name__}"
+                    )
+                self._build(h.shape[self._feature_dim])
             iface = self.interface
             assert iface is not None
             if context is not None and not context.is_floating_point():

@@ -107,6 +107,28 @@ _CONV_SYNTH = {
 }
 
 
+def check_synthesizer_fits(what: str, module: nn.Module, dni_network: Any, alternative: str) -> None:
+    """Raise ``ValueError`` if ``module``'s type says it produces feature maps ``dni_network`` cannot predict.
+
+    ``what`` names the module in the message; ``alternative`` is the second way out offered there.
+    """
+    dims = _feature_map_dims(module)
+    feature_dim = int(getattr(dni_network, "feature_dim", -1))
+    synth_dims = getattr(dni_network, "dims", dims)  # a convolutional synthesizer's spatial dims
+    if dims and (feature_dim != 1 or synth_dims != dims):
+        synth, shape = _CONV_SYNTH[dims]
+        why = (
+            f"reads features along dim {feature_dim}"
+            if feature_dim != 1
+            else f"predicts {_CONV_SYNTH.get(synth_dims, ('', 'other'))[1]} gradients"
+        )
+        name = getattr(dni_network, "__name__", type(dni_network).__name__)
+        raise ValueError(
+            f"{what} ({type(module).__name__}) produces {shape} feature maps, but dni_network={name} {why}, so it "
+            f"cannot produce their gradient; use dni_network={synth} ({alternative})"
+        )
+
+
 def _key(name: str) -> str:
     return name.replace(".", "/") if name else "root"
 
@@ -342,20 +364,9 @@ class DNI(PlainState):
         self._ready: dict[int, torch.optim.Optimizer] | None = None
         self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
         for name, module in self._wrapped.items():
-            dims = _feature_map_dims(module)
-            synth_dims = getattr(dni_network, "dims", dims)  # a convolutional synthesizer's spatial dims
-            if dims and (self._feature_dim != 1 or synth_dims != dims):
-                synth, shape = _CONV_SYNTH[dims]
-                why = (
-                    f"reads features along dim {self._feature_dim}"
-                    if self._feature_dim != 1
-                    else f"predicts {_CONV_SYNTH.get(synth_dims, ('', 'other'))[1]} gradients"
-                )
-                raise ValueError(
-                    f"module {name or 'net'!r} ({type(module).__name__}) produces {shape} feature maps, but "
-                    f"dni_network={dni_network.__name__} {why}, so it cannot produce their gradient; use "
-                    f"dni_network={synth} (or wrap only the linear layers)"
-                )
+            check_synthesizer_fits(
+                f"module {name or 'net'!r}", module, dni_network, "or wrap only the linear layers"
+            )
             self._hooks.append(module.register_forward_hook(functools.partial(self._hook, name)))
             features = _infer_features(module, self._feature_dim)
             if features is not None:
