@@ -223,6 +223,12 @@ def unlocked_run(tmp: str, name: str, rank: int, delay: bool) -> dict[str, objec
     return {"final": snapshot(pipe), "applied": applied, "losses": losses, "applied_end": pipe.inputs_applied}
 
 
+def tied_stages() -> list[nn.Module]:
+    """Stage 1 reuses stage 0's Linear (a block registered in two stages: its weight is shared)."""
+    first, second = stages()
+    return [first, nn.Sequential(first[0], nn.ReLU(), second[2])]
+
+
 def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
     """What each bad construction raised on this rank (``None``: nothing)."""
     from altgrad.dni import Conv2dDNI
@@ -238,6 +244,7 @@ def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
         "conv_synth": lambda: DecoupledPipeline(
             stages(), F.cross_entropy, synthetic_inputs=True, dni_network=Conv2dDNI
         ),
+        "tied": lambda: DecoupledPipeline(tied_stages(), F.cross_entropy),
         "no_width": lambda: DecoupledPipeline(stages_conv(), F.cross_entropy, synthetic_inputs=True),
     }
     out: dict[str, tuple[str, str] | None] = {}
@@ -289,12 +296,13 @@ def unlocked(rank: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-CASES = ("raise1", "raise0", "kill1")  # the killed one last: it ends rank 1
+CASES = ("raise1", "raise0", "tuple0", "kill1")  # the killed one last: it ends rank 1
 
 
 def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[str, object]:
-    """Stage 1 (``raise1``, ``kill1``) or 0 (``raise0``) fails at batch 3; return what this rank raised, when."""
-    failing = 0 if case == "raise0" else 1
+    """Stage 1 (``raise1``, ``kill1``) or 0 (``raise0``; ``tuple0``: returns a tuple) fails at batch 3; return
+    what this rank raised, when."""
+    failing = 0 if case in ("raise0", "tuple0") else 1
     state = {"batch": 0}
 
     def loss_fn(out, y):
@@ -305,11 +313,14 @@ def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[
         return F.cross_entropy(out, y)
 
     pipe = pipeline(staleness=1, loss_fn=loss_fn, group=group)
-    if case == "raise0" and rank == 0:
+    if case in ("raise0", "tuple0") and rank == 0:
         forward = pipe.module.forward
 
         def broken(x):
             if state["batch"] == 3:
+                if case == "tuple0":  # what an nn.LSTM returns
+                    out = forward(x)
+                    return out, (out, out)
                 raise ValueError("boom in stage 0")
             return forward(x)
 

@@ -227,12 +227,17 @@ def failures(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("case", "failing", "text"), [("raise1", 1, "boom in the loss"), ("raise0", 0, "boom in stage 0")]
+    ("case", "failing", "text"),
+    [
+        ("raise1", 1, "boom in the loss"),
+        ("raise0", 0, "boom in stage 0"),
+        ("tuple0", 0, "stage 0 (Sequential) returned tuple; a stage must return one floating tensor"),
+    ],
 )
 def test_an_exception_on_one_stage_stops_every_rank_naming_it(failures, case, failing, text):
     out = [failures[0][r][case] for r in range(2)]
     own = out[failing]
-    assert own["error"] in ("RuntimeError", "ValueError")
+    assert own["error"] in ("RuntimeError", "ValueError", "TypeError")
     assert text in own["message"]
     if sys.version_info >= (3, 11):
         assert own["notes"] == [f"raised in altgrad.dni pipeline stage {failing} of 2"]
@@ -378,6 +383,18 @@ def test_synthetic_inputs_bad_arguments(unlocked, case, error, text):
         assert got is not None
         assert got[0] == error
         assert text in got[1]
+
+
+def test_stages_that_share_a_parameter_are_refused(unlocked):
+    """A block in two stages (or tied weights across a cut) would be trained as two copies, one per process: the
+    tie would silently come apart. Refused at construction, on every rank."""
+    for rank in range(2):
+        assert unlocked[rank]["bad"]["tied"] == (
+            "ValueError",
+            "stages 0 and 1 share a parameter ('0.weight' of stage 0 is '0.weight' of stage 1: tied weights, or one "
+            "block in two stages); each stage runs in its own process and trains its own copy, so the tie would "
+            "come apart. Keep tied parameters in one stage",
+        )
 
 
 def test_synthetic_inputs_needs_the_input_width(unlocked):

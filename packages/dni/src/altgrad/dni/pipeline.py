@@ -92,6 +92,23 @@ def split_sequential(model: nn.Sequential, points: Sequence[int]) -> list[nn.Seq
     return [cast(nn.Sequential, model[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
+def _check_no_shared_parameters(stages: Sequence[Any]) -> None:
+    """Refuse stages that share a parameter (tied weights, a block in two stages): each process would train its
+    own copy and the ties would silently come apart. Stages given as builders are not seen here."""
+    owner: dict[int, tuple[int, str]] = {}
+    for k, stage in enumerate(stages):
+        if not isinstance(stage, nn.Module):
+            continue
+        for name, p in stage.named_parameters(remove_duplicate=False):
+            first = owner.setdefault(id(p), (k, name))
+            if first[0] != k:
+                raise ValueError(
+                    f"stages {first[0]} and {k} share a parameter ({first[1]!r} of stage {first[0]} is {name!r} of "
+                    f"stage {k}: tied weights, or one block in two stages); each stage runs in its own process and "
+                    "trains its own copy, so the tie would come apart. Keep tied parameters in one stage"
+                )
+
+
 def _has(module: nn.Module, kinds: tuple[type, ...]) -> bool:
     return any(isinstance(m, kinds) for m in module.modules())
 
@@ -220,6 +237,7 @@ class DecoupledPipeline:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         self.device = torch.device(device)
+        _check_no_shared_parameters(stages)
         entry = stages[self.stage]
         module = entry if isinstance(entry, nn.Module) else entry()
         if not isinstance(module, nn.Module):
@@ -578,6 +596,13 @@ class DecoupledPipeline:
         else:
             self._train_synthesizer(batch - 1 - self.staleness)
             h = self.module(h_in)
+            if not isinstance(h, Tensor) or not h.is_floating_point():
+                got = h.dtype if isinstance(h, Tensor) else type(h).__name__
+                raise TypeError(
+                    f"stage {self.stage} ({type(self.module).__name__}) returned {got}; a stage must return one "
+                    "floating tensor, the activation sent to the next stage (for an nn.LSTM, wrap it in a module that "
+                    "returns its output sequence, out[0])"
+                )
             if self.interface is None:
                 if not -h.dim() <= self._feature_dim < h.dim():
                     raise ValueError(
