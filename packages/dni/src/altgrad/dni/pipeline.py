@@ -409,20 +409,21 @@ class DecoupledPipeline:
                 _work(dist.irecv(buf, self._peers[stage], group=self.group)).wait()
             except RuntimeError as exc:
                 self._lost(stage, exc)
-            head = buf[:_HEADER_BYTES].view(torch.int64).cpu()
-            if int(head[0]) != _GROW:
+            # the header as Python ints in one op (indexing a tensor element by element is an op per field)
+            head = buf[:_HEADER_BYTES].view(torch.int64).tolist()
+            if head[0] != _GROW:
                 break
-            self._capacity_in[stage] = int(head[2])
-        if int(head[0]) != 0:
-            self._failed_elsewhere(int(head[0]) - 1, source=stage)
-        if int(head[1]) != batch:
+            self._capacity_in[stage] = head[2]
+        if head[0] != 0:
+            self._failed_elsewhere(head[0] - 1, source=stage)
+        if head[1] != batch:
             raise self._fail(
                 PipelineError(
-                    f"stage {self.stage} expected batch {batch} from stage {stage} but got batch {int(head[1])}: "
+                    f"stage {self.stage} expected batch {batch} from stage {stage} but got batch {head[1]}: "
                     "the ranks are out of step (every rank must call step() for every batch)"
                 )
             )
-        dtype, shape = _DTYPES[int(head[2])], head[4 : 4 + int(head[3])].tolist()
+        dtype, shape = _DTYPES[head[2]], head[4 : 4 + head[3]]
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         return buf[_HEADER_BYTES : _HEADER_BYTES + nbytes].view(dtype).view(shape)
 
