@@ -252,3 +252,75 @@ def test_a_block_registered_under_two_names_and_called_twice(grad_optim):
     torch.testing.assert_close(dni.interfaces["a"].last_target, target2, **TOL)
     synth_grads = _synth_grads(synth, [h1.detach(), h2.detach()], [target1, target2])
     _check(dni, grads, {"a": synth_grads}, before)
+
+
+class _Attend(nn.Module):
+    """Self-attention as a layer of a Sequential (``nn.MultiheadAttention`` takes query, key and value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("grad_optim", [None, "sgd"])
+def test_recursive_wraps_multihead_attention_whole(grad_optim):
+    """``recursive=True`` wraps the modules that hold parameters. ``nn.MultiheadAttention`` holds ``in_proj_weight``
+    itself and reads its ``out_proj``'s weights without calling it: it is wrapped whole (before, its leaf
+    ``out_proj`` got an interface that no forward reached, and ``in_proj`` was trained by the true gradient
+    through the uncut attention). Every attention weight gets the attention output's synthetic gradient; the
+    linear layer below gets its own, and its synthesizer's target is the attention's synthetic gradient
+    back-propagated to its output (bootstrapping)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), _Attend(), nn.Flatten(), nn.Linear(5 * 8, 3))
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(3, 5, 4), torch.tensor([0, 2, 1])
+    dni = _wrap(net, grad_optim, sample_input=x)
+    assert list(dni.wrapped_modules()) == ["0", "1.mha"]
+    synth = {k: copy.deepcopy(i.synthesizer) for k, i in dni.interfaces.items()}
+    before = _snapshot(dni)
+    F.cross_entropy(dni(x), y).backward()
+
+    h1 = ref[0](x)
+    cut1 = h1.detach().requires_grad_()
+    h2 = ref[1](cut1)
+    s1, s2 = synth["0"](h1.detach())[0], synth["1/mha"](h2.detach())[0]
+    attn = list(ref[1].parameters())
+    g2 = torch.autograd.grad(
+        h2, [*attn, cut1], s2
+    )  # the attention's synthetic gradient, into it and below it
+    grads = dict(zip([f"1.mha.{n}" for n, _ in ref[1].mha.named_parameters()], g2[:-1], strict=True))
+    grads |= dict(
+        zip(["0.weight", "0.bias"], torch.autograd.grad(h1, list(ref[0].parameters()), s1), strict=True)
+    )
+    top = h2.detach().requires_grad_()
+    (target2,) = torch.autograd.grad(F.cross_entropy(ref[3](ref[2](top)), y), top)
+    _check(
+        dni,
+        grads,
+        {
+            "1/mha": _synth_grads(synth["1/mha"], [h2.detach()], [target2]),
+            "0": _synth_grads(synth["0"], [h1.detach()], [g2[-1]]),
+        },
+        before,
+    )
+
+
+def test_recursive_warns_about_parameters_of_the_model_itself():
+    """A model that holds a parameter itself (a learned positional embedding, say) besides its layers: no interface
+    trains it and, below an interface, no gradient reaches it in 'dni' mode. Said at construction."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(5, 4))
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x + self.pos)
+
+    with pytest.warns(UserWarning, match=r"the parameters \['pos'\] belong to Model itself"):
+        dni = DNI(Model(), hidden_size=4)
+    assert list(dni.wrapped_modules()) == ["body.0"]

@@ -170,7 +170,9 @@ class DNI(PlainState):
     """Train a network (or one module) with decoupled neural interfaces and synthetic gradients.
 
     With ``recursive=True`` every leaf module that has trainable parameters gets a
-    :class:`~altgrad.dni.BackwardInterface` on its output (the last such leaf is left to the loss when
+    :class:`~altgrad.dni.BackwardInterface` on its output; so does a module that holds trainable parameters
+    itself besides its children (``nn.MultiheadAttention``: ``in_proj_weight``, and an ``out_proj`` whose weights
+    it reads without calling it), wrapped whole with its children (the last such module is left to the loss when
     ``skip_last_layer=True``: an N-layer network gets N−1 interfaces, as in the paper). With
     ``recursive=False`` the whole ``net`` is one block with one interface on its output; use it on single
     layers inside your own model.
@@ -200,7 +202,8 @@ class DNI(PlainState):
         grad_lr: Learning rate of the synthesizers' optimizer.
         lr: Learning rate of the wrapped modules' optimizer when ``optim`` is a name, a class or ``None``;
             defaults to ``grad_lr`` (pytorch-dni's behaviour).
-        recursive: Wrap every parameterised leaf (``True``) or ``net`` as a single block (``False``).
+        recursive: Wrap every parameterised leaf and parameter-holding container (``True``) or ``net`` as a
+            single block (``False``).
         skip_last_layer: With ``recursive=True``, leave the last parameterised leaf (in registration order)
             unwrapped so that the loss trains it.
         context_size: Number of context features for conditional DNI (cDNI): pass ``context=`` (one-hot or
@@ -483,11 +486,26 @@ class DNI(PlainState):
                     f"net ({type(net).__name__}) has no trainable parameters: there is nothing to train with DNI"
                 )
             return {"": net}
-        leaves = {
-            n: m
-            for n, m in net.named_modules()
-            if not any(True for _ in m.children()) and trainable(m, False)
-        }
+        # Every module below the root that holds trainable parameters itself: the parameterised leaves, and
+        # containers with parameters of their own, which are wrapped whole with their children (an
+        # nn.MultiheadAttention holds in_proj_weight and reads out_proj's weights without calling it: wrapping the
+        # leaf out_proj alone would leave in_proj untrained and put an interface where no forward passes).
+        # named_modules() lists a parent before its children.
+        leaves: dict[str, nn.Module] = {}
+        for n, m in net.named_modules():
+            if n and trainable(m, False) and not any(n.startswith(f"{b}.") for b in leaves):
+                leaves[n] = m
+        if not leaves and trainable(net, False) and not any(True for _ in net.children()):
+            leaves = {"": net}  # a single layer
+        elif trainable(net, False):
+            own = [n for n, p in net.named_parameters(recurse=False) if p.requires_grad]
+            warnings.warn(
+                f"recursive=True wraps submodules; the parameters {own} belong to {type(net).__name__} itself, so no "
+                "interface trains them and, used below an interface, they get no gradient in 'dni' mode. Move them "
+                "into a submodule, or pick the blocks with modules=[...]",
+                UserWarning,
+                stacklevel=3,
+            )
         if not leaves:
             raise ValueError(
                 f"net ({type(net).__name__}) has no leaf module with trainable parameters: nothing to wrap"
