@@ -17,6 +17,7 @@ paths in its own order), a few units of rounding of the O(1) values here: rtol 1
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -324,3 +325,20 @@ def test_recursive_warns_about_parameters_of_the_model_itself():
     with pytest.warns(UserWarning, match=r"the parameters \['pos'\] belong to Model itself"):
         dni = DNI(Model(), hidden_size=4)
     assert list(dni.wrapped_modules()) == ["body.0"]
+
+
+def test_a_wrapped_module_that_no_forward_calls_is_reported_once():
+    """``out_proj`` of an attention is read, never called: an interface on it would train nothing. The first
+    training forward says so, naming it; later forwards stay quiet."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), _Attend(), nn.Flatten(), nn.Linear(5 * 8, 3))
+    dni = DNI(net, hidden_size=4, modules=["0", "1.mha.out_proj"], inject="deferred")
+    x = torch.randn(3, 5, 4)
+    dni.eval()
+    dni(x)  # eval mode: no training, no report
+    dni.train()
+    with pytest.warns(UserWarning, match=r"the wrapped modules \['1.mha.out_proj'\] were not called"):
+        dni(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dni(x)

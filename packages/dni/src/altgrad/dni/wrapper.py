@@ -247,7 +247,7 @@ class DNI(PlainState):
         ValueError: If there is nothing to wrap (no trainable parameters) or an argument is out of range.
     """
 
-    _STATE = frozenset({"_ready", "_active_mode", "num_steps", "_trigger", "_eval_grads"})
+    _STATE = frozenset({"_ready", "_active_mode", "num_steps", "_trigger", "_eval_grads", "_unseen"})
 
     def __init__(
         self,
@@ -366,6 +366,9 @@ class DNI(PlainState):
         # While an interface call runs in a hook: the module optimizers whose gradients it completed (see _hook).
         self._ready: dict[int, torch.optim.Optimizer] | None = None
         self._eval_grads = False  # a backward pass in eval mode left gradients on wrapped parameters
+        # The wrapped modules the first training forward has not called yet (None once it returned): a module whose
+        # weights are read without calling it has an interface that trains nothing, which that forward reports.
+        self._unseen: set[str] | None = None
         for name, module in self._wrapped.items():
             check_synthesizer_fits(
                 f"module {name or 'net'!r}", module, dni_network, "or wrap only the linear layers"
@@ -435,6 +438,7 @@ class DNI(PlainState):
         super().__setstate__(state)
         # Copies pickled by earlier versions: attributes added since, and _ready's meaning (None: not in a hook).
         self.__dict__.setdefault("_eval_grads", False)
+        self.__dict__.setdefault("_unseen", None)
         self._ready = None
         if not isinstance(self.__dict__.get("_deferred"), DeferredGradients):
             self._deferred = DeferredGradients()
@@ -595,6 +599,8 @@ class DNI(PlainState):
         return self._run_hook(name, module, output)
 
     def _run_hook(self, name: str, module: nn.Module, output: Any) -> Any:
+        if self._unseen is not None:
+            self._unseen.discard(name)
         building = self._building
         if not (self.training or building) or (self._active_mode == "backprop" and not building):
             return None
@@ -803,6 +809,8 @@ class DNI(PlainState):
                 self._eval_grads = False
             if self.synthetic_inputs:
                 self._trigger = args[0].detach().reshape(args[0].shape[0], -1)
+            if self.num_steps == 1:
+                self._unseen = set(self._wrapped)
         since = next_serial()
         network = cast(nn.Module, self._modules["network"])  # not through __getattr__: this runs every step
         previous, pushed = None, False
@@ -822,6 +830,7 @@ class DNI(PlainState):
                 iface.abandon_pending(since)
             if self.training:
                 self.num_steps -= 1
+            self._unseen = None
             raise
         finally:
             deferred.holding = holding
@@ -830,6 +839,17 @@ class DNI(PlainState):
                 self._pop_context(previous)
         if not holding:
             deferred.flush()
+        if self._unseen is not None:
+            unseen, self._unseen = self._unseen, None
+            if unseen:
+                warnings.warn(
+                    f"the wrapped modules {sorted(unseen)} were not called in the first training forward, so their "
+                    "interfaces train nothing (a module whose weights another module reads without calling it, as "
+                    "nn.MultiheadAttention reads its out_proj, or a branch not taken); wrap the module that calls "
+                    "them (modules=[...])",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return out
 
     def synthesizer_parameters(self) -> Iterator[nn.Parameter]:
