@@ -497,7 +497,9 @@ class DNI(PlainState):
         # named_modules() lists a parent before its children.
         leaves: dict[str, nn.Module] = {}
         for n, m in net.named_modules():
-            if n and trainable(m, False) and not any(n.startswith(f"{b}.") for b in leaves):
+            parts = n.split(".")
+            inside = any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
+            if n and trainable(m, False) and not inside:
                 leaves[n] = m
         if not leaves and trainable(net, False) and not any(True for _ in net.children()):
             leaves = {"": net}  # a single layer
