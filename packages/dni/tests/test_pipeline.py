@@ -41,27 +41,29 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def reference_steps() -> list[dict[str, torch.Tensor]]:
-    """The single-process wrapper on the same net, data and synthesizer: one snapshot per step."""
-    net = nn.Sequential(*w.stages(0))
+def reference_steps(
+    stages=None, dni_network=LinearDNI, dni_params=None, synth_state=None, batches=None
+) -> list[list[dict[str, torch.Tensor]]]:
+    """The single-process wrapper on the same net, data and synthesizer: per step, a snapshot of each stage."""
+    net = nn.Sequential(*(stages if stages is not None else w.stages(0)))
     dni = DNI(
         net,
         modules=["0"],
         hidden_size=w.HIDDEN,
-        dni_network=LinearDNI,
-        dni_params={"num_layers": 1},
+        dni_network=dni_network,
+        dni_params=dni_params if dni_params is not None else {"num_layers": 1},
         optim="adam",
         lr=1e-2,
         grad_optim="adam",
         grad_lr=1e-2,
         context_size=w.CLASSES,
     )
-    dni.interface("0").synthesizer.load_state_dict(w.synth_init())
+    dni.interface("0").synthesizer.load_state_dict(synth_state if synth_state is not None else w.synth_init())
     factory = optimizer_factory("adam", 1e-2, "optim")
     assert factory is not None
     head = factory(net[1].parameters())
     out = []
-    for x, y in w.batches():
+    for x, y in batches if batches is not None else w.batches():
         head.zero_grad(set_to_none=True)
         F.cross_entropy(dni(x, context=y), y).backward()
         head.step()
@@ -74,11 +76,10 @@ def reference_steps() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def test_staleness_0_matches_the_single_process_wrapper_step_by_step(ranks):
-    ref = reference_steps()
+def assert_steps_match(steps_by_rank: list[list[dict[str, torch.Tensor]]], ref) -> None:
     for step in range(w.STEPS):
         for rank in range(2):
-            got = ranks[rank]["steps"][step]
+            got = steps_by_rank[rank][step]
             assert set(got) == set(ref[step][rank])
             for key, value in got.items():
                 # Same operations on the same values (the message passing copies bits); a bound anyway, for any
@@ -87,6 +88,10 @@ def test_staleness_0_matches_the_single_process_wrapper_step_by_step(ranks):
                 torch.testing.assert_close(
                     value, ref[step][rank][key], rtol=1e-5, atol=1e-6, msg=f"{key}@{step}"
                 )
+
+
+def test_staleness_0_matches_the_single_process_wrapper_step_by_step(ranks):
+    assert_steps_match([ranks[r]["steps"] for r in range(2)], reference_steps())
 
 
 def test_checkpoint_of_all_stages_resumes_exactly(ranks):
@@ -170,36 +175,10 @@ def test_a_conv_stage_with_a_batch_norm_synthesizer_matches_the_wrapper_step_by_
     after every step. The recomputed prediction updates throwaway copies of the synthesizer's running statistics,
     so each batch counts once, as in the wrapper (before, the pipeline built the synthesizer for L features and
     refused batch norm)."""
-    net = nn.Sequential(*w.conv_stages())
-    dni = DNI(
-        net,
-        modules=["0"],
-        hidden_size=w.HIDDEN,
-        dni_network=Conv1dDNI,
-        dni_params={"num_layers": 1, "kernel_size": 3},
-        optim="adam",
-        lr=1e-2,
-        grad_optim="adam",
-        grad_lr=1e-2,
-        context_size=w.CLASSES,
+    ref = reference_steps(
+        w.conv_stages(), Conv1dDNI, {"num_layers": 1, "kernel_size": 3}, w.conv_synth_init(), w.conv_batches()
     )
-    dni.interface("0").synthesizer.load_state_dict(w.conv_synth_init())
-    factory = optimizer_factory("adam", 1e-2, "optim")
-    assert factory is not None
-    head = factory(net[1].parameters())
-    for step, (x, y) in enumerate(w.conv_batches()):
-        head.zero_grad(set_to_none=True)
-        F.cross_entropy(dni(x, context=y), y).backward()
-        head.step()
-        dni.step_synthesizers()
-        want = [{f"module.{k}": v for k, v in net[i].state_dict().items()} for i in range(2)]
-        want[0].update({f"synth.{k}": v for k, v in dni.interface("0").synthesizer.state_dict().items()})
-        for rank in range(2):
-            got = ranks[rank]["conv_steps"][step]
-            assert set(got) == set(want[rank])
-            for key, value in got.items():
-                # bound as in the staleness-0 test (the same float32 operations on the same values)
-                torch.testing.assert_close(value, want[rank][key], rtol=1e-5, atol=1e-6, msg=f"{key}@{step}")
+    assert_steps_match([ranks[r]["conv_steps"] for r in range(2)], ref)
     assert "num_batches_tracked" in " ".join(ranks[0]["conv_steps"][-1])
     assert ranks[0]["conv_refused"] == (
         "stage 0 (Sequential) produces (B, C, L) feature maps, but dni_network=LinearDNI reads features along dim "
