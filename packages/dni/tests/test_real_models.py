@@ -309,22 +309,53 @@ def test_recursive_wraps_multihead_attention_whole(grad_optim):
     )
 
 
-def test_recursive_warns_about_parameters_of_the_model_itself():
-    """A model that holds a parameter itself (a learned positional embedding, say) besides its layers: no interface
-    trains it and, below an interface, no gradient reaches it in 'dni' mode. Said at construction."""
+def test_recursive_warns_about_parameters_that_containers_hold():
+    """A learned positional embedding beside the layers, in the model or in a container (torchvision's ViT
+    ``Encoder``): no wrapped module holds it, so the wrapper does not step it; said at construction. The layers
+    around it are wrapped one by one (wrapping the container whole would train them by plain backprop)."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(5, 8))
+            self.layers = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers(x + self.pos)
 
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.pos = nn.Parameter(torch.zeros(5, 4))
-            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.scale = nn.Parameter(torch.ones(()))
+            self.proj = nn.Linear(4, 8)
+            self.encoder = Encoder()
+            self.head = nn.Linear(8, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x + self.pos)
+            return self.head(self.encoder(self.proj(x) * self.scale).mean(1))
 
-    with pytest.warns(UserWarning, match=r"the parameters \['pos'\] belong to Model itself"):
+    with pytest.warns(UserWarning, match=r"the parameters \['scale', 'encoder.pos'\] belong to containers"):
         dni = DNI(Model(), hidden_size=4)
-    assert list(dni.wrapped_modules()) == ["body.0"]
+    assert list(dni.wrapped_modules()) == ["proj", "encoder.layers.0", "encoder.layers.2"]
+
+
+def test_recursive_wraps_a_parametrized_layer_and_a_bare_attention_whole():
+    """A ``weight_norm`` layer keeps its parameters in ``.parametrizations``: it is one leaf, not its
+    parametrization list (whose "output" is the weight). An attention module given alone is wrapped whole; its
+    width is known at construction (``embed_dim``), so its synthesizer exists at once."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 8, bias=False)), nn.ReLU(), nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dni = DNI(net, hidden_size=4, diagnostics=True)
+    assert list(dni.wrapped_modules()) == ["0"]
+    F.cross_entropy(dni(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    assert dni.interfaces["0"].last_target.shape == (5, 8)  # the layer's output, not its weight
+    attention = DNI(nn.MultiheadAttention(8, 2), skip_last_layer=False, grad_optim=None)
+    assert list(attention.wrapped_modules()) == [""]
+    assert attention.interfaces["root"].synthesizer.final.out_features == 8  # built at construction
 
 
 def test_a_wrapped_module_that_no_forward_calls_is_reported_once():

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._optim import clear_grads, join_group, optimizer_factory
 from .forward import ForwardInterface
@@ -71,6 +72,8 @@ def _infer_features(module: nn.Module, feature_dim: int) -> int | None:
             return module.out_features
         if isinstance(module, nn.Embedding):
             return module.embedding_dim
+        if isinstance(module, nn.MultiheadAttention):
+            return module.embed_dim
         if isinstance(module, nn.BatchNorm1d):
             return module.num_features
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) >= 1:
@@ -86,6 +89,29 @@ def _infer_features(module: nn.Module, feature_dim: int) -> int | None:
         if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
             return module.num_features
     return None
+
+
+#: Modules that read their children's weights without calling them: ``recursive=True`` wraps them whole.
+_WHOLE = (nn.MultiheadAttention,)
+
+
+def _children(module: nn.Module) -> list[nn.Module]:
+    """``module``'s children, without a parametrized module's ``parametrizations`` (its parameters' home)."""
+    if parametrize.is_parametrized(module):
+        return [c for n, c in module.named_children() if n != "parametrizations"]
+    return list(module.children())
+
+
+def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters ``module`` holds itself, a parametrized module's originals included."""
+    own = list(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        own += [(f"parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()]
+    return own
+
+
+def _holds_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for _, p in _own_parameters(module))
 
 
 def _feature_map_dims(module: nn.Module) -> int:
@@ -170,10 +196,11 @@ class DNI(PlainState):
     """Train a network (or one module) with decoupled neural interfaces and synthetic gradients.
 
     With ``recursive=True`` every leaf module that has trainable parameters gets a
-    :class:`~altgrad.dni.BackwardInterface` on its output; so does a module that holds trainable parameters
-    itself besides its children (``nn.MultiheadAttention``: ``in_proj_weight``, and an ``out_proj`` whose weights
-    it reads without calling it), wrapped whole with its children (the last such module is left to the loss when
-    ``skip_last_layer=True``: an N-layer network gets N−1 interfaces, as in the paper). With
+    :class:`~altgrad.dni.BackwardInterface` on its output (a parametrized layer, such as ``weight_norm``'s, is one
+    leaf); ``nn.MultiheadAttention``, which reads its ``out_proj``'s weights without calling it, is wrapped whole.
+    Parameters that containers hold themselves are not stepped by the wrapper (a warning names them). The last
+    wrapped module is left to the loss when ``skip_last_layer=True``: an N-layer network gets N−1 interfaces, as
+    in the paper. With
     ``recursive=False`` the whole ``net`` is one block with one interface on its output; use it on single
     layers inside your own model.
 
@@ -202,8 +229,8 @@ class DNI(PlainState):
         grad_lr: Learning rate of the synthesizers' optimizer.
         lr: Learning rate of the wrapped modules' optimizer when ``optim`` is a name, a class or ``None``;
             defaults to ``grad_lr`` (pytorch-dni's behaviour).
-        recursive: Wrap every parameterised leaf and parameter-holding container (``True``) or ``net`` as a
-            single block (``False``).
+        recursive: Wrap every parameterised leaf and attention module (``True``) or ``net`` as a single block
+            (``False``).
         skip_last_layer: With ``recursive=True``, leave the last parameterised leaf (in registration order)
             unwrapped so that the loss trains it.
         context_size: Number of context features for conditional DNI (cDNI): pass ``context=`` (one-hot or
@@ -490,25 +517,29 @@ class DNI(PlainState):
                     f"net ({type(net).__name__}) has no trainable parameters: there is nothing to train with DNI"
                 )
             return {"": net}
-        # Every module below the root that holds trainable parameters itself: the parameterised leaves, and
-        # containers with parameters of their own, which are wrapped whole with their children (an
-        # nn.MultiheadAttention holds in_proj_weight and reads out_proj's weights without calling it: wrapping the
-        # leaf out_proj alone would leave in_proj untrained and put an interface where no forward passes).
-        # named_modules() lists a parent before its children.
+        # The parameterised leaves (a parametrized layer, weight_norm's, counts as one: its parameters live in
+        # its .parametrizations), and the modules that read their children's weights without calling them, which
+        # are wrapped whole (_WHOLE: nn.MultiheadAttention holds in_proj_weight and reads out_proj's weights; an
+        # interface on out_proj would see no forward). named_modules() lists a parent before its children.
         leaves: dict[str, nn.Module] = {}
+        unwrapped: list[str] = []  # trainable parameters that containers hold themselves
         for n, m in net.named_modules():
             parts = n.split(".")
-            inside = any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
-            if n and trainable(m, False) and not inside:
+            inside = "" in leaves or any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
+            if inside or "parametrizations" in parts:
+                continue
+            if isinstance(m, _WHOLE) or (not _children(m) and _holds_trainable(m)):
                 leaves[n] = m
-        if not leaves and trainable(net, False) and not any(True for _ in net.children()):
-            leaves = {"": net}  # a single layer
-        elif trainable(net, False):
-            own = [n for n, p in net.named_parameters(recurse=False) if p.requires_grad]
+            elif _holds_trainable(m):
+                unwrapped += [f"{n}.{k}" if n else k for k, p in _own_parameters(m) if p.requires_grad]
+        if "" in leaves:  # net itself is one layer
+            unwrapped = []
+        if unwrapped:
             warnings.warn(
-                f"recursive=True wraps submodules; the parameters {own} belong to {type(net).__name__} itself, so no "
-                "interface trains them and, used below an interface, they get no gradient in 'dni' mode. Move them "
-                "into a submodule, or pick the blocks with modules=[...]",
+                f"recursive=True wraps the layers; the parameters {unwrapped} belong to containers (or to the model "
+                "itself), so the wrapper does not step them: they get their gradient (the synthetic gradient of the "
+                "interface above them, or the loss's) in .grad for your optimizer, as the unwrapped last layer does. "
+                "To have them stepped at once, wrap their module with modules=[...]",
                 UserWarning,
                 stacklevel=3,
             )
