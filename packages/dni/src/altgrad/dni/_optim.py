@@ -55,8 +55,12 @@ def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
 
     One group means one update call per step however many modules' parameters it holds (a group per module
     costs one call each: about 25 µs of Python on CPU). A fused group that cannot take ``params`` (another
-    kind of device or dtype) gets them in a new group without the fused kernel.
+    kind of device or dtype) gets them in a new group without the fused kernel, and an optimizer class with its
+    own ``add_param_group`` (one that sets up state there, say) gets them through it, in a new group.
     """
+    if type(optimizer).add_param_group is not _ADD_PARAM_GROUP:
+        optimizer.add_param_group({"params": params})
+        return
     group = optimizer.param_groups[-1]
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(p) in held for p in params):
@@ -81,6 +85,7 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 _ZERO_GRAD = torch.optim.Optimizer.zero_grad
+_ADD_PARAM_GROUP = torch.optim.Optimizer.add_param_group
 
 
 def optimizer_factory(spec: Any, lr: float, name: str) -> Factory | None:

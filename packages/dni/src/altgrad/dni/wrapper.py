@@ -1104,19 +1104,26 @@ class DNI(PlainState):
         if self._synth_optimizer is not None and state["grad_optimizer"] is not None:
             current = self._synth_optimizer.state_dict()
             groups = [dict(group) for group in current["param_groups"]]
-            values = dict(
-                current["state"]
-            )  # a synthesizer the checkpoint did not have yet keeps its fresh state
-            options_from: set[int] = set()
+            # a synthesizer the checkpoint did not have yet keeps its fresh state
+            values = dict(current["state"])
+            options_from: dict[
+                int, str
+            ] = {}  # a group's options (learning rate...): its first saved synthesizer's
             for name, g, ids in self._synth_slices(current["param_groups"]):
                 saved = state["grad_optimizer"].get(name)
                 if saved is None:
                     continue
-                if (
-                    g not in options_from
-                ):  # a group's options (learning rate...) from its first saved synthesizer
-                    options_from.add(g)
+                if g not in options_from:
+                    options_from[g] = name
                     groups[g] = {**saved["options"], "params": groups[g]["params"]}
+                elif saved["options"] != {k: v for k, v in groups[g].items() if k != "params"}:
+                    warnings.warn(
+                        f"the checkpoint's synthesizers {options_from[g]!r} and {name!r} have different optimizer "
+                        f"options (one parameter group each, as saved by an earlier version); they share one group "
+                        f"here and get {options_from[g]!r}'s",
+                        UserWarning,
+                        stacklevel=3,
+                    )
                 for i, v in zip(ids, saved["state"], strict=True):
                     if v is None:
                         values.pop(i, None)
