@@ -143,7 +143,8 @@ def make_with(grad_optim: str | None) -> DNI:
 def test_a_copy_between_backward_and_the_next_forward_changes_nothing_and_trains_on_its_own():
     """The wrapper holds graph-connected (prediction, gradient) pairs between the backward pass and its next
     synthesizer step; ``copy.deepcopy`` cannot copy those, so copying back-propagates them first: the original
-    trains exactly as if it had not been copied, and the copy trains."""
+    trains exactly as if it had not been copied, and the copy trains as the original does (the synthesizers'
+    pending update travels with it: nn.Parameter's deepcopy drops .grad, which lost it before)."""
     x, y = data()
     runs = []
     for copy_it in (True, False):
@@ -152,12 +153,14 @@ def test_a_copy_between_backward_and_the_next_forward_changes_nothing_and_trains
         if copy_it:
             twin = copy.deepcopy(dni)
             F.cross_entropy(twin(x), y).backward()
-            twin(x)
+            twin.step_synthesizers()
+            runs.append([p.detach().clone() for p in twin.parameters()])
         F.cross_entropy(dni(x), y).backward()
         dni.step_synthesizers()
         runs.append([p.detach().clone() for p in dni.parameters()])
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)  # exact: the same ops from the same state
+    for twin, original, alone in zip(*runs, strict=True):
+        assert torch.equal(original, alone)  # exact: the same ops from the same state
+        assert torch.equal(twin, alone)  # exact: the same ops from a copied state
 
 
 def test_one_optimizer_after_backward_trains_as_the_per_module_steps():
@@ -438,3 +441,25 @@ def test_checkpoint_synthesizer_options_and_empty_states_load_as_saved():
     ):
         trained.load_state_dict(old)
     assert trained.grad_optimizer.param_groups[0]["lr"] == 1e-2  # exact: the saved value itself
+
+
+def test_loading_a_checkpoint_drops_the_update_the_wrapper_had_pending():
+    """A wrapper that trained and then loads a checkpoint continues exactly as the run that saved it (review):
+    the synthesizers' update its own last backward left pending belongs to the replaced state (the next forward
+    applied it to the loaded synthesizers), and the loaded optimizer states are its own (torch's
+    Optimizer.load_state_dict keeps the tensors, so the two wrappers shared their Adam moments and each step moved
+    both)."""
+    x, y = data()
+    saver = make_with("adam")
+    for _ in range(2):
+        F.cross_entropy(saver(x), y).backward()
+    state = saver.state_dict()  # applies the saver's pending update first
+    loader = make_with("adam")
+    for _ in range(3):
+        F.cross_entropy(loader(x[1:]), y[1:]).backward()  # other data: a pending update of its own
+    loader.load_state_dict(state)
+    for dni in (saver, loader):
+        F.cross_entropy(dni(x), y).backward()
+        dni.step_synthesizers()
+    for a, b in zip(loader.parameters(), saver.parameters(), strict=True):
+        assert torch.equal(a, b)  # exact: the same ops from the same state

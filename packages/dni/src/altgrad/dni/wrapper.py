@@ -7,6 +7,7 @@ wrapped module's output with the interface's output; no module backward hooks ar
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
 import warnings
@@ -454,6 +455,9 @@ class DNI(PlainState):
         state = self.__dict__.copy()
         state["_param_hooks"] = []
         state["_ready"] = None
+        if self._synth_optimizer is not None:
+            # the synthesizers' pending update; nn.Parameter's deepcopy drops .grad, so it travels beside them
+            state["_synth_grads"] = [p.grad for g in self._synth_optimizer.param_groups for p in g["params"]]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -462,7 +466,12 @@ class DNI(PlainState):
         The forward hooks live on the (copied) submodules and are bound to the copied wrapper; the optimizers
         are copied together with the parameters they hold, so they step the copy's parameters.
         """
+        grads = state.pop("_synth_grads", None)
         super().__setstate__(state)
+        if grads is not None and self._synth_optimizer is not None:
+            params = [p for g in self._synth_optimizer.param_groups for p in g["params"]]
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
         # Copies pickled by earlier versions: attributes added since, and _ready's meaning (None: not in a hook).
         self.__dict__.setdefault("_eval_grads", False)
         self.__dict__.setdefault("_unseen", None)
@@ -1082,6 +1091,18 @@ class DNI(PlainState):
             raise ValueError(f"unrecognised DNI extra state: {state!r}")
         if state["version"] == 2:
             self._check_optimizer_names(state)
+        # The optimizer states are loaded into the optimizers as they are (torch's Optimizer.load_state_dict keeps
+        # the tensors): a copy, so that this wrapper does not share its moments with the one that saved them (or
+        # with another wrapper loading the same dict), as nn.Module.load_state_dict copies the weights.
+        state = {
+            **state,
+            "optimizers": copy.deepcopy(state.get("optimizers")),
+            "grad_optimizer": copy.deepcopy(state.get("grad_optimizer")),
+        }
+        # The update this wrapper's own last backward left pending belongs to the state being replaced: drop it.
+        self._deferred.clear()
+        if self._synth_optimizer is not None:
+            clear_grads(self._synth_optimizer)
         self.num_steps = int(state["num_steps"])
         for name, module in self._wrapped.items():
             key = _key(name)
