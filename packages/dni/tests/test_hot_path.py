@@ -302,9 +302,11 @@ def test_a_parameter_the_fused_group_cannot_take_gets_its_own_group():
     assert len(opt.param_groups) == 1
     assert len(opt.param_groups[0]["params"]) == 2
     meta = nn.Parameter(torch.zeros(2, device="meta"))  # no fused kernel on this device
+    opt.param_groups[0]["lr"] = 0.125  # as a learning-rate scheduler sets it
     join_group(opt, [meta])
     assert len(opt.param_groups) == 2
     assert opt.param_groups[1]["fused"] is None
+    assert opt.param_groups[1]["lr"] == 0.125  # exact: the option copied, not the constructor's
     with pytest.raises(ValueError, match="already in the optimizer"):
         join_group(opt, [a])
 

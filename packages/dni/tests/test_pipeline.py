@@ -396,3 +396,16 @@ def test_split_sequential_and_bad_arguments():
         split_sequential(model, [0])
     with pytest.raises(TypeError, match=r"nn\.Sequential"):
         split_sequential(nn.Linear(2, 2), [1])
+
+
+def test_only_trainable_parameters_shared_between_stages_are_refused():
+    """A frozen parameter shared by two stages (a fixed embedding, say) cannot drift apart: allowed."""
+    from altgrad.dni.pipeline import _check_no_shared_parameters
+
+    shared = nn.Linear(4, 4)
+    stages = [nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.Linear(4, 2))]
+    with pytest.raises(ValueError, match="stages 0 and 1 share a parameter"):
+        _check_no_shared_parameters(stages)
+    shared.requires_grad_(False)
+    _check_no_shared_parameters(stages)
+    _check_no_shared_parameters([lambda: shared, lambda: shared])  # builders: not seen here (documented)

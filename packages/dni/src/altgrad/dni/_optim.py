@@ -58,15 +58,17 @@ def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
     kind of device or dtype) gets them in a new group without the fused kernel, and an optimizer class with its
     own ``add_param_group`` (one that sets up state there, say) gets them through it, in a new group.
     """
-    if type(optimizer).add_param_group is not _ADD_PARAM_GROUP:
-        optimizer.add_param_group({"params": params})
-        return
     group = optimizer.param_groups[-1]
+    # a new group takes the last group's options as they are now (a scheduled learning rate, say)
+    options = {k: v for k, v in group.items() if k != "params"}
+    if type(optimizer).add_param_group is not _ADD_PARAM_GROUP:
+        optimizer.add_param_group({**options, "params": params})
+        return
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(p) in held for p in params):
         raise ValueError("some parameters are already in the optimizer")  # as add_param_group says
     if group.get("fused") and not _fusable([*group["params"], *params]):
-        optimizer.add_param_group({"params": params, "fused": None})
+        optimizer.add_param_group({**options, "params": params, "fused": None})
         return
     group["params"].extend(params)
 

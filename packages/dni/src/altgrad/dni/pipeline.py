@@ -100,6 +100,8 @@ def _check_no_shared_parameters(stages: Sequence[Any]) -> None:
         if not isinstance(stage, nn.Module):
             continue
         for name, p in stage.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:  # a frozen copy cannot drift apart
+                continue
             first = owner.setdefault(id(p), (k, name))
             if first[0] != k:
                 raise ValueError(

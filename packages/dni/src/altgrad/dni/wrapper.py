@@ -886,9 +886,9 @@ class DNI(PlainState):
             if unseen:
                 warnings.warn(
                     f"the wrapped modules {sorted(unseen)} were not called in the first training forward, so their "
-                    "interfaces train nothing (a module whose weights another module reads without calling it, as "
-                    "nn.MultiheadAttention reads its out_proj, or a branch not taken); wrap the module that calls "
-                    "them (modules=[...])",
+                    "interfaces trained nothing in it (a module whose weights another module reads without calling "
+                    "it, as nn.MultiheadAttention reads its out_proj, never gets its interface; a branch not taken "
+                    "does when it runs); wrap the module that calls them (modules=[...])",
                     UserWarning,
                     stacklevel=2,
                 )
