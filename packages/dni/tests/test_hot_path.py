@@ -465,3 +465,23 @@ def test_loading_a_checkpoint_drops_the_update_the_wrapper_had_pending():
         dni.step_synthesizers()
     for a, b in zip(loader.parameters(), saver.parameters(), strict=True):
         assert torch.equal(a, b)  # exact: the same ops from the same state
+
+
+def test_a_group_the_user_adds_to_the_synthesizers_optimizer_changes_no_checkpoint_entry():
+    """A synthesizer built later joins the optimizer's first group (the wrapper's), not a group the user added;
+    the checkpoint finds each synthesizer's state by its parameters, not by their order."""
+    x, y = data()
+    dni = DNI(lazy_net(), hidden_size=4, grad_lr=1e-2, lr=1e-2, modules=["0", "1"])
+    extra = nn.Parameter(torch.ones(3))
+    dni.grad_optimizer.add_param_group({"params": [extra], "lr": 0.5})
+    for _ in range(2):
+        F.cross_entropy(dni(x), y).backward()
+        extra.grad = torch.ones(3)
+    saved = dni.state_dict()["_extra_state"]["grad_optimizer"]
+    assert dni.grad_optimizer.param_groups[0]["params"] == list(dni.synthesizer_parameters())
+    for key, iface in dni.interfaces.items():
+        entry = saved[f"interfaces.{key}"]
+        assert entry["options"]["lr"] == 1e-2  # exact: the wrapper's group's option
+        for p, state in zip(iface.synthesizer.parameters(), entry["state"], strict=True):
+            for name, value in dni.grad_optimizer.state[p].items():
+                assert torch.equal(state[name], value)  # exact: the state itself

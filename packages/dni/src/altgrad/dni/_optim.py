@@ -51,15 +51,15 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool:
 
 
 def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """Add ``params`` to ``optimizer``'s last parameter group, with that group's options.
+    """Add ``params`` to ``optimizer``'s first parameter group (the one it was built with), with its options.
 
     One group means one update call per step however many modules' parameters it holds (a group per module
     costs one call each: about 25 µs of Python on CPU). A fused group that cannot take ``params`` (another
     kind of device or dtype) gets them in a new group without the fused kernel, and an optimizer class with its
     own ``add_param_group`` (one that sets up state there, say) gets them through it, in a new group.
     """
-    group = optimizer.param_groups[-1]
-    # a new group takes the last group's options as they are now (a scheduled learning rate, say)
+    group = optimizer.param_groups[0]
+    # a new group takes the first group's options as they are now (a scheduled learning rate, say)
     options = {k: v for k, v in group.items() if k != "params"}
     if type(optimizer).add_param_group is not _ADD_PARAM_GROUP:
         optimizer.add_param_group({**options, "params": params})

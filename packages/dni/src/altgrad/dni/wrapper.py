@@ -1033,13 +1033,20 @@ class DNI(PlainState):
 
     # ------------------------------------------------------------------ state
     def _synth_slices(self, groups: list[dict[str, Any]]) -> Iterator[tuple[str, int, list[Any]]]:
-        """``(synthesizer name, group index, its parameters' ids)`` over a ``state_dict()``'s param groups."""
+        """``(synthesizer name, group index, its parameters' ids)`` over a ``state_dict()``'s param groups.
+
+        Found by the parameters themselves, not by their order, so a group a user added to the optimizer (or
+        parameters appended to one) cannot shift a synthesizer onto another's state.
+        """
+        assert self._synth_optimizer is not None
         flat = [(g, i) for g, group in enumerate(groups) for i in group["params"]]
-        start = 0
-        for name, count in self._synth_owners:
-            part = flat[start : start + count]
-            start += count
-            yield name, part[0][0], [i for _, i in part]
+        live = [p for group in self._synth_optimizer.param_groups for p in group["params"]]
+        where = {id(p): flat[k] for k, p in enumerate(live)}
+        for name, _ in self._synth_owners:
+            synth = cast(nn.Module, self.get_submodule(name)._modules["synthesizer"])
+            part = [where[id(p)] for p in synth.parameters() if p.requires_grad and id(p) in where]
+            if part:
+                yield name, part[0][0], [i for _, i in part]
 
     def get_extra_state(self) -> dict[str, Any]:
         """Everything besides the weights that determines the next step, keyed by name.
