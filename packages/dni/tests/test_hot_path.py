@@ -325,7 +325,7 @@ def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints():
     for p in (p for ps in per_synth for p in ps):
         legacy.state[p] = old.state[p]
     dni._synth_optimizer = legacy
-    dni.__dict__["_synth_groups"] = [name for name, _ in dni.__dict__.pop("_synth_owners")]
+    dni.__dict__["_synth_groups"] = dni.__dict__.pop("_synth_owners")
     copied = copy.deepcopy(dni)
     assert "_synth_groups" not in copied.__dict__
     got = copied.state_dict()["_extra_state"]["grad_optimizer"]

@@ -376,8 +376,8 @@ class DNI(PlainState):
         self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
         self._grad_optim = optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
         self._synth_optimizer: torch.optim.Optimizer | None = None
-        # (name, number of parameters) of each synthesizer, in the order of _synth_optimizer's parameters
-        self._synth_owners: list[tuple[str, int]] = []
+        # the names of the synthesizers _synth_optimizer steps (its checkpoint entries), in creation order
+        self._synth_owners: list[str] = []
         # The synthesizers' loss gradients, collected by the interfaces as their targets arrive and back-propagated
         # together at the end of the backward pass (when the wrapper steps the synthesizers itself).
         self._deferred = DeferredGradients()
@@ -481,10 +481,14 @@ class DNI(PlainState):
             for key in self.interfaces:
                 if self._grad_optim is not None:
                     self._iface(key)._deferred = self._deferred
-        if "_synth_owners" not in self.__dict__:  # one param group per synthesizer before
-            groups = self._synth_optimizer.param_groups if self._synth_optimizer is not None else []
-            names = self.__dict__.pop("_synth_groups", [])
-            self._synth_owners = [(n, len(g["params"])) for n, g in zip(names, groups, strict=True)]
+        if (
+            "_synth_owners" not in self.__dict__
+        ):  # earlier versions: a param group per synthesizer, or no record
+            names = self.__dict__.pop("_synth_groups", None)
+            if names is None and self._grad_optim is not None:
+                kinds = ("interfaces", "forward_interfaces")
+                names = [f"{kind}.{key}" for kind in kinds for key in getattr(self, kind)]
+            self._synth_owners = list(names or [])
         if "_by_name" not in self.__dict__:
             self._by_name = {
                 n: (self._iface(_key(n)), self._features[_key(n)])
@@ -582,7 +586,7 @@ class DNI(PlainState):
                 self._synth_optimizer = self._grad_optim(params)
             else:
                 join_group(self._synth_optimizer, params)
-            self._synth_owners.append((group, len(params)))
+            self._synth_owners.append(group)
         return synth
 
     def _build_forward(self, name: str, trigger_features: int, module: nn.Module) -> ForwardInterface:
@@ -1042,7 +1046,7 @@ class DNI(PlainState):
         flat = [(g, i) for g, group in enumerate(groups) for i in group["params"]]
         live = [p for group in self._synth_optimizer.param_groups for p in group["params"]]
         where = {id(p): flat[k] for k, p in enumerate(live)}
-        for name, _ in self._synth_owners:
+        for name in self._synth_owners:
             synth = cast(nn.Module, self.get_submodule(name)._modules["synthesizer"])
             part = [where[id(p)] for p in synth.parameters() if p.requires_grad and id(p) in where]
             if part:
@@ -1170,7 +1174,7 @@ class DNI(PlainState):
                 f"{sorted(names)}: it was saved from a wrapper with other modules or update_modules setting"
             )
         synth = state["grad_optimizer"] or {}
-        known = {f"interfaces.{k}" for k in state["features"]} | {name for name, _ in self._synth_owners}
+        known = {f"interfaces.{k}" for k in state["features"]} | set(self._synth_owners)
         known |= {f"forward_interfaces.{k}" for k in state.get("trigger_features", {})}
         unknown = sorted(set(synth) - known)
         if unknown or (synth and self._grad_optim is None):
