@@ -311,8 +311,10 @@ def test_a_parameter_the_fused_group_cannot_take_gets_its_own_group():
         join_group(opt, [a])
 
 
-def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints():
-    """Copies pickled by earlier versions hold one param group per synthesizer (and ``_synth_groups``)."""
+@pytest.mark.parametrize("record", ["groups", "none"])
+def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints(record):
+    """Copies pickled by earlier versions hold one param group per synthesizer, with their names in
+    ``_synth_groups`` or (before that) no record of them at all."""
     x, y = data()
     dni = DNI(lazy_net(), hidden_size=4, grad_lr=1e-2, lr=1e-2, modules=["0", "1"])
     for _ in range(2):
@@ -325,7 +327,9 @@ def test_a_copy_pickled_with_a_group_per_synthesizer_still_checkpoints():
     for p in (p for ps in per_synth for p in ps):
         legacy.state[p] = old.state[p]
     dni._synth_optimizer = legacy
-    dni.__dict__["_synth_groups"] = dni.__dict__.pop("_synth_owners")
+    names = dni.__dict__.pop("_synth_owners")
+    if record == "groups":
+        dni.__dict__["_synth_groups"] = names
     copied = copy.deepcopy(dni)
     assert "_synth_groups" not in copied.__dict__
     got = copied.state_dict()["_extra_state"]["grad_optimizer"]
