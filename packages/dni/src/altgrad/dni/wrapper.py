@@ -107,7 +107,8 @@ def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters ``module`` holds itself, a parametrized module's originals included."""
     own = list(module.named_parameters(recurse=False))
     if parametrize.is_parametrized(module):
-        own += [(f"parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()]
+        lists = cast(nn.Module, module.parametrizations)
+        own += [(f"parametrizations.{n}", p) for n, p in lists.named_parameters()]
     return own
 
 
