@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import Conv1dDNI, LinearDNI
+from altgrad.dni import Conv1dDNI, LinearBatchNormDNI, LinearDNI
 from altgrad.dni.pipeline import DecoupledPipeline
 
 STEPS, SPLIT, CLASSES = 6, 3, 4
@@ -257,6 +257,43 @@ def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
     return out
 
 
+def bn_synth_init() -> dict[str, torch.Tensor]:
+    """Non-zero weights for a LinearBatchNormDNI synthetic-gradient model (batch norm in the synthesizer)."""
+    torch.manual_seed(4)
+    synth = LinearBatchNormDNI(12 + CLASSES, HIDDEN, 12, num_layers=1)
+    with torch.no_grad():
+        synth.final.weight.normal_(0.0, 0.1)
+    return synth.state_dict()
+
+
+def bn_unlocked_run() -> list[dict[str, torch.Tensor]]:
+    """Forward unlocking at staleness 0 with batch-norm synthesizers (both kinds): a snapshot after every step."""
+    pipe = DecoupledPipeline(
+        stages(),
+        F.cross_entropy,
+        "adam",
+        lr=1e-2,
+        hidden_size=HIDDEN,
+        dni_network=LinearBatchNormDNI,
+        dni_params={"num_layers": 1},
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=CLASSES,
+        staleness=0,
+        failure_timeout=2.0,
+        synthetic_inputs=True,
+    )
+    if pipe.interface is not None:
+        pipe.interface.synthesizer.load_state_dict(bn_synth_init())
+    torch.manual_seed(FORWARD_SEED)
+    steps = []
+    for x, y in batches():
+        pipe.step(x, y)
+        pipe.flush()
+        steps.append(snapshot(pipe))
+    return steps
+
+
 def unlocked(rank: int, tmp: str) -> None:
     """Forward unlocking: two runs (one with delays), a resumed run, bad arguments (one spawn)."""
     dist.init_process_group(
@@ -290,6 +327,7 @@ def unlocked(rank: int, tmp: str) -> None:
     result["resumed_applied"] = resumed.inputs_applied
     result["saved_keys"] = sorted(torch.load(f"{tmp}/plain.pt", weights_only=True)["stages"][rank])
     dist.barrier()
+    result["bn_steps"] = bn_unlocked_run()
     result["bad"] = bad_arguments(rank)
     torch.save(result, f"{tmp}/rank{rank}.pt")
     dist.barrier()

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from altgrad.dni import DNI, Conv1dDNI, LinearDNI
+from altgrad.dni import DNI, Conv1dDNI, LinearBatchNormDNI, LinearDNI
 from altgrad.dni._optim import optimizer_factory
 from altgrad.dni.pipeline import split_sequential
 
@@ -249,17 +249,24 @@ def _synth(net: nn.Module, *parts: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def unlocked_reference() -> list[list[dict[str, torch.Tensor]]]:
+def _again(net: nn.Module, *parts: torch.Tensor) -> torch.Tensor:
+    """A recomputed prediction: the running statistics (batch norm) counted the batch at the first one."""
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    out = torch.func.functional_call(net, buffers, (torch.cat(parts, 1), None))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def unlocked_reference(cls=LinearDNI, m_state=None) -> list[list[dict[str, torch.Tensor]]]:
     """Forward unlocking at staleness 0, written out in one process with plain torch: one snapshot per step.
 
     Stage 0 is stepped from ``M(h0, y)``; stage 1 runs on ``ĥ = I(x, y)`` only (no step on the real h0) and its
     gradient at ``ĥ`` is ``M``'s target, regressed at the real ``h0``; ``I`` is regressed onto the real ``h0``.
     """
     first, second = w.stages(0)
-    m = LinearDNI(12 + w.CLASSES, w.HIDDEN, 12, num_layers=1)
-    m.load_state_dict(w.synth_init())
+    m = cls(12 + w.CLASSES, w.HIDDEN, 12, num_layers=1)
+    m.load_state_dict(m_state if m_state is not None else w.synth_init())
     torch.manual_seed(w.FORWARD_SEED)  # as the worker does before stage 1 builds I at its first step
-    i = LinearDNI(6 + w.CLASSES, w.HIDDEN, 12, num_layers=1)
+    i = cls(6 + w.CLASSES, w.HIDDEN, 12, num_layers=1)
     factory = optimizer_factory("adam", 1e-2, "optim")
     assert factory is not None
     opts = [factory(list(net.parameters())) for net in (first, second, m, i)]
@@ -275,8 +282,8 @@ def unlocked_reference() -> list[list[dict[str, torch.Tensor]]]:
         h_hat.requires_grad_(True)
         F.cross_entropy(second(h_hat), y).backward()
         g = h_hat.grad
-        (_synth(m, h0.detach(), c) - g).pow(2).sum().div(len(x)).backward()  # M's target, at the real h0
-        (_synth(i, x, c) - h0.detach()).pow(2).sum().div(len(x)).backward()  # I's target: the real h0
+        (_again(m, h0.detach(), c) - g).pow(2).sum().div(len(x)).backward()  # M's target, at the real h0
+        (_again(i, x, c) - h0.detach()).pow(2).sum().div(len(x)).backward()  # I's target: the real h0
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -301,6 +308,16 @@ def test_synthetic_inputs_at_staleness_0_match_the_single_process_schedule_step_
                 torch.testing.assert_close(
                     value, ref[step][rank][key], rtol=1e-5, atol=1e-6, msg=f"{key}@{step}"
                 )
+
+
+def test_batch_norm_synthesizers_count_each_batch_once(unlocked):
+    """Forward unlocking with batch norm in both synthesizers (LinearBatchNormDNI, the paper's FCN synthesizer):
+    their predictions are recomputed when the real input and the target arrive, on throwaway copies of the running
+    statistics, so every weight and running statistic equals the written-out schedule in which each batch counts
+    once (before, batch norm was refused)."""
+    ref = unlocked_reference(LinearBatchNormDNI, w.bn_synth_init())
+    assert_steps_match([unlocked[r]["bn_steps"] for r in range(2)], ref)
+    assert any("running_mean" in key for key in unlocked[1]["bn_steps"][-1])
 
 
 def test_synthetic_inputs_forward_synthesizer_learns(unlocked):

@@ -111,8 +111,16 @@ def _check_no_shared_parameters(stages: Sequence[Any]) -> None:
                 )
 
 
-def _has(module: nn.Module, kinds: tuple[type, ...]) -> bool:
-    return any(isinstance(m, kinds) for m in module.modules())
+def _scratch(module: nn.Module, prefix: str, args: tuple[Any, ...]) -> Any:
+    """``module(*args)`` with the buffers under ``prefix`` (running statistics) replaced by throwaway copies.
+
+    A recomputed prediction: the batch was counted in the running statistics when the prediction was first
+    made, and must not be counted again.
+    """
+    buffers = {name: b.clone() for name, b in module.named_buffers() if name.startswith(prefix)}
+    if not buffers:
+        return module(*args)
+    return torch.func.functional_call(module, buffers, args)
 
 
 def _input_features(module: nn.Module) -> int | None:
@@ -340,11 +348,11 @@ class DecoupledPipeline:
             output_size=self._input_features,
             **self.dni_params,
         )
-        if _has(synth, (nn.modules.batchnorm._BatchNorm,)) or hasattr(synth, "rnn"):
+        if hasattr(synth, "rnn"):
             raise ValueError(
-                f"synthetic_inputs with dni_network={type(synth).__name__}: it has batch norm or recurrent state; "
-                "the forward synthesizer's prediction is recomputed when the real input arrives, so it needs a "
-                "stateless synthesizer such as LinearDNI"
+                f"synthetic_inputs with dni_network={type(synth).__name__}: it has recurrent state; the forward "
+                "synthesizer predicts each batch's input on its own, so it needs a feed-forward synthesizer such as "
+                "LinearDNI"
             )
         ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
         synth = synth.to(device=self.device, dtype=ref.dtype if ref is not None else None)
@@ -518,10 +526,9 @@ class DecoupledPipeline:
         iface = self.interface
         assert iface is not None
         synth = cast(nn.Module, iface._modules["synthesizer"])
-        buffers = {name: b.clone() for name, b in synth.named_buffers()}
-        if not buffers:
+        if not any(True for _ in synth.buffers()):
             return iface._call(x, None, (h,))[0]
-        out = torch.func.functional_call(synth, buffers, (x, None))
+        out = _scratch(synth, "", (x, None))
         return out[0] if isinstance(out, tuple) else out  # the forward checked this shape already
 
     def _train_forward(self, upto: int) -> None:
@@ -531,7 +538,8 @@ class DecoupledPipeline:
             h = self._recv(self.stage - 1, batch)
             iface = self.forward_interface
             assert iface is not None
-            iface(h, trigger, labels)  # recomputed prediction, loss ‖ĥ − h‖² / B, backward, optimizer step
+            # recomputed prediction, loss ‖ĥ − h‖² / B, backward, optimizer step; running statistics: see _scratch
+            _scratch(iface, "synthesizer.", (h, trigger, labels))
             self.inputs_applied += 1
 
     def _synthetic_input(self, batch: int, x: Tensor | None, context: Tensor | None) -> Tensor:
