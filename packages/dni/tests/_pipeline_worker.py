@@ -35,13 +35,19 @@ def batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def synth_init(seed: int = 1) -> dict[str, torch.Tensor]:
+def nonzero_init(
+    cls: type[nn.Module], inputs: int, outputs: int, seed: int, **params
+) -> dict[str, torch.Tensor]:
     """Non-zero synthesizer weights (a fresh one predicts 0), shared by the pipeline and the reference."""
     torch.manual_seed(seed)
-    synth = LinearDNI(12 + CLASSES, HIDDEN, 12, num_layers=1)
+    synth = cls(inputs, HIDDEN, outputs, num_layers=1, **params)
     with torch.no_grad():
         synth.final.weight.normal_(0.0, 0.1)
     return synth.state_dict()
+
+
+def synth_init(seed: int = 1) -> dict[str, torch.Tensor]:
+    return nonzero_init(LinearDNI, 12 + CLASSES, 12, seed)
 
 
 def pipeline(
@@ -106,38 +112,45 @@ def conv_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def conv_synth_init() -> dict[str, torch.Tensor]:
-    """Non-zero weights for the Conv1dDNI (with batch norm) of the conv cut, shared with the reference."""
-    torch.manual_seed(2)
-    synth = Conv1dDNI(5 + CLASSES, HIDDEN, 5, num_layers=1, kernel_size=3)
-    with torch.no_grad():
-        synth.final.weight.normal_(0.0, 0.1)
-    return synth.state_dict()
+    """The Conv1dDNI (with batch norm) of the conv cut."""
+    return nonzero_init(Conv1dDNI, 5 + CLASSES, 5, 2, kernel_size=3)
 
 
-def conv_run() -> list[dict[str, torch.Tensor]]:
-    """The conv net at staleness 0 with a batch-norm convolutional synthesizer: a snapshot after every step."""
+def staleness0_steps(
+    stage_list, dni_network, dni_params, synth_state, data, **kwargs
+) -> list[dict[str, torch.Tensor]]:
+    """A pipeline at staleness 0 (flushed after every batch): a snapshot after every step."""
     pipe = DecoupledPipeline(
-        conv_stages(),
+        stage_list,
         F.cross_entropy,
         "adam",
         lr=1e-2,
         hidden_size=HIDDEN,
-        dni_network=Conv1dDNI,
-        dni_params={"num_layers": 1, "kernel_size": 3},
+        dni_network=dni_network,
+        dni_params=dni_params,
         grad_optim="adam",
         grad_lr=1e-2,
         context_size=CLASSES,
         staleness=0,
         failure_timeout=2.0,
+        **kwargs,
     )
     if pipe.interface is not None:
-        pipe.interface.synthesizer.load_state_dict(conv_synth_init())
-    out = []
-    for x, y in conv_batches():
+        pipe.interface.synthesizer.load_state_dict(synth_state)
+    torch.manual_seed(FORWARD_SEED)  # a forward synthesizer is built at stage 1's first step
+    steps = []
+    for x, y in data:
         pipe.step(x, y)
         pipe.flush()
-        out.append(snapshot(pipe))
-    return out
+        steps.append(snapshot(pipe))
+    return steps
+
+
+def conv_run() -> list[dict[str, torch.Tensor]]:
+    """The conv net at staleness 0 with a batch-norm convolutional synthesizer."""
+    return staleness0_steps(
+        conv_stages(), Conv1dDNI, {"num_layers": 1, "kernel_size": 3}, conv_synth_init(), conv_batches()
+    )
 
 
 def run(rank: int, tmp: str) -> None:
@@ -258,40 +271,15 @@ def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
 
 
 def bn_synth_init() -> dict[str, torch.Tensor]:
-    """Non-zero weights for a LinearBatchNormDNI synthetic-gradient model (batch norm in the synthesizer)."""
-    torch.manual_seed(4)
-    synth = LinearBatchNormDNI(12 + CLASSES, HIDDEN, 12, num_layers=1)
-    with torch.no_grad():
-        synth.final.weight.normal_(0.0, 0.1)
-    return synth.state_dict()
+    """A LinearBatchNormDNI synthetic-gradient model (batch norm in the synthesizer)."""
+    return nonzero_init(LinearBatchNormDNI, 12 + CLASSES, 12, 4)
 
 
 def bn_unlocked_run() -> list[dict[str, torch.Tensor]]:
-    """Forward unlocking at staleness 0 with batch-norm synthesizers (both kinds): a snapshot after every step."""
-    pipe = DecoupledPipeline(
-        stages(),
-        F.cross_entropy,
-        "adam",
-        lr=1e-2,
-        hidden_size=HIDDEN,
-        dni_network=LinearBatchNormDNI,
-        dni_params={"num_layers": 1},
-        grad_optim="adam",
-        grad_lr=1e-2,
-        context_size=CLASSES,
-        staleness=0,
-        failure_timeout=2.0,
-        synthetic_inputs=True,
+    """Forward unlocking at staleness 0 with batch-norm synthesizers (both kinds)."""
+    return staleness0_steps(
+        stages(), LinearBatchNormDNI, {"num_layers": 1}, bn_synth_init(), batches(), synthetic_inputs=True
     )
-    if pipe.interface is not None:
-        pipe.interface.synthesizer.load_state_dict(bn_synth_init())
-    torch.manual_seed(FORWARD_SEED)
-    steps = []
-    for x, y in batches():
-        pipe.step(x, y)
-        pipe.flush()
-        steps.append(snapshot(pipe))
-    return steps
 
 
 def unlocked(rank: int, tmp: str) -> None:
