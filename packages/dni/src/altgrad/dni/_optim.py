@@ -50,6 +50,16 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool:
     )
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """Every parameter ``optimizer`` holds, group by group (the order of its ``state_dict()`` ids)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def group_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's options (learning rate, betas...): everything but its ``params``."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
 def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """Add ``params`` to ``optimizer``'s first parameter group (the one it was built with), with its options.
 
@@ -60,11 +70,11 @@ def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
     """
     group = optimizer.param_groups[0]
     # a new group takes the first group's options as they are now (a scheduled learning rate, say)
-    options = {k: v for k, v in group.items() if k != "params"}
+    options = group_options(group)
     if type(optimizer).add_param_group is not _ADD_PARAM_GROUP:
         optimizer.add_param_group({**options, "params": params})
         return
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    held = {id(p) for p in optimizer_params(optimizer)}
     if any(id(p) in held for p in params):
         raise ValueError("some parameters are already in the optimizer")  # as add_param_group says
     if group.get("fused") and not _fusable([*group["params"], *params]):
@@ -81,9 +91,8 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
     if type(optimizer).zero_grad is not _ZERO_GRAD:
         optimizer.zero_grad(set_to_none=True)
         return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
+    for p in optimizer_params(optimizer):
+        p.grad = None
 
 
 _ZERO_GRAD = torch.optim.Optimizer.zero_grad

@@ -54,7 +54,7 @@ from ._optim import clear_grads, optimizer_factory
 from .forward import ForwardInterface
 from .interface import BackwardInterface, one_hot_labels
 from .synthesizers import LinearDNI
-from .wrapper import _SHAPE_PRESERVING, _infer_features, check_synthesizer_fits
+from .wrapper import _SHAPE_PRESERVING, _infer_features, check_feature_dim, check_synthesizer_fits
 
 __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
@@ -507,7 +507,7 @@ class DecoupledPipeline:
             iface = self.interface
             assert iface is not None
             x = iface._synth_input((h,), labels)  # labels: the context as encoded at the forward (_step)
-            pred = self._recompute(x, h)
+            pred = self._recompute(x)
             torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
             iface._observe(pred, target, h.shape[iface.batch_dim])
             self.targets_applied += 1
@@ -517,7 +517,7 @@ class DecoupledPipeline:
             self.grad_optimizer.step()
             clear_grads(self.grad_optimizer)
 
-    def _recompute(self, x: Tensor, h: Tensor) -> Tensor:
+    def _recompute(self, x: Tensor) -> Tensor:
         """The synthesizer's prediction for ``x`` again, at its current weights, with a graph to train it.
 
         The forward already counted the batch in the synthesizer's running statistics (batch norm); the
@@ -525,10 +525,7 @@ class DecoupledPipeline:
         """
         iface = self.interface
         assert iface is not None
-        synth = cast(nn.Module, iface._modules["synthesizer"])
-        if not any(True for _ in synth.buffers()):
-            return iface._call(x, None, (h,))[0]
-        out = _scratch(synth, "", (x, None))
+        out = _scratch(cast(nn.Module, iface._modules["synthesizer"]), "", (x, None))
         return out[0] if isinstance(out, tuple) else out  # the forward checked this shape already
 
     def _train_forward(self, upto: int) -> None:
@@ -615,11 +612,7 @@ class DecoupledPipeline:
                     "returns its output sequence, out[0])"
                 )
             if self.interface is None:
-                if not -h.dim() <= self._feature_dim < h.dim():
-                    raise ValueError(
-                        f"stage {self.stage} produced an activation of shape {tuple(h.shape)}, which has no feature "
-                        f"dimension {self._feature_dim} for {self.dni_network.__name__}"
-                    )
+                check_feature_dim(f"stage {self.stage}", h, self._feature_dim, self.dni_network)
                 self._build(h.shape[self._feature_dim])
             iface = self.interface
             assert iface is not None

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._optim import clear_grads, join_group, optimizer_factory
+from ._optim import clear_grads, group_options, join_group, optimizer_factory, optimizer_params
 from .forward import ForwardInterface
 from .interface import (
     BackwardInterface,
@@ -154,6 +154,15 @@ def check_synthesizer_fits(what: str, module: nn.Module, dni_network: Any, alter
         raise ValueError(
             f"{what} ({type(module).__name__}) produces {shape} feature maps, but dni_network={name} {why}, so it "
             f"cannot produce their gradient; use dni_network={synth} ({alternative})"
+        )
+
+
+def check_feature_dim(what: str, h: Tensor, feature_dim: int, dni_network: Any) -> None:
+    """Raise ``ValueError`` if ``h`` has no dimension ``feature_dim`` (where ``dni_network`` reads features)."""
+    if h.dim() == 0 or not -h.dim() <= feature_dim < h.dim():
+        raise ValueError(
+            f"{what} produced an activation of shape {tuple(h.shape)}, which has no feature dimension "
+            f"{feature_dim} for {getattr(dni_network, '__name__', type(dni_network).__name__)}"
         )
 
 
@@ -444,11 +453,10 @@ class DNI(PlainState):
         :meth:`__setstate__` calls this again on the copy's own parameters and optimizers.
         """
         for opt in self._module_optimizers:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    self._param_hooks.append(
-                        p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt))
-                    )
+            for p in optimizer_params(opt):
+                self._param_hooks.append(
+                    p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, opt))
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         """State for ``copy.deepcopy`` / pickling: everything but the parameter hook handles."""
@@ -458,7 +466,7 @@ class DNI(PlainState):
         state["_ready"] = None
         if self._synth_optimizer is not None:
             # the synthesizers' pending update; nn.Parameter's deepcopy drops .grad, so it travels beside them
-            state["_synth_grads"] = [p.grad for g in self._synth_optimizer.param_groups for p in g["params"]]
+            state["_synth_grads"] = [p.grad for p in optimizer_params(self._synth_optimizer)]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -470,8 +478,7 @@ class DNI(PlainState):
         grads = state.pop("_synth_grads", None)
         super().__setstate__(state)
         if grads is not None and self._synth_optimizer is not None:
-            params = [p for g in self._synth_optimizer.param_groups for p in g["params"]]
-            for p, grad in zip(params, grads, strict=True):
+            for p, grad in zip(optimizer_params(self._synth_optimizer), grads, strict=True):
                 p.grad = grad
         # Copies pickled by earlier versions: attributes added since, and _ready's meaning (None: not in a hook).
         self.__dict__.setdefault("_eval_grads", False)
@@ -482,9 +489,8 @@ class DNI(PlainState):
             for key in self.interfaces:
                 if self._grad_optim is not None:
                     self._iface(key)._deferred = self._deferred
-        if (
-            "_synth_owners" not in self.__dict__
-        ):  # earlier versions: a param group per synthesizer, or no record
+        # earlier versions: a param group per synthesizer, or no record
+        if "_synth_owners" not in self.__dict__:
             names = self.__dict__.pop("_synth_groups", None)
             if names is None and self._grad_optim is not None:
                 kinds = ("interfaces", "forward_interfaces")
@@ -542,9 +548,10 @@ class DNI(PlainState):
             inside = "" in leaves or any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
             if inside or "parametrizations" in parts:
                 continue
-            if isinstance(m, _WHOLE) or (not _children(m) and _holds_trainable(m)):
+            holds = _holds_trainable(m)
+            if isinstance(m, _WHOLE) or (holds and not _children(m)):
                 leaves[n] = m
-            elif _holds_trainable(m):
+            elif holds:
                 unwrapped += [f"{n}.{k}" if n else k for k, p in _own_parameters(m) if p.requires_grad]
         if "" in leaves:  # net itself is one layer
             unwrapped = []
@@ -730,11 +737,7 @@ class DNI(PlainState):
 
     def _interface_for(self, name: str, module: nn.Module, h: Tensor) -> BackwardInterface:
         fd = self._feature_dim
-        if h.dim() == 0 or not -h.dim() <= fd < h.dim():
-            raise ValueError(
-                f"module {name or 'net'!r} produced an activation of shape {tuple(h.shape)}, which has no feature "
-                f"dimension {fd} for {self.dni_network.__name__}"
-            )
+        check_feature_dim(f"module {name or 'net'!r}", h, fd, self.dni_network)
         entry = self._by_name.get(name)
         iface, expected = (
             entry if entry is not None else (self._build(name, h.shape[fd], module), h.shape[fd])
@@ -967,7 +970,7 @@ class DNI(PlainState):
         opt = self._synth_optimizer
         if opt is None or any(iface._pending for iface in ifaces):
             return
-        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+        if any(p.grad is not None for p in optimizer_params(opt)):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -1045,8 +1048,7 @@ class DNI(PlainState):
         """
         assert self._synth_optimizer is not None
         flat = [(g, i) for g, group in enumerate(groups) for i in group["params"]]
-        live = [p for group in self._synth_optimizer.param_groups for p in group["params"]]
-        where = {id(p): flat[k] for k, p in enumerate(live)}
+        where = {id(p): flat[k] for k, p in enumerate(optimizer_params(self._synth_optimizer))}
         for name in self._synth_owners:
             synth = cast(nn.Module, self.get_submodule(name)._modules["synthesizer"])
             part = [where[id(p)] for p in synth.parameters() if p.requires_grad and id(p) in where]
@@ -1068,7 +1070,7 @@ class DNI(PlainState):
             sd = self._synth_optimizer.state_dict()
             synth = {
                 name: {
-                    "options": {k: v for k, v in sd["param_groups"][g].items() if k != "params"},
+                    "options": group_options(sd["param_groups"][g]),
                     "state": [sd["state"].get(i) for i in ids],
                 }
                 for name, g, ids in self._synth_slices(sd["param_groups"])
@@ -1139,9 +1141,8 @@ class DNI(PlainState):
             groups = [dict(group) for group in current["param_groups"]]
             # a synthesizer the checkpoint did not have yet keeps its fresh state
             values = dict(current["state"])
-            options_from: dict[
-                int, str
-            ] = {}  # a group's options (learning rate...): its first saved synthesizer's
+            # a group's options (learning rate...) come from its first saved synthesizer
+            options_from: dict[int, str] = {}
             for name, g, ids in self._synth_slices(current["param_groups"]):
                 saved = state["grad_optimizer"].get(name)
                 if saved is None:
@@ -1149,7 +1150,7 @@ class DNI(PlainState):
                 if g not in options_from:
                     options_from[g] = name
                     groups[g] = {**saved["options"], "params": groups[g]["params"]}
-                elif saved["options"] != {k: v for k, v in groups[g].items() if k != "params"}:
+                elif saved["options"] != group_options(groups[g]):
                     warnings.warn(
                         f"the checkpoint's synthesizers {options_from[g]!r} and {name!r} have different optimizer "
                         f"options (one parameter group each, as saved by an earlier version); they share one group "
