@@ -7,13 +7,17 @@ wrapper's Adam is torch's fused kernel (one kernel per module step instead of a 
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from altgrad.dni import DNI, wrapper
+from altgrad.dni import DNI, _optim, wrapper
 
 
 def mlp() -> nn.Sequential:
@@ -37,16 +41,17 @@ def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def count_zero_grads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_zero_grads(monkeypatch: pytest.MonkeyPatch, dni: DNI) -> list[int]:
     """Count the wrapper's clearing of a module optimizer's gradients (``zero_grad(set_to_none=True)``)."""
     calls = [0]
     original = wrapper.clear_grads
 
     def counted(opt: torch.optim.Optimizer) -> None:
-        calls[0] += 1
+        calls[0] += opt is not dni.grad_optimizer
         original(opt)
 
-    monkeypatch.setattr(wrapper, "clear_grads", counted)
+    monkeypatch.setattr(wrapper, "clear_grads", counted)  # the wrapper's own calls
+    monkeypatch.setattr(_optim, "clear_grads", counted)  # update()'s: a step, then the clearing
     return calls
 
 
@@ -54,7 +59,7 @@ def test_a_training_step_does_not_zero_every_module_optimizer(monkeypatch):
     dni = make()
     x, y = data()
     F.cross_entropy(dni(x), y).backward()
-    calls = count_zero_grads(monkeypatch)
+    calls = count_zero_grads(monkeypatch, dni)
     for _ in range(3):
         F.cross_entropy(dni(x), y).backward()
     # The wrapper zeroes a module optimizer only after stepping it (one per wrapped module and step: 2 x 3);
@@ -70,7 +75,7 @@ def test_eval_mode_gradients_are_still_dropped_at_the_next_training_step(monkeyp
     F.cross_entropy(dni(x), y).backward()  # leaves .grad on the wrapped layers (plain autograd)
     assert dni.network[0].weight.grad is not None
     dni.train()
-    calls = count_zero_grads(monkeypatch)
+    calls = count_zero_grads(monkeypatch, dni)
     dni(x)  # the forward drops them before the layers are stepped from their synthetic gradients
     assert calls[0] == 2 + 2  # the flag fired: both module optimizers dropped them, then each stepped once
     assert dni.network[0].weight.grad is None
@@ -489,3 +494,118 @@ def test_a_group_the_user_adds_to_the_synthesizers_optimizer_changes_no_checkpoi
         for p, state in zip(iface.synthesizer.parameters(), entry["state"], strict=True):
             for name, value in dni.grad_optimizer.state[p].items():
                 assert torch.equal(state[name], value)  # exact: the state itself
+
+
+# ---------------------------------------------------------------- the direct Adam step (_optim.optimizer_step)
+def _adam_pair(cls, options, dtype, shapes, seed):
+    """Two identical optimizers over identical parameters (one stepped by ``optimizer_step``, one by ``step``)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    return cls(params, fused=True, **options), cls(twins, fused=True, **options), g
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cls=st.sampled_from([torch.optim.Adam, torch.optim.AdamW]),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    shapes=st.lists(st.sampled_from([(3,), (4, 5), (2, 3, 2), ()]), min_size=1, max_size=4),
+    absent=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_the_direct_adam_step_is_the_optimizers_own_step(
+    cls, amsgrad, maximize, weight_decay, dtype, shapes, absent, seed
+):
+    """``optimizer_step`` gives what ``optimizer.step()`` gives, state included, over 3 steps.
+
+    Options, dtypes, parameters without a gradient (skipped, their state untouched), a learning rate changed
+    between steps (a scheduler). Exact: the same fused kernel runs on the same tensors with the same arguments.
+    """
+    options = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": weight_decay}
+    options.update(amsgrad=amsgrad, maximize=maximize)
+    direct, plain, g = _adam_pair(cls, options, dtype, shapes, seed)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(direct.param_groups[0]["params"], plain.param_groups[0]["params"])):
+            grad = None if step and absent[i % 4] else torch.randn(p.shape, generator=g).to(dtype)
+            p.grad, q.grad = grad, None if grad is None else grad.clone()
+        if step:
+            # the direct kernel call, not a fallback (the first step creates the state through step())
+            assert _optim._fused_adam_calls(direct) is not None
+        _optim.optimizer_step(direct)
+        plain.step()
+        for group in (*direct.param_groups, *plain.param_groups):
+            group["lr"] *= 0.5
+    for p, q in zip(direct.param_groups[0]["params"], plain.param_groups[0]["params"]):
+        assert torch.equal(p, q)  # exact: same kernel, same inputs
+        for key, value in plain.state[q].items():
+            assert torch.equal(direct.state[p][key], value), key  # exact: same kernel, same inputs
+
+
+def _stepped(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()  # creates the state
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    return opt
+
+
+class _MyAdam(torch.optim.Adam):
+    pass
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        pytest.param(lambda ps: torch.optim.Adam(ps, foreach=True), id="not fused"),
+        pytest.param(lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.01), fused=True), id="tensor lr"),
+        pytest.param(lambda ps: _MyAdam(ps, fused=True), id="subclass"),
+        pytest.param(lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True), id="other class"),
+    ],
+)
+def test_the_direct_adam_step_leaves_everything_else_to_step(make_opt):
+    opt = _stepped(make_opt([nn.Parameter(torch.randn(4, 3))]))
+    assert _optim._fused_adam_calls(opt) is None
+
+
+def test_the_direct_adam_step_runs_hooks_and_schedulers_through_step():
+    """Step hooks run and an LR scheduler sees its optimizer stepped: both go through ``optimizer.step()``."""
+    opt = _stepped(torch.optim.Adam([nn.Parameter(torch.randn(4, 3))], fused=True))
+    assert _optim._fused_adam_calls(opt) is not None
+    seen = []
+    handle = opt.register_step_post_hook(lambda *_: seen.append("post"))
+    _optim.optimizer_step(opt)
+    assert seen == ["post"]
+    handle.remove()
+    handle = register_optimizer_step_pre_hook(lambda *_: seen.append("global"))
+    try:
+        _optim.optimizer_step(opt)
+    finally:
+        handle.remove()
+    assert seen == ["post", "global"]
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    assert _optim._fused_adam_calls(opt) is None  # the scheduler wrapped step to see it called
+    _optim.optimizer_step(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" if it did not see it
+        scheduler.step()
+
+
+def test_the_direct_adam_step_creates_no_state_itself():
+    """Lazy state (the first step, a parameter added later) is created by ``optimizer.step()``, as without it."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.Adam([p], fused=True)
+    p.grad = torch.ones_like(p)
+    assert _optim._fused_adam_calls(opt) is None
+    _optim.optimizer_step(opt)
+    assert float(opt.state[p]["step"]) == 1.0  # exact: a counter
+    q = nn.Parameter(torch.randn(2))
+    opt.add_param_group({"params": [q]})
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    assert _optim._fused_adam_calls(opt) is None  # q has no state yet: the whole step goes through step()
+    _optim.optimizer_step(opt)
+    assert float(opt.state[p]["step"]) == 2.0  # exact: a counter
+    assert float(opt.state[q]["step"]) == 1.0  # exact: a counter

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._optim import update
 from .interface import BackwardInterface, check_mode
 
 __all__ = ["BidirectionalInterface", "ForwardInterface"]
@@ -132,8 +133,7 @@ class ForwardInterface(nn.Module):
             loss.backward()
             self.last_loss = loss.detach().float()
             if self.optimizer is not None:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                update(self.optimizer)
         return pred.detach().to(h.dtype) if self.mode == "dni" else h
 
     def synthetic_input(self, trigger: Tensor, like: Tensor, context: Tensor | None = None) -> Tensor:

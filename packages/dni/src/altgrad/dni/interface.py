@@ -26,6 +26,7 @@ from ._functional import (
     sg_loss_grad,
     synthetic_weight,
 )
+from ._optim import update
 
 __all__ = ["MODES", "BackwardInterface"]
 
@@ -540,8 +541,7 @@ class BackwardInterface(PlainState):
     def step(self) -> None:
         """Step the synthesizer optimizer now if gradients are waiting (normally automatic)."""
         if self.optimizer is not None and self._due:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            update(self.optimizer)
         self._due = False
 
     # ------------------------------------------------------------------ internals

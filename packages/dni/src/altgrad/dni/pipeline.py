@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._functional import mix_gradient, sg_loss_grad
-from ._optim import clear_grads, optimizer_factory
+from ._optim import optimizer_factory, update
 from .forward import ForwardInterface
 from .interface import BackwardInterface, one_hot_labels
 from .synthesizers import LinearDNI
@@ -514,8 +514,7 @@ class DecoupledPipeline:
             trained = True
         if trained:
             assert self.grad_optimizer is not None
-            self.grad_optimizer.step()
-            clear_grads(self.grad_optimizer)
+            update(self.grad_optimizer)
 
     def _recompute(self, x: Tensor) -> Tensor:
         """The synthesizer's prediction for ``x`` again, at its current weights, with a graph to train it.
@@ -621,8 +620,7 @@ class DecoupledPipeline:
                 context = one_hot_labels(context, self.context_size)
             sg = iface.synthetic_gradient(h, context)
             torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
-        self.optimizer.step()
-        clear_grads(self.optimizer)
+        update(self.optimizer)
         if not self.first:
             assert h_in.grad is not None
             self._send(self.stage - 1, batch, h_in.grad)

@@ -19,7 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._optim import clear_grads, group_options, join_group, optimizer_factory, optimizer_params
+from ._optim import (
+    clear_grads,
+    group_options,
+    join_group,
+    optimizer_factory,
+    optimizer_params,
+    optimizer_step,
+    update,
+)
 from .forward import ForwardInterface
 from .interface import (
     BackwardInterface,
@@ -683,8 +691,7 @@ class DNI(PlainState):
             ready, self._ready = self._ready, None
             if ready:
                 for opt in ready.values():
-                    opt.step()
-                    clear_grads(opt)
+                    update(opt)
         if path:
             return _replace(output, path, out, iface.unlocked)
         if rest is None:
@@ -769,7 +776,7 @@ class DNI(PlainState):
         if not self.training:
             self._eval_grads = True  # dropped at the next training forward
             return
-        optimizer.step()
+        optimizer_step(optimizer)
         param.grad = None
 
     def _current_context(self) -> Tensor | None:
@@ -971,8 +978,7 @@ class DNI(PlainState):
         if opt is None or any(iface._pending for iface in ifaces):
             return
         if any(p.grad is not None for p in optimizer_params(opt)):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            update(opt)
 
     def step_optimizers(self) -> None:
         """pytorch-dni HEAD's name: apply every pending update now (call it after ``loss.backward()``).
