@@ -571,6 +571,15 @@ def test_the_direct_adam_step_leaves_everything_else_to_step(make_opt):
     assert _optim._fused_adam_calls(opt) is None
 
 
+def test_the_direct_adam_step_leaves_a_step_count_that_is_not_a_tensor_to_step():
+    """A checkpoint from before torch 1.12 keeps ``step`` as a number: ``step()`` reports it, as without this path."""
+    opt = _stepped(torch.optim.Adam([nn.Parameter(torch.randn(4, 3))], fused=True))
+    opt.state[opt.param_groups[0]["params"][0]]["step"] = 1
+    assert _optim._fused_adam_calls(opt) is None
+    with pytest.raises(RuntimeError, match="singleton tensors"):
+        _optim.optimizer_step(opt)
+
+
 def test_the_direct_adam_step_runs_hooks_and_schedulers_through_step():
     """Step hooks run and an LR scheduler sees its optimizer stepped: both go through ``optimizer.step()``."""
     opt = _stepped(torch.optim.Adam([nn.Parameter(torch.randn(4, 3))], fused=True))

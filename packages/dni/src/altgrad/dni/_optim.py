@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.optim.optimizer as _optimizer_module
+from torch import Tensor
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -145,17 +146,45 @@ def _fused_adam_calls(
         (cls is not torch.optim.Adam and cls is not torch.optim.AdamW)
         or None in _ADAM_KERNELS
         or "step" in vars(optimizer)
-        or optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
-        or _optimizer_module._global_optimizer_pre_hooks
-        or _optimizer_module._global_optimizer_post_hooks
+        # hook registries (torch's private names: where one is missing, hooks are assumed)
+        or getattr(optimizer, "_optimizer_step_pre_hooks", True)
+        or getattr(optimizer, "_optimizer_step_post_hooks", True)
+        or getattr(_optimizer_module, "_global_optimizer_pre_hooks", True)
+        or getattr(_optimizer_module, "_global_optimizer_post_hooks", True)
         or getattr(optimizer, "grad_scale", None) is not None
         or getattr(optimizer, "found_inf", None) is not None
     ):
         return None
     calls = []
     for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
+        amsgrad = bool(group["amsgrad"])
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        avgs: list[Tensor] = []
+        squares: list[Tensor] = []
+        maxima: list[Tensor] = []
+        steps: list[Tensor] = []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            state = optimizer.state.get(p)
+            if (
+                not state
+                or not isinstance(state.get("step"), Tensor)
+                or p.device.type != "cpu"
+                or p.dtype != group["params"][0].dtype
+                or grad.layout != torch.strided
+                or p.is_complex()
+            ):
+                return None
+            params.append(p)
+            grads.append(grad)
+            avgs.append(state["exp_avg"])
+            squares.append(state["exp_avg_sq"])
+            if amsgrad:
+                maxima.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
         if not params:
             continue
         lr, betas = group["lr"], group["betas"]
@@ -166,33 +195,6 @@ def _fused_adam_calls(
             or not all(isinstance(v, (float, int)) for v in (lr, *betas, group["eps"], group["weight_decay"]))
         ):
             return None
-        amsgrad = bool(group["amsgrad"])
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        dtype = params[0].dtype
-        states = []
-        for p in params:
-            state = optimizer.state.get(p)
-            grad = p.grad
-            if (
-                not state
-                or p.device.type != "cpu"
-                or p.dtype != dtype
-                or grad.is_sparse
-                or grad.layout != torch.strided
-                or p.is_complex()
-                or not all(isinstance(state.get(k), torch.Tensor) for k in ("step", *keys))
-            ):
-                return None
-            states.append(state)
-        decoupled = group.get("decoupled_weight_decay", cls is torch.optim.AdamW)
-        tensors = [
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-            [s["step"] for s in states],
-        ]
         options = {
             "lr": float(lr),
             "beta1": float(betas[0]),
@@ -202,7 +204,8 @@ def _fused_adam_calls(
             "amsgrad": amsgrad,
             "maximize": bool(group["maximize"]),
         }
-        calls.append((_ADAM_KERNELS[bool(decoupled)], tensors, options))
+        decoupled = group.get("decoupled_weight_decay", cls is torch.optim.AdamW)
+        calls.append((_ADAM_KERNELS[bool(decoupled)], [params, grads, avgs, squares, maxima, steps], options))
     return calls
 
 
