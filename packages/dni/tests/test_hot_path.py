@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 
-from altgrad.dni import DNI, _optim, wrapper
+from altgrad.dni import DNI, _optim, interface, wrapper
 
 
 def mlp() -> nn.Sequential:
@@ -618,3 +619,54 @@ def test_the_direct_adam_step_creates_no_state_itself():
     _optim.optimizer_step(opt)
     assert float(opt.state[p]["step"]) == 2.0  # exact: a counter
     assert float(opt.state[q]["step"]) == 1.0  # exact: a counter
+
+
+# ---------------------------------------------------------------- the direct engine call (interface.run_backward)
+def _graph(seed: int) -> tuple[nn.Parameter, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.randn(5, 4, generator=g))
+    x = torch.randn(3, 5, generator=g)
+    return w, torch.tanh(x @ w), torch.randn(3, 4, generator=g)
+
+
+def test_run_backward_is_torch_autograd_backward():
+    """Same gradients as ``torch.autograd.backward`` (exact: the same engine runs the same graph), the engine's
+    own refusals kept: a tensor that does not require grad, a gradient of another shape."""
+    w, h, g = _graph(0)
+    interface.run_backward((h,), (g,))
+    v, k, _ = _graph(0)
+    torch.autograd.backward(k, g)
+    assert torch.equal(w.grad, v.grad)  # exact: the same engine on the same graph
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        interface.run_backward((torch.ones(3),), (torch.ones(3),))
+    _, h, _ = _graph(1)
+    with pytest.raises(RuntimeError, match="invalid gradient"):
+        interface.run_backward((h,), (torch.ones(3, 5),))
+
+
+def test_run_backward_leaves_modes_and_subclasses_to_torch_autograd_backward():
+    """An active ``__torch_function__`` mode, or a tensor subclass, sees the call, as without the direct path."""
+    seen = []
+
+    class Recording(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    w, h, g = _graph(0)
+    with Recording():
+        interface.run_backward((h,), (g,))
+    assert torch.autograd.backward in seen
+    assert w.grad is not None
+
+    class Tagged(torch.Tensor):
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls += func is torch.autograd.backward
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    w, h, g = _graph(0)
+    interface.run_backward((h.as_subclass(Tagged),), (g,))
+    assert Tagged.calls == 1

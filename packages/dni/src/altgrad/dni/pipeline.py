@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ._functional import mix_gradient, sg_loss_grad
 from ._optim import optimizer_factory, update
 from .forward import ForwardInterface
-from .interface import BackwardInterface, one_hot_labels
+from .interface import BackwardInterface, one_hot_labels, run_backward
 from .synthesizers import LinearDNI
 from .wrapper import _SHAPE_PRESERVING, _infer_features, check_feature_dim, check_synthesizer_fits
 
@@ -508,7 +508,7 @@ class DecoupledPipeline:
             assert iface is not None
             x = iface._synth_input((h,), labels)  # labels: the context as encoded at the forward (_step)
             pred = self._recompute(x)
-            torch.autograd.backward(pred, sg_loss_grad(pred, target, h.shape[iface.batch_dim]))
+            run_backward((pred,), (sg_loss_grad(pred, target, h.shape[iface.batch_dim]),))
             iface._observe(pred, target, h.shape[iface.batch_dim])
             self.targets_applied += 1
             trained = True
@@ -619,7 +619,7 @@ class DecoupledPipeline:
                 # encoded once: the stash keeps the encoding for the target
                 context = one_hot_labels(context, self.context_size)
             sg = iface.synthetic_gradient(h, context)
-            torch.autograd.backward(h, mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype))
+            run_backward((h,), (mix_gradient(None, sg, 0.0, iface.scale).to(h.dtype),))
         update(self.optimizer)
         if not self.first:
             assert h_in.grad is not None
