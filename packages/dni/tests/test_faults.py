@@ -83,8 +83,9 @@ def test_output_kept_by_a_traceback_is_abandoned_when_an_update_is_due():
     assert (dni.interface("0")._pending, dni.interface("2")._pending) == (0, 1)
     _train(dni, 1, start=1)  # a later prediction of the second interface gets its target
     before = synth_weights(dni)
-    with pytest.warns(RuntimeWarning, match="abandoned"):
+    with pytest.warns(RuntimeWarning, match="abandoned") as record:
         _train(dni, 1, start=2)  # so the stale one is given up and the update is applied
+    assert record[0].filename == __file__  # the user's line (in _train), not the wrapper's
     # exact: did a step happen at all (the first one moves only the zero-initialised final layers)
     moved = [not torch.equal(a, b) for a, b in zip(before, synth_weights(dni))]
     assert any(moved), moved

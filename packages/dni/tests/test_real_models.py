@@ -17,6 +17,7 @@ paths in its own order), a few units of rounding of the O(1) values here: rtol 1
 """
 
 import copy
+import linecache
 import warnings
 
 import pytest
@@ -334,8 +335,11 @@ def test_recursive_warns_about_parameters_that_containers_hold():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.encoder(self.proj(x) * self.scale).mean(1))
 
-    with pytest.warns(UserWarning, match=r"the parameters \['scale', 'encoder.pos'\] belong to containers"):
+    with pytest.warns(
+        UserWarning, match=r"the parameters \['scale', 'encoder.pos'\] belong to containers"
+    ) as record:
         dni = DNI(Model(), hidden_size=4)
+    assert record[0].filename == __file__  # the user's line, not the wrapper's
     assert list(dni.wrapped_modules()) == ["proj", "encoder.layers.0", "encoder.layers.2"]
 
 
@@ -368,8 +372,13 @@ def test_a_wrapped_module_that_no_forward_calls_is_reported_once():
     dni.eval()
     dni(x)  # eval mode: no training, no report
     dni.train()
-    with pytest.warns(UserWarning, match=r"the wrapped modules \['1.mha.out_proj'\] were not called"):
+    with pytest.warns(
+        UserWarning, match=r"the wrapped modules \['1.mha.out_proj'\] were not called"
+    ) as record:
         dni(x)
+    # the user's call, not nn.Module.__call__ or torch.compiler.disable's wrapper around DNI.forward
+    assert record[0].filename == __file__
+    assert linecache.getline(__file__, record[0].lineno).strip() == "dni(x)"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dni(x)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -767,6 +769,23 @@ class DeferredGradients(list):  # type: ignore[type-arg]
             run_backward(preds, grads)
 
 
+_INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning issued by the caller names the user's line.
+
+    That is the first frame outside torch and this package, however many wrappers (``nn.Module.__call__``,
+    ``torch.compiler.disable``, the autograd engine's callbacks) sit between it and the code that warns.
+    """
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def abandon_warning(count: int) -> None:
     """Say that ``count`` pending predictions were abandoned because an update was due."""
     if count:
@@ -776,7 +795,7 @@ def abandon_warning(count: int) -> None:
             "was given up while its graph stays referenced (for example by an exception's traceback kept in "
             "sys.last_traceback); see BackwardInterface.abandoned and DNI.diagnostics()",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

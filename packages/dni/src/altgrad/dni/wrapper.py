@@ -37,6 +37,7 @@ from .interface import (
     check_mode,
     next_serial,
     one_hot_labels,
+    user_stacklevel,
 )
 from .synthesizers import LinearDNI
 
@@ -449,7 +450,7 @@ class DNI(PlainState):
                     f"{type(module).__name__} modules of this network were already wrapped by another DNI; that "
                     "wrapper has been detached (its hooks removed) so that only the new one trains them",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
                 other.remove()
             _OWNERS[module] = weakref.ref(self)
@@ -570,7 +571,7 @@ class DNI(PlainState):
                 "interface above them, or the loss's) in .grad for your optimizer, as the unwrapped last layer does. "
                 "To have them stepped at once, wrap their module with modules=[...]",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         if not leaves:
             raise ValueError(
@@ -905,7 +906,7 @@ class DNI(PlainState):
                     "it, as nn.MultiheadAttention reads its out_proj, never gets its interface; a branch not taken "
                     "does when it runs); wrap the module that calls them (modules=[...])",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
         return out
 
@@ -1136,7 +1137,7 @@ class DNI(PlainState):
                 "this DNI checkpoint (state version 1) holds no optimizer state: the wrapper's optimizers keep "
                 "their current state, so training does not continue exactly as before the checkpoint",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return
         optimizers = self.optimizers
@@ -1162,7 +1163,7 @@ class DNI(PlainState):
                         f"options (one parameter group each, as saved by an earlier version); they share one group "
                         f"here and get {options_from[g]!r}'s",
                         UserWarning,
-                        stacklevel=3,
+                        stacklevel=user_stacklevel(),
                     )
                 for i, v in zip(ids, saved["state"], strict=True):
                     if v is None:
