@@ -499,16 +499,33 @@ def test_a_group_the_user_adds_to_the_synthesizers_optimizer_changes_no_checkpoi
 
 # ---------------------------------------------------------------- the direct Adam step (_optim.optimizer_step)
 def _adam_pair(cls, options, dtype, shapes, seed):
-    """Two identical optimizers over identical parameters (one stepped by ``optimizer_step``, one by ``step``)."""
+    """Two identical optimizers over identical parameters (one stepped by ``optimizer_step``, one by ``step``);
+    with more than one parameter, the later ones in a second group with other options."""
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-    twins = [nn.Parameter(p.detach().clone()) for p in params]
-    return cls(params, fused=True, **options), cls(twins, fused=True, **options), g
+    pair = []
+    for ps in (params, [nn.Parameter(p.detach().clone()) for p in params]):
+        groups = [{"params": ps[:1]}] + (
+            [{"params": ps[1:], "lr": 0.02, "weight_decay": 0.3}] if ps[1:] else []
+        )
+        pair.append(cls(groups, fused=True, **options))
+    return pair[0], pair[1], g
+
+
+def _params(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+ADAMS = {
+    "Adam": (torch.optim.Adam, {}),
+    "AdamW": (torch.optim.AdamW, {}),
+    "Adam(decoupled_weight_decay=True)": (torch.optim.Adam, {"decoupled_weight_decay": True}),
+}
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    cls=st.sampled_from([torch.optim.Adam, torch.optim.AdamW]),
+    kind=st.sampled_from(sorted(ADAMS)),
     amsgrad=st.booleans(),
     maximize=st.booleans(),
     weight_decay=st.sampled_from([0.0, 0.1]),
@@ -518,28 +535,33 @@ def _adam_pair(cls, options, dtype, shapes, seed):
     seed=st.integers(0, 2**16),
 )
 def test_the_direct_adam_step_is_the_optimizers_own_step(
-    cls, amsgrad, maximize, weight_decay, dtype, shapes, absent, seed
+    kind, amsgrad, maximize, weight_decay, dtype, shapes, absent, seed
 ):
     """``optimizer_step`` gives what ``optimizer.step()`` gives, state included, over 3 steps.
 
-    Options, dtypes, parameters without a gradient (skipped, their state untouched), a learning rate changed
-    between steps (a scheduler). Exact: the same fused kernel runs on the same tensors with the same arguments.
+    Adam, AdamW and Adam with decoupled weight decay; options, dtypes, two parameter groups, parameters without a
+    gradient (skipped, their state untouched), options changed between steps (a scheduler). Exact: the same fused
+    kernel runs on the same tensors with the same arguments.
     """
+    cls, extra = ADAMS[kind]
     options = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": weight_decay}
-    options.update(amsgrad=amsgrad, maximize=maximize)
+    options.update(amsgrad=amsgrad, maximize=maximize, **extra)
     direct, plain, g = _adam_pair(cls, options, dtype, shapes, seed)
     for step in range(3):
-        for i, (p, q) in enumerate(zip(direct.param_groups[0]["params"], plain.param_groups[0]["params"])):
+        for i, (p, q) in enumerate(zip(_params(direct), _params(plain))):
             grad = None if step and absent[i % 4] else torch.randn(p.shape, generator=g).to(dtype)
             p.grad, q.grad = grad, None if grad is None else grad.clone()
-        if step:
+        if step and any(p.grad is not None for p in _params(direct)):
             # the direct kernel call, not a fallback (the first step creates the state through step())
             assert _optim._fused_adam_calls(direct) is not None
         _optim.optimizer_step(direct)
         plain.step()
         for group in (*direct.param_groups, *plain.param_groups):
             group["lr"] *= 0.5
-    for p, q in zip(direct.param_groups[0]["params"], plain.param_groups[0]["params"]):
+            group["betas"] = (group["betas"][0] - 0.1, group["betas"][1] - 0.01)
+            group["eps"] *= 10
+            group["weight_decay"] += 0.05
+    for p, q in zip(_params(direct), _params(plain)):
         assert torch.equal(p, q)  # exact: same kernel, same inputs
         for key, value in plain.state[q].items():
             assert torch.equal(direct.state[p][key], value), key  # exact: same kernel, same inputs
@@ -570,6 +592,60 @@ class _MyAdam(torch.optim.Adam):
 def test_the_direct_adam_step_leaves_everything_else_to_step(make_opt):
     opt = _stepped(make_opt([nn.Parameter(torch.randn(4, 3))]))
     assert _optim._fused_adam_calls(opt) is None
+
+
+def _fused_adam(*shapes, dtype=torch.float32):
+    return _stepped(torch.optim.Adam([nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes], fused=True))
+
+
+def test_the_direct_adam_step_leaves_tensors_step_would_group_or_refuse_to_step():
+    """``step()`` groups tensors by device and dtype, or refuses them, before anything moves; so does the fallback
+    (a direct call would hand the kernel lists it does not take)."""
+    opt = _fused_adam((4, 3), (2,))
+    assert _optim._fused_adam_calls(opt) is not None
+    second = opt.param_groups[0]["params"][1]
+    opt.param_groups[0]["params"][1] = nn.Parameter(second.detach().double())  # mixed dtypes in a group
+    state = opt.state[opt.param_groups[0]["params"][1]] = opt.state.pop(second)
+    opt.param_groups[0]["params"][1].grad = torch.ones(2, dtype=torch.float64)
+    # its state is still float32: the parameter and the gradient differ
+    assert _optim._fused_adam_calls(opt) is None
+    opt = _fused_adam((4, 3))
+    p = opt.param_groups[0]["params"][0]
+    state = opt.state[p]
+    for key, where in [("exp_avg", "meta"), ("step", "meta"), ("exp_avg_sq", torch.float64)]:
+        # state left on another device (a module moved after training, say) or of another dtype
+        saved, state[key] = state[key], state[key].to(where)
+        assert _optim._fused_adam_calls(opt) is None, key
+        state[key] = saved
+    assert _optim._fused_adam_calls(opt) is not None
+    opt.grad_scale = torch.ones(())  # set by a GradScaler around its step
+    assert _optim._fused_adam_calls(opt) is None
+
+
+def test_the_direct_adam_step_leaves_a_replaced_class_step_and_the_profiler_to_step(monkeypatch):
+    opt = _fused_adam((4, 3))
+    assert _optim._fused_adam_calls(opt) is not None
+    with torch.profiler.profile() as prof:
+        _optim.update(opt)
+    names = {event.name for event in prof.events()}
+    assert "Optimizer.step#Adam.step" in names
+    assert "Optimizer.zero_grad#Adam.zero_grad" in names
+    calls = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(
+        torch.optim.Adam, "step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    opt.param_groups[0]["params"][0].grad = torch.ones(4, 3)
+    _optim.optimizer_step(opt)
+    assert calls == [1]
+
+
+def test_clear_grads_calls_a_zero_grad_set_on_the_instance():
+    opt = _fused_adam((4, 3))
+    calls = []
+    opt.zero_grad = lambda set_to_none=True: calls.append(set_to_none)
+    _optim.update(opt)
+    assert calls == [True]
 
 
 def test_the_direct_adam_step_leaves_a_step_count_that_is_not_a_tensor_to_step():

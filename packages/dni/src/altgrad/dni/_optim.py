@@ -88,9 +88,15 @@ def join_group(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.zero_grad(set_to_none=True)`` without its profiler record (a few µs per call, every step).
 
-    An optimizer class with its own ``zero_grad`` (one that keeps gradients elsewhere, say) gets that called.
+    An optimizer with its own ``zero_grad`` (its class's, or one set on the instance: one that keeps gradients
+    elsewhere, say) gets that called, and so does any optimizer while the profiler records (its trace shows the
+    call).
     """
-    if type(optimizer).zero_grad is not _ZERO_GRAD:
+    if (
+        type(optimizer).zero_grad is not _ZERO_GRAD
+        or "zero_grad" in vars(optimizer)
+        or torch.autograd.profiler._is_profiler_enabled
+    ):
         optimizer.zero_grad(set_to_none=True)
         return
     for p in optimizer_params(optimizer):
@@ -130,22 +136,38 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
 _ADAM_KERNELS = (getattr(torch, "_fused_adam_", None), getattr(torch, "_fused_adamw_", None))
 
 
+def _torch_adam_steps() -> dict[type, Any]:
+    """``Adam.step`` and ``AdamW.step`` as torch defines them (wrapped for its profiler at the first construction)."""
+    probe = [torch.zeros(1, requires_grad=True)]
+    torch.optim.Adam(probe)
+    torch.optim.AdamW(probe)
+    return {cls: cls.step for cls in (torch.optim.Adam, torch.optim.AdamW)}
+
+
+#: A class whose ``step`` was replaced after this (a patch, a mock) is left to it.
+_ADAM_STEPS = _torch_adam_steps()
+
+
 def _fused_adam_calls(
     optimizer: torch.optim.Optimizer,
 ) -> list[tuple[Any, list[list[Any]], dict[str, Any]]] | None:
     """The kernel calls ``optimizer.step()`` would make, or ``None`` when it must run itself.
 
-    ``None`` (``optimizer.step()`` runs) for any other class or a subclass, step hooks (the optimizer's or global
-    ones), a replaced ``step`` (an LR scheduler wraps it to count calls), a ``GradScaler``'s attributes, state not
-    yet created (``step`` creates it), a sparse or complex gradient, or options this call does not pass: not
-    ``fused``, ``capturable``, ``differentiable``, tensor ``lr`` or ``betas``, parameters off the CPU or of mixed
-    dtypes in a group. Decides before anything moves, so a fallback never follows a partial update.
+    ``None`` (``optimizer.step()`` runs) for any other class or a subclass, a replaced ``step`` (on the class, or on
+    the instance, as an LR scheduler does to count calls), step hooks (the optimizer's or global ones), a running
+    profiler (its trace shows the step), a ``GradScaler``'s attributes, state not yet created (``step`` creates
+    it), a sparse or complex gradient, tensors that ``step`` would group apart or refuse (parameters off the CPU,
+    a gradient or state tensor of another device or dtype than its parameter, mixed dtypes in a group), or options
+    this call does not pass: not ``fused``, ``capturable``, ``differentiable``, tensor ``lr`` or ``betas``, a group
+    without ``decoupled_weight_decay``. Decides before anything moves, so a fallback never follows a partial update
+    (where ``step`` raises for a later group, this raises before the first one moves).
     """
     cls = type(optimizer)
     if (
-        (cls is not torch.optim.Adam and cls is not torch.optim.AdamW)
+        _ADAM_STEPS.get(cls) is not cls.step  # another class, a subclass, or torch's step replaced
         or None in _ADAM_KERNELS
-        or "step" in vars(optimizer)
+        or "step" in vars(optimizer)  # replaced on the instance: an LR scheduler counts the calls
+        or torch.autograd.profiler._is_profiler_enabled  # the trace shows Optimizer.step
         # hook registries (torch's private names: where one is missing, hooks are assumed)
         or getattr(optimizer, "_optimizer_step_pre_hooks", True)
         or getattr(optimizer, "_optimizer_step_post_hooks", True)
@@ -158,6 +180,7 @@ def _fused_adam_calls(
     calls = []
     for group in optimizer.param_groups:
         amsgrad = bool(group["amsgrad"])
+        dtype = group["params"][0].dtype if group["params"] else None
         params: list[Tensor] = []
         grads: list[Tensor] = []
         avgs: list[Tensor] = []
@@ -169,22 +192,27 @@ def _fused_adam_calls(
             if grad is None:
                 continue
             state = optimizer.state.get(p)
-            if (
-                not state
-                or not isinstance(state.get("step"), Tensor)
-                or p.device.type != "cpu"
-                or p.dtype != group["params"][0].dtype
-                or grad.layout != torch.strided
-                or p.is_complex()
-            ):
+            if not state or p.device.type != "cpu" or p.is_complex() or grad.layout != torch.strided:
                 return None
+            moments = [state["exp_avg"], state["exp_avg_sq"]]
+            if amsgrad:
+                moments.append(state["max_exp_avg_sq"])
+            step = state["step"]
+            if (
+                not isinstance(step, Tensor)
+                or step.device != p.device
+                # a gradient has its parameter's dtype and device (torch refuses any other .grad)
+                or grad.dtype != dtype
+                or any(m.device != p.device or m.dtype != dtype for m in moments)
+            ):
+                return None  # step() groups tensors by device and dtype, or refuses them, before any change
             params.append(p)
             grads.append(grad)
-            avgs.append(state["exp_avg"])
-            squares.append(state["exp_avg_sq"])
+            avgs.append(moments[0])
+            squares.append(moments[1])
             if amsgrad:
-                maxima.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
+                maxima.append(moments[2])
+            steps.append(step)
         if not params:
             continue
         lr, betas = group["lr"], group["betas"]
@@ -204,7 +232,9 @@ def _fused_adam_calls(
             "amsgrad": amsgrad,
             "maximize": bool(group["maximize"]),
         }
-        decoupled = group.get("decoupled_weight_decay", cls is torch.optim.AdamW)
+        decoupled = group.get("decoupled_weight_decay")
+        if decoupled is None:  # step() needs it (a KeyError there) or, in an older torch, has its own rule
+            return None
         calls.append((_ADAM_KERNELS[bool(decoupled)], [params, grads, avgs, squares, maxima, steps], options))
     return calls
 
