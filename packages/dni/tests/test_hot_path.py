@@ -7,6 +7,7 @@ wrapper's Adam is torch's fused kernel (one kernel per module step instead of a 
 """
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -706,8 +707,9 @@ def _graph(seed: int) -> tuple[nn.Parameter, torch.Tensor, torch.Tensor]:
 
 
 def test_run_backward_is_torch_autograd_backward():
-    """Same gradients as ``torch.autograd.backward`` (exact: the same engine runs the same graph), the engine's
-    own refusals kept: a tensor that does not require grad, a gradient of another shape."""
+    """Same gradients as ``torch.autograd.backward`` (exact: the same engine runs the same graph), and the same
+    refusals: a tensor that does not require grad, a gradient of another shape (a broadcastable one included, which
+    the engine alone would sum), a real gradient for a complex tensor."""
     w, h, g = _graph(0)
     interface.run_backward((h,), (g,))
     v, k, _ = _graph(0)
@@ -716,8 +718,38 @@ def test_run_backward_is_torch_autograd_backward():
     with pytest.raises(RuntimeError, match="does not require grad"):
         interface.run_backward((torch.ones(3),), (torch.ones(3),))
     _, h, _ = _graph(1)
-    with pytest.raises(RuntimeError, match="invalid gradient"):
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
         interface.run_backward((h,), (torch.ones(3, 5),))
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        interface.run_backward((h[:1],), (torch.ones(3, 4),))
+    z = torch.randn(3, dtype=torch.complex64, requires_grad=True) * 2
+    with pytest.raises(RuntimeError, match="same dtype"):
+        interface.run_backward((z,), (torch.ones(3),))
+
+
+def test_run_backward_leaves_transforms_and_the_debug_log_to_torch_autograd_backward(monkeypatch):
+    """Inside ``torch.func.grad`` the message is torch's; with the autograd graph's debug log on, the log sees
+    the pass."""
+    w, h, g = _graph(0)
+    with pytest.raises(RuntimeError, match="inside a functorch transform"):
+        torch.func.grad(lambda x: interface.run_backward((x * 2,), (torch.ones(3),)) or x.sum())(
+            torch.ones(3)
+        )
+    calls = []
+    original = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    interface.run_backward((h,), (g,))
+    assert calls == []
+    w, h, g = _graph(0)
+    log = logging.getLogger("torch.autograd.graph")
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        interface.run_backward((h,), (g,))
+    finally:
+        log.setLevel(level)
+    assert calls == [1]
+    assert w.grad is not None
 
 
 def test_run_backward_leaves_modes_and_subclasses_to_torch_autograd_backward():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import sys
 import warnings
@@ -718,20 +719,35 @@ def one_hot_labels(labels: Tensor, size: int) -> Tensor:
 
 
 _ENGINE = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+_GRAPH_LOG = logging.getLogger("torch.autograd.graph")  # torch.autograd.backward logs the graph at DEBUG
 
 
 def run_backward(tensors: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> None:
-    """``torch.autograd.backward(tensors, grads)`` for gradients made to match their tensors (shape and dtype).
+    """``torch.autograd.backward(tensors, grads)`` for gradients made to match their tensors.
 
-    Plain CPU tensors go to the autograd engine directly: ``torch.autograd.backward``'s Python around it (argument
-    normalisation, ``__torch_function__`` dispatch, the gradients' checks, a debug-logging hook and the context
-    kept for device threads) costs about 9 µs per call alone and about 25 µs in a training step, and the wrapper
-    makes a few per interface and step. The engine itself still refuses a tensor that does not require grad and
-    checks each gradient's shape. Tensor subclasses, an active ``__torch_function__`` mode (``with
-    torch.device(...)``, say) and other devices go through ``torch.autograd.backward``.
+    Plain CPU tensors whose gradients have their shape (and are real where they are) go to the autograd engine
+    directly: ``torch.autograd.backward``'s Python around it (argument normalisation, ``__torch_function__``
+    dispatch, the gradients' checks, a debug-logging hook and the context kept for device threads) costs about
+    9 µs per call alone and about 25 µs in a training step, and the wrapper makes a few per interface and step.
+    The engine itself still refuses a tensor that does not require grad. Anything else goes through
+    ``torch.autograd.backward``, with its checks and messages: tensor subclasses, an active ``__torch_function__``
+    mode (``with torch.device(...)``, say) or functorch transform (``torch.func.grad``), the autograd graph's
+    debug log (``TORCH_LOGS="+autograd"``), other devices, a gradient of another shape (the engine would sum a
+    broadcastable one) or a real gradient for a complex tensor.
     """
-    if not torch._C._is_torch_function_mode_enabled() and all(
-        type(t) is Tensor and t.device.type == "cpu" for t in (*tensors, *grads)
+    if (
+        not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._are_functorch_transforms_active()
+        and not _GRAPH_LOG.isEnabledFor(logging.DEBUG)
+        and all(
+            type(t) is Tensor
+            and type(g) is Tensor
+            and t.device.type == "cpu"
+            and g.device.type == "cpu"
+            and t.shape == g.shape
+            and t.is_complex() == g.is_complex()
+            for t, g in zip(tensors, grads, strict=True)
+        )
     ):
         _ENGINE.run_backward(tensors, grads, False, False, (), allow_unreachable=True, accumulate_grad=True)
     else:
