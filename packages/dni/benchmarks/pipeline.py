@@ -12,7 +12,8 @@ Models: the digits MLP (64-256-256-10, batch 64, cut after the first block) and 
 1024, batch 256, cut after the third block). Each method runs ``--rounds`` times, the methods interleaved round
 by round (the machine is shared); samples/s is the best round, accuracy the test accuracy after the fixed number
 of samples (identical across rounds up to thread timing). Per-stage step times (ms) of the DNI pipeline are
-recorded for the 4/8-stage model in the docs.
+recorded for the 4/8-stage model in the docs, measured in one process alone (``stage_compute_ms``) and beside a
+second busy process (``stage_compute_loaded_ms``): the latter bounds what two stages can reach on this machine.
 
 Usage::
 
@@ -220,8 +221,8 @@ def two(model: str, method: str) -> dict[str, Any]:
         return result
 
 
-def stage_times(model: str) -> list[float]:
-    """Per-stage compute time (ms) of one DNI pipeline step, measured in one process with no communication."""
+def _stage_steps(model: str) -> list[Any]:
+    """One DNI pipeline step of each stage, written out (no communication): ``[first, second]``."""
     torch.set_num_threads(1)
     _blocks, width, _batch, _cut, _samples = MODELS[model]
     stages = _stages(model)
@@ -251,17 +252,51 @@ def stage_times(model: str) -> list[float]:
         opts[1].step()
         opts[1].zero_grad(set_to_none=True)
 
+    return [first, second]
+
+
+def stage_times(model: str, steps: int = 40) -> list[float]:
+    """Per-stage compute time (ms, median of ``steps``) of one DNI pipeline step, in one process, no messages."""
     out = []
-    for fn in (first, second):
+    for fn in _stage_steps(model):
         for _ in range(3):
             fn()
         times = []
-        for _ in range(15):
+        for _ in range(steps):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         out.append(sorted(times)[len(times) // 2])
     return out
+
+
+def _busy(model: str, started: Any, stop: Any) -> None:
+    steps = _stage_steps(model)
+    started.set()
+    while not stop.is_set():
+        for fn in steps:
+            fn()
+
+
+def stage_times_loaded(model: str) -> list[float]:
+    """:func:`stage_times` while a second process runs the same stage loops on the other core, without messages.
+
+    Each rank of the pipeline computes beside the other rank; on a small model two busy processes slow each other
+    down (shared caches, memory and, on a VM, perhaps one physical core), which bounds the pipeline below what the
+    one-process stage times suggest: ``batch / max(these times)`` is the most a 2-stage pipeline can reach here.
+    """
+    ctx = mp.get_context("spawn")
+    started, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_busy, args=(model, started, stop))
+    proc.start()
+    try:
+        while not started.wait(0.5):
+            if not proc.is_alive():
+                raise RuntimeError(f"the load process stopped (exit code {proc.exitcode}) before it was busy")
+        return stage_times(model)
+    finally:
+        stop.set()
+        proc.join()
 
 
 # --------------------------------------------------------------------------- main
@@ -330,6 +365,16 @@ def main() -> None:
                     flush=True,
                 )
         rows["stage_compute_ms"] = stage_times(model)
+        rows["stage_compute_loaded_ms"] = stage_times_loaded(model)
+        batch = MODELS[model][2]
+        best = max(rows["backprop@1"]["samples_per_s"], rows["backprop@2"]["samples_per_s"])
+        bound = batch / max(rows["stage_compute_loaded_ms"]) * 1e3
+        print(
+            f"{model}: stage compute {rows['stage_compute_ms']} ms alone, {rows['stage_compute_loaded_ms']} ms beside "
+            f"another busy process: a 2-stage pipeline's bound {bound:.0f} samples/s = {bound / best:.2f}x backprop's "
+            "best",
+            flush=True,
+        )
         res["results"][model] = rows
     res["load_after"] = os.getloadavg()
     print(json.dumps(res["results"], indent=1))
