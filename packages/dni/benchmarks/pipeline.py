@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import load_digits_split
 
 from altgrad.dni import DNI, DecoupledPipeline, LinearDNI, split_sequential
+from altgrad.dni._optim import update
+from altgrad.dni.interface import run_backward
 
 MODELS = {
     # name: (hidden blocks, width, batch, cut after this many blocks, samples)
@@ -222,7 +224,11 @@ def two(model: str, method: str) -> dict[str, Any]:
 
 
 def _stage_steps(model: str) -> list[Any]:
-    """One DNI pipeline step of each stage, written out (no communication): ``[first, second]``."""
+    """One DNI pipeline step of each stage, written out (no communication): ``[first, second]``.
+
+    The optimizer updates and the backward passes the pipeline makes itself go through the package's own calls
+    (``update``, ``run_backward``), as in :class:`~altgrad.dni.DecoupledPipeline`; the rest is plain PyTorch.
+    """
     torch.set_num_threads(1)
     _blocks, width, _batch, _cut, _samples = MODELS[model]
     stages = _stages(model)
@@ -234,14 +240,13 @@ def _stage_steps(model: str) -> list[Any]:
 
     def first() -> torch.Tensor:
         h = stages[0](x)
-        sg = synth(torch.cat([h.detach(), ctx], 1))[0]
-        h.backward(sg.detach())
-        opts[0].step()
-        opts[0].zero_grad(set_to_none=True)
+        with torch.no_grad():
+            sg = synth(torch.cat([h.detach(), ctx], 1))[0]
+        run_backward((h,), (sg,))
+        update(opts[0])
         pred = synth(torch.cat([h.detach(), ctx], 1))[0]  # the recomputed prediction, trained on its target
-        pred.backward(pred.detach() * 0.01)
-        sopt.step()
-        sopt.zero_grad(set_to_none=True)
+        run_backward((pred,), (pred.detach() * 0.01,))
+        update(sopt)
         return h.detach()
 
     h = first()
@@ -249,8 +254,7 @@ def _stage_steps(model: str) -> list[Any]:
     def second() -> None:
         inp = h.clone().requires_grad_(True)
         F.cross_entropy(stages[1](inp), y).backward()
-        opts[1].step()
-        opts[1].zero_grad(set_to_none=True)
+        update(opts[1])
 
     return [first, second]
 
@@ -272,8 +276,9 @@ def stage_times(model: str, steps: int = 40) -> list[float]:
 
 def _busy(model: str, started: Any, stop: Any) -> None:
     steps = _stage_steps(model)
+    parent = mp.parent_process()
     started.set()
-    while not stop.is_set():
+    while not stop.is_set() and (parent is None or parent.is_alive()):  # stops if the benchmark is killed
         for fn in steps:
             fn()
 
@@ -287,13 +292,16 @@ def stage_times_loaded(model: str) -> list[float]:
     """
     ctx = mp.get_context("spawn")
     started, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_busy, args=(model, started, stop))
+    proc = ctx.Process(target=_busy, args=(model, started, stop), daemon=True)
     proc.start()
     try:
         while not started.wait(0.5):
             if not proc.is_alive():
                 raise RuntimeError(f"the load process stopped (exit code {proc.exitcode}) before it was busy")
-        return stage_times(model)
+        times = stage_times(model)
+        if not proc.is_alive():
+            raise RuntimeError(f"the load process stopped (exit code {proc.exitcode}) during the measurement")
+        return times
     finally:
         stop.set()
         proc.join()

@@ -85,7 +85,8 @@ def test_output_kept_by_a_traceback_is_abandoned_when_an_update_is_due():
     before = synth_weights(dni)
     with pytest.warns(RuntimeWarning, match="abandoned") as record:
         _train(dni, 1, start=2)  # so the stale one is given up and the update is applied
-    assert record[0].filename == __file__  # the user's line (in _train), not the wrapper's
+    # the user's line (in _train), not the wrapper's
+    assert {w.filename for w in record if "abandoned" in str(w.message)} == {__file__}
     # exact: did a step happen at all (the first one moves only the zero-initialised final layers)
     moved = [not torch.equal(a, b) for a, b in zip(before, synth_weights(dni))]
     assert any(moved), moved

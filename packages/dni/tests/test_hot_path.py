@@ -778,3 +778,24 @@ def test_run_backward_leaves_modes_and_subclasses_to_torch_autograd_backward():
     w, h, g = _graph(0)
     interface.run_backward((h.as_subclass(Tagged),), (g,))
     assert Tagged.calls == 1
+
+
+def test_a_training_step_takes_the_direct_paths(monkeypatch):
+    """Once the optimizers' state exists, every optimizer step the wrapper makes runs the fused kernel directly,
+    and the only ``torch.autograd.backward`` call of a step is the user's ``loss.backward()``."""
+    dni = DNI(mlp(), hidden_size=4, grad_optim="adam", grad_lr=1e-2, lr=1e-2, context_size=3)
+    x, y = data()
+    for _ in range(2):  # the first steps create the state through step()
+        F.cross_entropy(dni(x, context=y), y).backward()
+    direct, backwards = [], []
+    calls = _optim._fused_adam_calls
+    monkeypatch.setattr(
+        _optim, "_fused_adam_calls", lambda opt: direct.append(calls(opt) is not None) or calls(opt)
+    )
+    original = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or original(*a, **k))
+    for _ in range(3):
+        F.cross_entropy(dni(x, context=y), y).backward()
+    assert len(direct) == 3 * 3  # two wrapped layers and the synthesizers' optimizer, per step
+    assert all(direct)
+    assert backwards == [1, 1, 1]
