@@ -92,11 +92,7 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
     elsewhere, say) gets that called, and so does any optimizer while the profiler records (its trace shows the
     call).
     """
-    if (
-        type(optimizer).zero_grad is not _ZERO_GRAD
-        or "zero_grad" in vars(optimizer)
-        or torch.autograd.profiler._is_profiler_enabled
-    ):
+    if type(optimizer).zero_grad is not _ZERO_GRAD or "zero_grad" in vars(optimizer) or _profiling():
         optimizer.zero_grad(set_to_none=True)
         return
     for p in optimizer_params(optimizer):
@@ -104,6 +100,11 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 _ZERO_GRAD = torch.optim.Optimizer.zero_grad
+
+
+def _profiling() -> bool:
+    """Whether torch's profiler records (torch's private flag: where it is missing, assume it does)."""
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
 
 
 def update(optimizer: torch.optim.Optimizer) -> None:
@@ -167,7 +168,7 @@ def _fused_adam_calls(
         _ADAM_STEPS.get(cls) is not cls.step  # another class, a subclass, or torch's step replaced
         or None in _ADAM_KERNELS
         or "step" in vars(optimizer)  # replaced on the instance: an LR scheduler counts the calls
-        or torch.autograd.profiler._is_profiler_enabled  # the trace shows Optimizer.step
+        or _profiling()  # the trace shows Optimizer.step
         # hook registries (torch's private names: where one is missing, hooks are assumed)
         or getattr(optimizer, "_optimizer_step_pre_hooks", True)
         or getattr(optimizer, "_optimizer_step_post_hooks", True)
