@@ -286,9 +286,10 @@ def _busy(model: str, started: Any, stop: Any) -> None:
 def stage_times_loaded(model: str) -> list[float]:
     """:func:`stage_times` while a second process runs the same stage loops on the other core, without messages.
 
-    Each rank of the pipeline computes beside the other rank; on a small model two busy processes slow each other
-    down (shared caches, memory and, on a VM, perhaps one physical core), which bounds the pipeline below what the
-    one-process stage times suggest: ``batch / max(these times)`` is the most a 2-stage pipeline can reach here.
+    Each rank of the pipeline computes beside the other rank, so whatever a second busy process costs the first
+    (shared caches and memory bandwidth; on a VM, perhaps a shared physical core) counts in these times:
+    ``batch / max(these times)`` is the most a 2-stage pipeline can reach here. (On the development VM the loaded
+    and lone times agree within the spread between runs.)
     """
     ctx = mp.get_context("spawn")
     started, stop = ctx.Event(), ctx.Event()
