@@ -18,6 +18,7 @@ from altgrad.dni.pipeline import DecoupledPipeline
 
 STEPS, SPLIT, CLASSES = 6, 3, 4
 HIDDEN = 8
+TRANSPORT = "auto"  # set by the spawned entry points: the transport every pipeline of this process uses
 
 
 def stages(seed: int = 0) -> list[nn.Module]:
@@ -67,7 +68,7 @@ def pipeline(
         staleness=staleness,
         failure_timeout=2.0,
         group=group,
-        **kwargs,
+        **{"transport": TRANSPORT, **kwargs},
     )
     if pipe.interface is not None:
         pipe.interface.synthesizer.load_state_dict(synth_init())
@@ -153,8 +154,10 @@ def conv_run() -> list[dict[str, torch.Tensor]]:
     )
 
 
-def run(rank: int, tmp: str) -> None:
+def run(rank: int, tmp: str, transport: str) -> None:
     """Staleness 0 step by step, checkpoint/resume, and the staleness bound (one spawn, every case)."""
+    global TRANSPORT
+    TRANSPORT = transport
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/init",
@@ -198,6 +201,7 @@ def run(rank: int, tmp: str) -> None:
     applied.append(stale.targets_applied)
     stale_steps.append(snapshot(stale))
     result["applied"] = applied
+    result["transports"] = [pipe.transports, resumed.transports, stale.transports]
     result["stale_steps"] = stale_steps
     result["sent"] = sent
     result["conv_steps"] = conv_run()
@@ -365,8 +369,10 @@ def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[
     return outcome
 
 
-def fail(rank: int, tmp: str) -> None:
+def fail(rank: int, tmp: str, transport: str) -> None:
     """Every failure case on its own process group of the same two processes; outcomes go to rank<r>.json."""
+    global TRANSPORT
+    TRANSPORT = transport
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/init",

@@ -34,11 +34,18 @@ STOP_WITHIN_S = 10.0
 JOIN_S = 60.0  # process start-up (importing torch twice) included
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+TRANSPORTS = ("socket", "process_group")
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def ranks(request, tmp_path_factory):
+    """One spawn per transport: the same semantics over a Unix socket and through gloo's messages."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    mp.spawn(w.run, args=(str(tmp),), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    mp.spawn(w.run, args=(str(tmp), request.param), nprocs=2, join=True)
+    out = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank in range(2):  # every pipeline of the run used the transport asked for, to its one neighbour
+        assert out[rank]["transports"] == [{1 - rank: request.param}] * 3
+    return out
 
 
 def reference_steps(
@@ -186,12 +193,12 @@ def test_a_conv_stage_with_a_batch_norm_synthesizer_matches_the_wrapper_step_by_
     )
 
 
-@pytest.fixture(scope="module")
-def failures(tmp_path_factory):
-    """One spawn, three cases (each on its own process group): what every rank raised, and the exit codes."""
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def failures(request, tmp_path_factory):
+    """One spawn per transport, four cases (each on its own process group): what every rank raised, exit codes."""
     tmp = tmp_path_factory.mktemp("failures")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=w.fail, args=(r, str(tmp))) for r in range(2)]
+    procs = [ctx.Process(target=w.fail, args=(r, str(tmp), request.param)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

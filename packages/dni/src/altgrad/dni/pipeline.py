@@ -19,11 +19,13 @@ semantics); ``staleness >= 1`` lets the stages overlap. The maths (synthesizer l
 :mod:`altgrad.dni._functional`'s and the synthesizer sits in a :class:`~altgrad.dni.BackwardInterface`, as in
 one process.
 
-Every message is one buffer of bytes, a small header (status, batch index, shape) then the tensor (a larger
-message than the receiver's buffer is announced first), so a stage that fails sends its
-neighbours a *failure* header instead of data: they raise :class:`PipelineError` naming the failing stage and
-pass the failure on; a stage whose process dies closes its connections, which its neighbours see at once.
-The first failure's text is kept in the process group's store, so every rank reports the stage that failed.
+Every message is a small header (status, batch index, shape) then the tensor's bytes. Neighbours on one host
+with CPU stages exchange them over a Unix socket (``transport="socket"``, the default where it can connect:
+no thread and no copy beyond the kernel's, about 10 µs a message); others through the process group's
+``isend`` / ``irecv`` (gloo, NCCL). A stage that fails sends its neighbours a *failure* header instead of data:
+they raise :class:`PipelineError` naming the failing stage and pass the failure on; a stage whose process dies
+closes its connections, which its neighbours see at once. The first failure's text is kept in the process
+group's store, so every rank reports the stage that failed.
 
 Forward unlocking (``synthetic_inputs``, paper §3.3): a stage ``k >= 1`` with it does not wait for
 ``h_{k-1}(t)``. It predicts its input ``ĥ_{k-1}(t) = I_k(x(t)[, y(t)])`` from the batch's inputs ``x`` (flattened
@@ -50,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._functional import mix_gradient, sg_loss_grad
+from ._links import GroupLink, SocketLink, connect_socket
 from ._optim import optimizer_factory, update
 from .forward import ForwardInterface
 from .interface import BackwardInterface, one_hot_labels, run_backward
@@ -58,11 +61,7 @@ from .wrapper import _SHAPE_PRESERVING, _infer_features, check_feature_dim, chec
 
 __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
-_HEADER = 10  # int64: status, batch index, dtype code, ndim, up to 6 sizes
-_MAX_DIMS = _HEADER - 4
-_HEADER_BYTES = 8 * _HEADER
-_GROW = -1  # status of a header announcing a larger next message
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_TRANSPORTS = ("auto", "socket", "process_group")
 _INSTANCES = (
     itertools.count()
 )  # every rank builds its pipelines in the same order: the n-th shares a store key
@@ -197,6 +196,10 @@ class DecoupledPipeline:
             ``x`` in :meth:`step`, a first layer that tells their input width (``nn.Linear``,
             ``nn.BatchNorm1d``, ``nn.LayerNorm``) and ``(B, features)`` inputs; ``dni_network`` must be
             feature-last (e.g. ``LinearDNI``).
+        transport: How neighbours exchange messages. ``"socket"``: a Unix socket (stages on one host, on the
+            CPU); an error if one cannot be connected. ``"process_group"``: the group's ``isend`` / ``irecv``.
+            ``"auto"`` (default): a socket to each neighbour it can connect to, the process group otherwise
+            (every pair of neighbours agrees through the group's store).
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class DecoupledPipeline:
         device: torch.device | str | None = None,
         failure_timeout: float = 5.0,
         synthetic_inputs: bool | Sequence[int] = False,
+        transport: str = "auto",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DecoupledPipeline needs an initialised torch.distributed process group")
@@ -227,6 +231,8 @@ class DecoupledPipeline:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
             raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
         self.group = group
         self.num_stages = dist.get_world_size(group)
         self.stage = dist.get_rank(group)
@@ -312,12 +318,47 @@ class DecoupledPipeline:
         self.num_steps = 0  # batches this stage has run
         self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
         self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
-        self._sends: deque[tuple[Any, Tensor]] = deque()  # (work, message kept alive until sent)
-        self._capacity_out: dict[int, int] = {}  # bytes each neighbour can take in one message
-        self._capacity_in: dict[int, int] = {}
         self._store = self._default_store()
         key = f"altgrad_dni_pipeline/{next(_INSTANCES)}"
         self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
+        if transport == "socket" and (self.device.type != "cpu" or self._store is None):
+            raise ValueError(
+                f"transport='socket' needs CPU stages and the process group's store, got device {self.device}"
+                + ("" if self._store is not None else " and no store")
+            )
+        self._transport, self._links_key = transport, f"{key}/links"
+        self._links: dict[int, GroupLink | SocketLink] = {}  # per neighbour, connected at the first message
+
+    def _link(self, stage: int, wait: float | None = None) -> GroupLink | SocketLink:
+        """The link to neighbour ``stage``: connected at first use (a socket where ``transport`` allows and one
+        connects, else the group's calls; both sides agree through the store, waiting at most ``wait`` s)."""
+        link = self._links.get(stage)
+        if link is not None:
+            return link
+        queued = 4 * (self.staleness + 2)  # sends a stage may have queued before it waits
+        timeout = float(getattr(self._store, "timeout", datetime.timedelta(minutes=30)).total_seconds())
+        sock = None
+        if self._transport != "process_group" and self.device.type == "cpu" and self._store is not None:
+            sock = connect_socket(
+                self._store, self._links_key, self.stage, stage, timeout if wait is None else wait
+            )
+            if sock is None and self._transport == "socket":
+                raise RuntimeError(
+                    f"transport='socket': stage {self.stage} could not connect a Unix socket to stage {stage} "
+                    "(another host, or another network namespace?); use transport='auto' or 'process_group'"
+                )
+        link = (
+            SocketLink(sock, timeout, queued)
+            if sock is not None
+            else GroupLink(self._peers[stage], self.group, self.device, queued)
+        )
+        self._links[stage] = link
+        return link
+
+    @property
+    def transports(self) -> dict[int, str]:
+        """The transport to each neighbour stage connected so far: ``"socket"`` or ``"process_group"``."""
+        return {k: "socket" if isinstance(v, SocketLink) else "process_group" for k, v in self._links.items()}
 
     # ------------------------------------------------------------------ construction
     def _build(self, features: int) -> None:
@@ -369,73 +410,29 @@ class DecoupledPipeline:
         return None
 
     # ------------------------------------------------------------------ messages
-    def _header(self, status: int, batch: int, tensor: Tensor | None) -> Tensor:
-        """The message header as bytes (on the stage's device): status, batch, dtype, ndim, shape."""
-        fields = [status, batch, 0, 0]
-        if tensor is not None:
-            if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
-                raise ValueError(
-                    f"stage {self.stage} output must be a floating tensor of at most {_MAX_DIMS} dims, got "
-                    f"{tensor.dtype} of shape {tuple(tensor.shape)}"
-                )
-            fields = [status, batch, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-        fields += [0] * (_HEADER - len(fields))
-        # one tensor from a list: a handful of element writes would each be a torch op (~50 µs per message)
-        return torch.tensor(fields, dtype=torch.int64).view(torch.uint8).to(self.device)
-
-    def _isend(self, stage: int, message: Tensor) -> None:
-        try:
-            work = _work(dist.isend(message, self._peers[stage], group=self.group))
-        except RuntimeError as exc:
-            self._lost(stage, exc)
-        self._sends.append((work, message))
-
     def _send(self, stage: int, batch: int, tensor: Tensor) -> None:
-        """One message: header and payload bytes together (a receiver takes up to its current capacity)."""
-        data = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        message = torch.cat([self._header(0, batch, tensor), data])
-        if message.numel() > self._capacity_out.get(stage, _HEADER_BYTES):
-            grow = self._header(_GROW, batch, None).view(torch.int64)
-            grow[2] = message.numel()
-            self._isend(stage, grow.view(torch.uint8))  # the receiver enlarges its buffer first
-            self._capacity_out[stage] = message.numel()
-        self._isend(stage, message)
-        while len(self._sends) > 4 * (self.staleness + 2):
-            self._wait_send()
-
-    def _wait_send(self) -> None:
-        work, _ = self._sends.popleft()
+        """One message to neighbour ``stage``: returns once it is on its way (a few may be queued)."""
         try:
-            work.wait()
-        except RuntimeError as exc:
-            self._lost(None, exc)
+            self._link(stage).send(0, batch, tensor, self.stage)
+        except ConnectionError as exc:
+            self._lost(stage, exc)
 
     def _recv(self, stage: int, batch: int) -> Tensor:
-        while True:
-            buf = torch.empty(
-                self._capacity_in.get(stage, _HEADER_BYTES), dtype=torch.uint8, device=self.device
-            )
-            try:
-                _work(dist.irecv(buf, self._peers[stage], group=self.group)).wait()
-            except RuntimeError as exc:
-                self._lost(stage, exc)
-            # the header as Python ints in one op (indexing a tensor element by element is an op per field)
-            head = buf[:_HEADER_BYTES].view(torch.int64).tolist()
-            if head[0] != _GROW:
-                break
-            self._capacity_in[stage] = head[2]
-        if head[0] != 0:
-            self._failed_elsewhere(head[0] - 1, source=stage)
-        if head[1] != batch:
+        try:
+            status, got, tensor = self._link(stage).recv()
+        except ConnectionError as exc:
+            self._lost(stage, exc)
+        if status != 0:
+            self._failed_elsewhere(status - 1, source=stage)
+        if got != batch:
             raise self._fail(
                 PipelineError(
-                    f"stage {self.stage} expected batch {batch} from stage {stage} but got batch {head[1]}: "
+                    f"stage {self.stage} expected batch {batch} from stage {stage} but got batch {got}: "
                     "the ranks are out of step (every rank must call step() for every batch)"
                 )
             )
-        dtype, shape = _DTYPES[head[2]], head[4 : 4 + head[3]]
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        return buf[_HEADER_BYTES : _HEADER_BYTES + nbytes].view(dtype).view(shape)
+        assert tensor is not None
+        return tensor
 
     # ------------------------------------------------------------------ failures
     def _record_failure(self, message: str) -> str:
@@ -461,20 +458,10 @@ class DecoupledPipeline:
 
     def _poison(self, failed: int, skip: int | None = None) -> None:
         """Send a failure header to the neighbours (except ``skip``) so that none of them waits for data."""
-        works = []
         for stage in (self.stage - 1, self.stage + 1):
             if 0 <= stage < self.num_stages and stage != skip:
                 with contextlib.suppress(Exception):
-                    works.append(
-                        _work(
-                            dist.isend(
-                                self._header(failed + 1, -1, None), self._peers[stage], group=self.group
-                            )
-                        )
-                    )
-        for work in works:
-            with contextlib.suppress(Exception):
-                work.wait(datetime.timedelta(seconds=self.failure_timeout))
+                    self._link(stage, self.failure_timeout).send_failure(failed + 1, self.failure_timeout)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """This stage failed: record it, tell the neighbours, and return ``exc`` for the caller to raise."""
@@ -489,12 +476,15 @@ class DecoupledPipeline:
         self._poison(failed, skip=source)
         raise PipelineError(f"pipeline stopped: {message} (stage {self.stage} stops too)")
 
-    def _lost(self, stage: int | None, exc: BaseException) -> NoReturn:
-        peer = "a neighbour" if stage is None else f"stage {stage}"
+    def _lost(self, stage: int, exc: BaseException) -> NoReturn:
+        """The connection to ``stage`` broke: report the failure it sent first, else that it stopped."""
+        status = self._links[stage].failure(self.failure_timeout)
+        if status is not None:
+            self._failed_elsewhere(status - 1, source=stage)
         message = self._record_failure(
-            f"{peer} stopped: its connection closed ({exc}); was its process killed?"
+            f"stage {stage} stopped: its connection closed ({exc}); was its process killed?"
         )
-        self._poison(stage if stage is not None else self.stage, skip=stage)
+        self._poison(stage, skip=stage)
         raise PipelineError(f"pipeline stopped: {message} (seen by stage {self.stage})") from exc
 
     # ------------------------------------------------------------------ training
@@ -636,8 +626,11 @@ class DecoupledPipeline:
                 self._train_forward(self.num_steps)
             if not self.last:
                 self._train_synthesizer(self.num_steps)
-            while self._sends:
-                self._wait_send()
+            for stage, link in self._links.items():
+                try:
+                    link.flush()
+                except ConnectionError as exc:
+                    self._lost(stage, exc)
         except PipelineError:
             raise
         except BaseException as exc:
@@ -646,7 +639,7 @@ class DecoupledPipeline:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """This stage's state: module, optimizer, synthesizers and their optimizers, counters (after :meth:`flush`)."""
-        if self._stash or self._sends or self._inputs:
+        if self._stash or self._inputs or any(link.pending for link in self._links.values()):
             raise RuntimeError("call flush() before state_dict(): targets or messages are still in flight")
         state: dict[str, Any] = {
             "stage": self.stage,
@@ -674,7 +667,7 @@ class DecoupledPipeline:
                 f"this is stage {self.stage} of {self.num_stages}; the state is stage {state.get('stage')} of "
                 f"{state.get('num_stages')}"
             )
-        if self._stash or self._sends or self._inputs:
+        if self._stash or self._inputs or any(link.pending for link in self._links.values()):
             raise RuntimeError(
                 "call flush() before load_state_dict(): targets or messages are still in flight"
             )
@@ -743,15 +736,6 @@ class DecoupledPipeline:
             raise ValueError(f"{path} is not a checkpoint of a {self.num_stages}-stage DecoupledPipeline")
         self.load_state_dict(saved["stages"][self.stage])
         dist.barrier(group=self.group)
-
-
-def _work(work: Any) -> Any:
-    """The work handle of a point-to-point call (``None`` only for ranks outside the group, never here)."""
-    if work is None:
-        raise RuntimeError(
-            "point-to-point call returned no work handle: this rank is not in the process group"
-        )
-    return work
 
 
 def _to_cpu(value: Any) -> Any:

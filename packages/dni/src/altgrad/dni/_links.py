@@ -1,0 +1,385 @@
+"""The messages between two neighbouring pipeline stages: one link per neighbour, two kinds of link.
+
+A message is a header of ``HEADER`` int64 (status, batch index, dtype code, ndim, up to ``MAX_DIMS`` sizes)
+and, when the status is 0, the tensor's bytes. A non-zero status is a *failure* header (``1 + the stage that
+failed``), which carries no tensor.
+
+* :class:`SocketLink`: neighbours on one host, tensors on the CPU. A Unix stream socket, non-blocking: a send
+  goes to the kernel at once if it fits and waits in a queue otherwise, and every wait of the stage (for a
+  message, or for room in the queue) moves both directions, so two stages can never block each other. No
+  thread, no copy beyond the kernel's, about 10 µs a message; a peer whose process dies closes its socket, which
+  the other side reads as the end of the stream after the messages sent before.
+* :class:`GroupLink`: the process group's point-to-point calls (gloo, NCCL): any host, any device. A receiver
+  posts a buffer of its current capacity; a message larger than that is announced first by a ``GROW`` header.
+
+Both raise :class:`ConnectionError` when the peer is gone; the pipeline turns it into its own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import select
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+HEADER = 10  # int64: status, batch index, dtype code, ndim, up to 6 sizes
+MAX_DIMS = HEADER - 4
+HEADER_BYTES = 8 * HEADER
+GROW = -1  # GroupLink: status of a header announcing a larger next message
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_PACK = struct.Struct(f"={HEADER}q")
+
+Message = tuple[int, int, Tensor | None]  # status, batch, tensor (None for a failure header)
+
+
+def header_fields(status: int, batch: int, tensor: Tensor | None, stage: int) -> list[int]:
+    """The header's ints; ``stage`` names the sender in the error for a tensor no header can describe."""
+    if tensor is None:
+        return [status, batch] + [0] * (HEADER - 2)
+    if tensor.dim() > MAX_DIMS or tensor.dtype not in DTYPES:
+        raise ValueError(
+            f"stage {stage} output must be a floating tensor of at most {MAX_DIMS} dims, got "
+            f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+        )
+    fields = [status, batch, DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    return fields + [0] * (HEADER - len(fields))
+
+
+def _payload(tensor: Tensor) -> memoryview:
+    """The bytes of a CPU tensor (contiguous copy if needed), as a memoryview that keeps the tensor alive."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
+
+
+class SocketLink:
+    """A link over a connected Unix stream socket (same host, CPU tensors).
+
+    Args:
+        sock: The connected socket (made non-blocking here).
+        timeout: Seconds a wait for the peer may last before :class:`TimeoutError` (the process group's timeout:
+            a peer that is alive but never answers).
+        max_queued: Messages a send may leave queued before it waits for the peer to take some.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, max_queued: int) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.timeout = timeout
+        self.max_queued = max_queued
+        self._out: deque[list[memoryview]] = deque()  # queued messages: their unsent parts, in order
+        self._in: deque[Message] = deque()  # complete messages not yet taken
+        self._head = bytearray(HEADER_BYTES)
+        self._part = memoryview(self._head)  # where the next bytes read go: the header, or a tensor's bytes
+        self._got = 0  # bytes of _part read
+        self._tensor: Tensor | None = None  # the tensor whose bytes _part is
+        self._eof: BaseException | None = None  # why nothing more can be read
+        self._broken: BaseException | None = None  # why nothing more can be written
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._flags = getattr(socket, "MSG_NOSIGNAL", 0)
+
+    @property
+    def pending(self) -> int:
+        """Messages sent but not yet handed to the kernel."""
+        return len(self._out)
+
+    def send(self, status: int, batch: int, tensor: Tensor | None, stage: int) -> None:
+        """Queue one message and hand what fits to the kernel; wait only while more than ``max_queued`` wait."""
+        parts = [memoryview(_PACK.pack(*header_fields(status, batch, tensor, stage)))]
+        if tensor is not None and status == 0 and tensor.numel():
+            parts.append(_payload(tensor))
+        if self._broken is not None:
+            raise ConnectionError(f"the peer closed its connection ({self._broken})")
+        self._out.append(parts)
+        self._pump(block=False)
+        while len(self._out) > self.max_queued:
+            self._pump(block=True)
+
+    def recv(self) -> Message:
+        """The next message from the peer (waits for it)."""
+        while not self._in:
+            if self._eof is not None:
+                raise ConnectionError(f"the peer closed its connection ({self._eof})")
+            self._pump(block=True)
+        return self._in.popleft()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued message is in the kernel (``timeout``: give up after that long, quietly)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._out:
+            if not self._pump(block=True, deadline=deadline):
+                return
+        if self._broken is not None and timeout is None:
+            raise ConnectionError(f"the peer closed its connection ({self._broken})")
+
+    def send_failure(self, status: int, timeout: float) -> None:
+        """Queue a failure header after what is queued, and give the peer ``timeout`` seconds to take it all."""
+        if self._broken is None:
+            self._out.append([memoryview(_PACK.pack(*header_fields(status, -1, None, -1)))])
+            self.flush(timeout)
+
+    def failure(self, timeout: float) -> int | None:
+        """The status of a failure header the peer sent before its connection ended (read for up to ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self._eof is None and self._pump(block=True, deadline=deadline):
+            pass
+        return next((m[0] for m in self._in if m[0] != 0), None)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    # ------------------------------------------------------------------ the one loop that moves bytes
+    def _pump(self, block: bool, deadline: float | None = None) -> bool:
+        """Write what the kernel takes, read what has arrived; with ``block``, first wait until one can go on.
+
+        Returns ``False`` only when ``deadline`` passed first; without one, a wait longer than ``timeout``
+        raises :class:`TimeoutError`.
+        """
+        if block:
+            limit = time.monotonic() + self.timeout if deadline is None else deadline
+            events = (0 if self._eof is not None else select.POLLIN) | (select.POLLOUT if self._out else 0)
+            if not events:  # nothing can move any more
+                raise ConnectionError(f"the peer closed its connection ({self._eof or self._broken})")
+            self._poll.modify(self.sock, events)
+            while not self._poll.poll(max(0.0, limit - time.monotonic()) * 1000):
+                if time.monotonic() >= limit:
+                    if deadline is not None:
+                        return False
+                    raise TimeoutError(f"no message moved for {self.timeout:g} s (is the peer stuck?)")
+        if self._out:
+            self._write()
+        if self._eof is None:
+            self._read()
+        return True
+
+    def _write(self) -> None:
+        out = self._out
+        while out:
+            parts = out[0]
+            try:
+                sent = self.sock.send(parts[0], self._flags)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone (what it sent first is still read)
+                self._broken = exc
+                out.clear()
+                return
+            if sent < len(parts[0]):
+                parts[0] = parts[0][sent:]
+                return
+            parts.pop(0)
+            if not parts:
+                out.popleft()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                n = self.sock.recv_into(self._part[self._got :])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._eof = exc
+                return
+            if n == 0:
+                inside = self._got or self._tensor is not None
+                self._eof = EOFError("end of stream inside a message" if inside else "end of stream")
+                return
+            self._got += n
+            if self._got < len(self._part):
+                continue
+            self._got = 0
+            if self._tensor is not None:  # a tensor's bytes are complete
+                self._in.append((0, _PACK.unpack(self._head)[1], self._tensor))
+                self._tensor, self._part = None, memoryview(self._head)
+            else:
+                self._start_message()
+
+    def _start_message(self) -> None:
+        fields = _PACK.unpack(self._head)
+        if fields[0] != 0:  # a failure header: no payload
+            self._in.append((fields[0], fields[1], None))
+            return
+        if not 0 <= fields[2] < len(DTYPES) or not 0 <= fields[3] <= MAX_DIMS:
+            raise ConnectionError(f"a corrupt message header from the peer: {list(fields)}")
+        tensor = torch.empty(fields[4 : 4 + fields[3]], dtype=DTYPES[fields[2]])
+        if tensor.numel() == 0:
+            self._in.append((0, fields[1], tensor))
+            return
+        self._tensor = tensor
+        self._part = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+class GroupLink:
+    """A link through the process group's ``isend`` / ``irecv`` (gloo, NCCL; any host and device).
+
+    Every message is one buffer of bytes, the header then the tensor; the receiver posts a buffer of its current
+    capacity, so a larger message is announced first by a ``GROW`` header.
+    """
+
+    def __init__(
+        self, peer: int, group: dist.ProcessGroup | None, device: torch.device, max_queued: int
+    ) -> None:
+        self.peer, self.group, self.device, self.max_queued = peer, group, device, max_queued
+        self._sends: deque[tuple[Any, Tensor]] = deque()  # (work, message kept alive until sent)
+        self._capacity_out = HEADER_BYTES  # bytes the peer can take in one message
+        self._capacity_in = HEADER_BYTES
+
+    @property
+    def pending(self) -> int:
+        return len(self._sends)
+
+    def _header(self, fields: list[int]) -> Tensor:
+        # one tensor from a list: a handful of element writes would each be a torch op (~50 µs per message)
+        return torch.tensor(fields, dtype=torch.int64).view(torch.uint8).to(self.device)
+
+    def _isend(self, message: Tensor) -> None:
+        try:
+            work = _work(dist.isend(message, self.peer, group=self.group))
+        except RuntimeError as exc:
+            raise ConnectionError(str(exc)) from exc
+        self._sends.append((work, message))
+
+    def send(self, status: int, batch: int, tensor: Tensor | None, stage: int) -> None:
+        head = self._header(header_fields(status, batch, tensor, stage))
+        if tensor is None or status != 0:
+            self._isend(head)
+            return
+        message = torch.cat([head, tensor.detach().contiguous().view(-1).view(torch.uint8)])
+        if message.numel() > self._capacity_out:
+            fields = [GROW, batch, message.numel()] + [0] * (HEADER - 3)
+            self._isend(self._header(fields))  # the receiver enlarges its buffer first
+            self._capacity_out = message.numel()
+        self._isend(message)
+        while len(self._sends) > self.max_queued:
+            self._wait_one()
+
+    def _wait_one(self, timeout: float | None = None) -> None:
+        work, _ = self._sends.popleft()
+        try:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(datetime.timedelta(seconds=timeout))
+        except RuntimeError as exc:
+            raise ConnectionError(str(exc)) from exc
+
+    def recv(self) -> Message:
+        while True:
+            buf = torch.empty(self._capacity_in, dtype=torch.uint8, device=self.device)
+            try:
+                _work(dist.irecv(buf, self.peer, group=self.group)).wait()
+            except RuntimeError as exc:
+                raise ConnectionError(str(exc)) from exc
+            # the header as Python ints in one op (indexing a tensor element by element is an op per field)
+            head = buf[:HEADER_BYTES].view(torch.int64).tolist()
+            if head[0] != GROW:
+                break
+            self._capacity_in = head[2]
+        if head[0] != 0:
+            return head[0], head[1], None
+        dtype, shape = DTYPES[head[2]], head[4 : 4 + head[3]]
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        return 0, head[1], buf[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
+
+    def flush(self, timeout: float | None = None) -> None:
+        while self._sends:
+            self._wait_one(timeout)
+
+    def send_failure(self, status: int, timeout: float) -> None:
+        """Send a failure header; wait at most ``timeout`` seconds for the peer to take it."""
+        self._isend(self._header(header_fields(status, -1, None, -1)))
+        self.flush(timeout)
+
+    def failure(self, timeout: float) -> int | None:
+        """A failure header cannot be read past a broken connection here: ``None``."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _work(work: Any) -> Any:
+    """The work handle of a point-to-point call (``None`` only for ranks outside the group, never here)."""
+    if work is None:
+        raise RuntimeError(
+            "point-to-point call returned no work handle: this rank is not in the process group"
+        )
+    return work
+
+
+def _address() -> str:
+    token = f"altgrad-dni-{os.getpid()}-{os.urandom(8).hex()}"
+    if sys.platform == "linux":
+        return "\0" + token  # abstract namespace: no file to leave behind
+    return os.path.join(tempfile.gettempdir(), token + ".sock")
+
+
+def connect_socket(store: Any, key: str, stage: int, peer_stage: int, wait: float) -> socket.socket | None:
+    """A Unix socket to ``peer_stage``'s process when it runs on this host, else ``None`` (both sides agree).
+
+    The higher stage listens and publishes its address in the store under ``key``; the lower one tries to
+    connect and publishes whether it could (a peer on another host, or in another network namespace, cannot).
+    """
+    addr_key, ok_key = f"{key}/{min(stage, peer_stage)}/address", f"{key}/{min(stage, peer_stage)}/connected"
+    timeout = datetime.timedelta(seconds=wait)
+    if stage > peer_stage:
+        return _listen(store, addr_key, ok_key, timeout)
+    store.wait([addr_key], timeout)
+    address = store.get(addr_key).decode()
+    conn = _dial(address, wait) if address else None
+    store.set(ok_key, "1" if conn is not None else "0")
+    return conn
+
+
+def _listen(store: Any, addr_key: str, ok_key: str, timeout: datetime.timedelta) -> socket.socket | None:
+    """Listen, publish the address ("" if none), and accept once the peer says it connected."""
+    address = _address()
+    try:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except (AttributeError, OSError):  # no Unix sockets here
+        store.set(addr_key, "")
+        store.wait([ok_key], timeout)
+        return None
+    try:
+        try:
+            listener.bind(address)
+            listener.listen(1)
+        except OSError:
+            address = ""
+        store.set(addr_key, address)
+        store.wait([ok_key], timeout)
+        if store.get(ok_key) != b"1":
+            return None
+        listener.settimeout(timeout.total_seconds())
+        return listener.accept()[0]
+    finally:
+        listener.close()
+        if address and not address.startswith("\0"):
+            with contextlib.suppress(OSError):
+                os.unlink(address)
+
+
+def _dial(address: str, wait: float) -> socket.socket | None:
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except (AttributeError, OSError):
+        return None
+    try:
+        conn.settimeout(wait)
+        conn.connect(address)
+    except OSError:
+        conn.close()
+        return None
+    return conn

@@ -1,0 +1,188 @@
+"""The pipeline's same-host link (a Unix socket) on its own: framing, views, both directions at once, the end of a
+peer, timeouts, and how two sides agree on a socket through a store. (The pipeline over it: test_pipeline.)"""
+
+import socket
+import sys
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from altgrad.dni import _links
+from altgrad.dni._links import DTYPES, SocketLink, connect_socket
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(socket, "AF_UNIX") or sys.platform == "win32", reason="Unix sockets"
+)
+
+
+def pair(timeout: float = 10.0, max_queued: int = 8) -> tuple[SocketLink, SocketLink]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return SocketLink(a, timeout, max_queued), SocketLink(b, timeout, max_queued)
+
+
+VIEWS = {
+    "plain": lambda t: t,
+    "transposed": lambda t: t.mT if t.dim() >= 2 else t,
+    "expanded": lambda t: t[..., :1].expand_as(t) if t.dim() and t.shape[-1] else t,
+    "flipped": lambda t: t.flip(0) if t.dim() else t,
+    "negated": lambda t: t.neg(),
+    "strided": lambda t: t[::2] if t.dim() else t,
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    view=st.sampled_from(sorted(VIEWS)),
+    batch=st.integers(-(2**62), 2**62),
+    special=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+)
+def test_a_message_arrives_as_sent_for_any_shape_dtype_and_view(shape, dtype, view, batch, special):
+    a, b = pair()
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
+    if special is not None and base.numel():
+        base.view(-1)[0] = special
+    sent = VIEWS[view](base)
+    a.send(0, batch, sent, stage=0)
+    status, got_batch, got = b.recv()
+    assert (status, got_batch) == (0, batch)
+    assert got.dtype == sent.dtype
+    assert got.shape == sent.shape
+    assert got.is_contiguous()
+    # exact: the bytes are copied, NaN included (compared as integers of the same width)
+    assert torch.equal(got.view(-1).view(torch.uint8), sent.contiguous().view(-1).view(torch.uint8))
+    a.close()
+    b.close()
+
+
+def test_two_sides_sending_more_than_the_kernel_holds_do_not_block_each_other():
+    """Each side sends 12 messages of 1 MiB before it reads one (a blocking socket would deadlock: each kernel
+    buffer holds far less); with at most 2 queued, every wait of a sender reads what the other sent."""
+    a, b = pair(timeout=20.0, max_queued=2)
+    n, size = 12, 1 << 18  # float32: 1 MiB
+    out: dict[str, list] = {}
+
+    def side(name: str, link: SocketLink, offset: float) -> None:
+        try:
+            for i in range(n):
+                link.send(0, i, torch.full((size,), offset + i), stage=0)
+            out[name] = [link.recv() for _ in range(n)]
+            link.flush()
+        except BaseException as exc:  # surfaced below
+            out[name] = [exc]
+
+    threads = [
+        threading.Thread(target=side, args=("a", a, 0.0)),
+        threading.Thread(target=side, args=("b", b, 100.0)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "the two sides blocked each other"
+    for name, offset in (("a", 100.0), ("b", 0.0)):  # a receives b's messages and the other way round
+        got = out[name]
+        assert [m[:2] for m in got] == [(0, i) for i in range(n)], got[:1]
+        for i, (_, _, tensor) in enumerate(got):
+            assert tensor.shape == (size,)
+            assert bool((tensor == offset + i).all())  # exact: small integers in float32, copied
+    assert a.pending == 0
+    assert b.pending == 0
+
+
+def test_a_failure_header_sent_before_the_end_is_read_and_then_the_end():
+    a, b = pair()
+    a.send(0, 7, torch.ones(3), stage=0)
+    a.send_failure(2, timeout=1.0)
+    a.close()
+    assert b.recv()[:2] == (0, 7)
+    assert b.recv() == (2, -1, None)
+    with pytest.raises(ConnectionError, match=r"closed its connection .*end of stream"):
+        b.recv()
+
+
+def test_the_failure_header_is_found_behind_a_broken_send():
+    """The peer failed, sent its failure header and exited: the send that finds the connection broken raises,
+    and the header it sent first is still there to name the failure."""
+    a, b = pair()
+    b.send_failure(4, timeout=1.0)
+    b.close()
+
+    def send_until_refused() -> None:
+        for _ in range(100):  # the first send may still reach the kernel; a later one finds the peer gone
+            a.send(0, 0, torch.ones(1 << 16), stage=0)
+
+    with pytest.raises(ConnectionError, match="closed its connection"):
+        send_until_refused()
+    assert a.failure(timeout=1.0) == 4  # status 4: stage 3 failed
+
+
+def test_a_peer_gone_inside_a_message_is_an_error_not_a_short_tensor():
+    a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b = SocketLink(b_sock, 10.0, 8)
+    head = _links._PACK.pack(*_links.header_fields(0, 1, torch.ones(4), 0))
+    a_sock.sendall(head + torch.ones(2).numpy().tobytes())  # 8 of the 16 bytes announced
+    a_sock.close()
+    with pytest.raises(ConnectionError, match="end of stream inside a message"):
+        b.recv()
+    assert b.failure(timeout=0.1) is None
+
+
+def test_a_silent_peer_times_out_and_a_flush_with_a_deadline_gives_up_quietly():
+    a, _b = pair(timeout=0.2, max_queued=100)
+    with pytest.raises(TimeoutError, match=r"no message moved for 0\.2 s"):
+        a.recv()
+    for i in range(40):  # 40 MiB: far more than the kernel takes while b reads nothing
+        a.send(0, i, torch.zeros(1 << 18), stage=0)
+    assert a.pending > 0
+    a.flush(timeout=0.1)  # gives up, no exception
+    assert a.pending > 0
+
+
+@pytest.mark.parametrize(
+    ("tensor", "text"),
+    [
+        (torch.zeros(1, 1, 1, 1, 1, 1, 1), "at most 6 dims"),
+        (torch.zeros(3, dtype=torch.int64), "torch.int64"),
+    ],
+)
+def test_a_tensor_no_header_can_describe_is_refused_naming_the_stage(tensor, text):
+    a, _b = pair()
+    with pytest.raises(ValueError, match=f"stage 3 output must be a floating tensor.*{text}"):
+        a.send(0, 0, tensor, stage=3)
+    assert a.pending == 0  # nothing half-sent
+
+
+def _agree(monkeypatch, dial_fails: bool) -> list:
+    store = dist.HashStore()
+    if dial_fails:  # a peer on another host (or network namespace) cannot connect to the listener's address
+        monkeypatch.setattr(_links, "_dial", lambda address, wait: None)
+    got: list = [None, None]
+
+    def side(stage: int) -> None:
+        got[stage] = connect_socket(store, "k", stage, 1 - stage, wait=10.0)
+
+    threads = [threading.Thread(target=side, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return got
+
+
+def test_two_stages_on_one_host_agree_on_a_connected_socket(monkeypatch):
+    low, high = _agree(monkeypatch, dial_fails=False)
+    assert low is not None
+    assert high is not None
+    a, b = SocketLink(low, 5.0, 4), SocketLink(high, 5.0, 4)
+    b.send(0, 1, torch.arange(3.0), stage=1)
+    assert a.recv()[1] == 1
+
+
+def test_when_one_side_cannot_connect_both_fall_back(monkeypatch):
+    assert _agree(monkeypatch, dial_fails=True) == [None, None]
