@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import load_digits_split
 
 from altgrad.dni import DNI, DecoupledPipeline, LinearDNI, split_sequential
+from altgrad.dni._links import GroupLink, SocketLink, connect_socket
 from altgrad.dni._optim import update
 from altgrad.dni.interface import run_backward
 
@@ -314,6 +315,54 @@ def stage_times_loaded(model: str) -> list[float]:
 # --------------------------------------------------------------------------- main
 
 
+def _ping_pong(rank: int, tmp: str, sizes: list[int], rounds: int) -> None:
+    """Rank 0 sends a message of each size, rank 1 sends it back, ``rounds`` times per transport."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(minutes=5),
+    )
+    torch.set_num_threads(1)
+    store = dist.distributed_c10d._get_default_store()
+    links = {
+        "socket": SocketLink(connect_socket(store, "bench", rank, 1 - rank, 60.0), 60.0, 8),
+        "process_group": GroupLink(1 - rank, None, torch.device("cpu"), 8),
+    }
+    out: dict[str, dict[int, float]] = {}
+    for name, link in links.items():
+        for size in sizes:
+            msg = torch.ones(size // 4)
+            times = []
+            for i in range(rounds + 5):  # the first rounds grow gloo's buffers and warm up
+                dist.barrier()
+                t0 = time.perf_counter()
+                if rank == 0:
+                    link.send(0, i, msg, 0)
+                    link.recv()
+                else:
+                    link.send(0, i, link.recv()[2], 1)
+                link.flush()
+                times.append(time.perf_counter() - t0)
+            out.setdefault(name, {})[size] = sorted(times[5:])[rounds // 2] / 2 * 1e6
+    if rank == 0:
+        Path(tmp, "messages.json").write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def message_times(
+    sizes: tuple[int, ...] = (1 << 16, 1 << 20), rounds: int = 200
+) -> dict[str, dict[int, float]]:
+    """One-way time (µs) of a message between two processes over each transport: the median of half a round trip
+    (send, the peer receives it and sends it back), each side one thread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ping_pong, args=(tmp, list(sizes), rounds), nprocs=2)
+        raw = json.loads(Path(tmp, "messages.json").read_text())
+    return {name: {int(k): v for k, v in row.items()} for name, row in raw.items()}
+
+
 def _run_single(args: tuple[str, str, int, str]) -> None:
     model, method, threads, path = args
     Path(path).write_text(json.dumps(single(model, method, threads)))
@@ -392,6 +441,9 @@ def main() -> None:
                 flush=True,
             )
         res["results"][model] = rows
+    if not args.no_bound:
+        res["message_us"] = message_times()
+        print("one-way message time (µs):", res["message_us"], flush=True)
     res["load_after"] = os.getloadavg()
     print(json.dumps(res["results"], indent=1))
     if args.out:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from altgrad.dni import Conv1dDNI, LinearBatchNormDNI, LinearDNI
-from altgrad.dni.pipeline import DecoupledPipeline
+from altgrad.dni.pipeline import DecoupledPipeline, PipelineError
 
 STEPS, SPLIT, CLASSES = 6, 3, 4
 HIDDEN = 8
@@ -154,6 +154,32 @@ def conv_run() -> list[dict[str, torch.Tensor]]:
     )
 
 
+def collective_between_steps(steps: int = 3) -> list[float]:
+    """Messages of 16 MiB (more than a socket's kernel buffer holds) and a collective after every step, as a
+    training loop that averages a metric does: a stage that ends its step with its message still queued and blocks
+    in the collective must not hold back its peer, which waits for that message inside its step."""
+    torch.manual_seed(0)
+    width, rows = 4096, 1024
+    pipe = DecoupledPipeline(
+        [nn.Linear(6, width), nn.Linear(width, CLASSES)],
+        F.cross_entropy,
+        hidden_size=8,
+        dni_params={"num_layers": 1},
+        staleness=1,
+        failure_timeout=2.0,
+        transport=TRANSPORT,
+    )
+    g = torch.Generator().manual_seed(3)
+    totals = []
+    for _ in range(steps):
+        pipe.step(torch.randn(rows, 6, generator=g), torch.randint(0, CLASSES, (rows,), generator=g))
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        totals.append(float(total))
+    pipe.flush()
+    return totals
+
+
 def run(rank: int, tmp: str, transport: str) -> None:
     """Staleness 0 step by step, checkpoint/resume, and the staleness bound (one spawn, every case)."""
     global TRANSPORT
@@ -204,6 +230,7 @@ def run(rank: int, tmp: str, transport: str) -> None:
     result["transports"] = [pipe.transports, resumed.transports, stale.transports]
     result["stale_steps"] = stale_steps
     result["sent"] = sent
+    result["collective_between_steps"] = collective_between_steps()
     result["conv_steps"] = conv_run()
     if rank == 0:  # a feature-last synthesizer on a conv stage: refused at construction (no message is sent)
         try:
@@ -265,11 +292,11 @@ def bad_arguments(rank: int) -> dict[str, tuple[str, str] | None]:
         "no_width": lambda: DecoupledPipeline(stages_conv(), F.cross_entropy, synthetic_inputs=True),
     }
     out: dict[str, tuple[str, str] | None] = {}
-    for case, build in cases.items():  # the last case succeeds on rank 0: no pipeline is used after these
+    for case, build in cases.items():  # the last case fails on rank 1 only: rank 0 stops, naming it
         try:
             build()
             out[case] = None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, PipelineError) as exc:
             out[case] = (type(exc).__name__, str(exc))
     return out
 
@@ -326,13 +353,14 @@ def unlocked(rank: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-CASES = ("raise1", "raise0", "tuple0", "kill1")  # the killed one last: it ends rank 1
+CASES = ("raise1", "raise0", "tuple0", "first0", "kill1")  # the killed one last: it ends rank 1
 
 
 def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[str, object]:
-    """Stage 1 (``raise1``, ``kill1``) or 0 (``raise0``; ``tuple0``: returns a tuple) fails at batch 3; return
-    what this rank raised, when."""
-    failing = 0 if case in ("raise0", "tuple0") else 1
+    """Stage 1 (``raise1``, ``kill1``) or 0 (``raise0``; ``tuple0``: returns a tuple) fails at batch 3, or stage 0
+    at batch 0, before its first message (``first0``); return what this rank raised, when."""
+    failing = 0 if case in ("raise0", "tuple0", "first0") else 1
+    at = 0 if case == "first0" else 3
     state = {"batch": 0}
 
     def loss_fn(out, y):
@@ -343,11 +371,11 @@ def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[
         return F.cross_entropy(out, y)
 
     pipe = pipeline(staleness=1, loss_fn=loss_fn, group=group)
-    if case in ("raise0", "tuple0") and rank == 0:
+    if case in ("raise0", "tuple0", "first0") and rank == 0:
         forward = pipe.module.forward
 
         def broken(x):
-            if state["batch"] == 3:
+            if state["batch"] == at:
                 if case == "tuple0":  # what an nn.LSTM returns
                     out = forward(x)
                     return out, (out, out)

@@ -1,9 +1,11 @@
 """The pipeline's same-host link (a Unix socket) on its own: framing, views, both directions at once, the end of a
 peer, timeouts, and how two sides agree on a socket through a store. (The pipeline over it: test_pipeline.)"""
 
+import contextlib
 import socket
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -54,8 +56,9 @@ def test_a_message_arrives_as_sent_for_any_shape_dtype_and_view(shape, dtype, vi
     assert got.dtype == sent.dtype
     assert got.shape == sent.shape
     assert got.is_contiguous()
-    # exact: the bytes are copied, NaN included (compared as integers of the same width)
-    assert torch.equal(got.view(-1).view(torch.uint8), sent.contiguous().view(-1).view(torch.uint8))
+    if sent.numel():
+        raw = [torch.empty(t.shape, dtype=t.dtype).copy_(t).view(-1).view(torch.uint8) for t in (got, sent)]
+        assert torch.equal(*raw)  # exact: the bytes are copied, NaN included (compared as bytes)
     a.close()
     b.close()
 
@@ -98,7 +101,8 @@ def test_two_sides_sending_more_than_the_kernel_holds_do_not_block_each_other():
 def test_a_failure_header_sent_before_the_end_is_read_and_then_the_end():
     a, b = pair()
     a.send(0, 7, torch.ones(3), stage=0)
-    a.send_failure(2, timeout=1.0)
+    a.post_failure(2)
+    a.flush(timeout=1.0)
     a.close()
     assert b.recv()[:2] == (0, 7)
     assert b.recv() == (2, -1, None)
@@ -110,7 +114,8 @@ def test_the_failure_header_is_found_behind_a_broken_send():
     """The peer failed, sent its failure header and exited: the send that finds the connection broken raises,
     and the header it sent first is still there to name the failure."""
     a, b = pair()
-    b.send_failure(4, timeout=1.0)
+    b.post_failure(4)
+    b.flush(timeout=1.0)
     b.close()
 
     def send_until_refused() -> None:
@@ -161,7 +166,7 @@ def test_a_tensor_no_header_can_describe_is_refused_naming_the_stage(tensor, tex
 def _agree(monkeypatch, dial_fails: bool) -> list:
     store = dist.HashStore()
     if dial_fails:  # a peer on another host (or network namespace) cannot connect to the listener's address
-        monkeypatch.setattr(_links, "_dial", lambda address, wait: None)
+        monkeypatch.setattr(_links, "_dial", lambda address, wait, token: None)
     got: list = [None, None]
 
     def side(stage: int) -> None:
@@ -186,3 +191,94 @@ def test_two_stages_on_one_host_agree_on_a_connected_socket(monkeypatch):
 
 def test_when_one_side_cannot_connect_both_fall_back(monkeypatch):
     assert _agree(monkeypatch, dial_fails=True) == [None, None]
+
+
+def test_a_stage_blocked_elsewhere_after_its_step_does_not_hold_back_its_peer():
+    """Stage a ends its step with most of a message still queued (more than the kernel takes) and blocks
+    elsewhere (a collective, say: here an event only its peer's receipt sets). The helper thread started by
+    release() hands the rest to the kernel; without it the peer would wait forever for the message."""
+    a, b = pair(timeout=15.0)
+    size = 4 * a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    received = threading.Event()
+    got: list = []
+
+    def peer() -> None:
+        got.append(b.recv())
+        received.set()
+
+    thread = threading.Thread(target=peer)
+    thread.start()
+    a.send(0, 1, torch.arange(size // 4, dtype=torch.float32), stage=0)  # 4 bytes a number
+    assert a.pending == 1  # the kernel took only part of it
+    a.release()
+    assert received.wait(10), "the peer never got the message queued at the end of the step"
+    thread.join()
+    status, batch, tensor = got[0]
+    assert (status, batch) == (0, 1)
+    sent = torch.arange(size // 4, dtype=torch.float32)
+    assert torch.equal(tensor, sent)  # exact: integers below 2**24, copied
+    a.send(0, 2, torch.ones(3), stage=0)  # the stage's thread takes the link back
+    assert b.recv()[1] == 2
+    a.close()
+    b.close()
+
+
+def test_a_failed_stage_ends_its_neighbours_wait_to_connect():
+    store = dist.HashStore()
+    store.set("failure", "stage 1 raised ValueError: boom")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="a stage failed before this link was connected"):
+        connect_socket(store, "k", 0, 1, wait=30.0, abort="failure")
+    assert time.monotonic() - start < 5.0  # polled, not the 30 s wait
+
+
+def test_a_neighbour_that_never_comes_is_a_timeout_naming_the_wait():
+    with pytest.raises(TimeoutError, match=r"did not connect within 0\.3 s"):
+        connect_socket(dist.HashStore(), "k", 1, 0, wait=0.3)
+
+
+def test_a_queued_message_is_a_copy_the_caller_may_change_at_once():
+    a, b = pair()
+    size = 4 * a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    sent = torch.arange(size // 4, dtype=torch.float32)  # 4 bytes a number: more than the kernel takes
+    a.send(0, 0, sent, stage=0)
+    assert a.pending == 1
+    sent.fill_(7.0)  # the caller reuses its buffer (a data loader's, say) before the peer has read
+    a.release()
+    _, _, got = b.recv()
+    assert torch.equal(
+        got, torch.arange(size // 4, dtype=torch.float32)
+    )  # exact: integers below 2**24, copied
+
+
+def test_a_flush_to_a_closed_peer_raises():
+    a, b = pair()
+    b.close()
+    with contextlib.suppress(ConnectionError):  # the send itself may already find the peer gone
+        a.send(0, 0, torch.ones(4), stage=0)
+    with pytest.raises(ConnectionError, match="closed its connection"):
+        a.flush()
+
+
+def test_the_listener_accepts_only_the_stage_that_presents_the_token():
+    """Another process of the host connects to the published address first (and sends 16 bytes): it is closed,
+    and the stage that connected with the token it published gets the link."""
+    store = dist.HashStore()
+    got: list = [None]
+    listener = threading.Thread(
+        target=lambda: got.__setitem__(0, connect_socket(store, "k", 1, 0, wait=10.0))
+    )
+    listener.start()
+    store.wait(["k/0/address"])
+    intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    intruder.connect(store.get("k/0/address").decode())
+    intruder.sendall(b"x" * 16)
+    low = connect_socket(store, "k", 0, 1, wait=10.0)
+    listener.join(20)
+    assert low is not None
+    assert got[0] is not None
+    intruder.settimeout(5.0)
+    assert intruder.recv(1) == b""  # closed by the listener
+    a, b = SocketLink(low, 5.0, 4), SocketLink(got[0], 5.0, 4)
+    a.send(0, 3, torch.ones(2), stage=0)
+    assert b.recv()[1] == 3

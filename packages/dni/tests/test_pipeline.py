@@ -101,6 +101,11 @@ def test_staleness_0_matches_the_single_process_wrapper_step_by_step(ranks):
     assert_steps_match([ranks[r]["steps"] for r in range(2)], reference_steps())
 
 
+def test_a_collective_between_steps_with_messages_larger_than_the_kernel_buffer(ranks):
+    for rank in range(2):  # every all_reduce completed (a hang would have failed the spawn at its timeout)
+        assert ranks[rank]["collective_between_steps"] == [2.0, 2.0, 2.0]  # exact: 1 + 1
+
+
 def test_checkpoint_of_all_stages_resumes_exactly(ranks):
     for rank in range(2):
         assert ranks[rank]["resumed_steps"] == w.STEPS
@@ -218,6 +223,7 @@ def failures(request, tmp_path_factory):
         ("raise1", 1, "boom in the loss"),
         ("raise0", 0, "boom in stage 0"),
         ("tuple0", 0, "stage 0 (Sequential) returned tuple; a stage must return one floating tensor"),
+        ("first0", 0, "boom in stage 0"),  # before stage 0's first message: stage 1 waits for it
     ],
 )
 def test_an_exception_on_one_stage_stops_every_rank_naming_it(failures, case, failing, text):
@@ -401,12 +407,17 @@ def test_stages_that_share_a_parameter_are_refused(unlocked):
 
 
 def test_synthetic_inputs_needs_the_input_width(unlocked):
-    assert unlocked[0]["bad"]["no_width"] is None  # stage 0 reads x: nothing to predict
     got = unlocked[1]["bad"]["no_width"]
     assert got is not None
     assert got[0] == "ValueError"
     assert "synthetic_inputs: stage 1" in got[1]
     assert "must start with an nn.Linear" in got[1]
+    # Stage 0 (it reads x: nothing to predict) constructs fine, then waits to connect to stage 1, whose
+    # construction failed: it stops at once, naming stage 1's error, instead of waiting for the store's timeout.
+    assert unlocked[0]["bad"]["no_width"] == (
+        "PipelineError",
+        f"pipeline stopped: stage 1 raised ValueError at construction: {got[1]} (stage 0 stops too)",
+    )
 
 
 def test_split_sequential_and_bad_arguments():

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import select
 import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +42,11 @@ HEADER_BYTES = 8 * HEADER
 GROW = -1  # GroupLink: status of a header announcing a larger next message
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PACK = struct.Struct(f"={HEADER}q")
+SPIN = (
+    1e-3  # s a receiver polls before it sleeps (on a VM, waking a sleeping process costs its sender ~50 µs)
+)
+SOCKET_BUFFER = 8 << 20  # bytes asked for the kernel's send buffer (it caps them at net.core.wmem_max)
+_HELPER_POLL = 5e-3  # s the helper thread holds the link per wait
 
 Message = tuple[int, int, Tensor | None]  # status, batch, tensor (None for a failure header)
 
@@ -56,14 +64,21 @@ def header_fields(status: int, batch: int, tensor: Tensor | None, stage: int) ->
     return fields + [0] * (HEADER - len(fields))
 
 
-def _payload(tensor: Tensor) -> memoryview:
-    """The bytes of a CPU tensor (contiguous copy if needed), as a memoryview that keeps the tensor alive."""
-    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-    return memoryview(flat.numpy())  # type: ignore[arg-type]
+def _bytes(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a memoryview that keeps the tensor alive (NumPy has no
+    bfloat16: its bits go as int16)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(-1).view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class SocketLink:
     """A link over a connected Unix stream socket (same host, CPU tensors).
+
+    The stage's own thread moves the bytes, inside its calls. What is still queued when the stage leaves the
+    pipeline's code (:meth:`release`, at the end of a step) is handed to the kernel by a helper thread, which
+    gives the link back as soon as the stage calls again: a stage that blocks elsewhere between steps (a
+    collective, a barrier, a checkpoint) never holds back a peer that waits for its message.
 
     Args:
         sock: The connected socket (made non-blocking here).
@@ -74,6 +89,8 @@ class SocketLink:
 
     def __init__(self, sock: socket.socket, timeout: float, max_queued: int) -> None:
         sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.sock = sock
         self.timeout = timeout
         self.max_queued = max_queued
@@ -88,6 +105,45 @@ class SocketLink:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._flags = getattr(socket, "MSG_NOSIGNAL", 0)
+        self._lock = threading.Lock()  # the stage's thread or the helper moves bytes, never both
+        self._wanted = False  # the stage's thread waits for the lock: the helper gives it back
+        self._helping = (
+            False  # a helper thread runs (set by release(), cleared by the helper inside the lock)
+        )
+        self._helper_error: BaseException | None = None
+        self._closing = False
+
+    @contextlib.contextmanager
+    def _owned(self) -> Any:
+        """The link for the stage's thread (the helper, if it is moving bytes, stops within ``_HELPER_POLL``)."""
+        self._wanted = True
+        with self._lock:
+            self._wanted = False
+            if self._helper_error is not None:
+                error, self._helper_error = self._helper_error, None
+                raise error
+            yield
+
+    def release(self) -> None:
+        """The stage leaves the pipeline's code: a helper thread hands what is still queued to the kernel."""
+        if self._out and self._broken is None and not self._helping:
+            self._helping = True
+            threading.Thread(target=self._help, name="altgrad-dni-link", daemon=True).start()
+
+    def _help(self) -> None:
+        """Move bytes until nothing is queued, or the stage's thread wants the link back (every decision is
+        taken holding the link, so a release() after it always finds either this thread going on or none)."""
+        while True:
+            with self._lock:
+                if self._closing or self._wanted or not self._out or self._broken is not None:
+                    self._helping = False
+                    return
+                try:
+                    self._pump(block=True, deadline=time.monotonic() + _HELPER_POLL)
+                except BaseException as exc:  # raised to the stage at its next call
+                    self._helper_error = exc
+                    self._helping = False
+                    return
 
     @property
     def pending(self) -> int:
@@ -98,16 +154,29 @@ class SocketLink:
         """Queue one message and hand what fits to the kernel; wait only while more than ``max_queued`` wait."""
         parts = [memoryview(_PACK.pack(*header_fields(status, batch, tensor, stage)))]
         if tensor is not None and status == 0 and tensor.numel():
-            parts.append(_payload(tensor))
-        if self._broken is not None:
-            raise ConnectionError(f"the peer closed its connection ({self._broken})")
-        self._out.append(parts)
-        self._pump(block=False)
-        while len(self._out) > self.max_queued:
-            self._pump(block=True)
+            parts.append(_bytes(tensor.detach().contiguous()))
+        with self._owned():
+            if self._broken is not None:
+                raise ConnectionError(f"the peer closed its connection ({self._broken})")
+            self._out.append(parts)
+            self._pump(block=False)
+            if self._out and self._out[-1] is parts:  # the kernel did not take it all: the rest is copied, so
+                parts[:] = [memoryview(bytes(p)) for p in parts]  # the caller may change its tensor at once
+            while len(self._out) > self.max_queued:
+                self._pump(block=True)
 
     def recv(self) -> Message:
-        """The next message from the peer (waits for it)."""
+        """The next message from the peer (waits for it: polling for up to ``SPIN`` s, then asleep)."""
+        with self._owned():
+            return self._recv()
+
+    def _recv(self) -> Message:
+        if not self._in and self._eof is None:
+            end = time.perf_counter() + SPIN
+            self._pump(block=False)
+            while not self._in and self._eof is None and time.perf_counter() < end:
+                os.sched_yield()
+                self._pump(block=False)
         while not self._in:
             if self._eof is not None:
                 raise ConnectionError(f"the peer closed its connection ({self._eof})")
@@ -116,6 +185,10 @@ class SocketLink:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued message is in the kernel (``timeout``: give up after that long, quietly)."""
+        with self._owned():
+            self._flush(timeout)
+
+    def _flush(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._out:
             if not self._pump(block=True, deadline=deadline):
@@ -123,21 +196,30 @@ class SocketLink:
         if self._broken is not None and timeout is None:
             raise ConnectionError(f"the peer closed its connection ({self._broken})")
 
-    def send_failure(self, status: int, timeout: float) -> None:
-        """Queue a failure header after what is queued, and give the peer ``timeout`` seconds to take it all."""
-        if self._broken is None:
-            self._out.append([memoryview(_PACK.pack(*header_fields(status, -1, None, -1)))])
-            self.flush(timeout)
+    def post_failure(self, status: int) -> None:
+        """Queue a failure header after what is queued (without waiting; :meth:`flush` with a timeout then)."""
+        with self._owned():
+            if self._broken is None:
+                self._out.append([memoryview(_PACK.pack(*header_fields(status, -1, None, -1)))])
+                self._pump(block=False)
 
     def failure(self, timeout: float) -> int | None:
         """The status of a failure header the peer sent before its connection ended (read for up to ``timeout``)."""
         deadline = time.monotonic() + timeout
-        while self._eof is None and self._pump(block=True, deadline=deadline):
-            pass
-        return next((m[0] for m in self._in if m[0] != 0), None)
+        with self._owned():
+            with contextlib.suppress(OSError):  # a broken link: what could be read is read
+                while self._eof is None and self._pump(block=True, deadline=deadline):
+                    pass
+            return next((m[0] for m in self._in if m[0] != 0), None)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        """Close the socket: the peer reads the end of the stream after what was handed to the kernel."""
+        self._closing = True
+        with self._lock, contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
             self.sock.close()
 
     # ------------------------------------------------------------------ the one loop that moves bytes
@@ -165,23 +247,28 @@ class SocketLink:
         return True
 
     def _write(self) -> None:
+        """Hand the kernel what it takes of the queued messages, in one call (a header and its tensor together:
+        the peer wakes once per message, not once per part)."""
         out = self._out
         while out:
-            parts = out[0]
             try:
-                sent = self.sock.send(parts[0], self._flags)
+                sent = self.sock.sendmsg(
+                    [p for parts in itertools.islice(out, 16) for p in parts], (), self._flags
+                )
             except BlockingIOError:
                 return
             except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone (what it sent first is still read)
                 self._broken = exc
                 out.clear()
                 return
-            if sent < len(parts[0]):
-                parts[0] = parts[0][sent:]
-                return
-            parts.pop(0)
-            if not parts:
-                out.popleft()
+            while sent:
+                parts = out[0]
+                if sent < len(parts[0]):  # the kernel is full: the rest of this part waits
+                    parts[0] = parts[0][sent:]
+                    return
+                sent -= len(parts.pop(0))
+                if not parts:
+                    out.popleft()
 
     def _read(self) -> None:
         while True:
@@ -218,7 +305,7 @@ class SocketLink:
             self._in.append((0, fields[1], tensor))
             return
         self._tensor = tensor
-        self._part = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        self._part = _bytes(tensor)
 
 
 class GroupLink:
@@ -256,7 +343,10 @@ class GroupLink:
         if tensor is None or status != 0:
             self._isend(head)
             return
-        message = torch.cat([head, tensor.detach().contiguous().view(-1).view(torch.uint8)])
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() and flat.stride(0) != 1:  # one element keeps any stride, which no byte view takes
+            flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+        message = torch.cat([head, flat.view(torch.uint8)])
         if message.numel() > self._capacity_out:
             fields = [GROW, batch, message.numel()] + [0] * (HEADER - 3)
             self._isend(self._header(fields))  # the receiver enlarges its buffer first
@@ -271,7 +361,7 @@ class GroupLink:
             if timeout is None:
                 work.wait()
             else:
-                work.wait(datetime.timedelta(seconds=timeout))
+                work.wait(datetime.timedelta(seconds=max(timeout, 1e-3)))  # 0 would mean no timeout
         except RuntimeError as exc:
             raise ConnectionError(str(exc)) from exc
 
@@ -297,14 +387,16 @@ class GroupLink:
         while self._sends:
             self._wait_one(timeout)
 
-    def send_failure(self, status: int, timeout: float) -> None:
-        """Send a failure header; wait at most ``timeout`` seconds for the peer to take it."""
+    def post_failure(self, status: int) -> None:
+        """Post a failure header (without waiting; :meth:`flush` with a timeout then)."""
         self._isend(self._header(header_fields(status, -1, None, -1)))
-        self.flush(timeout)
 
     def failure(self, timeout: float) -> int | None:
         """A failure header cannot be read past a broken connection here: ``None``."""
         return None
+
+    def release(self) -> None:
+        """Nothing to do: the process group's own threads complete the sends."""
 
     def close(self) -> None:
         pass
@@ -326,44 +418,63 @@ def _address() -> str:
     return os.path.join(tempfile.gettempdir(), token + ".sock")
 
 
-def connect_socket(store: Any, key: str, stage: int, peer_stage: int, wait: float) -> socket.socket | None:
+def connect_socket(
+    store: Any, key: str, stage: int, peer_stage: int, wait: float, abort: str | None = None
+) -> socket.socket | None:
     """A Unix socket to ``peer_stage``'s process when it runs on this host, else ``None`` (both sides agree).
 
     The higher stage listens and publishes its address in the store under ``key``; the lower one tries to
     connect and publishes whether it could (a peer on another host, or in another network namespace, cannot).
+    The connecting side first sends a random token, which it publishes too: the listener accepts only the
+    connection that presents it (an abstract address is visible to every process of the host).
+    Each side waits at most ``wait`` s for the other (:class:`TimeoutError`), and stops waiting with
+    :class:`ConnectionError` as soon as the store holds ``abort`` (a stage failed: the peer may never come).
     """
     addr_key, ok_key = f"{key}/{min(stage, peer_stage)}/address", f"{key}/{min(stage, peer_stage)}/connected"
-    timeout = datetime.timedelta(seconds=wait)
     if stage > peer_stage:
-        return _listen(store, addr_key, ok_key, timeout)
-    store.wait([addr_key], timeout)
+        return _listen(store, addr_key, ok_key, lambda k: _wait_key(store, k, wait, abort), wait)
+    _wait_key(store, addr_key, wait, abort)
     address = store.get(addr_key).decode()
-    conn = _dial(address, wait) if address else None
-    store.set(ok_key, "1" if conn is not None else "0")
+    token = os.urandom(16)
+    conn = _dial(address, wait, token) if address else None
+    store.set(ok_key, "1" + token.hex() if conn is not None else "0")
     return conn
 
 
-def _listen(store: Any, addr_key: str, ok_key: str, timeout: datetime.timedelta) -> socket.socket | None:
+def _wait_key(store: Any, key: str, wait: float, abort: str | None) -> None:
+    deadline, delay = time.monotonic() + wait, 1e-4
+    while not store.check([key]):
+        if abort is not None and store.check([abort]):
+            raise ConnectionError("a stage failed before this link was connected")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the neighbouring stage did not connect within {wait:g} s")
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+def _listen(
+    store: Any, addr_key: str, ok_key: str, wait_key: Callable[[str], None], wait: float
+) -> socket.socket | None:
     """Listen, publish the address ("" if none), and accept once the peer says it connected."""
     address = _address()
     try:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except (AttributeError, OSError):  # no Unix sockets here
         store.set(addr_key, "")
-        store.wait([ok_key], timeout)
+        wait_key(ok_key)
         return None
     try:
         try:
             listener.bind(address)
-            listener.listen(1)
+            listener.listen(8)
         except OSError:
             address = ""
         store.set(addr_key, address)
-        store.wait([ok_key], timeout)
-        if store.get(ok_key) != b"1":
+        wait_key(ok_key)
+        answer = store.get(ok_key).decode()
+        if not answer.startswith("1"):
             return None
-        listener.settimeout(timeout.total_seconds())
-        return listener.accept()[0]
+        return _accept(listener, bytes.fromhex(answer[1:]), wait)
     finally:
         listener.close()
         if address and not address.startswith("\0"):
@@ -371,7 +482,28 @@ def _listen(store: Any, addr_key: str, ok_key: str, timeout: datetime.timedelta)
                 os.unlink(address)
 
 
-def _dial(address: str, wait: float) -> socket.socket | None:
+def _accept(listener: socket.socket, token: bytes, wait: float) -> socket.socket:
+    """The first connection that presents ``token`` (others are closed)."""
+    deadline = time.monotonic() + wait
+    while True:
+        listener.settimeout(max(1e-3, deadline - time.monotonic()))
+        conn = listener.accept()[0]  # socket.timeout (a TimeoutError) once the deadline passes
+        try:
+            conn.settimeout(max(1e-3, min(5.0, deadline - time.monotonic())))
+            got = b""
+            while len(got) < len(token):
+                chunk = conn.recv(len(token) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        except OSError:
+            got = b""
+        if got == token:
+            return conn
+        conn.close()
+
+
+def _dial(address: str, wait: float, token: bytes) -> socket.socket | None:
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except (AttributeError, OSError):
@@ -379,6 +511,7 @@ def _dial(address: str, wait: float) -> socket.socket | None:
     try:
         conn.settimeout(wait)
         conn.connect(address)
+        conn.sendall(token)
     except OSError:
         conn.close()
         return None

@@ -43,6 +43,7 @@ import contextlib
 import datetime
 import io
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
@@ -62,9 +63,8 @@ from .wrapper import _SHAPE_PRESERVING, _infer_features, check_feature_dim, chec
 __all__ = ["DecoupledPipeline", "PipelineError", "split_sequential"]
 
 _TRANSPORTS = ("auto", "socket", "process_group")
-_INSTANCES = (
-    itertools.count()
-)  # every rank builds its pipelines in the same order: the n-th shares a store key
+# every rank builds its pipelines on a group in the same order: the n-th on a group shares store keys
+_INSTANCES: dict[str, itertools.count[int]] = {}
 
 
 class PipelineError(RuntimeError):
@@ -225,6 +225,62 @@ class DecoupledPipeline:
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DecoupledPipeline needs an initialised torch.distributed process group")
+        self.group = group
+        self.num_stages = dist.get_world_size(group)
+        self.stage = dist.get_rank(group)
+        self.failure_timeout = 5.0
+        self._store = self._default_store()
+        name = (group if group is not None else dist.distributed_c10d._get_default_group()).group_name
+        key = f"altgrad_dni_pipeline/{name}/{next(_INSTANCES.setdefault(name, itertools.count()))}"
+        self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
+        self._links: dict[int, GroupLink | SocketLink] = {}
+        try:
+            self._setup(
+                stages,
+                loss_fn,
+                optimizer,
+                lr,
+                hidden_size,
+                dni_network,
+                dni_params,
+                grad_optim,
+                grad_lr,
+                context_size,
+                scale,
+                staleness,
+                device,
+                failure_timeout,
+                synthetic_inputs,
+                transport,
+            )
+            self._connect(transport, f"{key}/links")
+        except PipelineError:
+            raise
+        except (
+            BaseException
+        ) as exc:  # the other ranks may be waiting to connect: they stop, naming this stage
+            self._record_failure(f"stage {self.stage} raised {type(exc).__name__} at construction: {exc}")
+            raise
+
+    def _setup(
+        self,
+        stages: Sequence[nn.Module | Callable[[], nn.Module]],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        optimizer: Any,
+        lr: float,
+        hidden_size: int,
+        dni_network: type[nn.Module],
+        dni_params: dict[str, Any] | None,
+        grad_optim: Any,
+        grad_lr: float,
+        context_size: int,
+        scale: float,
+        staleness: int,
+        device: torch.device | str | None,
+        failure_timeout: float,
+        synthetic_inputs: bool | Sequence[int],
+        transport: str,
+    ) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
         if not callable(loss_fn):
@@ -233,9 +289,6 @@ class DecoupledPipeline:
             raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
-        self.group = group
-        self.num_stages = dist.get_world_size(group)
-        self.stage = dist.get_rank(group)
         if len(stages) != self.num_stages:
             raise ValueError(
                 f"stages has {len(stages)} entries but the process group has {self.num_stages} ranks: one stage "
@@ -249,7 +302,7 @@ class DecoupledPipeline:
                 f"synthetic_inputs needs a feature-last dni_network (e.g. LinearDNI): the forward synthesizer "
                 f"maps (B, features) inputs, got dni_network={getattr(dni_network, '__name__', dni_network)}"
             )
-        backend = dist.get_backend(group)
+        backend = dist.get_backend(self.group)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         self.device = torch.device(device)
@@ -269,7 +322,8 @@ class DecoupledPipeline:
         self.first = self.stage == 0
         self.last = self.stage == self.num_stages - 1
         self._peers = [
-            dist.get_global_rank(group, r) if group is not None else r for r in range(self.num_stages)
+            dist.get_global_rank(self.group, r) if self.group is not None else r
+            for r in range(self.num_stages)
         ]
         make_opt = optimizer if callable(optimizer) and not isinstance(optimizer, type) else None
         if make_opt is None:
@@ -318,46 +372,55 @@ class DecoupledPipeline:
         self.num_steps = 0  # batches this stage has run
         self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
         self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
-        self._store = self._default_store()
-        key = f"altgrad_dni_pipeline/{next(_INSTANCES)}"
-        self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
         if transport == "socket" and (self.device.type != "cpu" or self._store is None):
             raise ValueError(
                 f"transport='socket' needs CPU stages and the process group's store, got device {self.device}"
                 + ("" if self._store is not None else " and no store")
             )
-        self._transport, self._links_key = transport, f"{key}/links"
-        self._links: dict[int, GroupLink | SocketLink] = {}  # per neighbour, connected at the first message
 
-    def _link(self, stage: int, wait: float | None = None) -> GroupLink | SocketLink:
-        """The link to neighbour ``stage``: connected at first use (a socket where ``transport`` allows and one
-        connects, else the group's calls; both sides agree through the store, waiting at most ``wait`` s)."""
-        link = self._links.get(stage)
-        if link is not None:
-            return link
+    def _connect(self, transport: str, key: str) -> None:
+        """One link per neighbour, connected now (every rank constructs the pipeline): a socket where
+        ``transport`` allows and one connects, else the group's calls; each pair agrees through the store.
+
+        A stage that failed meanwhile (its construction raised) stops the wait at once with
+        :class:`PipelineError`; a neighbour that never constructs is waited for as long as the store's timeout.
+        """
         queued = 4 * (self.staleness + 2)  # sends a stage may have queued before it waits
         timeout = float(getattr(self._store, "timeout", datetime.timedelta(minutes=30)).total_seconds())
-        sock = None
-        if self._transport != "process_group" and self.device.type == "cpu" and self._store is not None:
-            sock = connect_socket(
-                self._store, self._links_key, self.stage, stage, timeout if wait is None else wait
+        for stage in (self.stage - 1, self.stage + 1):
+            if not 0 <= stage < self.num_stages:
+                continue
+            sock = None
+            if transport != "process_group" and self.device.type == "cpu" and self._store is not None:
+                try:
+                    sock = connect_socket(
+                        self._store, key, self.stage, stage, timeout, abort=self._failure_key
+                    )
+                except ConnectionError:
+                    message = self._first_failure(f"a stage failed before stage {self.stage} could connect")
+                    raise PipelineError(
+                        f"pipeline stopped: {message} (stage {self.stage} stops too)"
+                    ) from None
+                if sock is None and transport == "socket":
+                    raise RuntimeError(
+                        f"transport='socket': stage {self.stage} could not connect a Unix socket to stage {stage} "
+                        "(another host, or another network namespace?); use transport='auto' or 'process_group'"
+                    )
+            self._links[stage] = (
+                SocketLink(sock, timeout, queued)
+                if sock is not None
+                else GroupLink(self._peers[stage], self.group, self.device, queued)
             )
-            if sock is None and self._transport == "socket":
-                raise RuntimeError(
-                    f"transport='socket': stage {self.stage} could not connect a Unix socket to stage {stage} "
-                    "(another host, or another network namespace?); use transport='auto' or 'process_group'"
-                )
-        link = (
-            SocketLink(sock, timeout, queued)
-            if sock is not None
-            else GroupLink(self._peers[stage], self.group, self.device, queued)
-        )
-        self._links[stage] = link
-        return link
+
+    def close(self) -> None:
+        """Close the connections to the neighbours (their next wait on this stage ends with a
+        :class:`PipelineError`). Call :meth:`flush` first to finish the run."""
+        for link in self._links.values():
+            link.close()
 
     @property
     def transports(self) -> dict[int, str]:
-        """The transport to each neighbour stage connected so far: ``"socket"`` or ``"process_group"``."""
+        """The transport to each neighbour stage: ``"socket"`` or ``"process_group"``."""
         return {k: "socket" if isinstance(v, SocketLink) else "process_group" for k, v in self._links.items()}
 
     # ------------------------------------------------------------------ construction
@@ -413,13 +476,13 @@ class DecoupledPipeline:
     def _send(self, stage: int, batch: int, tensor: Tensor) -> None:
         """One message to neighbour ``stage``: returns once it is on its way (a few may be queued)."""
         try:
-            self._link(stage).send(0, batch, tensor, self.stage)
+            self._links[stage].send(0, batch, tensor, self.stage)
         except ConnectionError as exc:
             self._lost(stage, exc)
 
     def _recv(self, stage: int, batch: int) -> Tensor:
         try:
-            status, got, tensor = self._link(stage).recv()
+            status, got, tensor = self._links[stage].recv()
         except ConnectionError as exc:
             self._lost(stage, exc)
         if status != 0:
@@ -458,10 +521,14 @@ class DecoupledPipeline:
 
     def _poison(self, failed: int, skip: int | None = None) -> None:
         """Send a failure header to the neighbours (except ``skip``) so that none of them waits for data."""
-        for stage in (self.stage - 1, self.stage + 1):
-            if 0 <= stage < self.num_stages and stage != skip:
-                with contextlib.suppress(Exception):
-                    self._link(stage, self.failure_timeout).send_failure(failed + 1, self.failure_timeout)
+        told = [link for stage, link in self._links.items() if stage != skip]
+        for link in told:  # posted to every neighbour first: a slow one does not delay the others' header
+            with contextlib.suppress(Exception):
+                link.post_failure(failed + 1)
+        deadline = time.monotonic() + self.failure_timeout
+        for link in told:
+            with contextlib.suppress(Exception):
+                link.flush(max(0.0, deadline - time.monotonic()))
 
     def _fail(self, exc: BaseException) -> BaseException:
         """This stage failed: record it, tell the neighbours, and return ``exc`` for the caller to raise."""
@@ -570,6 +637,8 @@ class DecoupledPipeline:
             raise
         except BaseException as exc:
             raise self._fail(exc) from None
+        for link in self._links.values():  # what the kernel could not take yet goes on while the caller runs
+            link.release()
         self.num_steps += 1
         return loss
 
