@@ -189,6 +189,7 @@ def worker(
         if out:
             Path(out).write_text(json.dumps(result))
     dist.barrier()  # every rank is done with its exchanges before the group goes away
+    pipe.close()
     dist.destroy_process_group()
     return result
 

@@ -474,7 +474,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
     ax.set_ylabel("samples/s / best backprop")
     ax.set_title("2 cores: one process vs 2 stages x 1 thread")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

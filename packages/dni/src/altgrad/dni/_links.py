@@ -5,10 +5,11 @@ and, when the status is 0, the tensor's bytes. A non-zero status is a *failure* 
 failed``), which carries no tensor.
 
 * :class:`SocketLink`: neighbours on one host, tensors on the CPU. A Unix stream socket, non-blocking: a send
-  goes to the kernel at once if it fits and waits in a queue otherwise, and every wait of the stage (for a
-  message, or for room in the queue) moves both directions, so two stages can never block each other. No
-  thread, no copy beyond the kernel's, about 10 µs a message; a peer whose process dies closes its socket, which
-  the other side reads as the end of the stream after the messages sent before.
+  goes to the kernel at once if it fits and waits in a queue otherwise (a copy), and every wait of the stage
+  (for a message, or for room in the queue) moves both directions, so two stages can never block each other;
+  what is still queued when a step ends goes on in a short-lived helper thread. About 40 µs a message of 64 KiB
+  one way, against about 150 µs through gloo from Python. A peer whose process dies closes its socket, which the
+  other side reads as the end of the stream after the messages sent before.
 * :class:`GroupLink`: the process group's point-to-point calls (gloo, NCCL): any host, any device. A receiver
   posts a buffer of its current capacity; a message larger than that is announced first by a ``GROW`` header.
 

@@ -21,7 +21,7 @@ one process.
 
 Every message is a small header (status, batch index, shape) then the tensor's bytes. Neighbours on one host
 with CPU stages exchange them over a Unix socket (``transport="socket"``, the default where it can connect:
-no thread and no copy beyond the kernel's, about 10 µs a message); others through the process group's
+about 40 µs a message of 64 KiB one way, against 150 µs through gloo); others through the process group's
 ``isend`` / ``irecv`` (gloo, NCCL). A stage that fails sends its neighbours a *failure* header instead of data:
 they raise :class:`PipelineError` naming the failing stage and pass the failure on; a stage whose process dies
 closes its connections, which its neighbours see at once. The first failure's text is kept in the process
