@@ -133,7 +133,8 @@ def _stages(model: str) -> list[nn.Sequential]:
     return split_sequential(make_mlp(blocks, width), [cut])
 
 
-def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
+def _join(rank: int, tmp: str) -> None:
+    """This process as rank ``rank`` of a 2-rank gloo group (``file://`` rendezvous in ``tmp``), one thread."""
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/init",
@@ -142,6 +143,10 @@ def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
         timeout=datetime.timedelta(minutes=10),
     )
     torch.set_num_threads(1)
+
+
+def _two_ranks(rank: int, tmp: str, model: str, method: str) -> None:
+    _join(rank, tmp)
     _blocks, width, batch, _cut, samples = MODELS[model]
     stages = _stages(model)
     mine = stages[rank]
@@ -317,14 +322,7 @@ def stage_times_loaded(model: str) -> list[float]:
 
 def _ping_pong(rank: int, tmp: str, sizes: list[int], rounds: int) -> None:
     """Rank 0 sends a message of each size, rank 1 sends it back, ``rounds`` times per transport."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/init",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(minutes=5),
-    )
-    torch.set_num_threads(1)
+    _join(rank, tmp)
     store = dist.distributed_c10d._get_default_store()
     links = {
         "socket": SocketLink(connect_socket(store, "bench", rank, 1 - rank, 60.0), 60.0, 8),
