@@ -19,6 +19,7 @@ from altgrad.dni.pipeline import DecoupledPipeline, PipelineError
 STEPS, SPLIT, CLASSES = 6, 3, 4
 HIDDEN = 8
 TRANSPORT = "auto"  # set by the spawned entry points: the transport every pipeline of this process uses
+STUCK_S, STUCK_TIMEOUT_S = 3.0, 1.0
 
 
 def stages(seed: int = 0) -> list[nn.Module]:
@@ -228,6 +229,11 @@ def run(rank: int, tmp: str, transport: str) -> None:
     stale_steps.append(snapshot(stale))
     result["applied"] = applied
     result["transports"] = [pipe.transports, resumed.transports, stale.transports]
+    stale.close()
+    try:
+        stale.step(*data[0])
+    except RuntimeError as exc:
+        result["closed"] = str(exc)
     result["stale_steps"] = stale_steps
     result["sent"] = sent
     result["collective_between_steps"] = collective_between_steps()
@@ -353,7 +359,7 @@ def unlocked(rank: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-CASES = ("raise1", "raise0", "tuple0", "first0", "kill1")  # the killed one last: it ends rank 1
+CASES = ("raise1", "raise0", "tuple0", "first0", "stuck1", "kill1")  # the killed one last: it ends rank 1
 
 
 def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[str, object]:
@@ -367,10 +373,16 @@ def fail_case(rank: int, tmp: str, case: str, group: dist.ProcessGroup) -> dict[
         if rank == failing and state["batch"] == 3:
             if case == "kill1":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if case == "stuck1":  # alive, but silent for longer than its neighbour's timeout
+                time.sleep(STUCK_S)
+                return F.cross_entropy(out, y)
             raise RuntimeError("boom in the loss")
         return F.cross_entropy(out, y)
 
     pipe = pipeline(staleness=1, loss_fn=loss_fn, group=group)
+    if case == "stuck1":  # the store's timeout, shortened (the process group's own calls keep theirs)
+        for link in pipe._links.values():
+            link.timeout = STUCK_TIMEOUT_S
     if case in ("raise0", "tuple0", "first0") and rank == 0:
         forward = pipe.module.forward
 

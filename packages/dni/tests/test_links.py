@@ -3,6 +3,7 @@ peer, timeouts, and how two sides agree on a socket through a store. (The pipeli
 
 import contextlib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -282,3 +283,36 @@ def test_the_listener_accepts_only_the_stage_that_presents_the_token():
     a, b = SocketLink(low, 5.0, 4), SocketLink(got[0], 5.0, 4)
     a.send(0, 3, torch.ones(2), stage=0)
     assert b.recv()[1] == 3
+
+
+_EXITING_STAGE = """
+import sys, torch, torch.distributed as dist
+from altgrad.dni._links import SocketLink, connect_socket
+link = SocketLink(connect_socket(dist.FileStore(sys.argv[1], 2), "k", 0, 1, 30.0), 30.0, 8)
+numbers = int(sys.argv[2])
+link.send(0, 1, torch.arange(numbers, dtype=torch.float32), 0)
+assert link.pending == 1  # the kernel took only part of it
+link.release()  # and the stage returns from its last step and exits, without flush()
+"""
+
+
+def test_a_stage_that_exits_after_its_last_step_still_delivers_what_it_queued(tmp_path):
+    """gloo completes a stage's last sends after it returns; the socket link does too: an exit handler gives
+    what is still queued to the peer (the helper thread is a daemon and would die with the interpreter)."""
+    numbers = (
+        4 * (8 << 20) // 4
+    )  # 32 MiB of float32: more than any kernel send buffer here (at most 2 x 8 MiB)
+    child = subprocess.Popen([sys.executable, "-c", _EXITING_STAGE, str(tmp_path / "store"), str(numbers)])
+    try:
+        link = SocketLink(
+            connect_socket(dist.FileStore(str(tmp_path / "store"), 2), "k", 1, 0, 30.0), 30.0, 8
+        )
+        time.sleep(1.0)  # the child has reached its exit while most of the message waits in its queue
+        status, batch, tensor = link.recv()
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+    assert (status, batch) == (0, 1)
+    assert torch.equal(
+        tensor, torch.arange(numbers, dtype=torch.float32)
+    )  # exact: integers below 2**24, copied

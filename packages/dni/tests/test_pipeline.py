@@ -119,6 +119,7 @@ def test_staleness_1_trains_each_synthesizer_on_the_promised_targets(ranks):
     # At the forward of batch t, stage 0's synthesizer has seen the targets of batches <= t - 2; flush() adds
     # the rest. The last stage has no synthesizer.
     assert ranks[0]["applied"] == [0, 0, 1, 2, 3, 4, 6]
+    assert ranks[0]["closed"] == "stage 0's pipeline was closed (close()): it cannot step or flush"
     assert ranks[1]["applied"] == [0] * 7
 
 
@@ -214,7 +215,7 @@ def failures(request, tmp_path_factory):
             p.kill()
     assert not hung, f"ranks {hung} did not stop"
     out = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
-    return out, [p.exitcode for p in procs]
+    return out, [p.exitcode for p in procs], request.param
 
 
 @pytest.mark.parametrize(
@@ -241,8 +242,22 @@ def test_an_exception_on_one_stage_stops_every_rank_naming_it(failures, case, fa
         assert out[r]["seconds"] < STOP_WITHIN_S
 
 
+def test_a_stage_silent_for_longer_than_the_timeout_is_named_stuck_by_every_rank(failures):
+    """Over the socket the link's wait is the store's timeout (shortened here to 1 s): the waiting stage names the
+    silent one, which stops at its next exchange. Through gloo the group's own timeout (60 s) applies, so the
+    3-second silence passes."""
+    out, _, transport = failures
+    if transport == "process_group":
+        assert [out[r]["stuck1"]["error"] for r in range(2)] == [None, None]
+        return
+    assert out[0]["stuck1"]["error"] == "PipelineError"
+    assert "stage 1 is stuck: no message moved for 1 s" in out[0]["stuck1"]["message"]
+    assert out[1]["stuck1"]["error"] == "PipelineError"
+    assert "stage 1 is stuck" in out[1]["stuck1"]["message"]
+
+
 def test_a_killed_stage_stops_every_rank_naming_it(failures):
-    out, codes = failures
+    out, codes, _ = failures
     assert "kill1" not in out[1]  # killed before writing anything
     assert codes == [0, -9]
     assert out[0]["kill1"]["error"] == "PipelineError"

@@ -18,6 +18,7 @@ Both raise :class:`ConnectionError` when the peer is gone; the pipeline turns it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import itertools
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +50,15 @@ SPIN = (
 )
 SOCKET_BUFFER = 8 << 20  # bytes asked for the kernel's send buffer (it caps them at net.core.wmem_max)
 _HELPER_POLL = 5e-3  # s the helper thread holds the link per wait
+_EXIT_FLUSH = 30.0  # s a link's queued bytes get at interpreter exit
+_LIVE: weakref.WeakSet[SocketLink] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_links() -> None:
+    for link in list(_LIVE):
+        link._finish(_EXIT_FLUSH)
+
 
 Message = tuple[int, int, Tensor | None]  # status, batch, tensor (None for a failure header)
 
@@ -89,6 +100,7 @@ class SocketLink:
     """
 
     def __init__(self, sock: socket.socket, timeout: float, max_queued: int) -> None:
+        _LIVE.add(self)
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -218,6 +230,13 @@ class SocketLink:
         self._closing = True
         with self._lock, contextlib.suppress(OSError):
             self.sock.close()
+
+    def _finish(self, timeout: float) -> None:
+        """At interpreter exit: give the peer ``timeout`` s to take what is still queued (the helper thread is a
+        daemon and dies with the interpreter; gloo's sends also complete after a stage returns)."""
+        if self._out and not self._closing:
+            with contextlib.suppress(Exception):
+                self.flush(timeout)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -437,7 +456,9 @@ def connect_socket(
     _wait_key(store, addr_key, wait, abort)
     address = store.get(addr_key).decode()
     token = os.urandom(16)
-    conn = _dial(address, wait, token) if address else None
+    conn = (
+        _dial(address, min(wait, 60.0), token) if address else None
+    )  # an address on this host answers at once
     store.set(ok_key, "1" + token.hex() if conn is not None else "0")
     return conn
 

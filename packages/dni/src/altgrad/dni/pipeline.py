@@ -254,13 +254,14 @@ class DecoupledPipeline:
                 transport,
             )
             self._connect(transport, f"{key}/links")
-        except PipelineError:
+        except BaseException as exc:
+            if not isinstance(
+                exc, PipelineError
+            ):  # the other ranks may wait to connect: they stop, naming it
+                self._record_failure(f"stage {self.stage} raised {type(exc).__name__} at construction: {exc}")
+            self.close()  # a neighbour already connected sees the end of the stream at once
             raise
-        except (
-            BaseException
-        ) as exc:  # the other ranks may be waiting to connect: they stop, naming this stage
-            self._record_failure(f"stage {self.stage} raised {type(exc).__name__} at construction: {exc}")
-            raise
+        self._closed = False
 
     def _setup(
         self,
@@ -401,6 +402,9 @@ class DecoupledPipeline:
                     raise PipelineError(
                         f"pipeline stopped: {message} (stage {self.stage} stops too)"
                     ) from None
+                except TimeoutError as exc:  # the neighbour never constructed its pipeline
+                    message = self._record_failure(f"stage {stage} did not connect within {timeout:g} s")
+                    raise PipelineError(f"pipeline stopped: {message} (seen by stage {self.stage})") from exc
                 if sock is None and transport == "socket":
                     raise RuntimeError(
                         f"transport='socket': stage {self.stage} could not connect a Unix socket to stage {stage} "
@@ -414,9 +418,14 @@ class DecoupledPipeline:
 
     def close(self) -> None:
         """Close the connections to the neighbours (their next wait on this stage ends with a
-        :class:`PipelineError`). Call :meth:`flush` first to finish the run."""
+        :class:`PipelineError`). Call :meth:`flush` first to finish the run; the pipeline cannot be used after."""
+        self._closed = True
         for link in self._links.values():
             link.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"stage {self.stage}'s pipeline was closed (close()): it cannot step or flush")
 
     @property
     def transports(self) -> dict[int, str]:
@@ -479,12 +488,16 @@ class DecoupledPipeline:
             self._links[stage].send(0, batch, tensor, self.stage)
         except ConnectionError as exc:
             self._lost(stage, exc)
+        except TimeoutError as exc:
+            self._stuck(stage, exc)
 
     def _recv(self, stage: int, batch: int) -> Tensor:
         try:
             status, got, tensor = self._links[stage].recv()
         except ConnectionError as exc:
             self._lost(stage, exc)
+        except TimeoutError as exc:
+            self._stuck(stage, exc)
         if status != 0:
             self._failed_elsewhere(status - 1, source=stage)
         if got != batch:
@@ -529,6 +542,12 @@ class DecoupledPipeline:
         for link in told:
             with contextlib.suppress(Exception):
                 link.flush(max(0.0, deadline - time.monotonic()))
+
+    def _stuck(self, stage: int, exc: BaseException) -> NoReturn:
+        """Neighbour ``stage`` is alive but exchanged nothing for the store's timeout: it is the one reported."""
+        message = self._record_failure(f"stage {stage} is stuck: {exc}")
+        self._poison(stage)
+        raise PipelineError(f"pipeline stopped: {message} (seen by stage {self.stage})") from exc
 
     def _fail(self, exc: BaseException) -> BaseException:
         """This stage failed: record it, tell the neighbours, and return ``exc`` for the caller to raise."""
@@ -630,6 +649,7 @@ class DecoupledPipeline:
         Raises:
             PipelineError: If another stage failed or stopped; the text names it.
         """
+        self._check_open()
         batch = self.num_steps
         try:
             loss = self._step(batch, x, y)
@@ -690,6 +710,7 @@ class DecoupledPipeline:
 
     def flush(self) -> None:
         """Train every synthesizer on all targets still on their way and complete all sends (collective)."""
+        self._check_open()
         try:
             if self.synthetic_inputs:
                 self._train_forward(self.num_steps)
@@ -700,6 +721,8 @@ class DecoupledPipeline:
                     link.flush()
                 except ConnectionError as exc:
                     self._lost(stage, exc)
+                except TimeoutError as exc:
+                    self._stuck(stage, exc)
         except PipelineError:
             raise
         except BaseException as exc:
