@@ -132,7 +132,7 @@ def test_a_peer_gone_inside_a_message_is_an_error_not_a_short_tensor():
     a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     b = SocketLink(b_sock, 10.0, 8)
     head = _links._PACK.pack(*_links.header_fields(0, 1, torch.ones(4), 0))
-    a_sock.sendall(head + torch.ones(2).numpy().tobytes())  # 8 of the 16 bytes announced
+    a_sock.sendall(head + bytes(8))  # 8 of the 16 bytes announced
     a_sock.close()
     with pytest.raises(ConnectionError, match="end of stream inside a message"):
         b.recv()

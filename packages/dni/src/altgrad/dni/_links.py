@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import datetime
 import itertools
 import os
@@ -77,11 +78,13 @@ def header_fields(status: int, batch: int, tensor: Tensor | None, stage: int) ->
 
 
 def _bytes(tensor: Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, as a memoryview that keeps the tensor alive (NumPy has no
-    bfloat16: its bits go as int16)."""
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(-1).view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
+    """The bytes of a contiguous CPU tensor, as a writable memoryview that keeps the tensor alive.
+
+    Through ctypes, not ``Tensor.numpy()``: torch does not install NumPy, and NumPy has no bfloat16.
+    """
+    buffer = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    buffer._tensor = tensor  # type: ignore[attr-defined]  # the memoryview keeps the buffer, the buffer this
+    return memoryview(buffer).cast("B")
 
 
 class SocketLink:
@@ -94,8 +97,8 @@ class SocketLink:
 
     Args:
         sock: The connected socket (made non-blocking here).
-        timeout: Seconds a wait for the peer may last before :class:`TimeoutError` (the process group's timeout:
-            a peer that is alive but never answers).
+        timeout: Seconds a wait for the peer may last before :class:`TimeoutError` (the pipeline passes the
+            store's timeout: a peer that is alive but never answers).
         max_queued: Messages a send may leave queued before it waits for the peer to take some.
     """
 
@@ -120,9 +123,8 @@ class SocketLink:
         self._flags = getattr(socket, "MSG_NOSIGNAL", 0)
         self._lock = threading.Lock()  # the stage's thread or the helper moves bytes, never both
         self._wanted = False  # the stage's thread waits for the lock: the helper gives it back
-        self._helping = (
-            False  # a helper thread runs (set by release(), cleared by the helper inside the lock)
-        )
+        # a helper thread runs: set by release(), cleared by the helper holding the lock
+        self._helping = False
         self._helper_error: BaseException | None = None
         self._closing = False
 
@@ -259,7 +261,7 @@ class SocketLink:
                 if time.monotonic() >= limit:
                     if deadline is not None:
                         return False
-                    raise TimeoutError(f"no message moved for {self.timeout:g} s (is the peer stuck?)")
+                    raise TimeoutError(f"no message moved for {self.timeout:g} s")
         if self._out:
             self._write()
         if self._eof is None:

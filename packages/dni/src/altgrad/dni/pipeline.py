@@ -255,9 +255,8 @@ class DecoupledPipeline:
             )
             self._connect(transport, f"{key}/links")
         except BaseException as exc:
-            if not isinstance(
-                exc, PipelineError
-            ):  # the other ranks may wait to connect: they stop, naming it
+            if not isinstance(exc, PipelineError):
+                # the other ranks may be waiting to connect: they stop, naming this stage
                 self._record_failure(f"stage {self.stage} raised {type(exc).__name__} at construction: {exc}")
             self.close()  # a neighbour already connected sees the end of the stream at once
             raise
