@@ -428,3 +428,49 @@ def fail(rank: int, tmp: str, transport: str) -> None:
         with open(f"{tmp}/rank{rank}.json", "w") as fh:
             json.dump(outcomes, fh)
     os._exit(0)  # the groups are broken on purpose (a peer was killed): no teardown
+
+
+def three_stages(seed: int = 0) -> list[nn.Module]:
+    """A small net cut in three: a middle stage has a neighbour on each side and its own synthesizer."""
+    first, second = stages(seed)
+    return [first, second[:2], second[2:]]
+
+
+def three(rank: int, tmp: str, transport: str) -> None:
+    """Three ranks at staleness 0: a snapshot of this rank's stage after every step (rank<r>.pt)."""
+    global TRANSPORT
+    TRANSPORT = transport
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=3,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    torch.set_num_threads(1)
+    pipe = DecoupledPipeline(
+        three_stages(),
+        F.cross_entropy,
+        "adam",
+        lr=1e-2,
+        hidden_size=HIDDEN,
+        dni_network=LinearDNI,
+        dni_params={"num_layers": 1},
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=CLASSES,
+        staleness=0,
+        failure_timeout=2.0,
+        transport=TRANSPORT,
+    )
+    if pipe.interface is not None:
+        pipe.interface.synthesizer.load_state_dict(synth_init(1 + rank))
+    steps = []
+    for x, y in batches():
+        pipe.step(x, y)
+        pipe.flush()
+        steps.append(snapshot(pipe))
+    torch.save({"steps": steps, "transports": pipe.transports}, f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    pipe.close()
+    dist.destroy_process_group()

@@ -6,6 +6,8 @@ spawns check failures: an exception on either stage, or a killed process, stops 
 naming the failing stage, within the stated timeout. One spawn checks forward unlocking (synthetic_inputs):
 staleness 0 against an explicit single-process schedule, the forward synthesizer's regression loss falling,
 runs independent of timing, checkpoint/resume with the forward synthesizer and its optimizer, bad arguments.
+Three ranks at staleness 0 match the wrapper with two stacked interfaces. The semantics and failure spawns run
+over both transports (the Unix socket and gloo's messages).
 """
 
 import json
@@ -459,3 +461,51 @@ def test_only_trainable_parameters_shared_between_stages_are_refused():
     shared.requires_grad_(False)
     _check_no_shared_parameters(stages)
     _check_no_shared_parameters([lambda: shared, lambda: shared])  # builders: not seen here (documented)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_three_stages_at_staleness_0_match_the_wrapper_with_two_interfaces(tmp_path, transport):
+    """The middle stage receives from one neighbour and sends to both; its synthesizer's target is the last
+    stage's true gradient, stage 0's is the middle stage's synthetic gradient back-propagated through it: what
+    two stacked interfaces give in one process."""
+    mp.spawn(w.three, args=(str(tmp_path), transport), nprocs=3, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    assert [r["transports"] for r in ranks] == [
+        {1: transport},
+        {0: transport, 2: transport},
+        {1: transport},
+    ]
+    net = nn.Sequential(*w.three_stages(0))
+    dni = DNI(
+        net,
+        modules=["0", "1"],
+        hidden_size=w.HIDDEN,
+        dni_network=LinearDNI,
+        dni_params={"num_layers": 1},
+        optim="adam",
+        lr=1e-2,
+        grad_optim="adam",
+        grad_lr=1e-2,
+        context_size=w.CLASSES,
+    )
+    for i in range(2):
+        dni.interface(str(i)).synthesizer.load_state_dict(w.synth_init(1 + i))
+    factory = optimizer_factory("adam", 1e-2, "optim")
+    assert factory is not None
+    head = factory(net[2].parameters())
+    for step, (x, y) in enumerate(w.batches()):
+        head.zero_grad(set_to_none=True)
+        F.cross_entropy(dni(x, context=y), y).backward()
+        head.step()
+        dni.step_synthesizers()
+        for rank in range(3):
+            want = {f"module.{k}": v for k, v in net[rank].state_dict().items()}
+            if rank < 2:
+                want.update(
+                    {f"synth.{k}": v for k, v in dni.interface(str(rank)).synthesizer.state_dict().items()}
+                )
+            got = ranks[rank]["steps"][step]
+            assert set(got) == set(want)
+            for key, value in got.items():
+                # the bound of assert_steps_match: the same operations, float32 sums possibly reordered
+                torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=f"{rank}:{key}@{step}")
