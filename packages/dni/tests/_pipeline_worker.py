@@ -52,11 +52,23 @@ def synth_init(seed: int = 1) -> dict[str, torch.Tensor]:
     return nonzero_init(LinearDNI, 12 + CLASSES, 12, seed)
 
 
+def join(rank: int, tmp: str, world: int = 2, seconds: float = 30.0) -> None:
+    """This process as rank ``rank`` of a gloo group (``file://`` rendezvous in ``tmp``), one thread."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/init",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=seconds),
+    )
+    torch.set_num_threads(1)
+
+
 def pipeline(
-    staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None, **kwargs
+    staleness: int, seed: int = 0, loss_fn=F.cross_entropy, group=None, stage_list=None, **kwargs
 ) -> DecoupledPipeline:
     pipe = DecoupledPipeline(
-        stages(seed),
+        stages(seed) if stage_list is None else stage_list,
         loss_fn,
         "adam",
         lr=1e-2,
@@ -185,14 +197,7 @@ def run(rank: int, tmp: str, transport: str) -> None:
     """Staleness 0 step by step, checkpoint/resume, and the staleness bound (one spawn, every case)."""
     global TRANSPORT
     TRANSPORT = transport
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/init",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    torch.set_num_threads(1)
+    join(rank, tmp)
     data = batches()
     result: dict[str, object] = {}
     pipe = pipeline(staleness=0)
@@ -321,14 +326,7 @@ def bn_unlocked_run() -> list[dict[str, torch.Tensor]]:
 
 def unlocked(rank: int, tmp: str) -> None:
     """Forward unlocking: two runs (one with delays), a resumed run, bad arguments (one spawn)."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/init",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    torch.set_num_threads(1)
+    join(rank, tmp)
     s0 = pipeline(staleness=0, synthetic_inputs=True)
     torch.manual_seed(FORWARD_SEED)
     steps = []
@@ -413,14 +411,7 @@ def fail(rank: int, tmp: str, transport: str) -> None:
     """Every failure case on its own process group of the same two processes; outcomes go to rank<r>.json."""
     global TRANSPORT
     TRANSPORT = transport
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/init",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    join(rank, tmp, seconds=60.0)
     groups = {case: dist.new_group([0, 1]) for case in CASES}
     outcomes = {}
     for case in CASES:
@@ -440,29 +431,8 @@ def three(rank: int, tmp: str, transport: str) -> None:
     """Three ranks at staleness 0: a snapshot of this rank's stage after every step (rank<r>.pt)."""
     global TRANSPORT
     TRANSPORT = transport
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/init",
-        rank=rank,
-        world_size=3,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    torch.set_num_threads(1)
-    pipe = DecoupledPipeline(
-        three_stages(),
-        F.cross_entropy,
-        "adam",
-        lr=1e-2,
-        hidden_size=HIDDEN,
-        dni_network=LinearDNI,
-        dni_params={"num_layers": 1},
-        grad_optim="adam",
-        grad_lr=1e-2,
-        context_size=CLASSES,
-        staleness=0,
-        failure_timeout=2.0,
-        transport=TRANSPORT,
-    )
+    join(rank, tmp, world=3)
+    pipe = pipeline(0, stage_list=three_stages())
     if pipe.interface is not None:
         pipe.interface.synthesizer.load_state_dict(synth_init(1 + rank))
     steps = []
