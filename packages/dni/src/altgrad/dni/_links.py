@@ -33,7 +33,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +45,8 @@ HEADER_BYTES = 8 * HEADER
 GROW = -1  # GroupLink: status of a header announcing a larger next message
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PACK = struct.Struct(f"={HEADER}q")
-SPIN = (
-    1e-3  # s a receiver polls before it sleeps (on a VM, waking a sleeping process costs its sender ~50 µs)
-)
+# s a receiver polls before it sleeps (on a VM, waking a sleeping process costs its sender ~50 µs)
+SPIN = 1e-3
 SOCKET_BUFFER = 8 << 20  # bytes asked for the kernel's send buffer (it caps them at net.core.wmem_max)
 _HELPER_POLL = 5e-3  # s the helper thread holds the link per wait
 _EXIT_FLUSH = 30.0  # s a link's queued bytes get at interpreter exit
@@ -454,13 +452,12 @@ def connect_socket(
     """
     addr_key, ok_key = f"{key}/{min(stage, peer_stage)}/address", f"{key}/{min(stage, peer_stage)}/connected"
     if stage > peer_stage:
-        return _listen(store, addr_key, ok_key, lambda k: _wait_key(store, k, wait, abort), wait)
+        return _listen(store, addr_key, ok_key, wait, abort)
     _wait_key(store, addr_key, wait, abort)
     address = store.get(addr_key).decode()
     token = os.urandom(16)
-    conn = (
-        _dial(address, min(wait, 60.0), token) if address else None
-    )  # an address on this host answers at once
+    # an address on this host answers at once: the dial does not need the whole wait
+    conn = _dial(address, min(wait, 60.0), token) if address else None
     store.set(ok_key, "1" + token.hex() if conn is not None else "0")
     return conn
 
@@ -476,16 +473,14 @@ def _wait_key(store: Any, key: str, wait: float, abort: str | None) -> None:
         delay = min(2 * delay, 0.05)
 
 
-def _listen(
-    store: Any, addr_key: str, ok_key: str, wait_key: Callable[[str], None], wait: float
-) -> socket.socket | None:
+def _listen(store: Any, addr_key: str, ok_key: str, wait: float, abort: str | None) -> socket.socket | None:
     """Listen, publish the address ("" if none), and accept once the peer says it connected."""
     address = _address()
     try:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except (AttributeError, OSError):  # no Unix sockets here
         store.set(addr_key, "")
-        wait_key(ok_key)
+        _wait_key(store, ok_key, wait, abort)
         return None
     try:
         try:
@@ -494,7 +489,7 @@ def _listen(
         except OSError:
             address = ""
         store.set(addr_key, address)
-        wait_key(ok_key)
+        _wait_key(store, ok_key, wait, abort)
         answer = store.get(ok_key).decode()
         if not answer.startswith("1"):
             return None

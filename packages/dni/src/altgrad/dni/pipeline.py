@@ -234,25 +234,108 @@ class DecoupledPipeline:
         key = f"altgrad_dni_pipeline/{name}/{next(_INSTANCES.setdefault(name, itertools.count()))}"
         self._failure_key, self._failure_count = f"{key}/failure", f"{key}/failures"
         self._links: dict[int, GroupLink | SocketLink] = {}
+        self._closed = False
         try:
-            self._setup(
-                stages,
-                loss_fn,
-                optimizer,
-                lr,
-                hidden_size,
-                dni_network,
-                dni_params,
-                grad_optim,
-                grad_lr,
-                context_size,
-                scale,
-                staleness,
-                device,
-                failure_timeout,
-                synthetic_inputs,
-                transport,
+            if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+                raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
+            if not callable(loss_fn):
+                raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+            if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
+                raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
+            if transport not in _TRANSPORTS:
+                raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+            if len(stages) != self.num_stages:
+                raise ValueError(
+                    f"stages has {len(stages)} entries but the process group has {self.num_stages} ranks: one stage "
+                    "per rank"
+                )
+            if self.num_stages < 2:
+                raise ValueError("a pipeline needs at least 2 stages (ranks); use DNI in one process")
+            unlocked = _unlocked_stages(synthetic_inputs, self.num_stages)
+            if unlocked and int(getattr(dni_network, "feature_dim", -1)) != -1:
+                raise ValueError(
+                    f"synthetic_inputs needs a feature-last dni_network (e.g. LinearDNI): the forward synthesizer "
+                    f"maps (B, features) inputs, got dni_network={getattr(dni_network, '__name__', dni_network)}"
+                )
+            backend = dist.get_backend(self.group)
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+            self.device = torch.device(device)
+            _check_no_shared_parameters(stages)
+            entry = stages[self.stage]
+            module = entry if isinstance(entry, nn.Module) else entry()
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"stages[{self.stage}] must be an nn.Module or build one, got {type(module).__name__}"
+                )
+            self.module = module.to(self.device)
+            self.loss_fn = loss_fn
+            self.staleness = staleness
+            self.scale = float(scale)
+            self.context_size = context_size
+            self.failure_timeout = float(failure_timeout)
+            self.first = self.stage == 0
+            self.last = self.stage == self.num_stages - 1
+            self._peers = [
+                dist.get_global_rank(self.group, r) if self.group is not None else r
+                for r in range(self.num_stages)
+            ]
+            make_opt = optimizer if callable(optimizer) and not isinstance(optimizer, type) else None
+            if make_opt is None:
+                make_opt = optimizer_factory(optimizer, float(lr), "optimizer")
+            if make_opt is None:
+                raise ValueError("optimizer must not be None: the pipeline steps every stage itself")
+            self.optimizer: torch.optim.Optimizer = make_opt(
+                [p for p in self.module.parameters() if p.requires_grad]
             )
+            make_synth_opt = (
+                grad_optim
+                if callable(grad_optim) and not isinstance(grad_optim, type)
+                else optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
+            )
+            if make_synth_opt is None:
+                raise ValueError("grad_optim must not be None: each stage trains its own synthesizer")
+            self._grad_optim: Callable[[list[nn.Parameter]], torch.optim.Optimizer] = make_synth_opt
+            self.dni_network = dni_network
+            self.dni_params = dict(dni_params or {})
+            self.hidden_size = hidden_size
+            self.interface: BackwardInterface | None = None
+            self.grad_optimizer: torch.optim.Optimizer | None = None
+            self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
+            if not self.last:
+                check_synthesizer_fits(
+                    f"stage {self.stage}", self.module, dni_network, "or cut after a linear layer"
+                )
+                features = _infer_features(self.module, self._feature_dim)
+                if features is not None:
+                    self._build(features)
+            self.synthetic_inputs = (
+                self.stage in unlocked
+            )  # this stage predicts its input (forward unlocking)
+            self.forward_interface: ForwardInterface | None = None
+            self.forward_optimizer: torch.optim.Optimizer | None = None
+            self._input_features: int | None = None
+            if self.synthetic_inputs:
+                self._input_features = _input_features(self.module)
+                if self._input_features is None:
+                    raise ValueError(
+                        f"synthetic_inputs: stage {self.stage} ({type(self.module).__name__}) must start with an "
+                        "nn.Linear, nn.BatchNorm1d or nn.LayerNorm, whose width tells the shape of the input to predict"
+                    )
+            # real inputs the forward synthesizer trained on (batches 0 .. inputs_applied - 1)
+            self.inputs_applied = 0
+            # (batch, x, labels) of the batches whose real input h_{k-1} is still to come
+            self._inputs: deque[tuple[int, Tensor, Tensor | None]] = deque()
+            self.num_steps = 0  # batches this stage has run
+            self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
+            self._stash: deque[tuple[int, Tensor, Tensor | None]] = (
+                deque()
+            )  # (batch, h, labels) awaiting targets
+            if transport == "socket" and (self.device.type != "cpu" or self._store is None):
+                raise ValueError(
+                    f"transport='socket' needs CPU stages and the process group's store, got device {self.device}"
+                    + ("" if self._store is not None else " and no store")
+                )
             self._connect(transport, f"{key}/links")
         except BaseException as exc:
             if not isinstance(exc, PipelineError):
@@ -260,123 +343,6 @@ class DecoupledPipeline:
                 self._record_failure(f"stage {self.stage} raised {type(exc).__name__} at construction: {exc}")
             self.close()  # a neighbour already connected sees the end of the stream at once
             raise
-        self._closed = False
-
-    def _setup(
-        self,
-        stages: Sequence[nn.Module | Callable[[], nn.Module]],
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        optimizer: Any,
-        lr: float,
-        hidden_size: int,
-        dni_network: type[nn.Module],
-        dni_params: dict[str, Any] | None,
-        grad_optim: Any,
-        grad_lr: float,
-        context_size: int,
-        scale: float,
-        staleness: int,
-        device: torch.device | str | None,
-        failure_timeout: float,
-        synthetic_inputs: bool | Sequence[int],
-        transport: str,
-    ) -> None:
-        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
-            raise ValueError(f"staleness must be an int >= 0, got {staleness!r}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 0:
-            raise ValueError(f"context_size must be an int >= 0, got {context_size!r}")
-        if transport not in _TRANSPORTS:
-            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
-        if len(stages) != self.num_stages:
-            raise ValueError(
-                f"stages has {len(stages)} entries but the process group has {self.num_stages} ranks: one stage "
-                "per rank"
-            )
-        if self.num_stages < 2:
-            raise ValueError("a pipeline needs at least 2 stages (ranks); use DNI in one process")
-        unlocked = _unlocked_stages(synthetic_inputs, self.num_stages)
-        if unlocked and int(getattr(dni_network, "feature_dim", -1)) != -1:
-            raise ValueError(
-                f"synthetic_inputs needs a feature-last dni_network (e.g. LinearDNI): the forward synthesizer "
-                f"maps (B, features) inputs, got dni_network={getattr(dni_network, '__name__', dni_network)}"
-            )
-        backend = dist.get_backend(self.group)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-        self.device = torch.device(device)
-        _check_no_shared_parameters(stages)
-        entry = stages[self.stage]
-        module = entry if isinstance(entry, nn.Module) else entry()
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"stages[{self.stage}] must be an nn.Module or build one, got {type(module).__name__}"
-            )
-        self.module = module.to(self.device)
-        self.loss_fn = loss_fn
-        self.staleness = staleness
-        self.scale = float(scale)
-        self.context_size = context_size
-        self.failure_timeout = float(failure_timeout)
-        self.first = self.stage == 0
-        self.last = self.stage == self.num_stages - 1
-        self._peers = [
-            dist.get_global_rank(self.group, r) if self.group is not None else r
-            for r in range(self.num_stages)
-        ]
-        make_opt = optimizer if callable(optimizer) and not isinstance(optimizer, type) else None
-        if make_opt is None:
-            make_opt = optimizer_factory(optimizer, float(lr), "optimizer")
-        if make_opt is None:
-            raise ValueError("optimizer must not be None: the pipeline steps every stage itself")
-        self.optimizer: torch.optim.Optimizer = make_opt(
-            [p for p in self.module.parameters() if p.requires_grad]
-        )
-        make_synth_opt = (
-            grad_optim
-            if callable(grad_optim) and not isinstance(grad_optim, type)
-            else optimizer_factory(grad_optim, float(grad_lr), "grad_optim")
-        )
-        if make_synth_opt is None:
-            raise ValueError("grad_optim must not be None: each stage trains its own synthesizer")
-        self._grad_optim: Callable[[list[nn.Parameter]], torch.optim.Optimizer] = make_synth_opt
-        self.dni_network = dni_network
-        self.dni_params = dict(dni_params or {})
-        self.hidden_size = hidden_size
-        self.interface: BackwardInterface | None = None
-        self.grad_optimizer: torch.optim.Optimizer | None = None
-        self._feature_dim = int(getattr(dni_network, "feature_dim", -1))
-        if not self.last:
-            check_synthesizer_fits(
-                f"stage {self.stage}", self.module, dni_network, "or cut after a linear layer"
-            )
-            features = _infer_features(self.module, self._feature_dim)
-            if features is not None:
-                self._build(features)
-        self.synthetic_inputs = self.stage in unlocked  # this stage predicts its input (forward unlocking)
-        self.forward_interface: ForwardInterface | None = None
-        self.forward_optimizer: torch.optim.Optimizer | None = None
-        self._input_features: int | None = None
-        if self.synthetic_inputs:
-            self._input_features = _input_features(self.module)
-            if self._input_features is None:
-                raise ValueError(
-                    f"synthetic_inputs: stage {self.stage} ({type(self.module).__name__}) must start with an "
-                    "nn.Linear, nn.BatchNorm1d or nn.LayerNorm, whose width tells the shape of the input to predict"
-                )
-        # real inputs the forward synthesizer trained on (batches 0 .. inputs_applied - 1)
-        self.inputs_applied = 0
-        # (batch, x, labels) of the batches whose real input h_{k-1} is still to come
-        self._inputs: deque[tuple[int, Tensor, Tensor | None]] = deque()
-        self.num_steps = 0  # batches this stage has run
-        self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
-        self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()  # (batch, h, labels) awaiting targets
-        if transport == "socket" and (self.device.type != "cpu" or self._store is None):
-            raise ValueError(
-                f"transport='socket' needs CPU stages and the process group's store, got device {self.device}"
-                + ("" if self._store is not None else " and no store")
-            )
 
     def _connect(self, transport: str, key: str) -> None:
         """One link per neighbour, connected now (every rank constructs the pipeline): a socket where
@@ -703,8 +669,9 @@ class DecoupledPipeline:
             assert h_in.grad is not None
             self._send(self.stage - 1, batch, h_in.grad)
         if not self.last:
-            self._send(self.stage + 1, batch, h.detach())
-            self._stash.append((batch, h.detach(), context))
+            out = h.detach()
+            self._send(self.stage + 1, batch, out)
+            self._stash.append((batch, out, context))
         return None if loss is None else loss.detach()
 
     def flush(self) -> None:
