@@ -11,8 +11,9 @@ ReLU``, an interface on each, a linear classifier trained by the loss):
   block above reads a detached leaf whose ``.grad`` is the synthesizer's target after the loss's backward; then one
   synthesizer update. No records, checks, hooks or autograd ``Function``.
 
-* ``one_opt``: the wrapper with ``update_modules=False`` and one fused Adam over the whole network stepped after
-  ``backward()`` (the documented fast configuration for small models: the same updates when no wrapped parameter is
+* ``one_opt``: the wrapper with ``update_modules=False``, ``inject="deferred"`` and one fused Adam over the whole
+  network stepped after ``backward()`` (the documented fast configuration for small models: the same updates when no
+  wrapped parameter is
   read again in the step, one optimizer step instead of one per module).
 
 ``wrapper / floor`` is item 4's measure (goal <= 1.25); ``hand / floor`` is what this step's maths costs in eager
@@ -85,7 +86,8 @@ class HandWritten:
 
 
 class OneOptimizer:
-    """The wrapper with ``update_modules=False`` and one fused Adam over the network, stepped after backward."""
+    """The wrapper with ``update_modules=False``, deferred injection and one fused Adam over the network, stepped
+    after backward."""
 
     def __init__(self, trainer: run.Trainer, layers: int, width: int) -> None:
         self.conditional = trainer.method == "cdni"
@@ -103,6 +105,7 @@ class OneOptimizer:
             context_size=wrapper.context_size,
             modules=list(wrapper.wrapped_modules()),
             update_modules=False,
+            inject="deferred",  # the synthetic gradients go in with the loss's backward: one engine call
         )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3, fused=True)
 

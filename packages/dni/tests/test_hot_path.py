@@ -170,17 +170,21 @@ def test_a_copy_between_backward_and_the_next_forward_changes_nothing_and_trains
         assert torch.equal(twin, alone)  # exact: the same ops from a copied state
 
 
-def test_one_optimizer_after_backward_trains_as_the_per_module_steps():
+@pytest.mark.parametrize("inject", ["immediate", "deferred"])
+def test_one_optimizer_after_backward_trains_as_the_per_module_steps(inject):
     """The documented fast configuration for small models: ``update_modules=False`` and one optimizer over the whole
-    network, stepped after ``backward()``. No parameter is read again after its module's interface in the same
-    step, so stepping at the end instead of during the forward gives the same updates, with one optimizer step
-    instead of one per module. Both run torch's fused Adam, elementwise, on the same gradients: the parameters agree
-    to a unit of float32 rounding of the O(1) weights (atol 1e-6) after 5 steps."""
+    network, stepped after ``backward()``, with the synthetic gradients injected at forward time or in the loss's
+    backward pass (``inject="deferred"``: one backward call instead of one per interface). No parameter is read
+    again after its module's interface in the same step, so stepping at the end instead of during the forward gives
+    the wrapper's default updates (immediate injection, one step per module), with one optimizer step instead of
+    one per module. Both run torch's fused Adam, elementwise, on the same gradients: the parameters agree to a unit
+    of float32 rounding of the O(1) weights (atol 1e-6) after 5 steps."""
     x, y = data()
     nets = []
     for update_modules in (True, False):
         net = mlp()
-        dni = DNI(net, hidden_size=4, grad_lr=1e-2, lr=1e-2, update_modules=update_modules)
+        fast = {} if update_modules else {"inject": inject}
+        dni = DNI(net, hidden_size=4, grad_lr=1e-2, lr=1e-2, update_modules=update_modules, **fast)
         trained = net[4].parameters() if update_modules else net.parameters()
         opt = torch.optim.Adam(trained, lr=1e-2, fused=True)
         randomise_synthesizers(dni)  # the same non-zero synthesizers on both sides
