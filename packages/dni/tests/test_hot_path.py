@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from altgrad.dni import DNI, _optim, interface, wrapper
+from altgrad.dni import DNI, Conv1dDNI, _optim, interface, wrapper
 
 
 def mlp() -> nn.Sequential:
@@ -170,33 +170,58 @@ def test_a_copy_between_backward_and_the_next_forward_changes_nothing_and_trains
         assert torch.equal(twin, alone)  # exact: the same ops from a copied state
 
 
+def _fast_config_case(case: str) -> tuple[nn.Module, dict, torch.Tensor, torch.Tensor]:
+    """A network, the wrapper's arguments and a batch for the fast-configuration test."""
+    g = torch.Generator().manual_seed(1)
+    if case == "conv1d":  # a Conv1d chain with its convolutional synthesizers (features on dim 1)
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(4 * 6, 3),
+        )  # fmt: skip
+        kwargs = {"modules": ["0", "2"], "dni_network": Conv1dDNI, "dni_params": {"num_layers": 0}}
+        return net, kwargs, torch.randn(16, 2, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    x, y = data()
+    return mlp(), ({"context_size": 3} if case == "cdni" else {}), x, y
+
+
+@pytest.mark.parametrize("case", ["mlp", "cdni", "conv1d"])
 @pytest.mark.parametrize("inject", ["immediate", "deferred"])
-def test_one_optimizer_after_backward_trains_as_the_per_module_steps(inject):
+def test_one_optimizer_after_backward_trains_as_the_per_module_steps(inject, case):
     """The documented fast configuration for small models: ``update_modules=False`` and one optimizer over the whole
     network, stepped after ``backward()``, with the synthetic gradients injected at forward time or in the loss's
     backward pass (``inject="deferred"``: one backward call instead of one per interface). No parameter is read
     again after its module's interface in the same step, so stepping at the end instead of during the forward gives
     the wrapper's default updates (immediate injection, one step per module), with one optimizer step instead of
-    one per module. Both run torch's fused Adam, elementwise, on the same gradients: the parameters agree to a unit
-    of float32 rounding of the O(1) weights (atol 1e-6) after 5 steps."""
-    x, y = data()
-    nets = []
+    one per module: on an MLP, with label context (cDNI), and on a Conv1d chain with convolutional synthesizers;
+    the network's and the synthesizers' parameters both. Both run torch's fused Adam, elementwise, on the same
+    gradients: the parameters agree to a unit of float32 rounding of the O(1) weights (atol 1e-6) after 5 steps."""
+    runs = []
     for update_modules in (True, False):
-        net = mlp()
+        net, kwargs, x, y = _fast_config_case(case)
         fast = {} if update_modules else {"inject": inject}
-        dni = DNI(net, hidden_size=4, grad_lr=1e-2, lr=1e-2, update_modules=update_modules, **fast)
-        trained = net[4].parameters() if update_modules else net.parameters()
-        opt = torch.optim.Adam(trained, lr=1e-2, fused=True)
+        dni = DNI(
+            net, hidden_size=4, grad_lr=1e-2, lr=1e-2, update_modules=update_modules, sample_input=x[:2], **kwargs,
+            **fast,
+        )  # fmt: skip
         randomise_synthesizers(dni)  # the same non-zero synthesizers on both sides
+        head = list(net.children())[-1]
+        trained = head.parameters() if update_modules else net.parameters()
+        opt = torch.optim.Adam(trained, lr=1e-2, fused=True)
+        context = {"context": y} if case == "cdni" else {}
         for step in range(5):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(dni(x[step:]), y[step:]).backward()
+            F.cross_entropy(dni(x[step:], **({"context": y[step:]} if context else {})), y[step:]).backward()
             opt.step()
-        nets.append(net)
-    moved = max((p - q).abs().max() for p, q in zip(nets[0].parameters(), mlp().parameters(), strict=True))
+        dni.step_synthesizers()
+        runs.append((list(net.parameters()), list(dni.synthesizer_parameters())))
+    start = _fast_config_case(case)[0]
+    moved = max((p - q).abs().max() for p, q in zip(runs[0][0], start.parameters(), strict=True))
     assert moved > 1e-3  # the check below is not vacuous: the weights moved
-    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    for (nets_a, synths_a), (nets_b, synths_b) in [runs]:
+        assert len(synths_a) == len(synths_b) > 0
+        for p, q in zip([*nets_a, *synths_a], [*nets_b, *synths_b], strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_synthesizer_gradients_are_complete_when_backward_returns():
