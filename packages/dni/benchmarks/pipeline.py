@@ -15,7 +15,7 @@ Same data (sklearn's digits, standardised), same samples, same initial weights f
 Every other Adam here, the baselines' included, is torch's fused kernel (``fused=True``), the one the
 pipeline's ``"adam"`` builds, and every method steps it as the pipeline does (``altgrad.dni._optim.update``: the
 kernel called directly, without ``Adam.step``'s Python around it): the comparison is of schedules, not of
-optimizer implementations (with the default implementation backprop runs at 0.71x to 0.78x of its speed here).
+optimizer implementations (with the default implementation backprop runs at 0.66x to 0.90x of its speed here).
 
 Models: the digits MLP (64-256-256-10, batch 64, cut after the first block) and a wide MLP (6 layers of width
 1024, batch 256, cut after the third block). Each method runs ``--rounds`` times, the methods interleaved round

@@ -30,8 +30,8 @@ def mlp() -> nn.Sequential:
 def randomise_synthesizers(dni: DNI) -> None:
     """Non-zero synthesizers: the zero-initialised last layers would hide a wrong target."""
     with torch.no_grad():
-        for p in dni.synthesizer_parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        for i, p in enumerate(dni.synthesizer_parameters()):  # each its own noise, also between equal shapes
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * i + p.numel())) * 0.1)
 
 
 def make() -> DNI:
@@ -205,23 +205,31 @@ def test_one_optimizer_after_backward_trains_as_the_per_module_steps(inject, cas
             **fast,
         )  # fmt: skip
         randomise_synthesizers(dni)  # the same non-zero synthesizers on both sides
+        synths_start = [p.detach().clone() for p in dni.synthesizer_parameters()]
         head = list(net.children())[-1]
         trained = head.parameters() if update_modules else net.parameters()
         opt = torch.optim.Adam(trained, lr=1e-2, fused=True)
-        context = {"context": y} if case == "cdni" else {}
         for step in range(5):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(dni(x[step:], **({"context": y[step:]} if context else {})), y[step:]).backward()
+            context = {"context": y[step:]} if case == "cdni" else {}
+            F.cross_entropy(dni(x[step:], **context), y[step:]).backward()
             opt.step()
         dni.step_synthesizers()
-        runs.append((list(net.parameters()), list(dni.synthesizer_parameters())))
+        runs.append((net, list(dni.synthesizer_parameters()), dni, synths_start))
+    (net_a, synths_a, dni_a, synths_start), (net_b, synths_b, _, _) = runs
+    # not vacuous: every wrapped module and every synthesizer parameter moved, one synthesizer per wrapped module
     start = _fast_config_case(case)[0]
-    moved = max((p - q).abs().max() for p, q in zip(runs[0][0], start.parameters(), strict=True))
-    assert moved > 1e-3  # the check below is not vacuous: the weights moved
-    for (nets_a, synths_a), (nets_b, synths_b) in [runs]:
-        assert len(synths_a) == len(synths_b) > 0
-        for p, q in zip([*nets_a, *synths_a], [*nets_b, *synths_b], strict=True):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    wrapped = list(dni_a.wrapped_modules())
+    assert len(dni_a.interfaces) == len(wrapped) == 2
+    for name in wrapped:
+        for p, q in zip(
+            net_a.get_submodule(name).parameters(), start.get_submodule(name).parameters(), strict=True
+        ):
+            assert (p - q).abs().max() > 1e-3
+    for p, q in zip(synths_a, synths_start, strict=True):
+        assert (p - q).abs().max() > 1e-4
+    for p, q in zip([*net_a.parameters(), *synths_a], [*net_b.parameters(), *synths_b], strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_synthesizer_gradients_are_complete_when_backward_returns():
