@@ -13,8 +13,7 @@ ReLU``, an interface on each, a linear classifier trained by the loss):
 
 * ``one_opt``: the wrapper with ``update_modules=False``, ``inject="deferred"`` and one fused Adam over the whole
   network stepped after ``backward()`` (the documented fast configuration for small models: the same updates when no
-  wrapped parameter is
-  read again in the step, one optimizer step instead of one per module).
+  wrapped parameter is read again in the step, one backward call and one optimizer step instead of one per module).
 
 ``wrapper / floor`` is item 4's measure (goal <= 1.25); ``hand / floor`` is what this step's maths costs in eager
 PyTorch, so ``wrapper / hand`` is the wrapper's own bookkeeping. The best of ``--rounds`` interleaved rounds of

@@ -309,9 +309,8 @@ class DecoupledPipeline:
                 features = _infer_features(self.module, self._feature_dim)
                 if features is not None:
                     self._build(features)
-            self.synthetic_inputs = (
-                self.stage in unlocked
-            )  # this stage predicts its input (forward unlocking)
+            # this stage predicts its input (forward unlocking)
+            self.synthetic_inputs = self.stage in unlocked
             self.forward_interface: ForwardInterface | None = None
             self.forward_optimizer: torch.optim.Optimizer | None = None
             self._input_features: int | None = None
@@ -328,9 +327,8 @@ class DecoupledPipeline:
             self._inputs: deque[tuple[int, Tensor, Tensor | None]] = deque()
             self.num_steps = 0  # batches this stage has run
             self.targets_applied = 0  # synthesizer targets trained on (batches 0 .. targets_applied - 1)
-            self._stash: deque[tuple[int, Tensor, Tensor | None]] = (
-                deque()
-            )  # (batch, h, labels) awaiting targets
+            # (batch, h, labels) awaiting targets
+            self._stash: deque[tuple[int, Tensor, Tensor | None]] = deque()
             if transport == "socket" and (self.device.type != "cpu" or self._store is None):
                 raise ValueError(
                     f"transport='socket' needs CPU stages and the process group's store, got device {self.device}"
